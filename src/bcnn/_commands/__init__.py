@@ -1,0 +1,1 @@
+"""CLI subcommands (private): one module per command, see ``bcnn.cli``."""

@@ -1,0 +1,62 @@
+"""The ``bcnn`` command line: a thin wrapper over the library.
+
+Each subcommand lives in ``bcnn._commands.<name>`` with ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``; those modules import nothing heavy at top level, so ``bcnn --help`` is fast.
+Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["CliError", "main"]
+
+# name -> module; add a line here to add a subcommand.
+COMMANDS: dict[str, str] = {
+    "summary": "bcnn._commands.summary",
+}
+
+
+class CliError(Exception):
+    """An error the CLI reports as one line (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="bcnn", description="Fully binary CNNs: train, evaluate, pack and run them."
+    )
+    parser.add_argument("--version", action="version", version=f"bcnn {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, modname in COMMANDS.items():
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("bcnn: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, OSError, RuntimeError, ImportError) as e:
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"bcnn {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

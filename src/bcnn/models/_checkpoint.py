@@ -1,0 +1,96 @@
+"""Checkpoints: a plain dict of tensors and primitives, loadable with ``weights_only=True``.
+
+    {"format": "bcnn-checkpoint", "version": 1,
+     "config": {"name", "num_classes", "binary", "kwargs"},   # as create_model() got it
+     "state_dict": {...}, "meta": {...}}                     # meta: classes, epochs, metrics...
+
+Written atomically (temporary file in the same folder, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._registry import create_model
+
+__all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "load_checkpoint", "save_checkpoint"]
+
+CHECKPOINT_FORMAT = "bcnn-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """torch.save to a temporary file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plain(v: Any) -> Any:
+    """Tuples -> lists recursively (weights_only loading accepts both; JSON likes lists)."""
+    if isinstance(v, tuple | list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any] | None = None
+) -> None:
+    """Save a model built by ``create_model`` (its config is read from ``model.bcnn_config``)."""
+    config = getattr(model, "bcnn_config", None)
+    if config is None:
+        raise ValueError("model has no bcnn_config: build it with bcnn.models.create_model")
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    obj = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": _plain(config),
+        "state_dict": sd,
+        "meta": _plain(meta or {}),
+    }
+    atomic_torch_save(obj, path)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint; returns ``(model in eval mode, meta)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a bcnn checkpoint")
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: unsupported checkpoint version {obj.get('version')!r}")
+    cfg = obj["config"]
+    model = create_model(
+        cfg["name"], num_classes=cfg["num_classes"], binary=cfg["binary"], **cfg["kwargs"]
+    )
+    try:
+        model.load_state_dict(obj["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path}: weights do not fit model {cfg['name']!r}: {first}") from None
+    model.eval()
+    return model, dict(obj.get("meta", {}))

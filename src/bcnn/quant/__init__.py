@@ -1,0 +1,45 @@
+"""Quantizers: 1-bit sign variants with their pseudo-gradients, reachable by string alias.
+
+>>> import torch
+>>> from bcnn.quant import get_quantizer
+>>> q = get_quantizer("ste_sign")
+>>> q(torch.tensor([-0.5, 0.0, 2.0])).tolist()
+[-1.0, 1.0, 1.0]
+"""
+
+from ._registry import QuantizerLike, get_quantizer, list_quantizers, register_quantizer
+from ._sign import (
+    ApproxSign,
+    MagnitudeAwareSign,
+    SteSign,
+    SwishSign,
+    approx_sign,
+    magnitude_aware_sign,
+    sign,
+    ste_sign,
+    swish_sign,
+)
+
+__all__ = [
+    "ApproxSign",
+    "MagnitudeAwareSign",
+    "QuantizerLike",
+    "SteSign",
+    "SwishSign",
+    "approx_sign",
+    "get_quantizer",
+    "list_quantizers",
+    "magnitude_aware_sign",
+    "register_quantizer",
+    "sign",
+    "ste_sign",
+    "swish_sign",
+]
+
+
+def is_binary_quantizer(q: object) -> bool:
+    """True for quantizers whose output is (a per-channel multiple of) {-1, +1}."""
+    return isinstance(q, SteSign | ApproxSign | SwishSign | MagnitudeAwareSign)
+
+
+__all__ += ["is_binary_quantizer"]
