@@ -101,7 +101,7 @@ class ModelSummary:
             for r in self.rows
         ]  # fmt: skip
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-        line = "  ".join("{:<%d}" % w for w in widths)
+        line = "  ".join(f"{{:<{w}}}" for w in widths)
         out = [f"{self.model_name}  input {'x'.join(map(str, self.input_size))}"]
         out += [line.format(*head), "-" * (sum(widths) + 2 * (len(widths) - 1))]
         out += [line.format(*row) for row in body]

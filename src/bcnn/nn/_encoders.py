@@ -32,6 +32,8 @@ class BitPlaneEncoder(nn.Module):
     Exact: ``pixel = sum_b 2^b * (1 - s_b) / 2`` (see :meth:`decode`).
     """
 
+    plane_weights: Tensor
+
     def __init__(self, in_channels: int = 3, bits: int = 8) -> None:
         super().__init__()
         if not 1 <= bits <= 8:
@@ -58,7 +60,7 @@ class BitPlaneEncoder(nn.Module):
 
     def decode(self, planes: Tensor) -> Tensor:
         """Inverse of forward (for the most significant ``bits``): the integer pixels."""
-        n, cb, h, w = planes.shape
+        n, _, h, w = planes.shape
         bits = (1 - planes) / 2
         weighted = bits * self.plane_weights.view(1, -1, 1, 1)
         p = weighted.view(n, self.in_channels, self.bits, h, w).sum(2)
@@ -74,6 +76,9 @@ class ThermometerEncoder(nn.Module):
 
     ``offset + sum_l (1 - s_l)/2 * step`` approximates the pixel (a uniform quantization).
     """
+
+    plane_weights: Tensor
+    thresholds: Tensor
 
     def __init__(self, in_channels: int = 3, levels: int = 16) -> None:
         super().__init__()

@@ -65,6 +65,8 @@ class BinaryConv2d(nn.Conv2d):
         if pad_value is None:
             pad_value = 1.0 if self.input_quantizer is not None else 0.0
         self.pad_value = float(pad_value)
+        ph, pw = (int(p) for p in self.padding)
+        self.pad_hw: tuple[int, int] = (ph, pw)
 
     def quantized_weight(self) -> Tensor:
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
@@ -73,7 +75,7 @@ class BinaryConv2d(nn.Conv2d):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.quantized_weight()
-        ph, pw = self.padding  # type: ignore[misc]
+        ph, pw = self.pad_hw
         if self.pad_value != 0.0 and (ph or pw):
             x = F.pad(x, (pw, pw, ph, ph), value=self.pad_value)
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)

@@ -61,9 +61,10 @@ class EncodedConv2d(BinaryConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         planes = self.encoder(x)  # (N, C*planes, H, W) in {-1, +1}
-        ph, pw = self.padding  # type: ignore[misc]
+        ph, pw = self.pad_hw
         if ph or pw:
             planes = F.pad(planes, (pw, pw, ph, ph), value=1.0)
-        planes = planes * self.encoder.plane_weights.view(1, -1, 1, 1)
+        plane_weights: Tensor = self.encoder.plane_weights  # type: ignore[assignment]
+        planes = planes * plane_weights.view(1, -1, 1, 1)
         w = self.quantized_weight()
         return F.conv2d(planes, w, self.bias, self.stride, 0, self.dilation, self.groups)
