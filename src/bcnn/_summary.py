@@ -136,7 +136,7 @@ def summary(
 
     Matrix ops (conv, linear) count as binary when both operands are 1 bit (an encoded first
     layer's planes count as 1-bit inputs); ``float_macs`` counts those with any wider operand.
-    Packed memory: 1 bit per binary weight, 32 bits per other parameter.
+    Packed memory: 1 bit per binary weight, k bits per k-bit weight, 32 bits per other parameter.
     """
     from .nn import BinaryConv2d, BinaryLinear, EncodedConv2d
 
@@ -154,7 +154,7 @@ def summary(
         mname = names[mod]
         out_shape = list(output.shape[1:]) if isinstance(output, torch.Tensor) else []
         row = LayerRow(mname, type(mod).__name__, None, None, out_shape)
-        wbin = False
+        wbits = 32
         if isinstance(mod, nn.Conv2d | nn.Linear):
             if isinstance(mod, EncodedConv2d):
                 ib = 1
@@ -175,11 +175,14 @@ def summary(
                 row.binary_macs = macs
             else:
                 row.float_macs = macs
-            wbin = wb == 1
+            wbits = wb
         for pname, p in _own_params(mod):
-            if pname == "weight" and wbin:
+            if pname == "weight" and wbits == 1:
                 row.binary_params += p.numel()
                 row.packed_bytes += math.ceil(p.numel() / 8)
+            elif pname == "weight" and wbits < 32:  # k-bit weights: k bit-planes
+                row.float_params += p.numel()
+                row.packed_bytes += math.ceil(p.numel() * wbits / 8)
             else:
                 row.float_params += p.numel()
                 row.packed_bytes += 4 * p.numel()

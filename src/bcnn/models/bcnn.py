@@ -12,13 +12,14 @@ builds the float twin: the same modules with the quantizers removed and a float 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..nn import BinaryConv2d, BinaryLinear, EncodedConv2d, LearnableBias, RPReLU, Scale
-from ..quant import QuantizerLike
+from ..quant import QuantizerLike, get_quantizer, make_act_quantizer, make_weight_quantizer
 from ._registry import register_model
 
 __all__ = ["BCNN", "BCNNBlock", "BCNNDownsample", "BCNNHead", "BCNNStem", "bcnn_cifar"]
@@ -169,7 +170,7 @@ class BCNNHead(nn.Module):
             input_quantizer=input_quantizer,
             weight_quantizer=weight_quantizer,
         )
-        binary = input_quantizer is not None
+        binary = input_quantizer is not None and getattr(input_quantizer, "bits", 1) == 1
         # A binary dot product over C features lies in [-C, C]: start the logits at unit scale.
         self.scale = Scale(num_classes, init_scale=1.0 / channels**0.5 if binary else 1.0)
 
@@ -196,15 +197,35 @@ class BCNN(nn.Module):
         encoder: str = "bitplane",
         input_quantizer: QuantizerLike = "approx_sign",
         weight_quantizer: QuantizerLike = "ste_sign",
+        act_bits: int = 1,
+        weight_bits: int = 1,
         rprelu: bool = True,
     ) -> None:
         super().__init__()
         self.default_input_size: tuple[int, int, int] = (in_chans, 32, 32)
         if not len(widths) == len(depths) == len(strides):
             raise ValueError("widths, depths and strides must have the same length")
-        iq: QuantizerLike = input_quantizer if binary else None
-        wq: QuantizerLike = weight_quantizer if binary else None
+
+        # One quantizer instance per layer (they may carry state: learned steps).
+        def iq() -> nn.Module | None:
+            if not binary:
+                return None
+            if act_bits > 1:
+                return make_act_quantizer(act_bits, signed=True)
+            q = get_quantizer(input_quantizer)
+            return copy.deepcopy(q) if q is input_quantizer else q
+
+        def wq(out_channels: int) -> nn.Module | None:
+            if not binary:
+                return None
+            if weight_bits > 1:
+                return make_weight_quantizer(weight_bits, out_channels)
+            q = get_quantizer(weight_quantizer)
+            return copy.deepcopy(q) if q is weight_quantizer else q
+
         self.binary = binary
+        self.act_bits = act_bits if binary else 32
+        self.weight_bits = weight_bits if binary else 32
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.stem = BCNNStem(
@@ -213,7 +234,7 @@ class BCNN(nn.Module):
             stem_stride,
             binary=binary,
             encoder=encoder,
-            weight_quantizer=wq,
+            weight_quantizer=wq(stem_channels),
             rprelu=rprelu,
         )
         layers: list[nn.Module] = []
@@ -222,18 +243,19 @@ class BCNN(nn.Module):
             if stride != 1 or width != c:
                 layers.append(
                     BCNNDownsample(
-                        c, width, stride, input_quantizer=iq, weight_quantizer=wq, rprelu=rprelu
+                        c, width, stride, input_quantizer=iq(), weight_quantizer=wq(width),
+                        rprelu=rprelu,
                     )
-                )
+                )  # fmt: skip
                 c = width
             for _ in range(depth):
                 layers.append(
                     BCNNBlock(
-                        c, kernel_size, input_quantizer=iq, weight_quantizer=wq, rprelu=rprelu
+                        c, kernel_size, input_quantizer=iq(), weight_quantizer=wq(c), rprelu=rprelu
                     )
                 )
         self.blocks = nn.Sequential(*layers)
-        self.head = BCNNHead(c, num_classes, input_quantizer=iq, weight_quantizer=wq)
+        self.head = BCNNHead(c, num_classes, input_quantizer=iq(), weight_quantizer=wq(num_classes))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -5,6 +5,11 @@ quantized input is padded with +1 (one-padding: sign(0) = +1, and no correction 
 in the packed engine). There is no hidden scale factor: scaling lives in the following affine
 (batch norm, :class:`Scale`). With both quantizers ``None`` the layer is exactly ``nn.Conv2d``
 (zero padding) or ``nn.Linear``.
+
+k-bit quantizers (:class:`bcnn.quant.UniformQuantizer`) expose ``integer(x) -> (X, step)``; the
+layer then computes ``step_x * step_w[o] * conv(X, W)``: the convolution runs on integer grid
+values (exact in float32), in the same order as the bit-serial engine. The border is padded with
+the quantizer's ``pad_value`` grid point (+1 on signed grids, 0 on unsigned ones).
 """
 
 from __future__ import annotations
@@ -16,6 +21,27 @@ from torch import Tensor, nn
 from ..quant import QuantizerLike, get_quantizer
 
 __all__ = ["BinaryConv2d", "BinaryLinear"]
+
+
+def _quantize(q: nn.Module | None, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(values, step or None): integer grid values and their step for k-bit quantizers."""
+    if q is None:
+        return x, None
+    integer = getattr(q, "integer", None)
+    if integer is not None:
+        return integer(x)
+    return q(x), None
+
+
+def _output_scale(sx: Tensor | None, sw: Tensor | None) -> Tensor | None:
+    """Per-output-channel factor step_x * step_w, shaped (O,) or () ."""
+    if sx is None and sw is None:
+        return None
+    s = sx.reshape(()) if sx is not None else None
+    w = sw.reshape(-1) if sw is not None else None
+    if s is None:
+        return w
+    return s if w is None else s * w
 
 
 class BinaryConv2d(nn.Conv2d):
@@ -62,24 +88,41 @@ class BinaryConv2d(nn.Conv2d):
             raise ValueError("BinaryConv2d needs explicit integer padding, not a string")
         self.input_quantizer = get_quantizer(input_quantizer)
         self.weight_quantizer = get_quantizer(weight_quantizer)
-        if pad_value is None:
-            pad_value = 1.0 if self.input_quantizer is not None else 0.0
-        self.pad_value = float(pad_value)
+        self._pad_value = None if pad_value is None else float(pad_value)
         ph, pw = (int(p) for p in self.padding)
         self.pad_hw: tuple[int, int] = (ph, pw)
 
+    @property
+    def pad_value(self) -> float:
+        """Border value of the (quantized) input: explicit, else the quantizer's (+1 for sign)."""
+        if self._pad_value is not None:
+            return self._pad_value
+        if self.input_quantizer is None:
+            return 0.0
+        return float(getattr(self.input_quantizer, "pad_value", 1.0))
+
     def quantized_weight(self) -> Tensor:
-        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        """The weight as the convolution sees it (times its step, for k-bit quantizers)."""
+        w, sw = _quantize(self.weight_quantizer, self.weight)
+        return w if sw is None else w * sw
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        w = self.quantized_weight()
+        x, sx = _quantize(self.input_quantizer, x)
+        w, sw = _quantize(self.weight_quantizer, self.weight)
+        scale = _output_scale(sx, sw)
+        bias = self.bias if scale is None else None
         ph, pw = self.pad_hw
-        if self.pad_value != 0.0 and (ph or pw):
-            x = F.pad(x, (pw, pw, ph, ph), value=self.pad_value)
-            return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        pad_value = self.pad_value
+        if pad_value != 0.0 and (ph or pw):
+            x = F.pad(x, (pw, pw, ph, ph), value=pad_value)
+            y = F.conv2d(x, w, bias, self.stride, 0, self.dilation, self.groups)
+        else:
+            y = F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        if scale is not None:
+            y = y * scale.view(1, -1, 1, 1).to(y.dtype) if scale.dim() else y * scale.to(y.dtype)
+            if self.bias is not None:
+                y = y + self.bias.view(1, -1, 1, 1).to(y.dtype)
+        return y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", pad_value={self.pad_value:g}"
@@ -104,9 +147,14 @@ class BinaryLinear(nn.Linear):
         self.weight_quantizer = get_quantizer(weight_quantizer)
 
     def quantized_weight(self) -> Tensor:
-        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        w, sw = _quantize(self.weight_quantizer, self.weight)
+        return w if sw is None else w * sw
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        x, sx = _quantize(self.input_quantizer, x)
+        w, sw = _quantize(self.weight_quantizer, self.weight)
+        scale = _output_scale(sx, sw)
+        if scale is None:
+            return F.linear(x, w, self.bias)
+        y = F.linear(x, w) * scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)

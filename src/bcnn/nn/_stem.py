@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..quant import QuantizerLike
 from ._encoders import BitPlaneEncoder, ThermometerEncoder
-from ._layers import BinaryConv2d
+from ._layers import BinaryConv2d, _quantize
 
 __all__ = ["EncodedConv2d", "make_encoder"]
 
@@ -66,5 +66,8 @@ class EncodedConv2d(BinaryConv2d):
             planes = F.pad(planes, (pw, pw, ph, ph), value=1.0)
         plane_weights: Tensor = self.encoder.plane_weights  # type: ignore[assignment]
         planes = planes * plane_weights.view(1, -1, 1, 1)
-        w = self.quantized_weight()
-        return F.conv2d(planes, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        w, sw = _quantize(self.weight_quantizer, self.weight)
+        y = F.conv2d(planes, w, None, self.stride, 0, self.dilation, self.groups)
+        if sw is not None:  # k-bit weights: integer conv, then the per-channel step
+            y = y * sw.reshape(1, -1, 1, 1).to(y.dtype)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1).to(y.dtype)

@@ -7,6 +7,7 @@
 [-1.0, 1.0, 1.0]
 """
 
+from ._qat import QuantConfig, make_act_quantizer, make_weight_quantizer, quantize_
 from ._registry import QuantizerLike, get_quantizer, list_quantizers, register_quantizer
 from ._sign import (
     ApproxSign,
@@ -19,17 +20,25 @@ from ._sign import (
     ste_sign,
     swish_sign,
 )
+from ._uniform import UniformQuantizer, grid_limits, quantize_to_grid
 
 __all__ = [
     "ApproxSign",
     "MagnitudeAwareSign",
+    "QuantConfig",
     "QuantizerLike",
     "SteSign",
     "SwishSign",
+    "UniformQuantizer",
     "approx_sign",
     "get_quantizer",
+    "grid_limits",
     "list_quantizers",
     "magnitude_aware_sign",
+    "make_act_quantizer",
+    "make_weight_quantizer",
+    "quantize_",
+    "quantize_to_grid",
     "register_quantizer",
     "sign",
     "ste_sign",
