@@ -1,0 +1,122 @@
+"""``TrainConfig``: every knob of a training run; YAML in and out; flags override files."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "load_config_file", "parse_steps"]
+
+STEP_NAMES = ("1", "2", "float")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. ``epochs`` is per step (``epochs1``/``epochs2`` override it per step).
+
+    Step 1 trains binary activations with real latent weights (the model built with
+    ``weight_quantizer=None``); step 2 binary weights and activations, initialised from step 1.
+    ``steps="float"`` trains the float twin (``binary=False``), e.g. as a distillation teacher.
+    """
+
+    model: str = "bcnn_cifar"
+    data: str = "digits"
+    out: str = "runs/train"
+    steps: str = "1,2"
+    epochs: int = 10
+    epochs1: int | None = None
+    epochs2: int | None = None
+    batch_size: int = 64
+    lr: float = 2e-3
+    lr2: float | None = None  # step 2's peak learning rate (default: lr)
+    schedule: str = "cosine"  # or "linear": decay to zero after the warm-up
+    warmup: float = 0.05  # fraction of each step's iterations spent warming up linearly
+    weight_decay: float = 1e-5  # step 1 and float only, on conv/linear weights; 0 in step 2
+    label_smoothing: float = 0.0
+    clip_latent: bool = True  # clamp latent weights of binarised layers to [-1, 1]
+    teacher: str | None = None  # checkpoint of a float model to distil from
+    kd_alpha: float = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)
+    kd_temperature: float = 2.0
+    seed: int = 0
+    val_split: float = 0.1
+    image_size: int | None = None  # large image folders: crop size (default 224)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto | on | off (bf16 autocast on CPU, AMP on CUDA)
+    workers: int = 2  # DataLoader workers for lazily decoded image folders
+    save_every: int = 0  # also checkpoint every N iterations (0: at epoch ends only)
+    init: str | None = None  # checkpoint to initialise step 2 from (default: DIR/step1)
+    model_kw: dict[str, Any] = field(default_factory=dict)
+    quiet: bool = False
+    resume: bool = False
+
+    def step_list(self) -> list[str]:
+        return parse_steps(self.steps)
+
+    def epochs_for(self, step: str) -> int:
+        e = {"1": self.epochs1, "2": self.epochs2}.get(step)
+        return self.epochs if e is None else e
+
+    def lr_for(self, step: str) -> float:
+        return self.lr2 if step == "2" and self.lr2 is not None else self.lr
+
+    def validate(self) -> None:
+        self.step_list()
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        for s in self.step_list():
+            if self.epochs_for(s) < 0:
+                raise ValueError(f"epochs must be >= 0, got {self.epochs_for(s)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule must be cosine or linear, got {self.schedule!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the iterations in [0, 1), got {self.warmup}")
+        if not 0 <= self.val_split < 1:
+            raise ValueError(f"val split must be in [0, 1), got {self.val_split}")
+        if self.amp not in ("auto", "on", "off"):
+            raise ValueError(f"amp must be auto, on or off, got {self.amp!r}")
+        if not 0 <= self.kd_alpha <= 1 or self.kd_temperature <= 0:
+            raise ValueError("kd_alpha must be in [0, 1] and kd_temperature > 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def parse_steps(steps: str) -> list[str]:
+    out = [s.strip() for s in str(steps).split(",") if s.strip()]
+    if not out or any(s not in STEP_NAMES for s in out):
+        raise ValueError(f"steps must be '1,2', '1', '2' or 'float', got {steps!r}")
+    if "float" in out and len(out) > 1:
+        raise ValueError("the float twin trains alone: --steps float")
+    if out not in (["1"], ["2"], ["1", "2"], ["float"]):
+        raise ValueError(f"steps must be '1,2', '1', '2' or 'float', got {steps!r}")
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config (keys as ``TrainConfig`` fields; dashes allowed for underscores)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{p}: expected a mapping of config keys")
+    return {str(k).replace("-", "_"): v for k, v in d.items()}

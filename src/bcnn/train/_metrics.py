@@ -1,0 +1,97 @@
+"""metrics.csv (one row per epoch) and curves.png (loss and accuracy per iteration and epoch)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METRIC_COLUMNS", "plot_curves", "write_metrics_csv"]
+
+METRIC_COLUMNS = [
+    "step",
+    "epoch",
+    "iteration",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "lr",
+    "seconds",
+    "images_per_s",
+]
+
+
+def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite the whole file atomically (rows come from the checkpointed history, so a resumed
+    run never duplicates or loses rows)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k)) for k in METRIC_COLUMNS})
+    os.replace(tmp, path)
+
+
+def _fmt(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def plot_curves(
+    path: Path, rows: list[dict[str, Any]], iters: list[tuple[str, list[list[float]]]]
+) -> None:
+    """Two panels (loss, accuracy): per-iteration training curves (thin) and per-epoch
+    train/val points (markers) against the global iteration; steps separated by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    offset = 0
+    offsets: dict[str, int] = {}
+    for step, pts in iters:
+        offsets[step] = offset
+        if pts:
+            xs = [offset + p[0] for p in pts]
+            ax_loss.plot(xs, [p[1] for p in pts], lw=0.6, alpha=0.5, label=f"step {step} train/iter")
+            ax_acc.plot(xs, [p[2] for p in pts], lw=0.6, alpha=0.5, label=f"step {step} train/iter")
+        last = [r["iteration"] for r in rows if str(r["step"]) == step]
+        end = offset + (max(last) if last else (int(pts[-1][0]) if pts else 0))
+        if offset:
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(offset, color="grey", ls=":", lw=0.8)
+        offset = end
+    for step in offsets:
+        er = [r for r in rows if str(r["step"]) == step]
+        if not er:
+            continue
+        xs = [offsets[step] + r["iteration"] for r in er]
+        ax_loss.plot(xs, [r["train_loss"] for r in er], "o-", ms=3, label=f"step {step} train")
+        ax_acc.plot(xs, [r["train_acc"] for r in er], "o-", ms=3, label=f"step {step} train")
+        val = [(x, r) for x, r in zip(xs, er) if r.get("val_top1") is not None]
+        if val:
+            ax_loss.plot([x for x, _ in val], [r["val_loss"] for _, r in val], "s--", ms=3,
+                         label=f"step {step} val")
+            ax_acc.plot([x for x, _ in val], [r["val_top1"] for _, r in val], "s--", ms=3,
+                        label=f"step {step} val top-1")
+    ax_loss.set(title="loss", xlabel="iteration")
+    ax_acc.set(title="accuracy", xlabel="iteration", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
