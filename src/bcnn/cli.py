@@ -17,6 +17,8 @@ __all__ = ["CliError", "main"]
 # name -> module; add a line here to add a subcommand.
 COMMANDS: dict[str, str] = {
     "summary": "bcnn._commands.summary",
+    "train": "bcnn._commands.train",
+    "eval": "bcnn._commands.eval",
 }
 
 

@@ -18,7 +18,7 @@ from ._datasets import ArrayDataset, Augment, ImageFileDataset
 from ._images import cache_dir, read_image, scan_image_folder
 from ._loader import Loader
 from ._sources import load_cifar10_batches, load_digits, make_synthetic
-from ._spec import DataSpec, Dataset, load_dataset, load_splits, parse_spec, seeded_split
+from ._spec import Dataset, DataSpec, load_dataset, load_splits, parse_spec, seeded_split
 
 __all__ = [
     "ArrayDataset",

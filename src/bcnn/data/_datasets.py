@@ -40,7 +40,9 @@ class ArrayDataset:
         augment: Augment = Augment("none"),
     ) -> None:
         if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}"
+            )
         if len(labels) != len(images):
             raise ValueError("images and labels differ in length")
         self.images = torch.from_numpy(np.ascontiguousarray(images))
@@ -58,7 +60,9 @@ class ArrayDataset:
 
     def subset(self, idx: np.ndarray) -> ArrayDataset:
         t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-        return ArrayDataset(self.images[t].numpy(), self.labels[t].numpy(), self.classes, self.augment)
+        return ArrayDataset(
+            self.images[t].numpy(), self.labels[t].numpy(), self.classes, self.augment
+        )
 
     def batch(
         self, idx: Tensor, train: bool, generator: torch.Generator | None = None

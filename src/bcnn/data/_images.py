@@ -43,8 +43,8 @@ def read_image(path: str | os.PathLike[str], channels: int | None = None) -> np.
             im.load()
             if channels is None:
                 channels = 1 if im.mode in _GRAY_MODES else 3
-            im = im.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.uint8)
+            conv = im.convert("L" if channels == 1 else "RGB")
+            arr = np.asarray(conv, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if arr.ndim == 2:

@@ -60,8 +60,9 @@ def parse_spec(spec: str | DataSpec) -> DataSpec:
     name, _, arg = str(spec).partition(":")
     name = name.strip().lower()
     if name not in SPEC_NAMES:
-        raise ValueError(f"unknown data spec {spec!r}; known: digits, cifar10:DIR, "
-                         "imagefolder:DIR, synthetic")
+        raise ValueError(
+            f"unknown data spec {spec!r}; known: digits, cifar10:DIR, imagefolder:DIR, synthetic"
+        )
     if name in ("cifar10", "imagefolder"):
         if not arg:
             raise ValueError(f"data spec {name!r} needs a folder: {name}:DIR")
@@ -151,9 +152,9 @@ def load_splits(
             raise ValueError(f"{root}: train/ and val/ have different class folders")
         return train, val
     base = root / "train" if (root / "train").is_dir() else root
-    full, _ = _folder(base, image_size, 3, progress)
-    tr, va = seeded_split(len(full), val_split, seed)
-    return full.subset(tr), full.subset(va)
+    folder, _ = _folder(base, image_size, 3, progress)
+    tr, va = seeded_split(len(folder), val_split, seed)
+    return folder.subset(tr), folder.subset(va)
 
 
 def load_dataset(

@@ -63,7 +63,9 @@ def plot_curves(
         offsets[step] = offset
         if pts:
             xs = [offset + p[0] for p in pts]
-            ax_loss.plot(xs, [p[1] for p in pts], lw=0.6, alpha=0.5, label=f"step {step} train/iter")
+            ax_loss.plot(
+                xs, [p[1] for p in pts], lw=0.6, alpha=0.5, label=f"step {step} train/iter"
+            )
             ax_acc.plot(xs, [p[2] for p in pts], lw=0.6, alpha=0.5, label=f"step {step} train/iter")
         last = [r["iteration"] for r in rows if str(r["step"]) == step]
         end = offset + (max(last) if last else (int(pts[-1][0]) if pts else 0))
@@ -80,10 +82,20 @@ def plot_curves(
         ax_acc.plot(xs, [r["train_acc"] for r in er], "o-", ms=3, label=f"step {step} train")
         val = [(x, r) for x, r in zip(xs, er) if r.get("val_top1") is not None]
         if val:
-            ax_loss.plot([x for x, _ in val], [r["val_loss"] for _, r in val], "s--", ms=3,
-                         label=f"step {step} val")
-            ax_acc.plot([x for x, _ in val], [r["val_top1"] for _, r in val], "s--", ms=3,
-                        label=f"step {step} val top-1")
+            ax_loss.plot(
+                [x for x, _ in val],
+                [r["val_loss"] for _, r in val],
+                "s--",
+                ms=3,
+                label=f"step {step} val",
+            )
+            ax_acc.plot(
+                [x for x, _ in val],
+                [r["val_top1"] for _, r in val],
+                "s--",
+                ms=3,
+                label=f"step {step} val top-1",
+            )
     ax_loss.set(title="loss", xlabel="iteration")
     ax_acc.set(title="accuracy", xlabel="iteration", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):

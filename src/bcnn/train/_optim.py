@@ -13,7 +13,8 @@ __all__ = ["binarised_weight_names", "clip_latent_weights", "lr_lambda", "make_o
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
     """Adam; weight decay (if any) on conv/linear weights only (not BN, biases, thresholds)."""
-    decay, other = [], []
+    decay: list[nn.Parameter] = []
+    other: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue

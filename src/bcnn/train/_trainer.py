@@ -71,7 +71,8 @@ def _step_dir(step: str) -> str:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", model)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 class Trainer:
@@ -277,12 +278,17 @@ class Trainer:
             save_checkpoint(ckpt, model, meta)
 
         if self.verbose:
-            kind = {"1": "binary activations, real weights", "2": "binary weights and "
-                    "activations", "float": "float twin"}[step]
-            print(f"step {step} ({kind}): {epochs} epochs x {per_epoch} iterations, "
-                  f"{len(self.train_set)} train / {len(self.val_set)} val images, "
-                  f"device {self.device}{', amp' if self.amp else ''}"
-                  f"{', distillation' if self.teacher is not None else ''}")
+            kind = {
+                "1": "binary activations, real weights",
+                "2": "binary weights and activations",
+                "float": "float twin",
+            }[step]
+            print(
+                f"step {step} ({kind}): {epochs} epochs x {per_epoch} iterations, "
+                f"{len(self.train_set)} train / {len(self.val_set)} val images, "
+                f"device {self.device}{', amp' if self.amp else ''}"
+                f"{', distillation' if self.teacher is not None else ''}"
+            )
         if self.main:
             sdir.mkdir(parents=True, exist_ok=True)
         log_every = max(1, per_epoch // 20)
@@ -465,7 +471,9 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def train(config: TrainConfig | None = None, *, teacher: nn.Module | None = None, **kw: Any) -> nn.Module:
+def train(
+    config: TrainConfig | None = None, *, teacher: nn.Module | None = None, **kw: Any
+) -> nn.Module:
     """Train as configured (``TrainConfig`` or its fields as keywords); returns the final model.
 
     >>> # train(model="bcnn_cifar", data="digits", out="runs/x", epochs=5)

@@ -1,0 +1,131 @@
+"""bcnn train --model NAME --data SPEC --out DIR [...]: two-step training (see docs/training.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+HELP = "train a binary CNN in two steps (or its float twin), resumable, optionally distributed"
+
+S = argparse.SUPPRESS  # unset flags stay unset so that a config file's values survive
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a YAML file of TrainConfig keys (flags override it)")
+    p.add_argument("--model", default=S, help="registered model name (default bcnn_cifar)")
+    p.add_argument("--data", default=S, help="digits | cifar10:DIR | imagefolder:DIR | synthetic")
+    p.add_argument("--out", default=S, help="output folder (default runs/train)")
+    p.add_argument("--steps", default=S, help="1,2 (default) | 1 | 2 | float")
+    p.add_argument("--float", action="store_true", help="train the float twin (= --steps float)")
+    p.add_argument("--epochs", type=int, default=S, help="epochs per step (default 10)")
+    p.add_argument("--epochs1", type=int, default=S, help="epochs of step 1 (default --epochs)")
+    p.add_argument("--epochs2", type=int, default=S, help="epochs of step 2 (default --epochs)")
+    p.add_argument("--batch-size", type=int, default=S, help="global batch size (default 64)")
+    p.add_argument("--lr", type=float, default=S, help="peak learning rate (default 2e-3)")
+    p.add_argument("--lr2", type=float, default=S, help="step 2's peak lr (default --lr)")
+    p.add_argument("--schedule", choices=["cosine", "linear"], default=S)
+    p.add_argument("--warmup", type=float, default=S, help="warm-up fraction (default 0.05)")
+    p.add_argument("--weight-decay", type=float, default=S, help="step 1 only (default 1e-5)")
+    p.add_argument("--label-smoothing", type=float, default=S)
+    p.add_argument("--no-clip-latent", dest="clip_latent", action="store_false", default=S)
+    p.add_argument("--teacher", default=S, help="checkpoint of a float model to distil from")
+    p.add_argument("--kd-alpha", type=float, default=S, help="distillation weight (0.5)")
+    p.add_argument("--kd-temperature", type=float, default=S, help="softening temperature (2)")
+    p.add_argument("--seed", type=int, default=S, help="run seed: init, data order, split (0)")
+    p.add_argument("--val-split", type=float, default=S, help="held-out fraction (0.1)")
+    p.add_argument("--image-size", type=int, default=S, help="crop size for large images")
+    p.add_argument("--device", default=S, help="auto | cpu | cuda (default auto)")
+    p.add_argument(
+        "--amp",
+        choices=["auto", "on", "off"],
+        default=S,
+        help="bf16 autocast on CPU / AMP on CUDA (auto: CUDA only)",
+    )
+    p.add_argument("--workers", type=int, default=S, help="DataLoader workers (image files)")
+    p.add_argument("--save-every", type=int, default=S, help="also checkpoint every N iterations")
+    p.add_argument("--init", default=S, help="checkpoint to start step 2 from")
+    p.add_argument(
+        "--model-kw",
+        nargs="+",
+        default=S,
+        metavar="K=V",
+        help="model keywords, e.g. width=32 depth=1 (values parsed as YAML)",
+    )
+    p.add_argument("--resume", action="store_true", default=S, help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", default=S, help="no progress output")
+
+
+def parse_model_kw(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for it in items:
+        k, eq, v = it.partition("=")
+        if not eq or not k:
+            raise ValueError(f"--model-kw expects KEY=VALUE, got {it!r}")
+        try:
+            out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise ValueError(f"--model-kw {k}: cannot parse value {v!r}") from None
+    return out
+
+
+def resolve_config(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from ..train import TrainConfig, load_config_file
+
+    flags = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    flags.pop("debug", None)
+    flags.pop("command", None)
+    cfg_file = flags.pop("config", None)
+    if flags.pop("float", False):
+        if "steps" in flags and flags["steps"] != "float":
+            raise ValueError("--float conflicts with --steps")
+        flags["steps"] = "float"
+    if "model_kw" in flags:
+        flags["model_kw"] = parse_model_kw(flags["model_kw"])
+    base: dict[str, Any] = {}
+    if cfg_file:
+        base = load_config_file(cfg_file)
+    elif flags.get("resume"):
+        out = flags.get("out", TrainConfig.out)
+        saved = Path(out) / "config.yaml"
+        if saved.is_file():
+            base = load_config_file(saved)
+    base.pop("resume", None)
+    if "model_kw" in flags and isinstance(base.get("model_kw"), dict):
+        flags["model_kw"] = {**base["model_kw"], **flags["model_kw"]}
+    cfg = TrainConfig.from_dict({**base, **flags})
+    cfg.validate()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from ..train import Trainer, TrainingInterrupted
+
+    cfg = resolve_config(args)
+    trainer = Trainer(cfg)
+    if trainer.main:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        d = cfg.to_dict()
+        d.pop("resume")
+        (out / "config.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
+    try:
+        trainer.run()
+    except TrainingInterrupted as e:
+        if trainer.main:
+            print(f"bcnn train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
