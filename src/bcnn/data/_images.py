@@ -121,20 +121,33 @@ def decode_all(
     return out
 
 
+def _cache_path(root: Path, files: list[Path], channels: int) -> Path:
+    return cache_dir() / f"imagefolder-{files_key(root, files, f'c{channels}')}.npy"
+
+
+def load_cached(root: Path, files: list[Path], channels: int) -> np.ndarray | None:
+    """The cached decoded array of these files (same paths, mtimes and sizes), or None."""
+    path = _cache_path(root, files, channels)
+    if not path.is_file():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[:2] != (len(files), channels):
+        return None
+    return arr
+
+
 def cached_decode(
     root: Path, files: list[Path], size: tuple[int, int], channels: int, progress: bool = False
 ) -> np.ndarray:
     """``decode_all`` through an .npy cache keyed by path + mtime + size of every file."""
-    key = files_key(root, files, f"{size}{channels}")
-    path = cache_dir() / f"imagefolder-{key}.npy"
-    if path.is_file():
-        try:
-            arr = np.load(path, mmap_mode=None, allow_pickle=False)
-            if arr.shape == (len(files), channels, *size) and arr.dtype == np.uint8:
-                return arr
-        except (OSError, ValueError):
-            pass
+    arr = load_cached(root, files, channels)
+    if arr is not None and arr.shape[2:] == tuple(size):
+        return arr
     arr = decode_all(files, size, channels, progress)
+    path = _cache_path(root, files, channels)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

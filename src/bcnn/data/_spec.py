@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ._datasets import ArrayDataset, Augment, ImageFileDataset
-from ._images import cached_decode, read_image, scan_image_folder
+from ._images import cached_decode, load_cached, read_image, scan_image_folder
 from ._sources import load_cifar10_batches, load_digits, make_synthetic
 
 __all__ = ["DataSpec", "Dataset", "load_dataset", "load_splits", "parse_spec", "seeded_split"]
@@ -101,6 +101,11 @@ def _folder(
 ) -> tuple[Dataset, bool]:
     """All images of an ImageFolder root as one dataset; True if cached in memory."""
     classes, files, labels = scan_image_folder(root)
+    if image_size is None:
+        arr = load_cached(root, files, channels)
+        if arr is not None:
+            h, w = arr.shape[2:]
+            return ArrayDataset(arr, labels, classes, _small_augment(h, w, flip=True)), True
     first = read_image(files[0], channels)
     h, w = first.shape[1:]
     if max(h, w) <= SMALL_IMAGE_MAX_SIDE and image_size is None:
