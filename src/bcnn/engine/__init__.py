@@ -1,0 +1,106 @@
+"""The packed CPU engine: ``pack`` a trained binary model, ``save``/``load`` .bcnn files, run them.
+
+>>> import numpy as np
+>>> from bcnn.models import create_model
+>>> from bcnn.engine import pack
+>>> packed = pack(create_model("bcnn_cifar", width=8, depth=1))
+>>> packed(np.zeros((1, 3, 32, 32), np.uint8)).shape
+(1, 10)
+
+Weights are stored as sign bits (bit 1 = -1), channels-last, packed along the reduction axis
+into uint64 words; batch norm + sign fold into per-channel thresholds; see docs/format.md.
+Importing this package does not import torch (only :func:`pack` does) nor compile kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ._executor import PackedModel
+
+__all__ = [
+    "PackedModel",
+    "load",
+    "load_any",
+    "num_threads",
+    "pack",
+    "pretrained_path",
+    "set_num_threads",
+]
+
+
+def pack(model: Any, *, classes: list[str] | None = None) -> PackedModel:
+    """Convert a torch model (the BCNN family, or an ``nn.Sequential`` chain of bcnn binary
+    layers) into a :class:`PackedModel`. The model is read in eval mode; unsupported modules
+    raise ``ValueError`` naming them. ``classes``: class names stored with the model."""
+    from ._pack import pack_model
+
+    graph, tensors = pack_model(model, classes=classes)
+    return PackedModel(graph, tensors)
+
+
+def pretrained_path(name: str) -> Path | None:
+    """``src/bcnn/pretrained/<name>.bcnn`` if it ships with the package, else None."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    p = Path(__file__).resolve().parent.parent / "pretrained" / f"{name}.bcnn"
+    return p if p.is_file() else None
+
+
+def load(path_or_name: str | os.PathLike[str]) -> PackedModel:
+    """Load a .bcnn file (validated before anything runs), or a shipped pretrained name."""
+    p = Path(path_or_name)
+    if not p.exists():
+        pre = pretrained_path(str(path_or_name))
+        if pre is not None:
+            p = pre
+    return PackedModel.load(p)
+
+
+def load_any(spec: str | os.PathLike[str]) -> PackedModel:
+    """A ``.bcnn`` file, a pretrained name, or a checkpoint (loaded and packed; its class
+    names are kept) -> :class:`PackedModel`. This is what ``bcnn eval --engine packed``,
+    ``bcnn predict`` and ``bcnn bench`` use."""
+    s = str(spec)
+    p = Path(s)
+    if p.suffix == ".bcnn" or (not p.exists() and pretrained_path(s) is not None):
+        return load(s)
+    if p.is_file():
+        if _is_bcnn(p):
+            return load(p)
+        from ..models import load_checkpoint
+
+        model, meta = load_checkpoint(p)
+        classes = meta.get("classes")
+        return pack(model, classes=list(classes) if isinstance(classes, list | tuple) else None)
+    raise FileNotFoundError(f"{s!r} is neither a .bcnn file, a checkpoint nor a pretrained name")
+
+
+def _is_bcnn(p: Path) -> bool:
+    """Whether a file carries the .bcnn magic (whatever its name)."""
+    import json
+
+    try:
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > (64 << 20):
+                return False
+            header = json.loads(f.read(n))
+        return bool(header.get("__metadata__", {}).get("format") == "bcnn")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the kernels (default 1)."""
+    from ._threads import set_num_threads as _set
+
+    _set(n)
+
+
+def num_threads() -> int:
+    from ._threads import num_threads as _get
+
+    return int(_get())

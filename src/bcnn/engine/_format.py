@@ -1,0 +1,360 @@
+"""The .bcnn file: a safetensors container (no pickle) holding the packed tensors, with the
+magic, the format version and the JSON graph in its metadata. See docs/format.md.
+
+Everything read from a file is validated here, before any kernel runs: the compiled kernels
+do not bounds-check, so every dtype, shape, attribute and graph reference is checked, and every
+problem is reported as a one-line ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "read_bcnn", "validate_graph", "write_bcnn"]
+
+MAGIC = "bcnn"
+FORMAT_VERSION = 1
+MAX_CHANNELS = 1 << 16
+MAX_KERNEL = 15
+MAX_STRIDE = 16
+MAX_OPS = 10_000
+MAX_HEADER = 64 << 20
+
+OPS = ("encode_conv", "conv", "binarize", "avgpool", "gap", "linear")
+STEPS = ("scale", "bias", "bn", "affine", "rprelu", "add")
+STEP_TENSORS = {
+    "scale": ("scale",),
+    "bias": ("bias",),
+    "bn": ("alpha", "beta"),
+    "affine": ("weight", "bias"),
+    "rprelu": ("gamma", "slope", "zeta"),
+    "add": (),
+}
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def words(n: int) -> int:
+    """uint64 words holding n bits."""
+    return max(1, -(-n // 64))
+
+
+def _int(d: dict[str, Any], key: str, lo: int, hi: int, where: str) -> int:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _Invalid(f"{where}: {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _pair(d: dict[str, Any], key: str, lo: int, hi: int, where: str) -> tuple[int, int]:
+    v = d.get(key)
+    if (
+        not isinstance(v, list)
+        or len(v) != 2
+        or any(isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi for x in v)
+    ):
+        raise _Invalid(f"{where}: {key!r} must be two integers in [{lo}, {hi}], got {v!r}")
+    return int(v[0]), int(v[1])
+
+
+def _str(d: dict[str, Any], key: str, where: str) -> str:
+    v = d.get(key)
+    if not isinstance(v, str) or not v or len(v) > 200:
+        raise _Invalid(f"{where}: {key!r} must be a non-empty string, got {v!r}")
+    return v
+
+
+class _Checker:
+    def __init__(self, graph: Any, tensors: dict[str, np.ndarray]) -> None:
+        self.graph = graph
+        self.tensors = tensors
+        self.used: set[str] = set()
+        # value name -> (kind, channels); kinds: image, stream, bits, vbits, vector
+        self.kinds: dict[str, tuple[str, int]] = {}
+
+    def tensor(
+        self, op: dict[str, Any], key: str, dtype: Any, shape: tuple[int, ...], where: str
+    ) -> np.ndarray:
+        name = op.get(key)
+        if not isinstance(name, str):
+            raise _Invalid(f"{where}: {key!r} must name a tensor, got {name!r}")
+        if name not in self.tensors:
+            raise _Invalid(f"{where}: tensor {name!r} is missing")
+        if name in self.used:
+            raise _Invalid(f"{where}: tensor {name!r} is referenced twice")
+        t = self.tensors[name]
+        if t.dtype != np.dtype(dtype):
+            raise _Invalid(f"{where}: tensor {name!r} has dtype {t.dtype}, expected {dtype}")
+        if tuple(t.shape) != shape:
+            raise _Invalid(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        self.used.add(name)
+        return t
+
+    def packed(self, op: dict[str, Any], shape: tuple[int, ...], nbits: int, where: str) -> None:
+        t = self.tensor(op, "weight", np.uint64, (*shape, words(nbits)), where)
+        tail = words(nbits) * 64 - nbits
+        if tail:
+            mask = np.uint64(((1 << 64) - 1) ^ ((1 << (64 - tail)) - 1))
+            if np.any(t[..., -1] & mask):
+                raise _Invalid(f"{where}: packed weights have non-zero tail bits")
+
+    def value(self, name: Any, kinds: tuple[str, ...], where: str) -> tuple[str, int]:
+        if not isinstance(name, str) or name not in self.kinds:
+            raise _Invalid(f"{where}: input {name!r} is not defined before this op")
+        kind, c = self.kinds[name]
+        if kind not in kinds:
+            raise _Invalid(f"{where}: input {name!r} is a {kind}, expected {' or '.join(kinds)}")
+        return kind, c
+
+    def epilogue(self, op: dict[str, Any], channels: int, where: str) -> None:
+        epi = op.get("epilogue")
+        if not isinstance(epi, list) or len(epi) > 32:
+            raise _Invalid(f"{where}: 'epilogue' must be a list of at most 32 steps")
+        inputs = op["inputs"]
+        for j, step in enumerate(epi):
+            w = f"{where} epilogue[{j}]"
+            if not isinstance(step, dict) or step.get("kind") not in STEPS:
+                raise _Invalid(f"{w}: unknown step {step!r:.80}")
+            kind = step["kind"]
+            for key in STEP_TENSORS[kind]:
+                self.tensor(step, key, np.float32, (channels,), w)
+            if kind == "add":
+                if j != len(epi) - 1:
+                    raise _Invalid(f"{w}: 'add' must be the last step")
+                idx = _int(step, "input", 1, 1, w)
+                if len(inputs) != 2:
+                    raise _Invalid(f"{w}: 'add' needs a second op input")
+                _, rc = self.value(inputs[idx], ("stream",), w)
+                rep = _int(step, "repeat", 1, MAX_CHANNELS, w)
+                if rc * rep != channels:
+                    raise _Invalid(f"{w}: residual of {rc} channels x{rep} != {channels}")
+        if len(inputs) == 2 and not (epi and epi[-1].get("kind") == "add"):
+            raise _Invalid(f"{where}: a second input is only allowed for a residual 'add'")
+
+    def run(self) -> None:
+        g = self.graph
+        if not isinstance(g, dict):
+            raise _Invalid("graph must be a JSON object")
+        inp = g.get("input")
+        if not isinstance(inp, dict):
+            raise _Invalid("graph: 'input' must be an object")
+        cin = _int(inp, "channels", 1, 4096, "graph input")
+        size = inp.get("size")
+        if size is not None:
+            _pair(inp, "size", 1, 1 << 16, "graph input")
+        ncls = _int(g, "num_classes", 1, 1 << 20, "graph")
+        classes = g.get("classes")
+        if classes is not None and (
+            not isinstance(classes, list)
+            or len(classes) != ncls
+            or not all(isinstance(c, str) for c in classes)
+        ):
+            raise _Invalid(f"graph: 'classes' must be null or a list of {ncls} strings")
+        ops = g.get("ops")
+        if not isinstance(ops, list) or not 1 <= len(ops) <= MAX_OPS:
+            raise _Invalid(f"graph: 'ops' must be a list of 1..{MAX_OPS} ops")
+        self.kinds["input"] = ("image", cin)
+        for i, op in enumerate(ops):
+            if not isinstance(op, dict):
+                raise _Invalid(f"op {i}: must be an object")
+            kind = op.get("op")
+            if kind not in OPS:
+                raise _Invalid(f"op {i}: unknown op {kind!r:.40}")
+            where = f"op {i} ({kind})"
+            _str(op, "name", where)
+            ins = op.get("inputs")
+            if not isinstance(ins, list) or not 1 <= len(ins) <= 2:
+                raise _Invalid(f"{where}: 'inputs' must be a list of 1 or 2 names")
+            out = _str(op, "output", where)
+            if out in self.kinds:
+                raise _Invalid(f"{where}: output {out!r} is defined twice")
+            self.kinds[out] = getattr(self, "_" + kind)(op, where)
+        out = g.get("output")
+        if not isinstance(out, str) or out not in self.kinds:
+            raise _Invalid(f"graph: 'output' {out!r} is not a defined value")
+        if self.kinds[out] != ("vector", ncls):
+            raise _Invalid(f"graph: output {out!r} is not a vector of {ncls} logits")
+        extra = set(self.tensors) - self.used
+        if extra:
+            raise _Invalid(f"unexpected tensor {sorted(extra)[0]!r}")
+
+    def _spatial(self, op: dict[str, Any], where: str) -> tuple[int, int]:
+        kh, kw = _pair(op, "kernel", 1, MAX_KERNEL, where)
+        _pair(op, "stride", 1, MAX_STRIDE, where)
+        ph, pw = _pair(op, "pad", 0, MAX_KERNEL, where)
+        return kh, kw
+
+    def _encode_conv(self, op: dict[str, Any], where: str) -> tuple[str, int]:
+        if op["inputs"] != ["input"]:
+            raise _Invalid(f"{where}: must read 'input'")
+        _, cin = self.kinds["input"]
+        enc = op.get("encoder")
+        if enc not in ("bitplane", "thermometer"):
+            raise _Invalid(f"{where}: unknown encoder {enc!r:.40}")
+        if _int(op, "in_channels", 1, 4096, where) != cin:
+            raise _Invalid(f"{where}: in_channels does not match the input's {cin}")
+        planes = _int(op, "planes", 1, 8 if enc == "bitplane" else 255, where)
+        cout = _int(op, "out_channels", 1, MAX_CHANNELS, where)
+        kh, kw = self._spatial(op, where)
+        self.packed(op, (cout, planes, kh, kw), cin, where)
+        pw = self.tensor(op, "plane_weights", np.float32, (planes,), where)
+        if not np.all(np.isfinite(pw)):
+            raise _Invalid(f"{where}: plane weights must be finite")
+        self.tensor(op, "plane_thresholds", np.int32, (planes,), where)
+        self.epilogue(op, cout, where)
+        if len(op["inputs"]) != 1:
+            raise _Invalid(f"{where}: takes one input")
+        return ("stream", cout)
+
+    def _conv(self, op: dict[str, Any], where: str) -> tuple[str, int]:
+        _, c = self.value(op["inputs"][0], ("bits",), where)
+        cin = _int(op, "in_channels", 1, MAX_CHANNELS, where)
+        if c != cin:
+            raise _Invalid(f"{where}: input has {c} channels, in_channels is {cin}")
+        cout = _int(op, "out_channels", 1, MAX_CHANNELS, where)
+        kh, kw = self._spatial(op, where)
+        self.packed(op, (cout, kh, kw), cin, where)
+        if "threshold" in op:
+            self.tensor(op, "threshold", np.int32, (cout,), where)
+            if op.get("epilogue") != [] or len(op["inputs"]) != 1:
+                raise _Invalid(f"{where}: a thresholded conv has no epilogue and one input")
+            return ("bits", cout)
+        self.epilogue(op, cout, where)
+        return ("stream", cout)
+
+    def _binarize(self, op: dict[str, Any], where: str) -> tuple[str, int]:
+        if len(op["inputs"]) != 1:
+            raise _Invalid(f"{where}: takes one input")
+        kind, c = self.value(op["inputs"][0], ("stream", "vector"), where)
+        if _int(op, "channels", 1, MAX_CHANNELS, where) != c:
+            raise _Invalid(f"{where}: 'channels' does not match the input's {c}")
+        self.tensor(op, "threshold", np.float32, (c,), where)
+        mode = self.tensor(op, "mode", np.int8, (c,), where)
+        if not np.all((mode >= -1) & (mode <= 1)):
+            raise _Invalid(f"{where}: 'mode' values must be -1, 0 or 1")
+        return ("bits" if kind == "stream" else "vbits", c)
+
+    def _avgpool(self, op: dict[str, Any], where: str) -> tuple[str, int]:
+        if len(op["inputs"]) != 1:
+            raise _Invalid(f"{where}: takes one input")
+        _, c = self.value(op["inputs"][0], ("stream",), where)
+        _pair(op, "kernel", 1, MAX_KERNEL, where)
+        _pair(op, "stride", 1, MAX_STRIDE, where)
+        if not isinstance(op.get("ceil_mode"), bool):
+            raise _Invalid(f"{where}: 'ceil_mode' must be true or false")
+        return ("stream", c)
+
+    def _gap(self, op: dict[str, Any], where: str) -> tuple[str, int]:
+        if len(op["inputs"]) != 1:
+            raise _Invalid(f"{where}: takes one input")
+        _, c = self.value(op["inputs"][0], ("stream",), where)
+        return ("vector", c)
+
+    def _linear(self, op: dict[str, Any], where: str) -> tuple[str, int]:
+        if len(op["inputs"]) != 1:
+            raise _Invalid(f"{where}: takes one input")
+        _, c = self.value(op["inputs"][0], ("vbits",), where)
+        fin = _int(op, "in_features", 1, MAX_CHANNELS * 64, where)
+        if c != fin:
+            raise _Invalid(f"{where}: input has {c} features, in_features is {fin}")
+        fout = _int(op, "out_features", 1, 1 << 20, where)
+        self.packed(op, (fout,), fin, where)
+        self.epilogue(op, fout, where)
+        return ("vector", fout)
+
+
+def validate_graph(graph: Any, tensors: dict[str, np.ndarray]) -> None:
+    """Raise ``ValueError`` naming the first problem of a graph + tensors pair."""
+    try:
+        _Checker(graph, tensors).run()
+    except _Invalid as e:
+        raise ValueError(f"invalid bcnn model: {e}") from None
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # defensive: never crash
+        raise ValueError(f"invalid bcnn model: malformed graph ({type(e).__name__}: {e})") from None
+
+
+def write_bcnn(
+    path: str | os.PathLike[str], graph: dict[str, Any], tensors: dict[str, Any]
+) -> None:
+    """Write atomically (temporary file beside ``path``, fsync, rename)."""
+    from safetensors.numpy import save
+
+    meta = {
+        "format": MAGIC,
+        "format_version": str(FORMAT_VERSION),
+        "graph": json.dumps(graph, separators=(",", ":"), allow_nan=False),
+    }
+    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _reject_constant(c: str) -> float:
+    raise ValueError(f"non-standard JSON constant {c}")
+
+
+def read_bcnn(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read and validate a .bcnn file -> (graph, tensors); ``ValueError`` if malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    data = path.read_bytes()
+    where = str(path)
+    if len(data) < 8:
+        raise ValueError(f"{where}: not a .bcnn file (truncated: {len(data)} bytes)")
+    hlen = int.from_bytes(data[:8], "little")
+    if hlen > min(MAX_HEADER, len(data) - 8):
+        raise ValueError(f"{where}: not a .bcnn file (bad or truncated header)")
+    try:
+        header = json.loads(data[8 : 8 + hlen].decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ValueError(f"{where}: not a .bcnn file (unreadable header)") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != MAGIC:
+        raise ValueError(f"{where}: not a .bcnn file (no 'bcnn' magic in the metadata)")
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise ValueError(
+            f"{where}: unsupported .bcnn format version {version!r:.20} "
+            f"(this bcnn reads version {FORMAT_VERSION})"
+        )
+    try:
+        graph = json.loads(meta.get("graph", ""), parse_constant=_reject_constant)
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError(f"{where}: the graph is not valid JSON") from None
+    try:
+        from safetensors.numpy import load
+
+        tensors = load(data)
+    except Exception as e:  # safetensors validates offsets, dtypes and sizes itself
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{where}: corrupt tensor data ({msg})") from None
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    for k, v in tensors.items():
+        if v.dtype.byteorder == ">":
+            tensors[k] = v.astype(v.dtype.newbyteorder("="))
+    try:
+        validate_graph(graph, tensors)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    _ = math  # (kept for numeric helpers)
+    return graph, tensors
