@@ -190,7 +190,7 @@ class _Checker:
     def _spatial(self, op: dict[str, Any], where: str) -> tuple[int, int]:
         kh, kw = _pair(op, "kernel", 1, MAX_KERNEL, where)
         _pair(op, "stride", 1, MAX_STRIDE, where)
-        ph, pw = _pair(op, "pad", 0, MAX_KERNEL, where)
+        _pair(op, "pad", 0, MAX_KERNEL, where)
         return kh, kw
 
     def _encode_conv(self, op: dict[str, Any], where: str) -> tuple[str, int]:

@@ -320,7 +320,7 @@ class _Builder:
         return self.binarize(op, src, t, np.ones(c, np.int8))
 
     def binarize(self, op: str, src: str, t: np.ndarray, mode: np.ndarray) -> str:
-        kind, c = self.kinds[src]
+        _, c = self.kinds[src]
         out = self.name("b")
         self.ops.append(
             {
