@@ -149,7 +149,7 @@ class Trainer:
     def _check_out_dir(self) -> None:
         if self.cfg.resume:
             return
-        existing = [self.out / _step_dir(s) / CHECKPOINT for s in ("1", "2", "float")]
+        existing = [self.out / _step_dir(s) / CHECKPOINT for s in self.cfg.step_list()]
         existing = [p for p in existing if p.exists()]
         if existing:
             raise FileExistsError(
