@@ -22,6 +22,7 @@ from ._executor import PackedModel
 
 __all__ = [
     "PackedModel",
+    "get_num_threads",
     "load",
     "load_any",
     "num_threads",
@@ -93,14 +94,22 @@ def _is_bcnn(p: Path) -> bool:
         return False
 
 
-def set_num_threads(n: int) -> None:
-    """Threads used by the kernels (default 1)."""
+def set_num_threads(n: int) -> int:
+    """Threads used by the kernels (default: numba's pool size); returns the previous count."""
     from ._threads import set_num_threads as _set
 
-    _set(n)
+    return _set(n)
 
 
-def num_threads() -> int:
-    from ._threads import num_threads as _get
+def get_num_threads() -> int:
+    """Threads the kernels use now."""
+    from ._threads import get_num_threads as _get
 
-    return int(_get())
+    return _get()
+
+
+def num_threads(n: int) -> Any:
+    """Context manager: ``with num_threads(2): ...`` runs the block with ``n`` kernel threads."""
+    from ._threads import num_threads as _ctx
+
+    return _ctx(n)

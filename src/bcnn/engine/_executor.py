@@ -59,6 +59,12 @@ def _pack_bits(neg: np.ndarray, out: np.ndarray) -> None:
     out[...] = np.ascontiguousarray(by).view("<u8").reshape(out.shape)
 
 
+def _pack_signs(neg: np.ndarray) -> np.ndarray:
+    out = np.zeros((*neg.shape[:-1], words(neg.shape[-1])), np.uint64)
+    _pack_bits(neg, out)
+    return out
+
+
 def _out_size(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
 
@@ -210,21 +216,26 @@ class _Plan:
         out.array[...] = epi(acc.astype(np.float32), res)
 
     def _op_encode_conv(self, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
-        w = t[op["weight"]]  # (Cout, P, kh, kw, words)
+        w = t[op["weight"]]  # (Cout, kh, kw, words(C*P)); plane-channel c*P + p
         pw_ = t[op["plane_weights"]].astype(np.float64)
         thr = t[op["plane_thresholds"]]
         planes = op["planes"]
+        c_img = op["in_channels"]
         bitplane = op["encoder"] == "bitplane"
         ph, pwid = op["pad"]
         stride = tuple(op["stride"])
         src = self.bufs["input"]
         out = self.bufs[op["output"]]
         n = out.array.shape[0] if out.array is not None else 0
-        wd = w.shape[-1]
-        xb = np.zeros((n, src.h + 2 * ph, src.w + 2 * pwid, wd), np.uint64)
+        cp = c_img * planes
+        # unpack the weights once: plane p's weights over the image channels
+        wbits = np.unpackbits(w.view(np.uint8), axis=-1, bitorder="little")[..., :cp]
+        wbits = wbits.reshape(*w.shape[:3], c_img, planes).astype(bool)
+        wp = [_pack_signs(wbits[..., p]) for p in range(planes)]
+        xb = np.zeros((n, src.h + 2 * ph, src.w + 2 * pwid, words(c_img)), np.uint64)
         integral = bool(np.all(pw_ == np.round(pw_)))
         epi = _Epilogue(op["epilogue"], t)
-        k = op["kernel"][0] * op["kernel"][1] * op["in_channels"]
+        k = op["kernel"][0] * op["kernel"][1] * c_img
 
         def run(x: np.ndarray) -> None:
             p = x.transpose(0, 2, 3, 1).astype(np.int32)  # NHWC
@@ -234,7 +245,7 @@ class _Plan:
             for pl in range(planes):
                 neg = ((p >> pl) & 1).astype(bool) if bitplane else p >= thr[pl]
                 _pack_bits(neg, xb[:, ph : ph + src.h, pwid : pwid + src.w])
-                pc = _popcount_conv(xb, (0, 0), w[:, pl], stride, (out.h, out.w))
+                pc = _popcount_conv(xb, (0, 0), wp[pl], stride, (out.h, out.w))
                 total += pw_[pl] * (k - 2 * pc)
             if integral:
                 total = np.rint(total)

@@ -205,7 +205,7 @@ class _Checker:
         planes = _int(op, "planes", 1, 8 if enc == "bitplane" else 255, where)
         cout = _int(op, "out_channels", 1, MAX_CHANNELS, where)
         kh, kw = self._spatial(op, where)
-        self.packed(op, (cout, planes, kh, kw), cin, where)
+        self.packed(op, (cout, kh, kw), cin * planes, where)
         pw = self.tensor(op, "plane_weights", np.float32, (planes,), where)
         if not np.all(np.isfinite(pw)):
             raise _Invalid(f"{where}: plane weights must be finite")

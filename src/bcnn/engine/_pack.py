@@ -363,8 +363,8 @@ class _Builder:
         neg, scale = self.binary_weight(stem, what)
         cout = stem.out_channels
         kh, kw = stem.kernel_size
-        # torch weight (Cout, C*P, kh, kw), plane index c*P + p -> (Cout, P, kh, kw, C)
-        neg = neg.reshape(cout, c_img, planes, kh, kw).transpose(0, 2, 3, 4, 1)
+        # torch weight (Cout, C*P, kh, kw), plane-channel c*P + p -> (Cout, kh, kw, C*P)
+        neg = neg.transpose(0, 2, 3, 1)
         pw = enc.plane_weights.cpu().numpy().astype(np.float32).reshape(c_img, planes)
         if not np.all(pw == pw[:1]):
             raise _Unsupported(f"{what}: plane weights must not depend on the image channel")
