@@ -1,0 +1,1169 @@
+"""Bit-packed XOR-popcount kernels of the packed engine (numba), bit-exact with training.
+
+Conventions (a contract, tested in tests/test_kernels.py; see docs/kernels.md):
+
+- sign(x) = +1 for x >= 0, -1 otherwise. Packed: bit 1 means -1, bit 0 means +1.
+- Channels-last (NHWC), packed along the reduction axis (channels) into uint64 words: bit ``i``
+  of word ``j`` is element ``64*j + i``. Unused tail bits are 0 in activations and weights, so
+  they XOR to 0 and cancel.
+- For n-bit vectors a·w = n - 2·popcount(a XOR w); for a convolution n = KH*KW*Cin at every
+  output position, because padding is one-padding (pad value +1 = bit 0): no correction term.
+- Shapes: activations (N, H, W, Cw) with Cw = ceil(C/64); canonical conv weights
+  (O, KH, KW, Cw); canonical dense weights (O, Kw). The kernels use a prepared layout
+  (:class:`PreparedWeights`: output channels in blocks of ``LANES`` = 32, interleaved, so the
+  inner loop broadcasts one activation word and XORs it with 32 output channels' words, four
+  512-bit vectors, with no horizontal sums).
+
+The compiled kernels do not bounds-check: every public function here validates shapes and
+dtypes first and raises ``ValueError``; the packed-model loader validates files before they
+reach these functions. No fastmath: float epilogues round exactly like the numpy reference
+(separate multiply and add, no FMA contraction), and ``x + b < 0`` is never rewritten.
+
+The GEMM micro-kernel (:func:`_mk`) is a numba intrinsic that emits LLVM IR with explicit
+``<8 x i64>`` vectors, so its 16 accumulators stay in registers (LLVM's auto-vectorizers do not
+manage that from plain loops); ``llvm.ctpop.v8i64`` lowers to VPOPCNTQ where the CPU has
+AVX512-VPOPCNTDQ and to a correct (slower) sequence elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = [
+    "LANES",
+    "MR",
+    "PreparedStem",
+    "PreparedWeights",
+    "avgpool2x2",
+    "bconv2d",
+    "bconv2d_affine",
+    "bconv2d_threshold",
+    "bgemm",
+    "blinear",
+    "blinear_affine",
+    "global_avgpool",
+    "maxpool_packed",
+    "pack_sign",
+    "pack_threshold",
+    "pack_weights",
+    "prepare_conv_weights",
+    "prepare_dense_weights",
+    "prepare_stem_weights",
+    "stem_conv",
+    "stem_conv_affine",
+    "unpack_bits",
+]
+
+LANES = 32  # output channels per prepared weight block (4 x 8 uint64 lanes)
+MR = 4  # output rows (pixels) per micro-kernel tile
+_VL = 8  # uint64 lanes in a 512-bit vector
+_NV = LANES // _VL
+
+# work (tiles * blocks * words) below which the serial variant runs even with threads
+_PARALLEL_MIN_WORK = 16384
+
+# ------------------------------------------------------------------------------ micro-kernel
+
+
+def _is_c_array(t: types.Type, dtype: types.Type) -> bool:
+    return isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C"
+
+
+def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
+    """Build the micro-kernel intrinsic (see :func:`_mk` / :func:`_mk_shift`)."""
+
+    def typer(typingctx, a, a_off, a_stride, b, b_off, nw, shifts, acc):  # type: ignore[no-untyped-def]
+        ints = (a_off, a_stride, b_off, nw)
+        if not (
+            _is_c_array(a, types.uint64)
+            and _is_c_array(b, types.uint64)
+            and _is_c_array(acc, types.int64)
+            and _is_c_array(shifts, types.int64)
+            and all(isinstance(t, types.Integer) for t in ints)
+        ):
+            return None
+        sig = types.void(a, a_off, a_stride, b, b_off, nw, shifts, acc)
+        return sig, _codegen
+
+    def _codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        a_v, a_off_v, a_st_v, b_v, b_off_v, nw_v, sh_v, acc_v = args
+        st = signature.args
+        i64 = ir.IntType(64)
+        i32 = ir.IntType(32)
+        vty = ir.VectorType(i64, _VL)
+
+        def data(k, v):  # type: ignore[no-untyped-def]
+            arr = context.make_array(st[k])(context, builder, v)
+            return builder.bitcast(arr.data, i64.as_pointer())
+
+        ap, bp, shp, cp = data(0, a_v), data(3, b_v), data(6, sh_v), data(7, acc_v)
+        a_off_v = context.cast(builder, a_off_v, st[1], types.int64)
+        a_st_v = context.cast(builder, a_st_v, st[2], types.int64)
+        b_off_v = context.cast(builder, b_off_v, st[4], types.int64)
+        nw_v = context.cast(builder, nw_v, st[5], types.int64)
+        ctpop = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty]), f"llvm.ctpop.v{_VL}i64"
+        )
+        zero = ir.Constant(vty, None)
+        undef = ir.Constant(vty, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(i32, _VL), None)
+
+        def splat(s):  # type: ignore[no-untyped-def]
+            v = builder.insert_element(undef, s, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, undef, splat_mask)
+
+        arows = [
+            builder.gep(ap, [builder.add(a_off_v, builder.mul(a_st_v, ir.Constant(i64, r)))])
+            for r in range(MR)
+        ]
+        bbase = builder.gep(bp, [b_off_v])
+        entry = builder.block
+        loop = builder.append_basic_block("mk.loop")
+        done = builder.append_basic_block("mk.done")
+        builder.cbranch(builder.icmp_signed(">", nw_v, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        w = builder.phi(i64)
+        w.add_incoming(ir.Constant(i64, 0), entry)
+        accs = []
+        for _ in range(MR * _NV):
+            p = builder.phi(vty)
+            p.add_incoming(zero, entry)
+            accs.append(p)
+        boff = builder.mul(w, ir.Constant(i64, LANES))
+        bvs = []
+        for j in range(_NV):
+            ptr = builder.gep(bbase, [builder.add(boff, ir.Constant(i64, j * _VL))])
+            bvs.append(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=8))
+        shv = splat(builder.load(builder.gep(shp, [w]), align=8)) if with_shifts else None
+        new = []
+        for r in range(MR):
+            sv = splat(builder.load(builder.gep(arows[r], [w]), align=8))
+            for j in range(_NV):
+                pc = builder.call(ctpop, [builder.xor(sv, bvs[j])])
+                if shv is not None:
+                    pc = builder.shl(pc, shv)
+                new.append(builder.add(accs[r * _NV + j], pc))
+        w1 = builder.add(w, ir.Constant(i64, 1))
+        w.add_incoming(w1, loop)
+        for p, n in zip(accs, new):
+            p.add_incoming(n, loop)
+        builder.cbranch(builder.icmp_signed("<", w1, nw_v), loop, done)
+
+        builder.position_at_end(done)
+        outs = []
+        for i in range(MR * _NV):
+            ph = builder.phi(vty)
+            ph.add_incoming(zero, entry)
+            ph.add_incoming(new[i], loop)
+            outs.append(ph)
+        for i in range(MR * _NV):
+            ptr = builder.gep(cp, [ir.Constant(i64, i * _VL)])
+            builder.store(outs[i], builder.bitcast(ptr, vty.as_pointer()), align=8)
+        return context.get_dummy_value()
+
+    typer.__name__ = "_mk_shift" if with_shifts else "_mk"
+    return intrinsic(typer)
+
+
+#: ``_mk(a, a_off, a_stride, b, b_off, nw, shifts, acc)``: for r < MR, l < 32,
+#: ``acc[r*32 + l] = sum_{w < nw} popcount(a[a_off + r*a_stride + w] ^ b[b_off + w*32 + l])``.
+#: a, b: C-contiguous uint64 (flat element offsets); acc: C-contiguous int64 (MR*32,);
+#: shifts: int64, unused. The caller guarantees every index is in bounds.
+_mk = _make_microkernel(False)
+#: As ``_mk`` with each word's popcount shifted left by ``shifts[w]`` (needs len >= nw): the
+#: weighted sum over bit-planes of the first layer.
+_mk_shift = _make_microkernel(True)
+
+
+# --------------------------------------------------------------------------- prepared weights
+
+
+class PreparedWeights(NamedTuple):
+    """Binary weights in the kernels' layout (build with :func:`prepare_conv_weights` or
+    :func:`prepare_dense_weights`).
+
+    ``blocks[j, k, l]`` is word ``k`` of the canonical packed weights of output channel
+    ``32*j + l`` (``k`` runs over (ky, kx, channel word): the canonical (O, KH, KW, Cw) layout
+    flattened); padded channels (``32*j + l >= out_channels``) are 0.
+    """
+
+    blocks: np.ndarray  # uint64 (ceil(O/32), KH*KW*Cw, 32)
+    out_channels: int
+    in_channels: int  # Cin of a conv, K of a dense layer (bits per tap)
+    kh: int
+    kw: int
+
+    @property
+    def words(self) -> int:
+        """Words per tap: ceil(in_channels / 64)."""
+        return _words(self.in_channels)
+
+
+class PreparedStem(NamedTuple):
+    """First-layer weights and encoder in the kernels' layout (:func:`prepare_stem_weights`).
+
+    Planes are split into groups of equal place value; group g covers ``group_planes``
+    planes per image channel. Per output pixel and group the patch is packed densely:
+    bit ``(ky*KW + kx) * C*group_planes + c*group_planes + p`` (p: plane within the group).
+    """
+
+    blocks: np.ndarray  # uint64 (ceil(O/32), G*Wg, 32), groups word-major: word g*Wg + k
+    lut: np.ndarray  # uint64 (G, 256): plane bits of one channel's pixel value, per group
+    shifts: np.ndarray  # int64 (G*Wg,): place value 2^shift of each word's group
+    const: int  # sum_g 2^shift_g * (bits per patch of group g)
+    out_channels: int
+    image_channels: int
+    group_planes: int
+    groups: int
+    group_words: int  # Wg
+    kh: int
+    kw: int
+
+
+def _words(n: int) -> int:
+    return max(1, -(-int(n) // 64))
+
+
+def _check_packed(x: np.ndarray, ndim: int, name: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.uint64:
+        raise ValueError(f"{name} must be packed bits (uint64), got dtype {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+def _vec(v: object, n: int, name: str, dtype: type = np.float32) -> np.ndarray:
+    a: np.ndarray = np.ascontiguousarray(np.asarray(v, dtype=dtype))
+    if a.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {a.shape}")
+    return a
+
+
+def _pack_bool_rows(neg: np.ndarray) -> np.ndarray:
+    """bool (..., n), True = -1 -> uint64 (..., ceil(n/64)), little-endian bit order."""
+    n = neg.shape[-1]
+    words = _words(n)
+    pad = words * 64 - n
+    if pad:
+        neg = np.concatenate([neg, np.zeros((*neg.shape[:-1], pad), dtype=bool)], axis=-1)
+    by = np.packbits(neg, axis=-1, bitorder="little")
+    return np.ascontiguousarray(by).view("<u8").astype(np.uint64).reshape(*neg.shape[:-1], words)
+
+
+def _unpack_bool_rows(packed: np.ndarray, n: int) -> np.ndarray:
+    by = np.ascontiguousarray(packed.astype("<u8")).view(np.uint8)
+    bits = np.unpackbits(by.reshape(*packed.shape[:-1], -1), axis=-1, bitorder="little")
+    return bits[..., :n].astype(bool)
+
+
+def pack_weights(w: object) -> np.ndarray:
+    """Signs of weights -> canonical packed layout (sign(0) = +1, bit 1 = -1).
+
+    (O, Cin, KH, KW) (torch conv layout) -> uint64 (O, KH, KW, ceil(Cin/64));
+    (O, K) (torch linear layout) -> uint64 (O, ceil(K/64)). Accepts numpy arrays or torch
+    tensors (anything ``np.asarray`` takes).
+    """
+    a = np.asarray(w)
+    if a.ndim == 4:
+        return _pack_bool_rows(np.transpose(a, (0, 2, 3, 1)) < 0)
+    if a.ndim == 2:
+        return _pack_bool_rows(a < 0)
+    raise ValueError(f"weights must be (O, Cin, KH, KW) or (O, K), got shape {a.shape}")
+
+
+def _blocks_from_rows(rows: np.ndarray) -> np.ndarray:
+    """uint64 (O, Wk) -> (ceil(O/32), Wk, 32), zero-padded channels."""
+    o, wk = rows.shape
+    nob = -(-o // LANES)
+    padded = np.zeros((nob * LANES, wk), np.uint64)
+    padded[:o] = rows
+    return np.ascontiguousarray(padded.reshape(nob, LANES, wk).transpose(0, 2, 1))
+
+
+def _check_tail_zero(w: np.ndarray, n: int, name: str) -> None:
+    tail = w.shape[-1] * 64 - n
+    if tail:
+        mask = np.uint64(((1 << tail) - 1) << (64 - tail))
+        if np.any(w[..., -1] & mask):
+            raise ValueError(f"{name}: unused tail bits (past {n} channels) must be 0")
+
+
+def prepare_conv_weights(w_packed: np.ndarray, in_channels: int) -> PreparedWeights:
+    """Canonical packed conv weights (O, KH, KW, Cw) uint64 -> :class:`PreparedWeights`."""
+    w = _check_packed(w_packed, 4, "conv weights")
+    o, kh, kw, cw = w.shape
+    if in_channels < 1 or cw != _words(in_channels):
+        raise ValueError(
+            f"conv weights have {cw} words per tap, {in_channels} input channels need "
+            f"{_words(in_channels)}"
+        )
+    if o < 1 or kh < 1 or kw < 1:
+        raise ValueError(f"conv weights shape {w.shape} is empty")
+    _check_tail_zero(w, in_channels, "conv weights")
+    return PreparedWeights(_blocks_from_rows(w.reshape(o, kh * kw * cw)), o, in_channels, kh, kw)
+
+
+def prepare_dense_weights(w_packed: np.ndarray, in_features: int) -> PreparedWeights:
+    """Canonical packed dense weights (O, Kw) uint64 -> :class:`PreparedWeights`."""
+    w = _check_packed(w_packed, 2, "dense weights")
+    o, kw_ = w.shape
+    if in_features < 1 or kw_ != _words(in_features):
+        raise ValueError(
+            f"dense weights have {kw_} words, {in_features} input features need "
+            f"{_words(in_features)}"
+        )
+    if o < 1:
+        raise ValueError("dense weights have no output features")
+    _check_tail_zero(w, in_features, "dense weights")
+    return PreparedWeights(_blocks_from_rows(w), o, in_features, 1, 1)
+
+
+def _check_prepared(w: object) -> PreparedWeights:
+    if not isinstance(w, PreparedWeights):
+        raise ValueError("weights must be PreparedWeights (see prepare_conv_weights)")
+    b = w.blocks
+    if (
+        b.dtype != np.uint64
+        or b.ndim != 3
+        or not b.flags.c_contiguous
+        or b.shape != (-(-w.out_channels // LANES), w.kh * w.kw * w.words, LANES)
+    ):
+        raise ValueError(f"inconsistent PreparedWeights: blocks {b.dtype} {b.shape}")
+    return w
+
+
+# ---------------------------------------------------------------------------- packing kernels
+
+
+@njit(cache=True, boundscheck=False)
+def _pack_rows(x, bias, out):  # type: ignore[no-untyped-def]
+    """out[m, j] bit i = (x[m, 64j+i] + bias[64j+i]) < 0 (float32)."""
+    m_, c_ = x.shape
+    cw = out.shape[1]
+    for m in range(m_):
+        for j in range(cw):
+            c0 = j * 64
+            cn = min(64, c_ - c0)
+            w = np.uint64(0)
+            for i in range(cn):
+                v = x[m, c0 + i] + bias[c0 + i]
+                w |= np.uint64(v < 0) << np.uint64(i)
+            out[m, j] = w
+
+
+@njit(cache=True, boundscheck=False)
+def _pack_nchw(x, bias, out):  # type: ignore[no-untyped-def]
+    """x (N, C, P) float32 -> out (N, P, Cw): bit = x + bias[c] < 0. Channel-outer loop so
+    the inner loop over pixels reads and writes contiguous memory (vectorizes)."""
+    n_, c_, p_ = x.shape
+    cw = out.shape[2]
+    tmp = np.zeros((cw, p_), np.uint64)
+    for n in range(n_):
+        tmp[:] = 0
+        for c in range(c_):
+            j = c >> 6
+            sh = np.uint64(c & 63)
+            b = bias[c]
+            for p in range(p_):
+                tmp[j, p] |= np.uint64(x[n, c, p] + b < 0) << sh
+        for p in range(p_):
+            for j in range(cw):
+                out[n, p, j] = tmp[j, p]
+
+
+@njit(cache=True, boundscheck=False)
+def _pack_thr_rows(x, thr, flip, out):  # type: ignore[no-untyped-def]
+    """bit = (x > thr[c]) if flip[c] else (x < thr[c])."""
+    m_, c_ = x.shape
+    cw = out.shape[1]
+    for m in range(m_):
+        for j in range(cw):
+            c0 = j * 64
+            cn = min(64, c_ - c0)
+            w = np.uint64(0)
+            for i in range(cn):
+                v = x[m, c0 + i]
+                t = thr[c0 + i]
+                bit = (v > t) if flip[c0 + i] else (v < t)
+                w |= np.uint64(bit) << np.uint64(i)
+            out[m, j] = w
+
+
+def _as_f32(x: object, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype == np.bool_ or not (
+        np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
+    ):
+        raise ValueError(f"{name} must be a float or integer array, got dtype {a.dtype}")
+    if np.issubdtype(a.dtype, np.integer) and a.size and np.abs(a).max() > 2**24:
+        raise ValueError(f"{name}: integers beyond 2^24 are not exact in float32")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def pack_sign(x: object, bias: object = None, *, channels_first: bool = False) -> np.ndarray:
+    """Signs of ``x + bias`` packed along the last axis: bit = (x + bias[c]) < 0 in float32.
+
+    x: (..., C) float (or integer) array; bias: (C,) or None. The sum is rounded to float32
+    as torch does for ``sign(h + b)`` on float32 tensors, so the bits match training exactly.
+    ``channels_first=True``: x is (N, C, H, W) (e.g. NCHW float input) and the result is the
+    channels-last (N, H, W, ceil(C/64)).
+    """
+    a = _as_f32(x, "x")
+    if channels_first:
+        if a.ndim != 4:
+            raise ValueError(f"channels_first input must be (N, C, H, W), got shape {a.shape}")
+        n, c, h, w = a.shape
+    else:
+        if a.ndim < 1:
+            raise ValueError("x must have at least one dimension (the channels)")
+        c = a.shape[-1]
+    if c < 1:
+        raise ValueError("x has no channels")
+    b = np.zeros(c, np.float32) if bias is None else _vec(bias, c, "bias")
+    if channels_first:
+        out = np.empty((n, h * w, _words(c)), np.uint64)
+        if out.size:
+            _pack_nchw(a.reshape(n, c, h * w), b, out)
+        return out.reshape(n, h, w, _words(c))
+    rows = a.reshape(-1, c)
+    out = np.empty((rows.shape[0], _words(c)), np.uint64)
+    if out.size:
+        _pack_rows(rows, b, out)
+    return out.reshape(*a.shape[:-1], _words(c))
+
+
+def pack_threshold(x: object, thr: object, flip: object) -> np.ndarray:
+    """Per-channel threshold packing: bit = (x > thr[c]) if flip[c] else (x < thr[c]).
+
+    So with ``flip[c]`` False the value is +1 iff x >= thr[c] (sign(BN(x)) with a positive BN
+    scale), with ``flip[c]`` True it is +1 iff x <= thr[c] (a negative scale). Constant
+    channels: thr = -inf, flip False -> always +1; thr = +inf, flip False -> always -1 (for
+    finite x). NaN compares false (+1). x: (..., C) float32; thr: (C,) float32; flip: (C,) bool.
+    """
+    a = _as_f32(x, "x")
+    if a.ndim < 1 or a.shape[-1] < 1:
+        raise ValueError(f"x must be (..., C) with C >= 1, got shape {a.shape}")
+    c = a.shape[-1]
+    t = _vec(thr, c, "thr")
+    f = _vec(flip, c, "flip", np.bool_)
+    rows = a.reshape(-1, c)
+    out = np.empty((rows.shape[0], _words(c)), np.uint64)
+    if out.size:
+        _pack_thr_rows(rows, t, f, out)
+    return out.reshape(*a.shape[:-1], _words(c))
+
+
+def unpack_bits(packed: np.ndarray, n: int) -> np.ndarray:
+    """uint64 (..., Cw) -> int8 (..., n) in {-1, +1} (bit 1 -> -1)."""
+    p = np.asarray(packed)
+    if p.dtype != np.uint64 or p.ndim < 1:
+        raise ValueError(f"packed must be uint64 (..., Cw), got {p.dtype} {p.shape}")
+    if n < 0 or n > p.shape[-1] * 64:
+        raise ValueError(f"cannot unpack {n} values from {p.shape[-1]} words")
+    return (1 - 2 * _unpack_bool_rows(p, n).astype(np.int8)).astype(np.int8)
+
+
+# ------------------------------------------------------------------------ conv / GEMM kernels
+
+_MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD = 0, 1, 2
+
+
+@njit(cache=True, boundscheck=False)
+def _fill_patch(x, m0, m_, ho, wo, kh, kw, stride, pad, patch):  # type: ignore[no-untyped-def]
+    """Binary im2col of MR output pixels: patch[r] = the (ky, kx, word) patch of pixel m0 + r;
+    padded taps and rows past m_ are 0 (= +1: one-padding)."""
+    _, h, w, cw = x.shape
+    howo = ho * wo
+    for r in range(MR):
+        m = m0 + r
+        if m >= m_:
+            for k in range(patch.shape[1]):
+                patch[r, k] = 0
+            continue
+        n = m // howo
+        rem = m - n * howo
+        oy = rem // wo
+        ox = rem - oy * wo
+        k = 0
+        for ky in range(kh):
+            iy = oy * stride - pad + ky
+            for kx in range(kw):
+                ix = ox * stride - pad + kx
+                if iy >= 0 and iy < h and ix >= 0 and ix < w:
+                    for c in range(cw):
+                        patch[r, k + c] = x[n, iy, ix, c]
+                else:
+                    for c in range(cw):
+                        patch[r, k + c] = 0
+                k += cw
+
+
+@njit(cache=True, boundscheck=False)
+def _epilogue(  # type: ignore[no-untyped-def]
+    acc, rows, m0, o0, lmax, nbits, mode, out_i, out_f, out_b, ob,
+    scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+):  # fmt: skip
+    cr = res.shape[1]
+    for r in range(rows):
+        m = m0 + r
+        base = r * LANES
+        if mode == 0:
+            for l in range(lmax):
+                out_i[m, o0 + l] = nbits - 2 * acc[base + l]
+        elif mode == 1:
+            for l in range(lmax):
+                o = o0 + l
+                y = np.float32(nbits - 2 * acc[base + l]) * scale[o] + bias[o]
+                if has_rp:
+                    y = y - rp_g[o]
+                    if y < 0:
+                        y = y * rp_s[o]
+                    y = y + rp_z[o]
+                if has_res:
+                    y = res[m, o % cr] + y
+                out_f[m, o] = y
+        else:
+            word = np.uint64(0)
+            for l in range(lmax):
+                o = o0 + l
+                v = np.float32(nbits - 2 * acc[base + l])
+                bit = (v > thr[o]) if flip[o] else (v < thr[o])
+                word |= np.uint64(bit) << np.uint64(l)
+            out_b[m, ob] = np.uint32(word)
+
+
+@njit(cache=True, boundscheck=False)
+def _conv_range(  # type: ignore[no-untyped-def]
+    t0, t1, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+):  # fmt: skip
+    """Tiles t0..t1 (MR output pixels each) of a binary conv, all output blocks, + epilogue."""
+    n_ = x.shape[0]
+    nob, wk, _ = blocks.shape
+    m_ = n_ * ho * wo
+    direct = kh == 1 and kw == 1 and stride == 1 and pad == 0
+    patch = np.zeros((MR, wk), np.uint64)
+    acc = np.empty(MR * LANES, np.int64)
+    noshift = np.empty(0, np.int64)
+    for t in range(t0, t1):
+        m0 = t * MR
+        rows = min(MR, m_ - m0)
+        use_x = direct and rows == MR
+        if not use_x:
+            _fill_patch(x, m0, m_, ho, wo, kh, kw, stride, pad, patch)
+        for ob in range(nob):
+            if use_x:
+                _mk(x, m0 * wk, wk, blocks, ob * wk * LANES, wk, noshift, acc)
+            else:
+                _mk(patch, 0, wk, blocks, ob * wk * LANES, wk, noshift, acc)
+            o0 = ob * LANES
+            _epilogue(
+                acc, rows, m0, o0, min(LANES, o_ - o0), nbits, mode, out_i, out_f, out_b, ob,
+                scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+            )  # fmt: skip
+
+
+@njit(cache=True, boundscheck=False)
+def _conv_serial(  # type: ignore[no-untyped-def]
+    ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+):  # fmt: skip
+    _conv_range(
+        0, ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+        out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+    )  # fmt: skip
+
+
+@njit(cache=True, boundscheck=False, parallel=True)
+def _conv_parallel(  # type: ignore[no-untyped-def]
+    nchunks, ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+):  # fmt: skip
+    for c in prange(nchunks):
+        _conv_range(
+            c * ntiles // nchunks, (c + 1) * ntiles // nchunks, x, blocks, o_, nbits,
+            kh, kw, stride, pad, ho, wo, mode,
+            out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+        )  # fmt: skip
+
+
+_F0 = np.zeros(0, np.float32)
+_F00 = np.zeros((0, 1), np.float32)
+_I00 = np.zeros((0, 0), np.int32)
+_U00 = np.zeros((0, 0), np.uint32)
+_B0 = np.zeros(0, np.bool_)
+
+
+def _chunks(ntiles: int, work: int) -> int:
+    """Number of parallel chunks (0: run the serial variant)."""
+    t = numba.get_num_threads()
+    if t <= 1 or ntiles < 2 or work < _PARALLEL_MIN_WORK:
+        return 0
+    return min(ntiles, 4 * t)
+
+
+def _out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
+    if isinstance(stride, bool) or not isinstance(stride, int | np.integer) or stride < 1:
+        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+    if isinstance(padding, bool) or not isinstance(padding, int | np.integer) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    if h < 1 or w < 1 or ho < 1 or wo < 1:
+        raise ValueError(
+            f"input {h}x{w} with kernel {kh}x{kw}, padding {padding} gives no output pixels"
+        )
+    return ho, wo
+
+
+def _run_conv(
+    x: np.ndarray,
+    w: PreparedWeights,
+    stride: int,
+    padding: int,
+    mode: int,
+    *,
+    scale: np.ndarray = _F0,
+    bias: np.ndarray = _F0,
+    rprelu: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    residual: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+    thr: np.ndarray = _F0,
+    flip: np.ndarray = _B0,
+) -> np.ndarray:
+    x = _check_packed(x, 4, "x")
+    w = _check_prepared(w)
+    n, h, wd, cw = x.shape
+    if cw != w.words:
+        raise ValueError(
+            f"x has {cw} words per pixel, the weights expect {w.words} ({w.in_channels} channels)"
+        )
+    if padding >= max(w.kh, w.kw) and padding > 0:
+        raise ValueError(f"padding {padding} must be smaller than the kernel size")
+    ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
+    o = w.out_channels
+    m = n * ho * wo
+    out_i, out_f, out_b = _I00, _F00, _U00
+    res, has_res = _F00, False
+    rp = (_F0, _F0, _F0)
+    if mode == _MODE_INT:
+        result = out_i = np.empty((m, o), np.int32)
+    elif mode == _MODE_AFFINE:
+        scale = _vec(scale, o, "scale")
+        bias = _vec(bias, o, "bias")
+        if rprelu is not None:
+            if len(rprelu) != 3:
+                raise ValueError("rprelu must be (gamma, slope, zeta)")
+            rp = (
+                _vec(rprelu[0], o, "rprelu gamma"),
+                _vec(rprelu[1], o, "rprelu slope"),
+                _vec(rprelu[2], o, "rprelu zeta"),
+            )
+        if residual is not None:
+            if (
+                not isinstance(residual, np.ndarray)
+                or residual.dtype != np.float32
+                or residual.ndim != 4
+                or residual.shape[:3] != (n, ho, wo)
+                or residual.shape[3] < 1
+                or o % residual.shape[3]
+                or not residual.flags.c_contiguous
+            ):
+                raise ValueError(
+                    f"residual must be C-contiguous float32 ({n}, {ho}, {wo}, Cr) with "
+                    f"{o} % Cr == 0, got {getattr(residual, 'dtype', None)} "
+                    f"{getattr(residual, 'shape', None)}"
+                )
+            res, has_res = residual.reshape(m, residual.shape[3]), True
+        if out is None:
+            result = np.empty((n, ho, wo, o), np.float32)
+        else:
+            if (
+                not isinstance(out, np.ndarray)
+                or out.dtype != np.float32
+                or out.shape != (n, ho, wo, o)
+                or not out.flags.c_contiguous
+            ):
+                raise ValueError(f"out must be C-contiguous float32 ({n}, {ho}, {wo}, {o})")
+            if residual is not None and np.shares_memory(out, residual):
+                if (
+                    out.__array_interface__["data"][0] != residual.__array_interface__["data"][0]
+                    or residual.shape != out.shape
+                ):
+                    raise ValueError("out may overlap residual only as the very same array")
+            result = out
+        out_f = result.reshape(m, o)
+    else:
+        thr = _vec(thr, o, "thr")
+        flip = _vec(flip, o, "flip", np.bool_)
+        cwo = _words(o)
+        result = np.zeros((n, ho, wo, cwo), np.uint64)
+        out_b = result.reshape(m, cwo).view(np.uint32)
+    ntiles = -(-m // MR)
+    nob, wk, _ = w.blocks.shape
+    nbits = w.kh * w.kw * w.in_channels
+    args = (
+        x, w.blocks, o, nbits, w.kh, w.kw, int(stride), int(padding), ho, wo, mode,
+        out_i, out_f, out_b, scale, bias, rp[0], rp[1], rp[2], rprelu is not None,
+        res, has_res, thr, flip,
+    )  # fmt: skip
+    chunks = _chunks(ntiles, ntiles * nob * wk)
+    if chunks:
+        _conv_parallel(chunks, ntiles, *args)
+    else:
+        _conv_serial(ntiles, *args)
+    if mode == _MODE_INT:
+        return result.reshape(n, ho, wo, o)
+    return result
+
+
+def bconv2d(x: np.ndarray, w: PreparedWeights, stride: int = 1, padding: int = 0) -> np.ndarray:
+    """Binary conv2d: packed x (N, H, W, Cw) uint64 -> int32 (N, Ho, Wo, O), the exact ±1 dot
+    products (one-padding; n - 2*popcount(a XOR w) with n = KH*KW*Cin)."""
+    return _run_conv(x, w, stride, padding, _MODE_INT)
+
+
+def bconv2d_affine(
+    x: np.ndarray,
+    w: PreparedWeights,
+    scale: object,
+    bias: object,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    rprelu: tuple[object, object, object] | None = None,
+    residual: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Binary conv2d + per-channel affine (+ RPReLU) (+ residual add), one pass, float32 NHWC.
+
+    y = float32(acc) * scale[o] + bias[o]; with ``rprelu=(gamma, slope, zeta)``:
+    y = y - gamma; y = y if y >= 0 else y * slope; y = y + zeta; with ``residual``
+    (N, Ho, Wo, Cr), O % Cr == 0: y = residual[..., o % Cr] + y (Cr < O: the channel-repeated
+    shortcut of a widening downsample). ``out`` may be ``residual`` itself (h += ... in place).
+    """
+    return _run_conv(
+        x,
+        w,
+        stride,
+        padding,
+        _MODE_AFFINE,
+        scale=scale,  # type: ignore[arg-type]
+        bias=bias,  # type: ignore[arg-type]
+        rprelu=rprelu,  # type: ignore[arg-type]
+        residual=residual,
+        out=out,
+    )
+
+
+def bconv2d_threshold(
+    x: np.ndarray,
+    w: PreparedWeights,
+    thr: object,
+    flip: object,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+) -> np.ndarray:
+    """Binary conv2d whose output is packed bits: bit = (acc > thr[o]) if flip[o] else
+    (acc < thr[o]), acc compared as float32 (exact: |acc| <= KH*KW*Cin < 2^24).
+    -> uint64 (N, Ho, Wo, ceil(O/64)), tail bits 0 (for conv -> BN -> sign chains)."""
+    if w.kh * w.kw * w.in_channels >= 2**24:
+        raise ValueError("reduction too long for an exact float32 threshold")
+    return _run_conv(x, w, stride, padding, _MODE_THRESHOLD, thr=thr, flip=flip)  # type: ignore[arg-type]
+
+
+def _dense_input(x: np.ndarray, w: PreparedWeights) -> np.ndarray:
+    x = _check_packed(x, 2, "x")
+    w = _check_prepared(w)
+    if w.kh != 1 or w.kw != 1:
+        raise ValueError("dense kernels need dense weights (prepare_dense_weights)")
+    if x.shape[1] != w.words:
+        raise ValueError(
+            f"x has {x.shape[1]} words per row, the weights expect {w.words} "
+            f"({w.in_channels} features)"
+        )
+    return x.reshape(x.shape[0], 1, 1, x.shape[1])
+
+
+def blinear(x: np.ndarray, w: PreparedWeights) -> np.ndarray:
+    """Binary linear layer: packed x (N, Kw) -> int32 (N, O) dot products."""
+    return _run_conv(_dense_input(x, w), w, 1, 0, _MODE_INT).reshape(x.shape[0], -1)
+
+
+def blinear_affine(x: np.ndarray, w: PreparedWeights, scale: object, bias: object) -> np.ndarray:
+    """Binary linear layer + per-output affine: float32(acc) * scale + bias -> float32 (N, O)."""
+    y = _run_conv(_dense_input(x, w), w, 1, 0, _MODE_AFFINE, scale=scale, bias=bias)  # type: ignore[arg-type]
+    return y.reshape(x.shape[0], -1)
+
+
+def bgemm(a: np.ndarray, b: PreparedWeights | np.ndarray, k: int | None = None) -> np.ndarray:
+    """Binary GEMM: a (M, W) uint64 packed rows, b (N, W) packed rows (or prepared dense
+    weights) -> int32 (M, N) with out[i, j] = k - 2*popcount(a[i] XOR b[j]) (k: bits per row,
+    default 64*W; tail bits beyond k must be 0 in both)."""
+    a = _check_packed(a, 2, "a")
+    if isinstance(b, PreparedWeights):
+        if k is not None and k != b.in_channels:
+            raise ValueError(f"k={k} but the prepared weights have {b.in_channels} features")
+        prep = b
+    else:
+        bb = _check_packed(b, 2, "b")
+        kk = 64 * bb.shape[1] if k is None else int(k)
+        prep = prepare_dense_weights(bb, kk)
+    return blinear(a, prep)
+
+
+# ------------------------------------------------------------------------------- first layer
+
+
+@njit(cache=True, boundscheck=False)
+def _stem_codes(x, lut, gp, codes):  # type: ignore[no-untyped-def]
+    """codes[g, n, y, x] = OR_c lut[g, pixel[n, c, y, x]] << (c * gp): each pixel's plane bits
+    of group g, channel-major (bit c*gp + p)."""
+    n_, c_, h, w = x.shape
+    g_ = lut.shape[0]
+    for g in range(g_):
+        for n in range(n_):
+            for yy in range(h):
+                for xx in range(w):
+                    v = np.uint64(0)
+                    for c in range(c_):
+                        v |= lut[g, x[n, c, yy, xx]] << np.uint64(c * gp)
+                    codes[g, n, yy, xx] = v
+
+
+@njit(cache=True, boundscheck=False)
+def _stem_range(  # type: ignore[no-untyped-def]
+    t0, t1, codes, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const, o_, mode,
+    out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+):  # fmt: skip
+    g_, n_, h, w = codes.shape
+    nob, wt, _ = blocks.shape
+    m_ = n_ * ho * wo
+    howo = ho * wo
+    patch = np.zeros((MR, wt), np.uint64)
+    acc = np.empty(MR * LANES, np.int64)
+    for t in range(t0, t1):
+        m0 = t * MR
+        rows = min(MR, m_ - m0)
+        patch[:] = 0
+        for r in range(rows):
+            m = m0 + r
+            n = m // howo
+            rem = m - n * howo
+            oy = rem // wo
+            ox = rem - oy * wo
+            for g in range(g_):
+                tap = 0
+                for ky in range(kh):
+                    iy = oy * stride - pad + ky
+                    for kx in range(kw):
+                        ix = ox * stride - pad + kx
+                        if iy >= 0 and iy < h and ix >= 0 and ix < w:
+                            v = codes[g, n, iy, ix]
+                            pos = tap * cg
+                            k = g * wg + (pos >> 6)
+                            off = pos & 63
+                            patch[r, k] |= v << np.uint64(off)
+                            if off + cg > 64:
+                                patch[r, k + 1] |= v >> np.uint64(64 - off)
+                        tap += 1
+        for ob in range(nob):
+            _mk_shift(patch, 0, wt, blocks, ob * wt * LANES, wt, shifts, acc)
+            o0 = ob * LANES
+            lmax = min(LANES, o_ - o0)
+            for r in range(rows):
+                m = m0 + r
+                base = r * LANES
+                if mode == 0:
+                    for l in range(lmax):
+                        out_i[m, o0 + l] = const - 2 * acc[base + l]
+                else:
+                    for l in range(lmax):
+                        o = o0 + l
+                        y = np.float32(const - 2 * acc[base + l]) * scale[o] + bias[o]
+                        if has_rp:
+                            y = y - rp_g[o]
+                            if y < 0:
+                                y = y * rp_s[o]
+                            y = y + rp_z[o]
+                        out_f[m, o] = y
+
+
+@njit(cache=True, boundscheck=False)
+def _stem_serial(  # type: ignore[no-untyped-def]
+    ntiles, codes, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const, o_, mode,
+    out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+):  # fmt: skip
+    _stem_range(
+        0, ntiles, codes, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const, o_, mode,
+        out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+    )  # fmt: skip
+
+
+@njit(cache=True, boundscheck=False, parallel=True)
+def _stem_parallel(  # type: ignore[no-untyped-def]
+    nchunks, ntiles, codes, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const, o_,
+    mode, out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+):  # fmt: skip
+    for c in prange(nchunks):
+        _stem_range(
+            c * ntiles // nchunks, (c + 1) * ntiles // nchunks, codes, cg, kh, kw, stride, pad,
+            ho, wo, blocks, wg, shifts, const, o_, mode,
+            out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+        )  # fmt: skip
+
+
+def prepare_stem_weights(
+    w_packed: np.ndarray,
+    image_channels: int,
+    planes: int,
+    encoding: str = "bitplane",
+    thresholds: object = None,
+) -> PreparedStem:
+    """First-layer weights -> :class:`PreparedStem`.
+
+    w_packed: canonical packed weights (O, KH, KW, Cw) of the binary conv over the encoded
+    planes, Cin = image_channels * planes, input channel c*planes + p = plane p of image
+    channel c (as ``bcnn.nn.BitPlaneEncoder`` / ``ThermometerEncoder``).
+
+    - ``"bitplane"``: planes = bits (1..8); plane p is bit (8 - planes + p) of the pixel and
+      has place value 2^p; one group per plane (word shifts p).
+    - ``"thermometer"``: plane p is ``pixel >= thresholds[p]`` (thresholds: ints, (planes,));
+      all place values 1 (the model multiplies by its step); one group of all planes.
+    """
+    w = _check_packed(w_packed, 4, "stem weights")
+    o, kh, kw, cw = w.shape
+    c, p = int(image_channels), int(planes)
+    if c < 1 or p < 1 or cw != _words(c * p):
+        raise ValueError(
+            f"stem weights have {cw} words per tap; {c} channels x {p} planes need "
+            f"{_words(c * p) if c > 0 and p > 0 else '?'}"
+        )
+    _check_tail_zero(w, c * p, "stem weights")
+    bits = _unpack_bool_rows(w, c * p).reshape(o, kh, kw, c, p)
+    vals = np.arange(256)
+    if encoding == "bitplane":
+        if not 1 <= p <= 8:
+            raise ValueError(f"bitplane encoding has 1..8 planes, got {p}")
+        if thresholds is not None:
+            raise ValueError("thresholds are only for the thermometer encoding")
+        gp = 1
+        groups = [bits[..., q : q + 1] for q in range(p)]
+        lut = np.stack([(vals >> (8 - p + q)) & 1 for q in range(p)]).astype(np.uint64)
+        gshift = list(range(p))
+    elif encoding == "thermometer":
+        t = np.asarray(thresholds)
+        if thresholds is None or t.shape != (p,):
+            raise ValueError(f"thermometer encoding needs ({p},) thresholds")
+        gp = p
+        groups = [bits]
+        ge = vals[:, None] >= t[None, :].astype(np.int64)  # (256, P)
+        lut = (ge.astype(np.uint64) << np.arange(p, dtype=np.uint64)).sum(1, dtype=np.uint64)
+        lut = lut[None, :]
+        gshift = [0]
+    else:
+        raise ValueError(f"unknown stem encoding {encoding!r}; known: bitplane, thermometer")
+    cg = c * gp
+    if cg > 64:
+        raise ValueError(f"stem: {c} channels x {gp} planes per group exceed 64 bits per tap")
+    kg = kh * kw * cg
+    wg = _words(kg)
+    rows = np.concatenate(
+        [_pack_bool_rows(gb.reshape(o, kg)) for gb in groups], axis=1
+    )  # (O, G*Wg), group-major words
+    shifts = np.repeat(np.asarray(gshift, np.int64), wg)
+    const = sum(kg << s for s in gshift)
+    return PreparedStem(
+        _blocks_from_rows(rows),
+        np.ascontiguousarray(lut, dtype=np.uint64),
+        np.ascontiguousarray(shifts),
+        int(const),
+        o,
+        c,
+        gp,
+        len(groups),
+        wg,
+        kh,
+        kw,
+    )
+
+
+def _run_stem(
+    x: np.ndarray,
+    w: PreparedStem,
+    stride: int,
+    padding: int,
+    mode: int,
+    scale: object = None,
+    bias: object = None,
+    rprelu: tuple[object, object, object] | None = None,
+) -> np.ndarray:
+    if not isinstance(w, PreparedStem):
+        raise ValueError("weights must be PreparedStem (see prepare_stem_weights)")
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
+        raise ValueError(
+            f"stem input must be uint8 (N, C, H, W), got {getattr(x, 'dtype', type(x).__name__)}"
+            f" {getattr(x, 'shape', '')}"
+        )
+    n, c, h, wd = x.shape
+    if c != w.image_channels:
+        raise ValueError(f"stem expects {w.image_channels} image channels, got {c}")
+    if padding >= max(w.kh, w.kw) and padding > 0:
+        raise ValueError(f"padding {padding} must be smaller than the kernel size")
+    ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
+    nob, wt, lanes = w.blocks.shape
+    if (
+        lanes != LANES
+        or wt != w.groups * w.group_words
+        or w.shifts.shape != (wt,)
+        or w.lut.shape != (w.groups, 256)
+        or nob != -(-w.out_channels // LANES)
+    ):
+        raise ValueError("inconsistent PreparedStem")
+    o = w.out_channels
+    m = n * ho * wo
+    codes = np.empty((w.groups, n, h, wd), np.uint64)
+    _stem_codes(np.ascontiguousarray(x), w.lut, w.group_planes, codes)
+    out_i, out_f = _I00, _F00
+    sc, bi, rp = _F0, _F0, (_F0, _F0, _F0)
+    if mode == _MODE_INT:
+        result = out_i = np.empty((m, o), np.int32)
+    else:
+        sc, bi = _vec(scale, o, "scale"), _vec(bias, o, "bias")
+        if rprelu is not None:
+            rp = tuple(_vec(v, o, "rprelu") for v in rprelu)  # type: ignore[assignment]
+        result = out_f = np.empty((m, o), np.float32)
+    ntiles = -(-m // MR)
+    args = (
+        codes, w.image_channels * w.group_planes, w.kh, w.kw, int(stride), int(padding), ho, wo,
+        w.blocks, w.group_words, w.shifts, w.const, o, mode, out_i, out_f, sc, bi,
+        rp[0], rp[1], rp[2], rprelu is not None,
+    )  # fmt: skip
+    chunks = _chunks(ntiles, ntiles * nob * (wt + 8))
+    if chunks:
+        _stem_parallel(chunks, ntiles, *args)
+    else:
+        _stem_serial(ntiles, *args)
+    return result.reshape(n, ho, wo, o)
+
+
+def stem_conv(x: np.ndarray, w: PreparedStem, stride: int = 1, padding: int = 0) -> np.ndarray:
+    """First layer: uint8 pixels (N, C, H, W) -> int32 (N, Ho, Wo, O), exactly
+    S = sum_p place(p) * conv(s_p, w_p) over the encoded planes (one-padding on planes).
+    Bitplane: S is EncodedConv2d's output; thermometer: the output is step * S."""
+    return _run_stem(x, w, stride, padding, _MODE_INT)
+
+
+def stem_conv_affine(
+    x: np.ndarray,
+    w: PreparedStem,
+    scale: object,
+    bias: object,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    rprelu: tuple[object, object, object] | None = None,
+) -> np.ndarray:
+    """:func:`stem_conv` + float32(S) * scale + bias (+ RPReLU) -> float32 (N, Ho, Wo, O)."""
+    return _run_stem(x, w, stride, padding, _MODE_AFFINE, scale, bias, rprelu)
+
+
+# ----------------------------------------------------------------------------------- pooling
+
+
+@njit(cache=True, boundscheck=False)
+def _maxpool_bits(x, k, stride, pad, out):  # type: ignore[no-untyped-def]
+    n_, h, w, cw = x.shape
+    _, ho, wo, _ = out.shape
+    for n in range(n_):
+        for oy in range(ho):
+            for ox in range(wo):
+                for c in range(cw):
+                    out[n, oy, ox, c] = ~np.uint64(0)
+                for ky in range(k):
+                    iy = oy * stride - pad + ky
+                    if iy < 0 or iy >= h:
+                        continue
+                    for kx in range(k):
+                        ix = ox * stride - pad + kx
+                        if ix < 0 or ix >= w:
+                            continue
+                        for c in range(cw):
+                            out[n, oy, ox, c] &= x[n, iy, ix, c]
+
+
+def maxpool_packed(
+    x: np.ndarray, kernel: int, stride: int | None = None, padding: int = 0
+) -> np.ndarray:
+    """Max-pool of ±1 values on packed bits: max = +1 unless all are -1, i.e. the AND of the
+    bits (bit 0 = +1). Padding is ignored (torch pads max-pool with -inf). Floor mode.
+    x (N, H, W, Cw) uint64 -> (N, Ho, Wo, Cw); tail bits stay 0."""
+    x = _check_packed(x, 4, "x")
+    s = kernel if stride is None else stride
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1:
+        raise ValueError(f"kernel must be an int >= 1, got {kernel!r}")
+    if padding > kernel // 2:
+        raise ValueError(f"padding {padding} must be at most half the kernel {kernel}")
+    ho, wo = _out_hw(x.shape[1], x.shape[2], kernel, kernel, s, padding)
+    out = np.empty((x.shape[0], ho, wo, x.shape[3]), np.uint64)
+    _maxpool_bits(x, kernel, s, padding, out)
+    return out
+
+
+@njit(cache=True, boundscheck=False)
+def _avgpool2(h, out):  # type: ignore[no-untyped-def]
+    n_, hh, ww, c_ = h.shape
+    _, ho, wo, _ = out.shape
+    for n in range(n_):
+        for oy in range(ho):
+            y0 = 2 * oy
+            ny = min(2, hh - y0)
+            for ox in range(wo):
+                x0 = 2 * ox
+                nx = min(2, ww - x0)
+                cnt = np.float32(ny * nx)
+                for c in range(c_):
+                    s = h[n, y0, x0, c]
+                    if nx == 2:
+                        s = s + h[n, y0, x0 + 1, c]
+                    if ny == 2:
+                        s = s + h[n, y0 + 1, x0, c]
+                        if nx == 2:
+                            s = s + h[n, y0 + 1, x0 + 1, c]
+                    out[n, oy, ox, c] = s / cnt
+
+
+def avgpool2x2(h: np.ndarray) -> np.ndarray:
+    """2x2 stride-2 average pool of a float32 NHWC stream, partial windows at odd sizes averaging
+    only their valid elements (torch AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False));
+    float32 sums in window order, then one division. -> (N, ceil(H/2), ceil(W/2), C)."""
+    if not isinstance(h, np.ndarray) or h.dtype != np.float32 or h.ndim != 4:
+        raise ValueError("h must be a float32 (N, H, W, C) array")
+    h = np.ascontiguousarray(h)
+    n, hh, ww, c = h.shape
+    if hh < 1 or ww < 1:
+        raise ValueError(f"cannot pool an empty {hh}x{ww} stream")
+    out = np.empty((n, -(-hh // 2), -(-ww // 2), c), np.float32)
+    _avgpool2(h, out)
+    return out
+
+
+def global_avgpool(h: np.ndarray) -> np.ndarray:
+    """Mean over H and W of a float32 NHWC stream -> float32 (N, C) (float64 sum, one
+    rounding: within an ulp of torch's float32 mean)."""
+    if not isinstance(h, np.ndarray) or h.dtype != np.float32 or h.ndim != 4:
+        raise ValueError("h must be a float32 (N, H, W, C) array")
+    if h.shape[1] < 1 or h.shape[2] < 1:
+        raise ValueError("cannot pool an empty stream")
+    return h.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
