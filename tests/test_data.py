@@ -46,7 +46,7 @@ def test_digits_split_is_seeded_disjoint_and_complete() -> None:
     assert (len(tr), len(va)) == (1617, 180)
     assert tr.image_shape == (1, 8, 8) and tr.images.dtype == torch.uint8
     assert int(tr.images.max()) == 255 and tr.labels.dtype == torch.int64
-    tr2, va2 = load_splits("digits", 0.1, seed=3)
+    _, va2 = load_splits("digits", 0.1, seed=3)
     assert torch.equal(va.images, va2.images) and torch.equal(va.labels, va2.labels)
     _, va3 = load_splits("digits", 0.1, seed=4)
     assert not torch.equal(va.labels, va3.labels)
@@ -182,8 +182,10 @@ def test_random_crop_flip() -> None:
     y = random_crop_flip(x, 0, True, torch.Generator().manual_seed(1))
     for i in range(2):
         assert torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(-1))
-    outs = {random_crop_flip(x, 1, False, torch.Generator().manual_seed(s))[0].sum().item()
-            for s in range(20)}
+    outs = {
+        random_crop_flip(x, 1, False, torch.Generator().manual_seed(s))[0].sum().item()
+        for s in range(20)
+    }
     assert len(outs) > 1  # offsets vary
     z = random_crop_flip(x, 1, False, torch.Generator().manual_seed(5))
     assert z.shape == x.shape and z.dtype == torch.uint8

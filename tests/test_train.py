@@ -116,7 +116,7 @@ def test_save_every_and_resume_finished_run(tmp_path: Path, unbroken: Path) -> N
 def test_step2_alone_starts_from_step1(tmp_path: Path, unbroken: Path) -> None:
     out = tmp_path / "s"
     train(_cfg(out, steps="1"))
-    model, meta = load_checkpoint(out / "final.pt")
+    model, _ = load_checkpoint(out / "final.pt")
     assert model.bcnn_config["kwargs"]["weight_quantizer"] is None
     train(_cfg(out, steps="2"))
     _assert_same(out / "final.pt", unbroken / "final.pt")
@@ -173,7 +173,7 @@ def test_kd_loss() -> None:
     t = torch.randn(4, 5)
     loss = kd_loss(s, t, 3.0)
     loss.backward()
-    assert float(loss) > 0 and s.grad is not None and s.grad.abs().sum() > 0
+    assert float(loss.detach()) > 0 and s.grad is not None and s.grad.abs().sum() > 0
 
 
 def test_float_twin_then_distillation(tmp_path: Path) -> None:

@@ -287,6 +287,7 @@ class Trainer:
                 f"step {step} ({kind}): {epochs} epochs x {per_epoch} iterations, "
                 f"{len(self.train_set)} train / {len(self.val_set)} val images, "
                 f"device {self.device}{', amp' if self.amp else ''}"
+                f"{f', {self.dist.world_size} processes' if self.dist.enabled else ''}"
                 f"{', distillation' if self.teacher is not None else ''}"
             )
         if self.main:
