@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "summary": "bcnn._commands.summary",
     "train": "bcnn._commands.train",
     "eval": "bcnn._commands.eval",
+    "pack": "bcnn._commands.pack",
+    "predict": "bcnn._commands.predict",
 }
 
 
