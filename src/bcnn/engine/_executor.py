@@ -349,6 +349,224 @@ class _Plan:
         return self.output.array.copy()
 
 
+# ------------------------------------------------------------------ the fast plan (numba)
+_E32 = np.zeros(0, np.float32)
+_E64 = np.zeros(0, np.float64)
+_ER = np.zeros((0, 1), np.float32)
+
+
+class _FusedEpilogue:
+    """[scale] [bias] [bn] [rprelu] [add] in this order, or None (use :class:`_Epilogue`)."""
+
+    ORDER = ("scale", "bias", "bn", "rprelu", "add")
+
+    @classmethod
+    def build(cls, steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> Any:
+        kinds = [s["kind"] for s in steps]
+        pos = [cls.ORDER.index(k) for k in kinds]
+        if pos != sorted(set(pos)):
+            return None
+        return cls(steps, t)
+
+    def __init__(self, steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> None:
+        d = {s["kind"]: s for s in steps}
+        self.pre = t[d["scale"]["scale"]] if "scale" in d else _E32
+        self.cb = t[d["bias"]["bias"]] if "bias" in d else _E32
+        if "bn" in d:
+            self.al = t[d["bn"]["alpha"]].astype(np.float64)
+            self.be = t[d["bn"]["beta"]].astype(np.float64)
+        else:
+            self.al = self.be = _E64
+        rp = d.get("rprelu")
+        self.rp = tuple(t[rp[k]] for k in ("gamma", "slope", "zeta")) if rp else (_E32,) * 3
+        self.flags = ("scale" in d, "bias" in d, "bn" in d, rp is not None, "add" in d)
+        from ._fused import fused_epilogue
+
+        self.fn = fused_epilogue
+
+    def __call__(self, acc: np.ndarray, res: np.ndarray | None, out: np.ndarray) -> None:
+        o = acc.shape[-1]
+        r = _ER if res is None else res.reshape(-1, res.shape[-1])
+        hp, hc, hb, hr, ha = self.flags
+        g, sl, z = self.rp
+        self.fn(
+            acc.reshape(-1, o), self.pre, hp, self.cb, hc, self.al, self.be, hb,
+            g, sl, z, hr, r, ha, out.reshape(-1, o),
+        )  # fmt: skip
+
+
+class _FastPlan:
+    """Runs the graph with the numba kernels of ``_kernels`` (ops they do not cover, e.g.
+    non-square strides, run the numpy reference code of :class:`_Plan`)."""
+
+    def __init__(self, model: PackedModel, shape: tuple[int, int, int, int]) -> None:
+        from . import _kernels as K
+
+        self.K = K
+        self.ref = _Plan(model, shape)  # shapes, checks, and the fallback
+        self.t = model.tensors
+        self.steps: list[Callable[[dict[str, np.ndarray], np.ndarray], None]] = []
+        for op, ref_step in zip(model.graph["ops"], self.ref.steps, strict=True):
+            f = getattr(self, "_op_" + op["op"], None)
+            step = f(op) if f is not None else None
+            self.steps.append(step if step is not None else self._fallback(op, ref_step))
+        self.output = model.graph["output"]
+
+    def _fallback(self, op: dict[str, Any], ref_step: Any) -> Any:
+        """Run one op with the reference code: copy inputs into its buffers, run, read out."""
+        ref = self.ref
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            for name in op["inputs"]:
+                if name == "input":
+                    continue
+                b = ref.bufs[name]
+                assert b.array is not None
+                if b.kind == "bits":
+                    ref._interior(b)[...] = v[name]
+                else:
+                    b.array[...] = v[name]
+            ref_step(x)
+            ob = ref.bufs[op["output"]]
+            v[op["output"]] = (ref._interior(ob) if ob.kind == "bits" else ob.array).copy()
+
+        return run
+
+    @staticmethod
+    def _square(op: dict[str, Any]) -> tuple[int, int] | None:
+        (sh, sw), (ph, pw), (kh, kw) = op["stride"], op["pad"], op["kernel"]
+        if sh != sw or ph != pw or (ph and ph >= max(kh, kw)):
+            return None
+        return sh, ph
+
+    def _op_encode_conv(self, op: dict[str, Any]) -> Any:
+        K, t = self.K, self.t
+        sq = self._square(op)
+        pwts = t[op["plane_weights"]]
+        if sq is None:
+            return None
+        if op["encoder"] == "bitplane":
+            if not np.array_equal(pwts, 2.0 ** np.arange(op["planes"], dtype=np.float32)):
+                return None
+            steps = op["epilogue"]
+            w = K.prepare_stem_weights(t[op["weight"]], op["in_channels"], op["planes"])
+        else:
+            if not np.all(pwts == pwts[0]):
+                return None
+            steps = [{"kind": "scale", "scale": "__step"}, *op["epilogue"]]
+            w = K.prepare_stem_weights(
+                t[op["weight"]], op["in_channels"], op["planes"], "thermometer",
+                t[op["plane_thresholds"]],
+            )  # fmt: skip
+        cout = op["out_channels"]
+        tt = dict(t)
+        tt["__step"] = np.full(cout, pwts[0], np.float32)
+        epi = _FusedEpilogue.build(steps, tt)
+        if epi is None or (steps and steps[0]["kind"] != "scale" and "__step" in str(steps)):
+            return None
+        stride, pad = sq
+        ob = self.ref.bufs[op["output"]]
+        out = np.empty((ob.array.shape if ob.array is not None else (0,)), np.float32)
+        name = op["output"]
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            acc = K.stem_conv(x, w, stride, pad)
+            epi(acc, None, out)
+            v[name] = out
+
+        return run
+
+    def _op_conv(self, op: dict[str, Any]) -> Any:
+        K, t = self.K, self.t
+        sq = self._square(op)
+        if sq is None:
+            return None
+        stride, pad = sq
+        w = K.prepare_conv_weights(t[op["weight"]], op["in_channels"])
+        src, name = op["inputs"][0], op["output"]
+        if "threshold" in op:
+            thr = t[op["threshold"]].astype(np.float32)
+            flip = np.zeros(op["out_channels"], bool)
+
+            def run_bits(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                v[name] = K.bconv2d_threshold(v[src], w, thr, flip, stride=stride, padding=pad)
+
+            return run_bits
+        epi = _FusedEpilogue.build(op["epilogue"], t)
+        if epi is None:
+            return None
+        ob = self.ref.bufs[name]
+        assert ob.array is not None
+        out = np.empty(ob.array.shape, np.float32)
+        res = op["inputs"][1] if len(op["inputs"]) == 2 else None
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            acc = K.bconv2d(v[src], w, stride, pad)
+            epi(acc, v[res] if res is not None else None, out)
+            v[name] = out
+
+        return run
+
+    def _op_binarize(self, op: dict[str, Any]) -> Any:
+        K, t = self.K, self.t
+        thr = t[op["threshold"]].astype(np.float32).copy()
+        mode = t[op["mode"]]
+        flip = mode == -1
+        const = mode == 0
+        thr[const] = np.where(thr[const] >= 0, -np.inf, np.inf)
+        src, name = op["inputs"][0], op["output"]
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            v[name] = K.pack_threshold(v[src], thr, flip)
+
+        return run
+
+    def _op_avgpool(self, op: dict[str, Any]) -> Any:
+        if op["kernel"] != [2, 2] or op["stride"] != [2, 2] or not op["ceil_mode"]:
+            return None
+        K = self.K
+        src, name = op["inputs"][0], op["output"]
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            v[name] = K.avgpool2x2(v[src])
+
+        return run
+
+    def _op_gap(self, op: dict[str, Any]) -> Any:
+        K = self.K
+        src, name = op["inputs"][0], op["output"]
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            v[name] = K.global_avgpool(v[src])
+
+        return run
+
+    def _op_linear(self, op: dict[str, Any]) -> Any:
+        K, t = self.K, self.t
+        w = K.prepare_dense_weights(t[op["weight"]], op["in_features"])
+        src, name = op["inputs"][0], op["output"]
+        steps = op["epilogue"]
+        if [s["kind"] for s in steps] == ["affine"]:
+            sc, bi = t[steps[0]["weight"]], t[steps[0]["bias"]]
+
+            def run_affine(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                v[name] = K.blinear_affine(v[src], w, sc, bi)
+
+            return run_affine
+        epi = _Epilogue(steps, t)
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            v[name] = epi(K.blinear(v[src], w).astype(np.float32), None)
+
+        return run
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        v: dict[str, np.ndarray] = {}
+        for step in self.steps:
+            step(v, x)
+        return np.array(v[self.output], dtype=np.float32, copy=True)
+
+
 # ------------------------------------------------------------------ the public object
 class PackedModel:
     """A packed fully binary model: call it on uint8 images (N, C, H, W) for float32 logits.
@@ -356,11 +574,16 @@ class PackedModel:
     Build one with :func:`bcnn.engine.pack` or :func:`bcnn.engine.load`.
     """
 
-    def __init__(self, graph: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    def __init__(
+        self, graph: dict[str, Any], tensors: dict[str, np.ndarray], *, backend: str = "numba"
+    ) -> None:
+        if backend not in ("numba", "reference"):
+            raise ValueError(f"backend must be 'numba' or 'reference', got {backend!r}")
         validate_graph(graph, tensors)
         self.graph = graph
         self.tensors = tensors
-        self._plans: dict[tuple[int, ...], _Plan] = {}
+        self.backend = backend
+        self._plans: dict[tuple[int, ...], Any] = {}
 
     @property
     def in_channels(self) -> int:
@@ -408,7 +631,8 @@ class PackedModel:
         if plan is None:
             if len(self._plans) >= 4:
                 self._plans.clear()
-            plan = _Plan(self, key)  # type: ignore[arg-type]
+            shape = (key[0], key[1], key[2], key[3])
+            plan = _FastPlan(self, shape) if self.backend == "numba" else _Plan(self, shape)
             self._plans[key] = plan
         return plan(np.ascontiguousarray(x))
 
