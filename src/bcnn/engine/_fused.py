@@ -17,7 +17,7 @@ __all__ = ["fused_epilogue"]
 @njit(cache=True, boundscheck=False)
 def fused_epilogue(
     acc, pre, has_pre, cb, has_cb, al, be, has_bn, g, sl, z, has_rp, res, has_res, out
-):  # type: ignore[no-untyped-def]  # noqa: E501
+):  # type: ignore[no-untyped-def]
     """acc int32 (M, O) -> out float32 (M, O); res float32 (M, Cr), channel o reads o % Cr.
     One simple (vectorizable) pass per step over each L1-resident row."""
     m_, o_ = acc.shape
