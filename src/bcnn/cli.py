@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "eval": "bcnn._commands.eval",
     "pack": "bcnn._commands.pack",
     "predict": "bcnn._commands.predict",
+    "bench": "bcnn._commands.bench",
 }
 
 

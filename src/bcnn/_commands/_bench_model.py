@@ -10,16 +10,18 @@ from typing import Any
 __all__ = ["bench_model"]
 
 
-def _median_ms(fn: Any, repeat: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
+def _median_ms(fns: dict[str, Any], repeat: int, warmup: int) -> dict[str, float]:
+    """Medians (ms) of interleaved runs, so that a noisy shared CPU hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    return ts[len(ts) // 2]
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
 
 
 def bench_model(
@@ -67,8 +69,8 @@ def bench_model(
             "threads": threads,
             "input": [packed.in_channels, h, w],
         }
-        res["packed_ms"] = _median_ms(lambda: packed(x), repeat, warmup)
         xt = torch.from_numpy(x)
+        fns: dict[str, Any] = {"packed_ms": lambda: packed(x)}
         if config.get("name") in list_models():
             twin = create_model(
                 config["name"],
@@ -76,16 +78,18 @@ def bench_model(
                 binary=False,
                 **config.get("kwargs", {}),
             ).eval()
-            with torch.no_grad():
-                res["float_ms"] = _median_ms(lambda: twin(xt), repeat, warmup)
-            res["speedup_vs_float"] = round(res["float_ms"] / res["packed_ms"], 2)
+            fns["float_ms"] = lambda: twin(xt)
         if binary is not None:
-            with torch.no_grad():
-                res["torch_binary_ms"] = _median_ms(lambda: binary(xt), repeat, warmup)
-            res["speedup_vs_torch_binary"] = round(res["torch_binary_ms"] / res["packed_ms"], 2)
-            with torch.no_grad():
+            fns["torch_binary_ms"] = lambda: binary(xt)
+        with torch.no_grad():
+            res.update(_median_ms(fns, repeat, warmup))
+            if binary is not None:
                 ref = binary(xt).numpy()
-            res["argmax_agrees"] = bool((ref.argmax(1) == packed(x).argmax(1)).all())
+                res["argmax_agrees"] = bool((ref.argmax(1) == packed(x).argmax(1)).all())
+        if "float_ms" in res:
+            res["speedup_vs_float"] = round(res["float_ms"] / res["packed_ms"], 2)
+        if "torch_binary_ms" in res:
+            res["speedup_vs_torch_binary"] = round(res["torch_binary_ms"] / res["packed_ms"], 2)
         for k in ("packed_ms", "float_ms", "torch_binary_ms"):
             if k in res:
                 res[k] = round(res[k], 4)
