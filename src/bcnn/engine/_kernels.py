@@ -63,6 +63,7 @@ __all__ = [
 
 LANES = 32  # output channels per prepared weight block (4 x 8 uint64 lanes)
 MR = 4  # output rows (pixels) per micro-kernel tile
+_MB = 8  # micro tiles per macro tile (the im2col patch of MB*MR pixels stays in L1)
 _VL = 8  # uint64 lanes in a 512-bit vector
 _NV = LANES // _VL
 
@@ -79,8 +80,8 @@ def _is_c_array(t: types.Type, dtype: types.Type) -> bool:
 def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
     """Build the micro-kernel intrinsic (see :func:`_mk` / :func:`_mk_shift`)."""
 
-    def typer(typingctx, a, a_off, a_stride, b, b_off, nw, shifts, acc):  # type: ignore[no-untyped-def]
-        ints = (a_off, a_stride, b_off, nw)
+    def typer(typingctx, a, a_off, a_stride, b, b_off, nw, shifts, acc, acc_off):  # type: ignore[no-untyped-def]
+        ints = (a_off, a_stride, b_off, nw, acc_off)
         if not (
             _is_c_array(a, types.uint64)
             and _is_c_array(b, types.uint64)
@@ -89,11 +90,11 @@ def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
             and all(isinstance(t, types.Integer) for t in ints)
         ):
             return None
-        sig = types.void(a, a_off, a_stride, b, b_off, nw, shifts, acc)
+        sig = types.void(a, a_off, a_stride, b, b_off, nw, shifts, acc, acc_off)
         return sig, _codegen
 
     def _codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        a_v, a_off_v, a_st_v, b_v, b_off_v, nw_v, sh_v, acc_v = args
+        a_v, a_off_v, a_st_v, b_v, b_off_v, nw_v, sh_v, acc_v, c_off_v = args
         st = signature.args
         i64 = ir.IntType(64)
         i32 = ir.IntType(32)
@@ -108,6 +109,7 @@ def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
         a_st_v = context.cast(builder, a_st_v, st[2], types.int64)
         b_off_v = context.cast(builder, b_off_v, st[4], types.int64)
         nw_v = context.cast(builder, nw_v, st[5], types.int64)
+        c_off_v = context.cast(builder, c_off_v, st[8], types.int64)
         ctpop = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vty, [vty]), f"llvm.ctpop.v{_VL}i64"
         )
@@ -165,7 +167,7 @@ def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
             ph.add_incoming(new[i], loop)
             outs.append(ph)
         for i in range(MR * _NV):
-            ptr = builder.gep(cp, [ir.Constant(i64, i * _VL)])
+            ptr = builder.gep(cp, [builder.add(c_off_v, ir.Constant(i64, i * _VL))])
             builder.store(outs[i], builder.bitcast(ptr, vty.as_pointer()), align=8)
         return context.get_dummy_value()
 
@@ -173,14 +175,103 @@ def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
     return intrinsic(typer)
 
 
-#: ``_mk(a, a_off, a_stride, b, b_off, nw, shifts, acc)``: for r < MR, l < 32,
-#: ``acc[r*32 + l] = sum_{w < nw} popcount(a[a_off + r*a_stride + w] ^ b[b_off + w*32 + l])``.
-#: a, b: C-contiguous uint64 (flat element offsets); acc: C-contiguous int64 (MR*32,);
+#: ``_mk(a, a_off, a_stride, b, b_off, nw, shifts, acc, acc_off)``: for r < MR, l < 32,
+#: ``acc[acc_off + r*32 + l] =``
+#: ``sum_{w < nw} popcount(a[a_off + r*a_stride + w] ^ b[b_off + w*32 + l])``.
+#: a, b: C-contiguous uint64 (flat element offsets); acc: C-contiguous int64;
 #: shifts: int64, unused. The caller guarantees every index is in bounds.
 _mk = _make_microkernel(False)
 #: As ``_mk`` with each word's popcount shifted left by ``shifts[w]`` (needs len >= nw): the
 #: weighted sum over bit-planes of the first layer.
 _mk_shift = _make_microkernel(True)
+
+
+def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
+    """Build an intrinsic storing one full row of 32 accumulators through an epilogue, with
+    explicit 8-lane vectors (numba's loop vectorizer leaves these loops scalar).
+
+    ``_epi_<kind>(acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0)``
+    with d = nbits - 2*acc[acc_off + l] for l < 32 and channel o = o0 + l:
+
+    - ``int``: out[out_off + l] = int32(d)
+    - ``affine``: y = float32(d) * scale[o] + bias[o] (IEEE multiply, then add: no FMA)
+    - ``rp``: then y = y - g[o]; y = y * s[o] if y < 0 else y; y = y + z[o]
+    - ``res`` (with affine or rp): y = res[res_off + l] + y
+    - ``affine*``: out[out_off + l] = y (float32)
+    Unused arrays may be empty; the caller guarantees in-bounds offsets.
+    """
+    do_affine = kind != "int"
+    do_rp = "rp" in kind
+    do_res = "res" in kind
+
+    def typer(typingctx, acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0):  # type: ignore[no-untyped-def]
+        if not (
+            _is_c_array(acc, types.int64)
+            and _is_c_array(out, types.float32 if do_affine else types.int32)
+            and all(_is_c_array(t, types.float32) for t in (scale, bias, g, s, z, res))
+            and all(isinstance(t, types.Integer) for t in (acc_off, nbits, out_off, res_off, o0))
+        ):
+            return None
+        sig = types.void(acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0)
+        return sig, codegen
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        st = signature.args
+        i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
+        v64, v32, vf = ir.VectorType(i64, _VL), ir.VectorType(i32, _VL), ir.VectorType(f32, _VL)
+
+        def ptr(k, elt):  # type: ignore[no-untyped-def]
+            arr = context.make_array(st[k])(context, builder, args[k])
+            return builder.bitcast(arr.data, elt.as_pointer())
+
+        def idx(k):  # type: ignore[no-untyped-def]
+            return context.cast(builder, args[k], st[k], types.int64)
+
+        def vload(base, off, j, vt):  # type: ignore[no-untyped-def]
+            p = builder.gep(base, [builder.add(off, ir.Constant(i64, j * _VL))])
+            return builder.load(builder.bitcast(p, vt.as_pointer()), align=4)
+
+        def vstore(val, base, off, j, vt):  # type: ignore[no-untyped-def]
+            p = builder.gep(base, [builder.add(off, ir.Constant(i64, j * _VL))])
+            builder.store(val, builder.bitcast(p, vt.as_pointer()), align=4)
+
+        acc_p, acc_off = ptr(0, i64), idx(1)
+        nbits = idx(2)
+        out_off = idx(4)
+        o0 = idx(12)
+        nb_v = builder.insert_element(ir.Constant(v64, ir.Undefined), nbits, ir.Constant(i32, 0))
+        nb_v = builder.shuffle_vector(
+            nb_v, ir.Constant(v64, ir.Undefined), ir.Constant(ir.VectorType(i32, _VL), None)
+        )
+        two = ir.Constant(v64, [2] * _VL)
+        zero_f = ir.Constant(vf, [0.0] * _VL)
+        for j in range(_NV):
+            d = builder.sub(nb_v, builder.mul(two, vload(acc_p, acc_off, j, v64)))
+            if not do_affine:
+                vstore(builder.trunc(d, v32), ptr(3, i32), out_off, j, v32)
+                continue
+            y = builder.sitofp(d, vf)
+            y = builder.fmul(y, vload(ptr(5, f32), o0, j, vf))
+            y = builder.fadd(y, vload(ptr(6, f32), o0, j, vf))
+            if do_rp:
+                y = builder.fsub(y, vload(ptr(7, f32), o0, j, vf))
+                neg = builder.fcmp_ordered("<", y, zero_f)
+                y = builder.select(neg, builder.fmul(y, vload(ptr(8, f32), o0, j, vf)), y)
+                y = builder.fadd(y, vload(ptr(9, f32), o0, j, vf))
+            if do_res:
+                y = builder.fadd(vload(ptr(10, f32), idx(11), j, vf), y)
+            vstore(y, ptr(3, f32), out_off, j, vf)
+        return context.get_dummy_value()
+
+    typer.__name__ = f"_epi_{kind}"
+    return intrinsic(typer)
+
+
+_epi_int = _make_row_epilogue("int")
+_epi_affine = _make_row_epilogue("affine")
+_epi_rp = _make_row_epilogue("affine_rp")
+_epi_res = _make_row_epilogue("affine_res")
+_epi_rp_res = _make_row_epilogue("affine_rp_res")
 
 
 # --------------------------------------------------------------------------- prepared weights
@@ -478,13 +569,13 @@ def unpack_bits(packed: np.ndarray, n: int) -> np.ndarray:
 _MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD = 0, 1, 2
 
 
-@njit(cache=True, boundscheck=False)
-def _fill_patch(x, m0, m_, ho, wo, kh, kw, stride, pad, patch):  # type: ignore[no-untyped-def]
-    """Binary im2col of MR output pixels: patch[r] = the (ky, kx, word) patch of pixel m0 + r;
-    padded taps and rows past m_ are 0 (= +1: one-padding)."""
+@njit(cache=True, boundscheck=False, inline="always")
+def _fill_patch(x, m0, nrows, m_, ho, wo, kh, kw, stride, pad, patch):  # type: ignore[no-untyped-def]
+    """Binary im2col of output pixels m0 .. m0+nrows-1: patch[r] = the (ky, kx, word) patch of
+    pixel m0 + r; padded taps and rows past m_ are 0 (= +1: one-padding)."""
     _, h, w, cw = x.shape
     howo = ho * wo
-    for r in range(MR):
+    for r in range(nrows):
         m = m0 + r
         if m >= m_:
             for k in range(patch.shape[1]):
@@ -513,25 +604,48 @@ def _epilogue(  # type: ignore[no-untyped-def]
     acc, rows, m0, o0, lmax, nbits, mode, out_i, out_f, out_b, ob,
     scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
+    """acc rows 0..rows-1 (LANES popcounts each) -> outputs m0.., channels o0..o0+lmax-1.
+    Full rows of 32 channels go through the vector intrinsics; a partial last block of
+    channels through the scalar loops (same arithmetic)."""
     cr = res.shape[1]
+    o_ = out_i.shape[1] if mode == 0 else out_f.shape[1]
+    full = lmax == LANES
     for r in range(rows):
         m = m0 + r
         base = r * LANES
         if mode == 0:
-            for l in range(lmax):
-                out_i[m, o0 + l] = nbits - 2 * acc[base + l]
+            if full:
+                _epi_int(acc, base, nbits, out_i, m * o_ + o0, scale, bias, rp_g, rp_s, rp_z,
+                         res, 0, o0)  # fmt: skip
+            else:
+                for l in range(lmax):
+                    out_i[m, o0 + l] = nbits - 2 * acc[base + l]
         elif mode == 1:
-            for l in range(lmax):
-                o = o0 + l
-                y = np.float32(nbits - 2 * acc[base + l]) * scale[o] + bias[o]
-                if has_rp:
-                    y = y - rp_g[o]
-                    if y < 0:
-                        y = y * rp_s[o]
-                    y = y + rp_z[o]
-                if has_res:
-                    y = res[m, o % cr] + y
-                out_f[m, o] = y
+            if full and (not has_res or cr == o_):
+                oo = m * o_ + o0
+                if not has_rp and not has_res:
+                    _epi_affine(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
+                                res, 0, o0)  # fmt: skip
+                elif not has_res:
+                    _epi_rp(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
+                            res, 0, o0)  # fmt: skip
+                elif not has_rp:
+                    _epi_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
+                             res, oo, o0)  # fmt: skip
+                else:
+                    _epi_rp_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
+                                res, oo, o0)  # fmt: skip
+            else:
+                for l in range(lmax):
+                    o = o0 + l
+                    y = np.float32(nbits - 2 * acc[base + l]) * scale[o] + bias[o]
+                    if has_rp:
+                        y = y - rp_g[o]
+                        y = y * rp_s[o] if y < 0 else y
+                        y = y + rp_z[o]
+                    if has_res:
+                        y = res[m, o % cr] + y
+                    out_f[m, o] = y
         else:
             word = np.uint64(0)
             for l in range(lmax):
@@ -547,29 +661,33 @@ def _conv_range(  # type: ignore[no-untyped-def]
     t0, t1, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
-    """Tiles t0..t1 (MR output pixels each) of a binary conv, all output blocks, + epilogue."""
+    """Macro tiles t0..t1 (MB*MR output pixels each) of a binary conv, all output blocks, with
+    the epilogue. Per macro tile: im2col into an L1-sized patch, then for each 32-channel weight
+    block (kept in L1) the micro-kernel over the MB micro tiles."""
     n_ = x.shape[0]
     nob, wk, _ = blocks.shape
     m_ = n_ * ho * wo
     direct = kh == 1 and kw == 1 and stride == 1 and pad == 0
-    patch = np.zeros((MR, wk), np.uint64)
-    acc = np.empty(MR * LANES, np.int64)
+    patch = np.zeros((_MB * MR, wk), np.uint64)
+    acc = np.empty(_MB * MR * LANES, np.int64)
     noshift = np.empty(0, np.int64)
     for t in range(t0, t1):
-        m0 = t * MR
-        rows = min(MR, m_ - m0)
-        use_x = direct and rows == MR
+        mt0 = t * _MB * MR
+        mrows = min(_MB * MR, m_ - mt0)
+        use_x = direct and mrows % MR == 0
         if not use_x:
-            _fill_patch(x, m0, m_, ho, wo, kh, kw, stride, pad, patch)
+            _fill_patch(x, mt0, -(-mrows // MR) * MR, m_, ho, wo, kh, kw, stride, pad, patch)
         for ob in range(nob):
-            if use_x:
-                _mk(x, m0 * wk, wk, blocks, ob * wk * LANES, wk, noshift, acc)
-            else:
-                _mk(patch, 0, wk, blocks, ob * wk * LANES, wk, noshift, acc)
+            boff = ob * wk * LANES
+            for u in range(0, mrows, MR):
+                if use_x:
+                    _mk(x, (mt0 + u) * wk, wk, blocks, boff, wk, noshift, acc, u * LANES)
+                else:
+                    _mk(patch, u * wk, wk, blocks, boff, wk, noshift, acc, u * LANES)
             o0 = ob * LANES
             _epilogue(
-                acc, rows, m0, o0, min(LANES, o_ - o0), nbits, mode, out_i, out_f, out_b, ob,
-                scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+                acc, mrows, mt0, o0, min(LANES, o_ - o0), nbits, mode, out_i, out_f,
+                out_b, ob, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
             )  # fmt: skip
 
 
@@ -709,7 +827,7 @@ def _run_conv(
         cwo = _words(o)
         result = np.zeros((n, ho, wo, cwo), np.uint64)
         out_b = result.reshape(m, cwo).view(np.uint32)
-    ntiles = -(-m // MR)
+    ntiles = -(-m // (MR * _MB))
     nob, wk, _ = w.blocks.shape
     nbits = w.kh * w.kw * w.in_channels
     args = (
@@ -717,7 +835,7 @@ def _run_conv(
         out_i, out_f, out_b, scale, bias, rp[0], rp[1], rp[2], rprelu is not None,
         res, has_res, thr, flip,
     )  # fmt: skip
-    chunks = _chunks(ntiles, ntiles * nob * wk)
+    chunks = _chunks(ntiles, ntiles * _MB * nob * wk)
     if chunks:
         _conv_parallel(chunks, ntiles, *args)
     else:
@@ -879,7 +997,7 @@ def _stem_range(  # type: ignore[no-untyped-def]
                                 patch[r, k + 1] |= v >> np.uint64(64 - off)
                         tap += 1
         for ob in range(nob):
-            _mk_shift(patch, 0, wt, blocks, ob * wt * LANES, wt, shifts, acc)
+            _mk_shift(patch, 0, wt, blocks, ob * wt * LANES, wt, shifts, acc, 0)
             o0 = ob * LANES
             lmax = min(LANES, o_ - o0)
             for r in range(rows):
