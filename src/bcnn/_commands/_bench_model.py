@@ -45,7 +45,8 @@ def bench_model(
 
     if batch < 1 or threads < 1 or repeat < 1:
         raise ValueError("batch, threads and repeat must be >= 1")
-    binary = None
+    binary: Any = None
+    config: dict[str, Any]
     if spec in list_models():
         binary = create_model(spec).eval()
         packed = pack(binary)

@@ -290,6 +290,7 @@ class _Plan:
             v = src.array
             on = np.where(mode == 1, v >= thr, np.where(mode == -1, v <= thr, const_on))
             dst = self._interior(out) if out.kind == "bits" else out.array
+            assert dst is not None
             _pack_bits(~on, dst)
 
         return run
@@ -428,7 +429,9 @@ class _FastPlan:
                     b.array[...] = v[name]
             ref_step(x)
             ob = ref.bufs[op["output"]]
-            v[op["output"]] = (ref._interior(ob) if ob.kind == "bits" else ob.array).copy()
+            arr = ref._interior(ob) if ob.kind == "bits" else ob.array
+            assert arr is not None
+            v[op["output"]] = arr.copy()
 
         return run
 

@@ -9,7 +9,6 @@ problem is reported as a one-line ``ValueError``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -178,11 +177,11 @@ class _Checker:
             if out in self.kinds:
                 raise _Invalid(f"{where}: output {out!r} is defined twice")
             self.kinds[out] = getattr(self, "_" + kind)(op, where)
-        out = g.get("output")
-        if not isinstance(out, str) or out not in self.kinds:
-            raise _Invalid(f"graph: 'output' {out!r} is not a defined value")
-        if self.kinds[out] != ("vector", ncls):
-            raise _Invalid(f"graph: output {out!r} is not a vector of {ncls} logits")
+        final = g.get("output")
+        if not isinstance(final, str) or final not in self.kinds:
+            raise _Invalid(f"graph: 'output' {final!r} is not a defined value")
+        if self.kinds[final] != ("vector", ncls):
+            raise _Invalid(f"graph: output {final!r} is not a vector of {ncls} logits")
         extra = set(self.tensors) - self.used
         if extra:
             raise _Invalid(f"unexpected tensor {sorted(extra)[0]!r}")
@@ -356,5 +355,4 @@ def read_bcnn(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, n
         validate_graph(graph, tensors)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    _ = math  # (kept for numeric helpers)
     return graph, tensors

@@ -62,8 +62,8 @@ def _float_threshold(fn: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
     Found by bisection over all float32 values with ``fn`` as the oracle, so the comparison
     reproduces ``fn`` (torch's own arithmetic) exactly."""
     big = np.finfo(np.float32).max
-    lo_k = int(_ord(np.float32(-big)))  # finite floats only: 0 * inf is NaN
-    hi_k = int(_ord(np.float32(big)))
+    lo_k = int(_ord(np.array(-big, np.float32)))  # finite floats only: 0 * inf is NaN
+    hi_k = int(_ord(np.array(big, np.float32)))
 
     def cond(keys: np.ndarray) -> np.ndarray:
         return np.asarray(fn(_unord(keys))) >= 0
