@@ -1,0 +1,411 @@
+"""Packed-engine kernels: bit layout, and every optimized kernel against its numpy reference
+and against PyTorch (±1 float tensors, one-padding), bit-exact, at awkward sizes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bcnn.engine import _kernels as K
+from bcnn.engine import _reference as R
+from bcnn.engine import get_num_threads, num_threads, set_num_threads
+
+CHANNELS = [1, 63, 64, 65, 130]
+
+
+def _sign(a: np.ndarray) -> np.ndarray:
+    return np.where(a >= 0, 1.0, -1.0).astype(np.float32)
+
+
+def _torch_conv(xs: np.ndarray, ws: np.ndarray, stride: int, pad: int) -> np.ndarray:
+    """±1 NCHW input, ±1 OIHW weights, one-padding -> NHWC float."""
+    x = F.pad(torch.from_numpy(xs), (pad,) * 4, value=1.0)
+    y = F.conv2d(x, torch.from_numpy(ws), stride=stride)
+    return y.numpy().transpose(0, 2, 3, 1)
+
+
+def _rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.flat[:: max(1, x.size // 7)] = 0.0  # exact zeros: sign(0) = +1
+    return x
+
+
+# ------------------------------------------------------------------------------ bit layout
+
+
+def test_pack_layout_known_words() -> None:
+    x = np.ones(65, np.float32)
+    x[[0, 3, 63, 64]] = -1.0
+    p = K.pack_sign(x)
+    assert p.dtype == np.uint64 and p.shape == (2,)
+    assert int(p[0]) == (1 | 8 | (1 << 63)) and int(p[1]) == 1  # bit i of word j = 64j + i
+    # little-endian bytes: element 3 is bit 3 of byte 0, element 63 is bit 7 of byte 7
+    by = p.astype("<u8").view(np.uint8)
+    assert list(by[:8]) == [0b1001, 0, 0, 0, 0, 0, 0, 0x80]
+    assert list(by[8:]) == [1, 0, 0, 0, 0, 0, 0, 0]  # tail bits (65..127) are 0
+    assert np.array_equal(K.unpack_bits(p, 65), np.where(x < 0, -1, 1))
+
+
+@pytest.mark.parametrize("c", CHANNELS)
+def test_pack_tail_bits_zero_and_zero_is_plus(c: int) -> None:
+    x = -np.ones((3, c), np.float32)
+    p = K.pack_sign(x)
+    assert p.shape == (3, K._words(c))
+    n_full = c // 64
+    assert np.all(p[:, :n_full] == np.uint64(2**64 - 1))
+    if c % 64:
+        assert np.all(p[:, -1] == np.uint64((1 << (c % 64)) - 1))
+    assert np.all(K.pack_sign(np.zeros((2, c), np.float32)) == 0)  # sign(0) = +1
+    assert np.all(K.pack_sign(np.full((2, c), -0.0, np.float32)) == 0)  # -0.0 >= 0
+
+
+def test_pack_weights_layout_and_prepared_blocks() -> None:
+    rng = np.random.default_rng(1)
+    w = _rand(rng, 70, 65, 3, 3)
+    wp = K.pack_weights(w)
+    assert wp.shape == (70, 3, 3, 2)
+    assert np.array_equal(wp, R.pack_bits(np.transpose(w, (0, 2, 3, 1)) < 0))
+    pw = K.prepare_conv_weights(wp, 65)
+    assert pw.blocks.shape == (3, 18, 32)
+    flat = wp.reshape(70, 18)
+    for o in range(96):
+        want = flat[o] if o < 70 else np.zeros(18, np.uint64)
+        assert np.array_equal(pw.blocks[o // 32, :, o % 32], want)
+
+
+# ---------------------------------------------------------------------------------- packing
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    c=st.sampled_from(CHANNELS),
+    rows=st.integers(1, 5),
+    seed=st.integers(0, 2**31 - 1),
+    with_bias=st.booleans(),
+)
+def test_pack_sign_matches_reference(c: int, rows: int, seed: int, with_bias: bool) -> None:
+    rng = np.random.default_rng(seed)
+    x = _rand(rng, rows, c)
+    b = _rand(rng, c) if with_bias else None
+    got = K.pack_sign(x, b)
+    assert np.array_equal(got, R.pack_sign(x, b))
+    # the bits are exactly sign(x + b) of torch in float32
+    xt = torch.from_numpy(x) + (torch.from_numpy(b) if b is not None else 0.0)
+    assert np.array_equal(K.unpack_bits(got, c), torch.where(xt >= 0, 1, -1).numpy())
+
+
+@pytest.mark.parametrize("c", [1, 65, 130])
+def test_pack_sign_channels_first(c: int) -> None:
+    rng = np.random.default_rng(c)
+    x, b = _rand(rng, 2, c, 5, 3), _rand(rng, c)
+    got = K.pack_sign(x, b, channels_first=True)
+    assert got.shape == (2, 5, 3, K._words(c))
+    assert np.array_equal(got, K.pack_sign(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), b))
+    assert np.array_equal(got, R.pack_sign(x, b, channels_first=True))
+
+
+def test_pack_threshold_semantics() -> None:
+    # BN(x) = s*x + beta; sign(BN(x)) = +1 iff x >= t (s > 0) or x <= t (s < 0), t = -beta/s
+    rng = np.random.default_rng(2)
+    c = 67
+    s = rng.standard_normal(c).astype(np.float32)
+    s[:3] = 0.0  # constant channels
+    beta = rng.standard_normal(c).astype(np.float32)
+    beta[:2] = [1.0, -1.0]
+    beta[2] = 0.0
+    x = rng.standard_normal((9, c)).astype(np.float32)
+    safe = s != 0
+    t = np.zeros(c, np.float32)
+    t[safe] = (-beta[safe] / s[safe]).astype(np.float32)
+    x[0, safe] = t[safe]  # exactly at the threshold: +1 either way
+    flip = s < 0
+    # constant channels: +1 iff beta >= 0 -> thr -inf (always +1) or +inf (always -1)
+    t[~safe] = np.where(beta[~safe] >= 0, -np.inf, np.inf)
+    flip[~safe] = False
+    got = K.pack_threshold(x, t, flip)
+    assert np.array_equal(got, R.pack_threshold(x, t, flip))
+    want = np.where(flip, x > t, x < t)
+    assert np.array_equal(K.unpack_bits(got, c), np.where(want, -1, 1))
+    assert np.all(K.unpack_bits(got, c)[0, safe] == 1)
+    assert np.all(K.unpack_bits(got, c)[:, 0] == 1) and np.all(K.unpack_bits(got, c)[:, 1] == -1)
+    # NaN compares false: +1
+    nan = K.pack_threshold(np.full((1, 2), np.nan, np.float32), [0.0, 0.0], [False, True])
+    assert int(nan[0, 0]) == 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(c=st.sampled_from(CHANNELS), seed=st.integers(0, 2**31 - 1))
+def test_pack_threshold_matches_reference(c: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = _rand(rng, 4, c)
+    thr = rng.choice(np.array([0.0, -0.5, 0.5, np.inf, -np.inf], np.float32), c)
+    x[0] = thr  # ties
+    flip = rng.random(c) < 0.5
+    assert np.array_equal(K.pack_threshold(x, thr, flip), R.pack_threshold(x, thr, flip))
+
+
+# ------------------------------------------------------------------------------- conv / gemm
+
+# (cin, cout, size, kernel, stride, batch): every channel count with kernel 1 and 3 and
+# stride 1 and 2; sizes and batches cycle through 1/5/14 and 1/7.
+CONV_CASES = [
+    (cin, cout, size, k, s, batch)
+    for (i, (cin, k, s)) in enumerate(itertools.product(CHANNELS, [1, 3], [1, 2]))
+    for cout, size, batch in [([1, 33, 64, 70, 130][i % 5], [1, 5, 14][i % 3], [1, 7][i % 2])]
+]
+
+
+@pytest.mark.parametrize("cin,cout,size,k,stride,batch", CONV_CASES)
+def test_bconv2d_matches_torch_and_reference(
+    cin: int, cout: int, size: int, k: int, stride: int, batch: int
+) -> None:
+    rng = np.random.default_rng(cin * 1000 + cout + size + k + stride)
+    pad = k // 2
+    x, w = _rand(rng, batch, cin, size, size), _rand(rng, cout, cin, k, k)
+    xp = K.pack_sign(x, channels_first=True)
+    wp = K.pack_weights(w)
+    got = K.bconv2d(xp, K.prepare_conv_weights(wp, cin), stride, pad)
+    assert got.dtype == np.int32
+    assert np.array_equal(got, _torch_conv(_sign(x), _sign(w), stride, pad))
+    assert np.array_equal(got, R.bconv2d(xp, wp, cin, stride, pad))
+
+
+@pytest.mark.parametrize("cin,k,stride,pad", [(65, 3, 1, 0), (130, 3, 2, 0), (1, 1, 2, 0)])
+def test_bconv2d_without_padding(cin: int, k: int, stride: int, pad: int) -> None:
+    rng = np.random.default_rng(3)
+    x, w = _rand(rng, 2, cin, 7, 6), _rand(rng, 33, cin, k, k)
+    got = K.bconv2d(
+        K.pack_sign(x, channels_first=True),
+        K.prepare_conv_weights(K.pack_weights(w), cin),
+        stride,
+        pad,
+    )
+    assert np.array_equal(got, _torch_conv(_sign(x), _sign(w), stride, pad))
+
+
+def _affine_torch(acc: np.ndarray, scale, bias, rprelu=None, residual=None):  # type: ignore[no-untyped-def]
+    y = torch.from_numpy(acc.astype(np.float32)) * torch.from_numpy(scale)
+    y = y + torch.from_numpy(bias)
+    if rprelu is not None:
+        g, s, z = (torch.from_numpy(v) for v in rprelu)
+        y = y - g
+        y = torch.where(y >= 0, y, y * s)
+        y = y + z
+    if residual is not None:
+        reps = acc.shape[-1] // residual.shape[-1]
+        y = torch.from_numpy(residual).repeat(1, 1, 1, reps) + y
+    return y.numpy()
+
+
+@pytest.mark.parametrize("cout", [64, 70])
+@pytest.mark.parametrize("use_rp", [False, True])
+@pytest.mark.parametrize("res_kind", [None, "same", "repeat", "inplace"])
+def test_bconv2d_affine_epilogues(cout: int, use_rp: bool, res_kind: str | None) -> None:
+    rng = np.random.default_rng(cout + use_rp)
+    cin, n, size = 65, 7, 5
+    x, w = _rand(rng, n, size, size, cin), _rand(rng, cout, cin, 3, 3)
+    xp, wp = K.pack_sign(x), K.pack_weights(w)
+    pw = K.prepare_conv_weights(wp, cin)
+    scale, bias = _rand(rng, cout), _rand(rng, cout)
+    scale[0] = 0.0
+    scale[1] = -scale[1]
+    rp = (_rand(rng, cout), _rand(rng, cout), _rand(rng, cout)) if use_rp else None
+    res = None
+    if res_kind is not None:
+        cr = cout // 2 if res_kind == "repeat" else cout
+        res = _rand(rng, n, size, size, cr)
+    acc = R.bconv2d(xp, wp, cin, 1, 1)
+    want_ref = R.bconv2d_affine(xp, wp, cin, scale, bias, 1, 1, rp, res)
+    want_torch = _affine_torch(acc, scale, bias, rp, res)
+    kw = {"padding": 1, "rprelu": rp, "residual": res}
+    if res_kind == "inplace":
+        assert res is not None
+        stream = res.copy()
+        got = K.bconv2d_affine(xp, pw, scale, bias, out=stream, **kw | {"residual": stream})
+        assert got is stream
+    else:
+        got = K.bconv2d_affine(xp, pw, scale, bias, **kw)
+    assert got.dtype == np.float32 and got.shape == (n, size, size, cout)
+    assert np.array_equal(got, want_ref)
+    assert np.array_equal(got, want_torch)
+
+
+@pytest.mark.parametrize("cout", [1, 64, 65, 130])
+def test_bconv2d_threshold(cout: int) -> None:
+    rng = np.random.default_rng(cout)
+    cin = 63
+    x, w = _rand(rng, 2, 5, 5, cin), _rand(rng, cout, cin, 3, 3)
+    xp, wp = K.pack_sign(x), K.pack_weights(w)
+    acc = R.bconv2d(xp, wp, cin, 2, 1)
+    thr = acc[0, 0, 0].astype(np.float32)  # ties at the first pixel
+    thr[::3] += 0.5
+    flip = rng.random(cout) < 0.5
+    got = K.bconv2d_threshold(xp, K.prepare_conv_weights(wp, cin), thr, flip, stride=2, padding=1)
+    assert got.shape == (2, 3, 3, K._words(cout))
+    assert np.array_equal(got, R.bconv2d_threshold(xp, wp, cin, thr, flip, 2, 1))
+    want = np.where(flip, acc > thr, acc < thr)
+    assert np.array_equal(K.unpack_bits(got, cout), np.where(want, -1, 1))
+
+
+@pytest.mark.parametrize("k", [*CHANNELS, 2304])
+@pytest.mark.parametrize("n,o", [(1, 10), (7, 64), (5, 130)])
+def test_blinear_and_bgemm(k: int, n: int, o: int) -> None:
+    rng = np.random.default_rng(k + n + o)
+    x, w = _rand(rng, n, k), _rand(rng, o, k)
+    xp, wp = K.pack_sign(x), K.pack_weights(w)
+    pw = K.prepare_dense_weights(wp, k)
+    want = F.linear(torch.from_numpy(_sign(x)), torch.from_numpy(_sign(w))).numpy()
+    got = K.blinear(xp, pw)
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+    assert np.array_equal(got, R.blinear(xp, wp, k))
+    assert np.array_equal(K.bgemm(xp, wp, k), want)
+    assert np.array_equal(K.bgemm(xp, pw), want)
+    scale, bias = _rand(rng, o), _rand(rng, o)
+    aff = K.blinear_affine(xp, pw, scale, bias)
+    assert np.array_equal(aff, R.blinear_affine(xp, wp, k, scale, bias))
+    assert np.array_equal(aff, _affine_torch(want, scale, bias))
+
+
+def test_bgemm_full_words_random_bits() -> None:
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 2**64, (37, 9), dtype=np.uint64)
+    b = rng.integers(0, 2**64, (45, 9), dtype=np.uint64)
+    assert np.array_equal(K.bgemm(a, b), R.bgemm(a, b))
+
+
+# ------------------------------------------------------------------------------- first layer
+
+
+@pytest.mark.parametrize(
+    "encoding,planes,c,size,stride,batch",
+    [
+        ("bitplane", 8, 3, 14, 1, 1),
+        ("bitplane", 8, 1, 5, 2, 7),
+        ("bitplane", 4, 3, 5, 1, 2),
+        ("thermometer", 16, 3, 14, 2, 1),
+        ("thermometer", 7, 1, 5, 1, 7),
+    ],
+)
+def test_stem_conv_matches_encoded_conv(
+    encoding: str, planes: int, c: int, size: int, stride: int, batch: int
+) -> None:
+    from bcnn.nn import BitPlaneEncoder, EncodedConv2d, ThermometerEncoder
+
+    enc = (
+        BitPlaneEncoder(c, bits=planes)
+        if encoding == "bitplane"
+        else ThermometerEncoder(c, levels=planes)
+    )
+    m = EncodedConv2d(c, 70, 3, stride=stride, padding=1, encoder=enc)
+    x = torch.randint(0, 256, (batch, c, size, size), dtype=torch.uint8)
+    x[0, 0, 0, :] = 255
+    x[-1, -1, -1, :] = 0
+    with torch.no_grad():
+        want = m(x).numpy().transpose(0, 2, 3, 1)
+    thr = enc.thresholds.numpy() if isinstance(enc, ThermometerEncoder) else None
+    wp = K.pack_weights(m.weight.detach().numpy())
+    ps = K.prepare_stem_weights(wp, c, planes, encoding, thr)
+    s = K.stem_conv(x.numpy(), ps, stride, 1)
+    assert s.dtype == np.int32
+    assert np.array_equal(s, R.stem_conv(x.numpy(), wp, planes, encoding, thr, stride, 1))
+    step = float(enc.plane_weights[0]) if encoding == "thermometer" else 1.0
+    if encoding == "bitplane":
+        assert np.array_equal(s.astype(np.float32), want)  # exact integers
+    else:
+        np.testing.assert_allclose(s * step, want, rtol=1e-5, atol=1e-3)
+    rng = np.random.default_rng(0)
+    scale, bias = _rand(rng, 70), _rand(rng, 70)
+    rp = (_rand(rng, 70), _rand(rng, 70), _rand(rng, 70))
+    aff = K.stem_conv_affine(x.numpy(), ps, scale, bias, stride=stride, padding=1, rprelu=rp)
+    assert np.array_equal(aff, _affine_torch(s, scale, bias, rp))
+
+
+# ----------------------------------------------------------------------------------- pooling
+
+
+@pytest.mark.parametrize("c", [1, 65])
+@pytest.mark.parametrize("k,stride,pad", [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+def test_maxpool_packed(c: int, k: int, stride: int, pad: int) -> None:
+    rng = np.random.default_rng(c + k)
+    x = _rand(rng, 2, 7, 6, c)
+    xp = K.pack_sign(x)
+    got = K.maxpool_packed(xp, k, stride, pad)
+    assert np.array_equal(got, R.maxpool_packed(xp, k, stride, pad))
+    t = F.max_pool2d(torch.from_numpy(_sign(x).transpose(0, 3, 1, 2)), k, stride, pad)
+    assert np.array_equal(K.unpack_bits(got, c), t.numpy().transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (5, 5), (14, 14), (7, 4)])
+def test_avgpool2x2_and_global(h: int, w: int) -> None:
+    rng = np.random.default_rng(h * w)
+    x = _rand(rng, 7, h, w, 65)
+    got = K.avgpool2x2(x)
+    assert np.array_equal(got, R.avgpool2x2(x))
+    pool = torch.nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+    t = pool(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(got, t, rtol=1e-6, atol=1e-7)
+    g = K.global_avgpool(x)
+    np.testing.assert_allclose(g, torch.from_numpy(x).mean(dim=(1, 2)).numpy(), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- threads
+
+
+def test_num_threads_context_and_parallel_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    prev = get_num_threads()
+    with num_threads(1) as n:
+        assert n == 1 and get_num_threads() == 1
+    assert get_num_threads() == prev
+    with pytest.raises(ValueError):
+        set_num_threads(0)
+    rng = np.random.default_rng(7)
+    x, w = _rand(rng, 3, 9, 9, 130), _rand(rng, 70, 130, 3, 3)
+    xp, pw = K.pack_sign(x), K.prepare_conv_weights(K.pack_weights(w), 130)
+    scale, bias = _rand(rng, 70), _rand(rng, 70)
+    with num_threads(1):
+        serial = K.bconv2d_affine(xp, pw, scale, bias, padding=1)
+    monkeypatch.setattr(K, "_PARALLEL_MIN_WORK", 0)
+    with num_threads(2):
+        par = K.bconv2d_affine(xp, pw, scale, bias, padding=1)
+    assert np.array_equal(serial, par)
+
+
+# -------------------------------------------------------------------------------- validation
+
+
+def test_wrappers_validate_before_kernels() -> None:
+    pw = K.prepare_conv_weights(K.pack_weights(np.ones((4, 65, 3, 3), np.float32)), 65)
+    good = np.zeros((1, 5, 5, 2), np.uint64)
+    with pytest.raises(ValueError, match="uint64"):
+        K.bconv2d(good.astype(np.int64), pw)
+    with pytest.raises(ValueError, match="words"):
+        K.bconv2d(np.zeros((1, 5, 5, 1), np.uint64), pw)
+    with pytest.raises(ValueError, match="dimensions"):
+        K.bconv2d(np.zeros((5, 5, 2), np.uint64), pw)
+    with pytest.raises(ValueError, match="no output"):
+        K.bconv2d(np.zeros((1, 1, 1, 2), np.uint64), pw)
+    with pytest.raises(ValueError, match="stride"):
+        K.bconv2d(good, pw, stride=0)
+    with pytest.raises(ValueError, match="shape"):
+        K.bconv2d_affine(good, pw, np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="residual"):
+        K.bconv2d_affine(good, pw, np.ones(4), np.ones(4), residual=np.zeros((1, 3, 3, 3)))
+    with pytest.raises(ValueError, match="PreparedWeights"):
+        K.bconv2d(good, np.zeros((4, 3, 3, 2), np.uint64))  # type: ignore[arg-type]
+    bad_tail = np.zeros((4, 3, 3, 2), np.uint64)
+    bad_tail[0, 0, 0, 1] = np.uint64(1 << 5)  # bit 69 > 65 channels
+    with pytest.raises(ValueError, match="tail"):
+        K.prepare_conv_weights(bad_tail, 65)
+    with pytest.raises(ValueError, match="words"):
+        K.prepare_dense_weights(np.zeros((3, 2), np.uint64), 10)
+    with pytest.raises(ValueError, match="uint8"):
+        ps = K.prepare_stem_weights(np.zeros((4, 3, 3, 1), np.uint64), 3, 8)
+        K.stem_conv(np.zeros((1, 3, 5, 5), np.float32), ps)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="float"):
+        K.pack_sign(np.zeros((2, 3), bool))
