@@ -118,3 +118,18 @@ def test_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().startswith("bcnn eval: error:") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_eval_packed_engine_agrees_with_torch(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = pytest.importorskip("bcnn.engine")
+    if not hasattr(engine, "pack"):
+        pytest.skip("bcnn.engine has no pack() yet")
+    ck = str(run_dir / "final.pt")
+    assert main(["eval", ck, "--split", "all", "--json"]) == 0
+    torch_res = json.loads(capsys.readouterr().out)
+    assert main(["eval", ck, "--split", "all", "--engine", "packed", "--json"]) == 0
+    packed_res = json.loads(capsys.readouterr().out)
+    assert packed_res["engine"] == "packed" and packed_res["n"] == torch_res["n"] == 120
+    assert packed_res["top1"] == torch_res["top1"] and packed_res["top5"] == torch_res["top5"]

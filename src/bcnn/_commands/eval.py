@@ -43,10 +43,10 @@ def _engine_api() -> Any:
     return engine
 
 
-def _engine_call(what: str, fn: Any, *a: Any) -> Any:
+def _engine_call(what: str, fn: Any, *a: Any, **kw: Any) -> Any:
     """Engine errors of any type become one-line ValueErrors (OSErrors pass through)."""
     try:
-        return fn(*a)
+        return fn(*a, **kw)
     except (OSError, ValueError, ImportError):
         raise
     except Exception as e:
@@ -78,13 +78,19 @@ def _load(args: argparse.Namespace) -> tuple[str, Any, dict[str, Any]]:
             packed = _engine_call(spec, eng.load, path)
         else:
             raise FileNotFoundError(f"{spec!r} is neither a file nor a pretrained model name")
-        return "packed", packed, dict(getattr(packed, "meta", None) or {})
+        meta = dict(getattr(packed, "meta", None) or {})
+        classes = getattr(packed, "classes", None)
+        if classes and "classes" not in meta:
+            meta["classes"] = list(classes)
+        return "packed", packed, meta
     from ..models import load_checkpoint
 
     model, meta = load_checkpoint(path)
     if engine == "packed":
         eng = _engine_api()
-        return "packed", _engine_call(f"packing {path}", eng.pack, model), meta
+        classes = meta.get("classes")
+        kw = {"classes": list(classes)} if isinstance(classes, list | tuple) else {}
+        return "packed", _engine_call(f"packing {path}", eng.pack, model, **kw), meta
     return "torch", model, meta
 
 
