@@ -20,8 +20,15 @@ from bcnn.models import create_model
 from bcnn.train import binarised_weight_names, clip_latent_weights, make_optimizer
 
 
-def step_rate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int, amp: bool,
-              clip: bool, warmup: int = 3) -> float:
+def step_rate(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    iters: int,
+    amp: bool,
+    clip: bool,
+    warmup: int = 3,
+) -> float:
     opt = make_optimizer(model, 1e-3, 0.0)
     names = binarised_weight_names(model) if clip else set()
     params = [p for n, p in model.named_parameters() if n in names]
@@ -80,10 +87,12 @@ def main() -> None:
     if a.json:
         print(json.dumps(out))
     else:
-        print(f"{a.model} batch {a.batch_size}, {out['threads']} threads"
-              f"{', bf16 autocast' if a.amp else ''}: float twin {out['float_img_s']:.0f} img/s, "
-              f"binary {out['binary_img_s']:.0f} img/s -> binary step costs "
-              f"{out['binary_step_cost_ratio']:.2f}x the float step (target <= 1.2x)")
+        print(
+            f"{a.model} batch {a.batch_size}, {out['threads']} threads"
+            f"{', bf16 autocast' if a.amp else ''}: float twin {out['float_img_s']:.0f} img/s, "
+            f"binary {out['binary_img_s']:.0f} img/s -> binary step costs "
+            f"{out['binary_step_cost_ratio']:.2f}x the float step (target <= 1.2x)"
+        )
 
 
 if __name__ == "__main__":
