@@ -78,38 +78,40 @@ def _is_c_array(t: types.Type, dtype: types.Type) -> bool:
 
 
 def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
-    """Build the micro-kernel intrinsic (see :func:`_mk` / :func:`_mk_shift`)."""
+    """Build the micro-kernel intrinsic (see :data:`_mk` / :data:`_mk_shift`)."""
 
-    def typer(typingctx, a, a_off, a_stride, b, b_off, nw, shifts, acc, acc_off):  # type: ignore[no-untyped-def]
-        ints = (a_off, a_stride, b_off, nw, acc_off)
+    def typer(typingctx, a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts, acc, acc_off):  # type: ignore[no-untyped-def]
+        ints = (seg_words, seg_stride, nseg, b_off, acc_off)
         if not (
             _is_c_array(a, types.uint64)
+            and _is_c_array(roffs, types.int64)
             and _is_c_array(b, types.uint64)
             and _is_c_array(acc, types.int64)
             and _is_c_array(shifts, types.int64)
             and all(isinstance(t, types.Integer) for t in ints)
         ):
             return None
-        sig = types.void(a, a_off, a_stride, b, b_off, nw, shifts, acc, acc_off)
+        sig = types.void(a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts, acc, acc_off)
         return sig, _codegen
 
     def _codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        a_v, a_off_v, a_st_v, b_v, b_off_v, nw_v, sh_v, acc_v, c_off_v = args
         st = signature.args
         i64 = ir.IntType(64)
         i32 = ir.IntType(32)
         vty = ir.VectorType(i64, _VL)
 
-        def data(k, v):  # type: ignore[no-untyped-def]
-            arr = context.make_array(st[k])(context, builder, v)
+        def data(k):  # type: ignore[no-untyped-def]
+            arr = context.make_array(st[k])(context, builder, args[k])
             return builder.bitcast(arr.data, i64.as_pointer())
 
-        ap, bp, shp, cp = data(0, a_v), data(3, b_v), data(6, sh_v), data(7, acc_v)
-        a_off_v = context.cast(builder, a_off_v, st[1], types.int64)
-        a_st_v = context.cast(builder, a_st_v, st[2], types.int64)
-        b_off_v = context.cast(builder, b_off_v, st[4], types.int64)
-        nw_v = context.cast(builder, nw_v, st[5], types.int64)
-        c_off_v = context.cast(builder, c_off_v, st[8], types.int64)
+        def idx(k):  # type: ignore[no-untyped-def]
+            return context.cast(builder, args[k], st[k], types.int64)
+
+        ap, rp, bp, shp, cp = data(0), data(1), data(5), data(7), data(8)
+        seg_words, seg_stride, nseg = idx(2), idx(3), idx(4)
+        b_off, c_off = idx(6), idx(9)
+        one = ir.Constant(i64, 1)
+        zero_i = ir.Constant(i64, 0)
         ctpop = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vty, [vty]), f"llvm.ctpop.v{_VL}i64"
         )
@@ -121,43 +123,58 @@ def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
             v = builder.insert_element(undef, s, ir.Constant(i32, 0))
             return builder.shuffle_vector(v, undef, splat_mask)
 
-        arows = [
-            builder.gep(ap, [builder.add(a_off_v, builder.mul(a_st_v, ir.Constant(i64, r)))])
+        # row r reads a[roffs[r] + seg * seg_stride + w] for w < seg_words, seg < nseg
+        arow0 = [
+            builder.gep(ap, [builder.load(builder.gep(rp, [ir.Constant(i64, r)]))])
             for r in range(MR)
         ]
-        bbase = builder.gep(bp, [b_off_v])
+        jump = builder.add(builder.sub(seg_stride, seg_words), one)  # pointer step at seg end
+        total = builder.mul(seg_words, nseg)
+        bbase = builder.gep(bp, [b_off])
         entry = builder.block
         loop = builder.append_basic_block("mk.loop")
         done = builder.append_basic_block("mk.done")
-        builder.cbranch(builder.icmp_signed(">", nw_v, ir.Constant(i64, 0)), loop, done)
+        ok = builder.and_(
+            builder.icmp_signed(">", total, zero_i), builder.icmp_signed(">", seg_words, zero_i)
+        )
+        builder.cbranch(ok, loop, done)
 
         builder.position_at_end(loop)
-        w = builder.phi(i64)
-        w.add_incoming(ir.Constant(i64, 0), entry)
+        t = builder.phi(i64)  # flat word index (into b and shifts)
+        w = builder.phi(i64)  # word within the current segment
+        aoff = builder.phi(i64)  # offset of the current word from roffs[r]
+        for ph, init in ((t, zero_i), (w, zero_i), (aoff, zero_i)):
+            ph.add_incoming(init, entry)
         accs = []
         for _ in range(MR * _NV):
             p = builder.phi(vty)
             p.add_incoming(zero, entry)
             accs.append(p)
-        boff = builder.mul(w, ir.Constant(i64, LANES))
+        boff = builder.mul(t, ir.Constant(i64, LANES))
         bvs = []
         for j in range(_NV):
             ptr = builder.gep(bbase, [builder.add(boff, ir.Constant(i64, j * _VL))])
             bvs.append(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=8))
-        shv = splat(builder.load(builder.gep(shp, [w]), align=8)) if with_shifts else None
+        shv = splat(builder.load(builder.gep(shp, [t]), align=8)) if with_shifts else None
         new = []
         for r in range(MR):
-            sv = splat(builder.load(builder.gep(arows[r], [w]), align=8))
+            sv = splat(builder.load(builder.gep(arow0[r], [aoff]), align=8))
             for j in range(_NV):
                 pc = builder.call(ctpop, [builder.xor(sv, bvs[j])])
                 if shv is not None:
                     pc = builder.shl(pc, shv)
                 new.append(builder.add(accs[r * _NV + j], pc))
-        w1 = builder.add(w, ir.Constant(i64, 1))
-        w.add_incoming(w1, loop)
+        t1 = builder.add(t, one)
+        w1 = builder.add(w, one)
+        seg_end = builder.icmp_signed("==", w1, seg_words)
+        w_next = builder.select(seg_end, zero_i, w1)
+        a_next = builder.add(aoff, builder.select(seg_end, jump, one))
+        t.add_incoming(t1, loop)
+        w.add_incoming(w_next, loop)
+        aoff.add_incoming(a_next, loop)
         for p, n in zip(accs, new):
             p.add_incoming(n, loop)
-        builder.cbranch(builder.icmp_signed("<", w1, nw_v), loop, done)
+        builder.cbranch(builder.icmp_signed("<", t1, total), loop, done)
 
         builder.position_at_end(done)
         outs = []
@@ -167,7 +184,7 @@ def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
             ph.add_incoming(new[i], loop)
             outs.append(ph)
         for i in range(MR * _NV):
-            ptr = builder.gep(cp, [builder.add(c_off_v, ir.Constant(i64, i * _VL))])
+            ptr = builder.gep(cp, [builder.add(c_off, ir.Constant(i64, i * _VL))])
             builder.store(outs[i], builder.bitcast(ptr, vty.as_pointer()), align=8)
         return context.get_dummy_value()
 
@@ -175,14 +192,17 @@ def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
     return intrinsic(typer)
 
 
-#: ``_mk(a, a_off, a_stride, b, b_off, nw, shifts, acc, acc_off)``: for r < MR, l < 32,
+#: ``_mk(a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts, acc, acc_off)``:
+#: for r < MR, l < 32, with t = seg * seg_words + w running over the reduction,
 #: ``acc[acc_off + r*32 + l] =``
-#: ``sum_{w < nw} popcount(a[a_off + r*a_stride + w] ^ b[b_off + w*32 + l])``.
-#: a, b: C-contiguous uint64 (flat element offsets); acc: C-contiguous int64;
-#: shifts: int64, unused. The caller guarantees every index is in bounds.
+#: ``sum_{seg < nseg, w < seg_words} popcount(a[roffs[r] + seg*seg_stride + w] ^ b[b_off + t*32 + l])``
+#: a, b: C-contiguous uint64 (flat element offsets); roffs: int64 (MR,); acc: C-contiguous
+#: int64; shifts unused. Segments let a KHxKW convolution read its patch straight from a padded
+#: NHWC input (segment = one kernel row: KW*Cw contiguous words; seg_stride = padded row
+#: length): no im2col copy. The caller guarantees every index is in bounds.
 _mk = _make_microkernel(False)
-#: As ``_mk`` with each word's popcount shifted left by ``shifts[w]`` (needs len >= nw): the
-#: weighted sum over bit-planes of the first layer.
+#: As ``_mk`` with each word's popcount shifted left by ``shifts[t]``: the weighted sum over
+#: bit-planes of the first layer.
 _mk_shift = _make_microkernel(True)
 
 
@@ -569,36 +589,6 @@ def unpack_bits(packed: np.ndarray, n: int) -> np.ndarray:
 _MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD = 0, 1, 2
 
 
-@njit(cache=True, boundscheck=False, inline="always")
-def _fill_patch(x, m0, nrows, m_, ho, wo, kh, kw, stride, pad, patch):  # type: ignore[no-untyped-def]
-    """Binary im2col of output pixels m0 .. m0+nrows-1: patch[r] = the (ky, kx, word) patch of
-    pixel m0 + r; padded taps and rows past m_ are 0 (= +1: one-padding)."""
-    _, h, w, cw = x.shape
-    howo = ho * wo
-    for r in range(nrows):
-        m = m0 + r
-        if m >= m_:
-            for k in range(patch.shape[1]):
-                patch[r, k] = 0
-            continue
-        n = m // howo
-        rem = m - n * howo
-        oy = rem // wo
-        ox = rem - oy * wo
-        k = 0
-        for ky in range(kh):
-            iy = oy * stride - pad + ky
-            for kx in range(kw):
-                ix = ox * stride - pad + kx
-                if iy >= 0 and iy < h and ix >= 0 and ix < w:
-                    for c in range(cw):
-                        patch[r, k + c] = x[n, iy, ix, c]
-                else:
-                    for c in range(cw):
-                        patch[r, k + c] = 0
-                k += cw
-
-
 @njit(cache=True, boundscheck=False)
 def _epilogue(  # type: ignore[no-untyped-def]
     acc, rows, m0, o0, lmax, nbits, mode, out_i, out_f, out_b, ob,
@@ -658,32 +648,35 @@ def _epilogue(  # type: ignore[no-untyped-def]
 
 @njit(cache=True, boundscheck=False)
 def _conv_range(  # type: ignore[no-untyped-def]
-    t0, t1, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    t0, t1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
-    """Macro tiles t0..t1 (MB*MR output pixels each) of a binary conv, all output blocks, with
-    the epilogue. Per macro tile: im2col into an L1-sized patch, then for each 32-channel weight
-    block (kept in L1) the micro-kernel over the MB micro tiles."""
-    n_ = x.shape[0]
+    """Macro tiles t0..t1 (MB*MR output pixels each) of a binary conv over the padded input
+    ``xp``, all output blocks, with the epilogue. The micro-kernel reads each pixel's patch
+    straight from ``xp``: KH segments (kernel rows) of KW*Cw contiguous words."""
+    n_, hp, wp, cw = xp.shape
     nob, wk, _ = blocks.shape
     m_ = n_ * ho * wo
-    direct = kh == 1 and kw == 1 and stride == 1 and pad == 0
-    patch = np.zeros((_MB * MR, wk), np.uint64)
+    howo = ho * wo
+    roffs = np.empty((_MB, MR), np.int64)
     acc = np.empty(_MB * MR * LANES, np.int64)
     noshift = np.empty(0, np.int64)
     for t in range(t0, t1):
         mt0 = t * _MB * MR
         mrows = min(_MB * MR, m_ - mt0)
-        use_x = direct and mrows % MR == 0
-        if not use_x:
-            _fill_patch(x, mt0, -(-mrows // MR) * MR, m_, ho, wo, kh, kw, stride, pad, patch)
+        nmt = -(-mrows // MR)
+        for u in range(nmt):
+            for r in range(MR):
+                m = min(mt0 + u * MR + r, m_ - 1)  # rows past the end repeat the last one
+                n = m // howo
+                rem = m - n * howo
+                oy = rem // wo
+                ox = rem - oy * wo
+                roffs[u, r] = ((n * hp + oy * stride) * wp + ox * stride) * cw
         for ob in range(nob):
             boff = ob * wk * LANES
-            for u in range(0, mrows, MR):
-                if use_x:
-                    _mk(x, (mt0 + u) * wk, wk, blocks, boff, wk, noshift, acc, u * LANES)
-                else:
-                    _mk(patch, u * wk, wk, blocks, boff, wk, noshift, acc, u * LANES)
+            for u in range(nmt):
+                _mk(xp, roffs[u], kw * cw, wp * cw, kh, blocks, boff, noshift, acc, u * MR * LANES)
             o0 = ob * LANES
             _epilogue(
                 acc, mrows, mt0, o0, min(LANES, o_ - o0), nbits, mode, out_i, out_f,
@@ -692,12 +685,28 @@ def _conv_range(  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, boundscheck=False)
+def _pad_bits(x, pad):  # type: ignore[no-untyped-def]
+    """One-padding of packed bits: a zero border (bit 0 = +1)."""
+    if pad == 0:
+        return x
+    n_, h, w, cw = x.shape
+    xp = np.zeros((n_, h + 2 * pad, w + 2 * pad, cw), np.uint64)
+    for n in range(n_):
+        for y in range(h):
+            for i in range(w):
+                for c in range(cw):
+                    xp[n, y + pad, i + pad, c] = x[n, y, i, c]
+    return xp
+
+
+@njit(cache=True, boundscheck=False)
 def _conv_serial(  # type: ignore[no-untyped-def]
     ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
+    xp = _pad_bits(x, pad)
     _conv_range(
-        0, ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+        0, ntiles, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
         out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     )  # fmt: skip
 
@@ -707,10 +716,11 @@ def _conv_parallel(  # type: ignore[no-untyped-def]
     nchunks, ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
+    xp = _pad_bits(x, pad)
     for c in prange(nchunks):
         _conv_range(
-            c * ntiles // nchunks, (c + 1) * ntiles // nchunks, x, blocks, o_, nbits,
-            kh, kw, stride, pad, ho, wo, mode,
+            c * ntiles // nchunks, (c + 1) * ntiles // nchunks, xp, blocks, o_, nbits,
+            kh, kw, stride, ho, wo, mode,
             out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
         )  # fmt: skip
 
@@ -971,6 +981,7 @@ def _stem_range(  # type: ignore[no-untyped-def]
     howo = ho * wo
     patch = np.zeros((MR, wt), np.uint64)
     acc = np.empty(MR * LANES, np.int64)
+    roffs = np.arange(MR) * wt
     for t in range(t0, t1):
         m0 = t * MR
         rows = min(MR, m_ - m0)
@@ -997,7 +1008,7 @@ def _stem_range(  # type: ignore[no-untyped-def]
                                 patch[r, k + 1] |= v >> np.uint64(64 - off)
                         tap += 1
         for ob in range(nob):
-            _mk_shift(patch, 0, wt, blocks, ob * wt * LANES, wt, shifts, acc, 0)
+            _mk_shift(patch, roffs, wt, wt, 1, blocks, ob * wt * LANES, shifts, acc, 0)
             o0 = ob * LANES
             lmax = min(LANES, o_ - o0)
             for r in range(rows):
