@@ -195,7 +195,8 @@ def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
 #: ``_mk(a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts, acc, acc_off)``:
 #: for r < MR, l < 32, with t = seg * seg_words + w running over the reduction,
 #: ``acc[acc_off + r*32 + l] =``
-#: ``sum_{seg < nseg, w < seg_words} popcount(a[roffs[r] + seg*seg_stride + w] ^ b[b_off + t*32 + l])``
+#: ``sum_{seg < nseg, w < seg_words}``
+#: ``popcount(a[roffs[r] + seg*seg_stride + w] ^ b[b_off + t*32 + l])``
 #: a, b: C-contiguous uint64 (flat element offsets); roffs: int64 (MR,); acc: C-contiguous
 #: int64; shifts unused. Segments let a KHxKW convolution read its patch straight from a padded
 #: NHWC input (segment = one kernel row: KW*Cw contiguous words; seg_stride = padded row
