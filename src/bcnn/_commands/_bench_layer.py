@@ -23,17 +23,33 @@ LAYERS = ("conv3x3", "conv1x1", "linear")
 
 
 def _interleaved_ms(
-    fns: dict[str, Callable[[], Any]], repeat: int, warmup: int
+    fns: dict[str, Callable[[], Any]], repeat: int, warmup: int, threads: int = 1
 ) -> dict[str, float]:
+    """Medians (ms). One thread: runs interleaved call by call, so a noisy shared CPU hits all
+    alike. More threads: interleaved in blocks with a pause between them, because the thread
+    pools of torch and numba (two OpenMP runtimes) spin after a parallel region and would
+    starve each other's threads if calls alternated (oversubscription)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     ts: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            ts[k].append((time.perf_counter() - t0) * 1e3)
+    if threads <= 1:
+        for _ in range(repeat):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                ts[k].append((time.perf_counter() - t0) * 1e3)
+    else:
+        rounds = min(5, repeat)
+        for i in range(rounds):
+            for k, fn in fns.items():
+                time.sleep(0.05)
+                for _ in range(2):
+                    fn()
+                for _ in range(repeat * (i + 1) // rounds - repeat * i // rounds):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts[k].append((time.perf_counter() - t0) * 1e3)
     return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
 
 
@@ -179,6 +195,7 @@ def bench_layer(
                 },
                 repeat,
                 warmup,
+                threads,
             )
     finally:
         torch.set_num_threads(prev_torch)
@@ -230,7 +247,7 @@ def bench_gemm(
         b[:, -1] &= mask
     pb = K.prepare_dense_weights(b, k)
     with num_threads(threads):
-        ms = _interleaved_ms({"gemm": lambda: K.bgemm(a, pb)}, repeat, 5)["gemm"]
+        ms = _interleaved_ms({"gemm": lambda: K.bgemm(a, pb)}, repeat, 5, threads)["gemm"]
     return {
         "m": m,
         "n": n,

@@ -68,7 +68,7 @@ _VL = 8  # uint64 lanes in a 512-bit vector
 _NV = LANES // _VL
 
 # work (tiles * blocks * words) below which the serial variant runs even with threads
-_PARALLEL_MIN_WORK = 16384
+_PARALLEL_MIN_WORK = 4096
 
 # ------------------------------------------------------------------------------ micro-kernel
 
@@ -666,14 +666,23 @@ def _conv_range(  # type: ignore[no-untyped-def]
         mt0 = t * _MB * MR
         mrows = min(_MB * MR, m_ - mt0)
         nmt = -(-mrows // MR)
+        n = mt0 // howo  # (n, oy, ox) of pixel mt0, then stepped without divisions
+        rem = mt0 - n * howo
+        oy = rem // wo
+        ox = rem - oy * wo
+        last = 0
         for u in range(nmt):
             for r in range(MR):
-                m = min(mt0 + u * MR + r, m_ - 1)  # rows past the end repeat the last one
-                n = m // howo
-                rem = m - n * howo
-                oy = rem // wo
-                ox = rem - oy * wo
-                roffs[u, r] = ((n * hp + oy * stride) * wp + ox * stride) * cw
+                if u * MR + r < mrows:
+                    last = ((n * hp + oy * stride) * wp + ox * stride) * cw
+                    ox += 1
+                    if ox == wo:
+                        ox = 0
+                        oy += 1
+                        if oy == ho:
+                            oy = 0
+                            n += 1
+                roffs[u, r] = last  # rows past the end repeat the last one
         for ob in range(nob):
             boff = ob * wk * LANES
             for u in range(nmt):
@@ -848,7 +857,11 @@ def _run_conv(
     )  # fmt: skip
     chunks = _chunks(ntiles, ntiles * _MB * nob * wk)
     if chunks:
-        _conv_parallel(chunks, ntiles, *args)
+        prev = numba.set_parallel_chunksize(1)  # dynamic: an idle thread takes the next chunk
+        try:
+            _conv_parallel(chunks, ntiles, *args)
+        finally:
+            numba.set_parallel_chunksize(prev)
     else:
         _conv_serial(ntiles, *args)
     if mode == _MODE_INT:
@@ -1182,7 +1195,11 @@ def _run_stem(
     )  # fmt: skip
     chunks = _chunks(ntiles, ntiles * nob * (wt + 8))
     if chunks:
-        _stem_parallel(chunks, ntiles, *args)
+        prev = numba.set_parallel_chunksize(1)
+        try:
+            _stem_parallel(chunks, ntiles, *args)
+        finally:
+            numba.set_parallel_chunksize(prev)
     else:
         _stem_serial(ntiles, *args)
     return result.reshape(n, ho, wo, o)
