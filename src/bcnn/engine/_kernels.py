@@ -77,22 +77,89 @@ def _is_c_array(t: types.Type, dtype: types.Type) -> bool:
     return isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C"
 
 
-def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
-    """Build the micro-kernel intrinsic (see :data:`_mk` / :data:`_mk_shift`)."""
+_EPI_KINDS = ("int", "affine", "affine_rp", "affine_res", "affine_rp_res")
 
-    def typer(typingctx, a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts, acc, acc_off):  # type: ignore[no-untyped-def]
-        ints = (seg_words, seg_stride, nseg, b_off, acc_off)
-        if not (
+
+def _emit_epilogue(context, builder, kind, d, out_p, out_off, o0, vec_ps, res_p, res_off):  # type: ignore[no-untyped-def]
+    """Emit the epilogue of one row of 32 outputs; d: four <8 x i64> dot products.
+
+    kind ``int``: out[out_off + l] = int32(d); otherwise y = float32(d) * scale[o] + bias[o]
+    (IEEE multiply then add, no FMA), ``rp``: y = y - g[o]; y = y*s[o] if y < 0 else y;
+    y = y + z[o]; ``res``: y = res[res_off + l] + y; out[out_off + l] = y. o = o0 + l.
+    vec_ps: element pointers (scale, bias, g, s, z).
+    """
+    i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
+    v32, vf = ir.VectorType(i32, _VL), ir.VectorType(f32, _VL)
+
+    def at(base, off, j, vt):  # type: ignore[no-untyped-def]
+        p = builder.gep(base, [builder.add(off, ir.Constant(i64, j * _VL))])
+        return builder.bitcast(p, vt.as_pointer())
+
+    sc_p, bi_p, g_p, s_p, z_p = vec_ps
+    zero_f = ir.Constant(vf, [0.0] * _VL)
+    for j in range(_NV):
+        if kind == "int":
+            builder.store(builder.trunc(d[j], v32), at(out_p, out_off, j, v32), align=4)
+            continue
+        y = builder.sitofp(d[j], vf)
+        y = builder.fmul(y, builder.load(at(sc_p, o0, j, vf), align=4))
+        y = builder.fadd(y, builder.load(at(bi_p, o0, j, vf), align=4))
+        if "rp" in kind:
+            y = builder.fsub(y, builder.load(at(g_p, o0, j, vf), align=4))
+            neg = builder.fcmp_ordered("<", y, zero_f)
+            ys = builder.fmul(y, builder.load(at(s_p, o0, j, vf), align=4))
+            y = builder.select(neg, ys, y)
+            y = builder.fadd(y, builder.load(at(z_p, o0, j, vf), align=4))
+        if "res" in kind:
+            y = builder.fadd(builder.load(at(res_p, res_off, j, vf), align=4), y)
+        builder.store(y, at(out_p, out_off, j, vf), align=4)
+
+
+def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: ignore[no-untyped-def]
+    """Build a micro-kernel intrinsic: ``kind=None`` stores the popcount sums (see :data:`_mk`),
+    a kind of :data:`_EPI_KINDS` applies that epilogue and stores the outputs (:data:`_mkf`)."""
+    n_base = 8  # a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts
+
+    def check_base(a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts):  # type: ignore[no-untyped-def]
+        return (
             _is_c_array(a, types.uint64)
             and _is_c_array(roffs, types.int64)
             and _is_c_array(b, types.uint64)
-            and _is_c_array(acc, types.int64)
             and _is_c_array(shifts, types.int64)
-            and all(isinstance(t, types.Integer) for t in ints)
-        ):
-            return None
-        sig = types.void(a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts, acc, acc_off)
-        return sig, _codegen
+            and all(isinstance(t, types.Integer) for t in (seg_words, seg_stride, nseg, b_off))
+        )
+
+    if kind is None:
+
+        def typer(typingctx, a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts, acc, acc_off):  # type: ignore[no-untyped-def]
+            base = (a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts)
+            if not (
+                check_base(*base)
+                and _is_c_array(acc, types.int64)
+                and isinstance(acc_off, types.Integer)
+            ):
+                return None
+            return types.void(*base, acc, acc_off), _codegen
+
+    else:
+
+        def typer(  # type: ignore[no-untyped-def]
+            typingctx, a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts,
+            nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs,
+        ):  # fmt: skip
+            base = (a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts)
+            if not (
+                check_base(*base)
+                and _is_c_array(out, types.int32 if kind == "int" else types.float32)
+                and _is_c_array(ooffs, types.int64)
+                and _is_c_array(resoffs, types.int64)
+                and all(_is_c_array(t, types.float32) for t in (scale, bias, g, s, z, res))
+                and isinstance(nbits, types.Integer)
+                and isinstance(o0, types.Integer)
+            ):
+                return None
+            sig = types.void(*base, nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs)
+            return sig, _codegen
 
     def _codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         st = signature.args
@@ -100,16 +167,15 @@ def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
         i32 = ir.IntType(32)
         vty = ir.VectorType(i64, _VL)
 
-        def data(k):  # type: ignore[no-untyped-def]
+        def data(k, elt=i64):  # type: ignore[no-untyped-def]
             arr = context.make_array(st[k])(context, builder, args[k])
-            return builder.bitcast(arr.data, i64.as_pointer())
+            return builder.bitcast(arr.data, elt.as_pointer())
 
         def idx(k):  # type: ignore[no-untyped-def]
             return context.cast(builder, args[k], st[k], types.int64)
 
-        ap, rp, bp, shp, cp = data(0), data(1), data(5), data(7), data(8)
-        seg_words, seg_stride, nseg = idx(2), idx(3), idx(4)
-        b_off, c_off = idx(6), idx(9)
+        ap, rp, bp, shp = data(0), data(1), data(5), data(7)
+        seg_words, seg_stride, nseg, b_off = idx(2), idx(3), idx(4), idx(6)
         one = ir.Constant(i64, 1)
         zero_i = ir.Constant(i64, 0)
         ctpop = cgutils.get_or_insert_function(
@@ -143,8 +209,8 @@ def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
         t = builder.phi(i64)  # flat word index (into b and shifts)
         w = builder.phi(i64)  # word within the current segment
         aoff = builder.phi(i64)  # offset of the current word from roffs[r]
-        for ph, init in ((t, zero_i), (w, zero_i), (aoff, zero_i)):
-            ph.add_incoming(init, entry)
+        for ph in (t, w, aoff):
+            ph.add_incoming(zero_i, entry)
         accs = []
         for _ in range(MR * _NV):
             p = builder.phi(vty)
@@ -183,12 +249,30 @@ def _make_microkernel(with_shifts: bool):  # type: ignore[no-untyped-def]
             ph.add_incoming(zero, entry)
             ph.add_incoming(new[i], loop)
             outs.append(ph)
-        for i in range(MR * _NV):
-            ptr = builder.gep(cp, [builder.add(c_off, ir.Constant(i64, i * _VL))])
-            builder.store(outs[i], builder.bitcast(ptr, vty.as_pointer()), align=8)
+        if kind is None:
+            cp, c_off = data(n_base), idx(n_base + 1)
+            for i in range(MR * _NV):
+                ptr = builder.gep(cp, [builder.add(c_off, ir.Constant(i64, i * _VL))])
+                builder.store(outs[i], builder.bitcast(ptr, vty.as_pointer()), align=8)
+            return context.get_dummy_value()
+        k = n_base
+        nbits = idx(k)
+        out_p = data(k + 1, ir.IntType(32) if kind == "int" else ir.FloatType())
+        oo_p = data(k + 2)
+        o0 = idx(k + 3)
+        vec_ps = tuple(data(k + 4 + q, ir.FloatType()) for q in range(5))
+        res_p = data(k + 9, ir.FloatType())
+        ro_p = data(k + 10)
+        nb_v = splat(nbits)
+        two = ir.Constant(vty, [2] * _VL)
+        for r in range(MR):
+            d = [builder.sub(nb_v, builder.mul(two, outs[r * _NV + j])) for j in range(_NV)]
+            out_off = builder.add(builder.load(builder.gep(oo_p, [ir.Constant(i64, r)])), o0)
+            res_off = builder.add(builder.load(builder.gep(ro_p, [ir.Constant(i64, r)])), o0)
+            _emit_epilogue(context, builder, kind, d, out_p, out_off, o0, vec_ps, res_p, res_off)
         return context.get_dummy_value()
 
-    typer.__name__ = "_mk_shift" if with_shifts else "_mk"
+    typer.__name__ = ("_mk_shift" if with_shifts else "_mk") + (f"_{kind}" if kind else "")
     return intrinsic(typer)
 
 
@@ -205,30 +289,30 @@ _mk = _make_microkernel(False)
 #: As ``_mk`` with each word's popcount shifted left by ``shifts[t]``: the weighted sum over
 #: bit-planes of the first layer.
 _mk_shift = _make_microkernel(True)
+#: Fused micro-kernels, one per epilogue kind: ``_mkf[kind](a, roffs, seg_words, seg_stride,
+#: nseg, b, b_off, shifts, nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs)``:
+#: d = nbits - 2*sum (as ``_mk``), then the epilogue of :func:`_emit_epilogue` for row r at
+#: out[ooffs[r] + o0 + l] (and res[resoffs[r] + o0 + l]), straight from registers.
+_mkf_int = _make_microkernel(False, "int")
+_mkf_affine = _make_microkernel(False, "affine")
+_mkf_rp = _make_microkernel(False, "affine_rp")
+_mkf_res = _make_microkernel(False, "affine_res")
+_mkf_rp_res = _make_microkernel(False, "affine_rp_res")
 
 
 def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
-    """Build an intrinsic storing one full row of 32 accumulators through an epilogue, with
-    explicit 8-lane vectors (numba's loop vectorizer leaves these loops scalar).
-
+    """Build an intrinsic storing one full row of 32 accumulators through an epilogue
+    (:func:`_emit_epilogue`), with explicit 8-lane vectors (numba's loop vectorizer leaves
+    these loops scalar):
     ``_epi_<kind>(acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0)``
-    with d = nbits - 2*acc[acc_off + l] for l < 32 and channel o = o0 + l:
-
-    - ``int``: out[out_off + l] = int32(d)
-    - ``affine``: y = float32(d) * scale[o] + bias[o] (IEEE multiply, then add: no FMA)
-    - ``rp``: then y = y - g[o]; y = y * s[o] if y < 0 else y; y = y + z[o]
-    - ``res`` (with affine or rp): y = res[res_off + l] + y
-    - ``affine*``: out[out_off + l] = y (float32)
-    Unused arrays may be empty; the caller guarantees in-bounds offsets.
+    with d = nbits - 2*acc[acc_off + l]. Unused arrays may be empty; the caller guarantees
+    in-bounds offsets.
     """
-    do_affine = kind != "int"
-    do_rp = "rp" in kind
-    do_res = "res" in kind
 
     def typer(typingctx, acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0):  # type: ignore[no-untyped-def]
         if not (
             _is_c_array(acc, types.int64)
-            and _is_c_array(out, types.float32 if do_affine else types.int32)
+            and _is_c_array(out, types.int32 if kind == "int" else types.float32)
             and all(_is_c_array(t, types.float32) for t in (scale, bias, g, s, z, res))
             and all(isinstance(t, types.Integer) for t in (acc_off, nbits, out_off, res_off, o0))
         ):
@@ -238,8 +322,8 @@ def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         st = signature.args
-        i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
-        v64, v32, vf = ir.VectorType(i64, _VL), ir.VectorType(i32, _VL), ir.VectorType(f32, _VL)
+        i64, f32 = ir.IntType(64), ir.FloatType()
+        v64 = ir.VectorType(i64, _VL)
 
         def ptr(k, elt):  # type: ignore[no-untyped-def]
             arr = context.make_array(st[k])(context, builder, args[k])
@@ -248,40 +332,26 @@ def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
         def idx(k):  # type: ignore[no-untyped-def]
             return context.cast(builder, args[k], st[k], types.int64)
 
-        def vload(base, off, j, vt):  # type: ignore[no-untyped-def]
-            p = builder.gep(base, [builder.add(off, ir.Constant(i64, j * _VL))])
-            return builder.load(builder.bitcast(p, vt.as_pointer()), align=4)
-
-        def vstore(val, base, off, j, vt):  # type: ignore[no-untyped-def]
-            p = builder.gep(base, [builder.add(off, ir.Constant(i64, j * _VL))])
-            builder.store(val, builder.bitcast(p, vt.as_pointer()), align=4)
-
-        acc_p, acc_off = ptr(0, i64), idx(1)
-        nbits = idx(2)
-        out_off = idx(4)
-        o0 = idx(12)
-        nb_v = builder.insert_element(ir.Constant(v64, ir.Undefined), nbits, ir.Constant(i32, 0))
+        acc_p, acc_off, nbits = ptr(0, i64), idx(1), idx(2)
+        nb_v = builder.insert_element(
+            ir.Constant(v64, ir.Undefined), nbits, ir.Constant(ir.IntType(32), 0)
+        )
         nb_v = builder.shuffle_vector(
-            nb_v, ir.Constant(v64, ir.Undefined), ir.Constant(ir.VectorType(i32, _VL), None)
+            nb_v,
+            ir.Constant(v64, ir.Undefined),
+            ir.Constant(ir.VectorType(ir.IntType(32), _VL), None),
         )
         two = ir.Constant(v64, [2] * _VL)
-        zero_f = ir.Constant(vf, [0.0] * _VL)
+        d = []
         for j in range(_NV):
-            d = builder.sub(nb_v, builder.mul(two, vload(acc_p, acc_off, j, v64)))
-            if not do_affine:
-                vstore(builder.trunc(d, v32), ptr(3, i32), out_off, j, v32)
-                continue
-            y = builder.sitofp(d, vf)
-            y = builder.fmul(y, vload(ptr(5, f32), o0, j, vf))
-            y = builder.fadd(y, vload(ptr(6, f32), o0, j, vf))
-            if do_rp:
-                y = builder.fsub(y, vload(ptr(7, f32), o0, j, vf))
-                neg = builder.fcmp_ordered("<", y, zero_f)
-                y = builder.select(neg, builder.fmul(y, vload(ptr(8, f32), o0, j, vf)), y)
-                y = builder.fadd(y, vload(ptr(9, f32), o0, j, vf))
-            if do_res:
-                y = builder.fadd(vload(ptr(10, f32), idx(11), j, vf), y)
-            vstore(y, ptr(3, f32), out_off, j, vf)
+            p = builder.gep(acc_p, [builder.add(acc_off, ir.Constant(i64, j * _VL))])
+            a = builder.load(builder.bitcast(p, v64.as_pointer()), align=8)
+            d.append(builder.sub(nb_v, builder.mul(two, a)))
+        out_p = ptr(3, ir.IntType(32) if kind == "int" else f32)
+        vec_ps = tuple(ptr(5 + q, f32) for q in range(5))
+        _emit_epilogue(
+            context, builder, kind, d, out_p, idx(4), idx(12), vec_ps, ptr(10, f32), idx(11)
+        )
         return context.get_dummy_value()
 
     typer.__name__ = f"_epi_{kind}"
@@ -660,8 +730,14 @@ def _conv_range(  # type: ignore[no-untyped-def]
     m_ = n_ * ho * wo
     howo = ho * wo
     roffs = np.empty((_MB, MR), np.int64)
+    ooffs = np.empty((_MB, MR), np.int64)
     acc = np.empty(_MB * MR * LANES, np.int64)
     noshift = np.empty(0, np.int64)
+    o_out = out_i.shape[1] if mode == 0 else out_f.shape[1]
+    # full tiles of 32 channels run a fused micro-kernel (epilogue from registers)
+    fuse = mode == 0 or (mode == 1 and (not has_res or res.shape[1] == o_out))
+    sw = kw * cw
+    ss = wp * cw
     for t in range(t0, t1):
         mt0 = t * _MB * MR
         mrows = min(_MB * MR, m_ - mt0)
@@ -683,15 +759,40 @@ def _conv_range(  # type: ignore[no-untyped-def]
                             oy = 0
                             n += 1
                 roffs[u, r] = last  # rows past the end repeat the last one
+                ooffs[u, r] = (mt0 + u * MR + r) * o_out
+        nfull = mrows // MR if fuse else 0
         for ob in range(nob):
             boff = ob * wk * LANES
-            for u in range(nmt):
-                _mk(xp, roffs[u], kw * cw, wp * cw, kh, blocks, boff, noshift, acc, u * MR * LANES)
             o0 = ob * LANES
-            _epilogue(
-                acc, mrows, mt0, o0, min(LANES, o_ - o0), nbits, mode, out_i, out_f,
-                out_b, ob, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
-            )  # fmt: skip
+            lmax = min(LANES, o_ - o0)
+            u0 = 0
+            if lmax == LANES:
+                for u in range(nfull):
+                    ro = roffs[u]
+                    oo = ooffs[u]
+                    if mode == 0:
+                        _mkf_int(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_i, oo, o0,
+                                 scale, bias, rp_g, rp_s, rp_z, res, oo)  # fmt: skip
+                    elif not has_rp and not has_res:
+                        _mkf_affine(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_f, oo,
+                                    o0, scale, bias, rp_g, rp_s, rp_z, res, oo)  # fmt: skip
+                    elif not has_res:
+                        _mkf_rp(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_f, oo, o0,
+                                scale, bias, rp_g, rp_s, rp_z, res, oo)  # fmt: skip
+                    elif not has_rp:
+                        _mkf_res(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_f, oo, o0,
+                                 scale, bias, rp_g, rp_s, rp_z, res, oo)  # fmt: skip
+                    else:
+                        _mkf_rp_res(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_f, oo,
+                                    o0, scale, bias, rp_g, rp_s, rp_z, res, oo)  # fmt: skip
+                u0 = nfull
+            if u0 < nmt:
+                for u in range(u0, nmt):
+                    _mk(xp, roffs[u], sw, ss, kh, blocks, boff, noshift, acc, (u - u0) * MR * LANES)
+                _epilogue(
+                    acc, mrows - u0 * MR, mt0 + u0 * MR, o0, lmax, nbits, mode, out_i, out_f,
+                    out_b, ob, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+                )  # fmt: skip
 
 
 @njit(cache=True, boundscheck=False)
