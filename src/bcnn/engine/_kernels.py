@@ -365,6 +365,154 @@ _epi_res = _make_row_epilogue("affine_res")
 _epi_rp_res = _make_row_epilogue("affine_rp_res")
 
 
+def _splat(builder, val, n):  # type: ignore[no-untyped-def]
+    vt = ir.VectorType(val.type, n)
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(
+        v, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), n), None)
+    )
+
+
+@intrinsic
+def _cmp64(typingctx, x, x_off, t, t_off, flipmask, mode):  # type: ignore[no-untyped-def]
+    """64 contiguous float32 -> uint64 bits (bit i from x[x_off + i], t[t_off + i]).
+    mode 0: bit = x + t < 0 (sign of x + bias); mode 1: bit = (x > t) if flip else (x < t),
+    flip bit i = bit i of ``flipmask``. ``mode`` must be a compile-time literal."""
+    if not (
+        _is_c_array(x, types.float32)
+        and _is_c_array(t, types.float32)
+        and isinstance(x_off, types.Integer)
+        and isinstance(t_off, types.Integer)
+        and isinstance(flipmask, types.Integer)
+        and isinstance(mode, types.IntegerLiteral)
+    ):
+        return None
+    lit = mode.literal_value
+    sig = types.uint64(x, x_off, t, t_off, flipmask, mode)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        st = signature.args
+        i64, f32 = ir.IntType(64), ir.FloatType()
+        vf = ir.VectorType(f32, 16)
+        xp = builder.bitcast(
+            context.make_array(st[0])(context, builder, args[0]).data, f32.as_pointer()
+        )
+        tp = builder.bitcast(
+            context.make_array(st[2])(context, builder, args[2]).data, f32.as_pointer()
+        )
+        xo = context.cast(builder, args[1], st[1], types.int64)
+        to = context.cast(builder, args[3], st[3], types.int64)
+        zero = ir.Constant(vf, [0.0] * 16)
+        word = ir.Constant(i64, 0)
+        for q in range(4):
+            off = ir.Constant(i64, 16 * q)
+            xv = builder.load(
+                builder.bitcast(builder.gep(xp, [builder.add(xo, off)]), vf.as_pointer()), align=4
+            )
+            tv = builder.load(
+                builder.bitcast(builder.gep(tp, [builder.add(to, off)]), vf.as_pointer()), align=4
+            )
+            if lit == 0:
+                m = builder.fcmp_ordered("<", builder.fadd(xv, tv), zero)
+                bits = builder.zext(builder.bitcast(m, ir.IntType(16)), i64)
+            else:
+                lt = builder.zext(
+                    builder.bitcast(builder.fcmp_ordered("<", xv, tv), ir.IntType(16)), i64
+                )
+                gt = builder.zext(
+                    builder.bitcast(builder.fcmp_ordered(">", xv, tv), ir.IntType(16)), i64
+                )
+                fm = builder.and_(
+                    builder.lshr(args[4], ir.Constant(i64, 16 * q)), ir.Constant(i64, 0xFFFF)
+                )
+                bits = builder.or_(builder.and_(lt, builder.not_(fm)), builder.and_(gt, fm))
+            word = builder.or_(word, builder.shl(bits, ir.Constant(i64, 16 * q)))
+        return word
+
+    return sig, codegen
+
+
+def _make_pack_nchw(nvec: int):  # type: ignore[no-untyped-def]
+    """Intrinsic packing one word for each of 16*nvec consecutive pixels of an NCHW float32
+    input: out[o_off + i*ostride] = sum_{c < nc} (x[x_off + (c0+c)*pstride + i]
+    + bias[c0+c] < 0) << c for i < 16*nvec (channels c0 .. c0+nc-1, nc <= 64)."""
+    npx = 16 * nvec
+
+    def typer(typingctx, x, x_off, pstride, c0, nc, bias, out, o_off, ostride):  # type: ignore[no-untyped-def]
+        ints = (x_off, pstride, c0, nc, o_off, ostride)
+        if not (
+            _is_c_array(x, types.float32)
+            and _is_c_array(bias, types.float32)
+            and _is_c_array(out, types.uint64)
+            and all(isinstance(t, types.Integer) for t in ints)
+        ):
+            return None
+        return types.void(x, x_off, pstride, c0, nc, bias, out, o_off, ostride), codegen
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        st = signature.args
+        i64, f32 = ir.IntType(64), ir.FloatType()
+        vf = ir.VectorType(f32, 16)
+        v64 = ir.VectorType(i64, 16)
+
+        def ptr(k, elt):  # type: ignore[no-untyped-def]
+            arr = context.make_array(st[k])(context, builder, args[k])
+            return builder.bitcast(arr.data, elt.as_pointer())
+
+        def idx(k):  # type: ignore[no-untyped-def]
+            return context.cast(builder, args[k], st[k], types.int64)
+
+        xp, bp, op = ptr(0, f32), ptr(5, f32), ptr(6, i64)
+        x_off, pstride, c0, nc, o_off, ostride = idx(1), idx(2), idx(3), idx(4), idx(7), idx(8)
+        zero_f = ir.Constant(vf, [0.0] * 16)
+        zero_v = ir.Constant(v64, None)
+        entry = builder.block
+        loop = builder.append_basic_block("pk.loop")
+        done = builder.append_basic_block("pk.done")
+        builder.cbranch(builder.icmp_signed(">", nc, ir.Constant(i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        c = builder.phi(i64)
+        c.add_incoming(ir.Constant(i64, 0), entry)
+        accs = []
+        for _ in range(nvec):
+            a = builder.phi(v64)
+            a.add_incoming(zero_v, entry)
+            accs.append(a)
+        ch = builder.add(c0, c)
+        base = builder.gep(xp, [builder.add(x_off, builder.mul(ch, pstride))])
+        b = _splat(builder, builder.load(builder.gep(bp, [ch])), 16)
+        bit = _splat(builder, builder.shl(ir.Constant(i64, 1), c), 16)
+        new = []
+        for q in range(nvec):
+            p = builder.bitcast(builder.gep(base, [ir.Constant(i64, 16 * q)]), vf.as_pointer())
+            neg = builder.fcmp_ordered("<", builder.fadd(builder.load(p, align=4), b), zero_f)
+            new.append(builder.or_(accs[q], builder.select(neg, bit, zero_v)))
+        c1 = builder.add(c, ir.Constant(i64, 1))
+        c.add_incoming(c1, loop)
+        for a, n in zip(accs, new):
+            a.add_incoming(n, loop)
+        builder.cbranch(builder.icmp_signed("<", c1, nc), loop, done)
+        builder.position_at_end(done)
+        for q in range(nvec):
+            res = builder.phi(v64)
+            res.add_incoming(zero_v, entry)
+            res.add_incoming(new[q], loop)
+            new[q] = res
+        for q in range(nvec):
+            for i in range(16):
+                o = builder.add(o_off, builder.mul(ostride, ir.Constant(i64, 16 * q + i)))
+                val = builder.extract_element(new[q], ir.Constant(ir.IntType(32), i))
+                builder.store(val, builder.gep(op, [o]))
+        return context.get_dummy_value()
+
+    typer.__name__ = f"_pack{npx}_nchw"
+    return intrinsic(typer)
+
+
+_pack64_nchw = _make_pack_nchw(4)
+_pack16_nchw = _make_pack_nchw(1)
+
+
 # --------------------------------------------------------------------------- prepared weights
 
 
@@ -532,53 +680,65 @@ def _pack_rows(x, bias, out):  # type: ignore[no-untyped-def]
     """out[m, j] bit i = (x[m, 64j+i] + bias[64j+i]) < 0 (float32)."""
     m_, c_ = x.shape
     cw = out.shape[1]
+    full = c_ // 64
     for m in range(m_):
-        for j in range(cw):
-            c0 = j * 64
-            cn = min(64, c_ - c0)
+        for j in range(full):
+            out[m, j] = _cmp64(x, m * c_ + 64 * j, bias, 64 * j, 0, 0)
+        if full < cw:
+            c0 = full * 64
             w = np.uint64(0)
-            for i in range(cn):
+            for i in range(c_ - c0):
                 v = x[m, c0 + i] + bias[c0 + i]
                 w |= np.uint64(v < 0) << np.uint64(i)
-            out[m, j] = w
+            out[m, full] = w
 
 
 @njit(cache=True, boundscheck=False)
 def _pack_nchw(x, bias, out):  # type: ignore[no-untyped-def]
-    """x (N, C, P) float32 -> out (N, P, Cw): bit = x + bias[c] < 0. Channel-outer loop so
-    the inner loop over pixels reads and writes contiguous memory (vectorizes)."""
+    """x (N, C, P) float32 -> out (N, P, Cw): bit = x + bias[c] < 0, by blocks of pixels
+    (vector loads along the pixels of each channel, 64 or 16 pixels per block), scalar for
+    the last P % 16."""
     n_, c_, p_ = x.shape
     cw = out.shape[2]
-    tmp = np.zeros((cw, p_), np.uint64)
     for n in range(n_):
-        tmp[:] = 0
-        for c in range(c_):
-            j = c >> 6
-            sh = np.uint64(c & 63)
-            b = bias[c]
-            for p in range(p_):
-                tmp[j, p] |= np.uint64(x[n, c, p] + b < 0) << sh
-        for p in range(p_):
+        p0 = 0
+        while p0 + 64 <= p_:
             for j in range(cw):
-                out[n, p, j] = tmp[j, p]
+                _pack64_nchw(x, n * c_ * p_ + p0, p_, 64 * j, min(64, c_ - 64 * j), bias, out,
+                             (n * p_ + p0) * cw + j, cw)  # fmt: skip
+            p0 += 64
+        while p0 + 16 <= p_:
+            for j in range(cw):
+                _pack16_nchw(x, n * c_ * p_ + p0, p_, 64 * j, min(64, c_ - 64 * j), bias, out,
+                             (n * p_ + p0) * cw + j, cw)  # fmt: skip
+            p0 += 16
+        for p in range(p0, p_):
+            for j in range(cw):
+                w = np.uint64(0)
+                for i in range(min(64, c_ - 64 * j)):
+                    c = 64 * j + i
+                    w |= np.uint64(x[n, c, p] + bias[c] < 0) << np.uint64(i)
+                out[n, p, j] = w
 
 
 @njit(cache=True, boundscheck=False)
-def _pack_thr_rows(x, thr, flip, out):  # type: ignore[no-untyped-def]
-    """bit = (x > thr[c]) if flip[c] else (x < thr[c])."""
+def _pack_thr_rows(x, thr, flip, fwords, out):  # type: ignore[no-untyped-def]
+    """bit = (x > thr[c]) if flip[c] else (x < thr[c]); fwords: flip packed as bits."""
     m_, c_ = x.shape
     cw = out.shape[1]
+    full = c_ // 64
     for m in range(m_):
-        for j in range(cw):
-            c0 = j * 64
-            cn = min(64, c_ - c0)
+        for j in range(full):
+            out[m, j] = _cmp64(x, m * c_ + 64 * j, thr, 64 * j, fwords[j], 1)
+        if full < cw:
+            c0 = full * 64
             w = np.uint64(0)
-            for i in range(cn):
+            for i in range(c_ - c0):
                 v = x[m, c0 + i]
                 t = thr[c0 + i]
                 bit = (v > t) if flip[c0 + i] else (v < t)
                 w |= np.uint64(bit) << np.uint64(i)
-            out[m, j] = w
+            out[m, full] = w
 
 
 def _as_f32(x: object, name: str) -> np.ndarray:
@@ -641,7 +801,7 @@ def pack_threshold(x: object, thr: object, flip: object) -> np.ndarray:
     rows = a.reshape(-1, c)
     out = np.empty((rows.shape[0], _words(c)), np.uint64)
     if out.size:
-        _pack_thr_rows(rows, t, f, out)
+        _pack_thr_rows(rows, t, f, _pack_bool_rows(f), out)
     return out.reshape(*a.shape[:-1], _words(c))
 
 
