@@ -30,14 +30,44 @@ LAYERS = [
 ]
 
 
+def check_asm() -> dict[str, int]:
+    """Compile a fresh (uncached) caller of the GEMM micro-kernel and count the instructions
+    that matter in its machine code (zmm VPOPCNTQ: the AVX512-VPOPCNTDQ path)."""
+    import re
+
+    import numpy as np
+    from numba import njit
+
+    from bcnn.engine import _kernels as K
+
+    @njit
+    def probe(a, roffs, b, acc):  # type: ignore[no-untyped-def]
+        K._mk(a, roffs, 4, 4, 1, b, 0, np.empty(0, np.int64), acc, 0)
+
+    a = np.zeros(4 * 4, np.uint64)
+    probe(a, np.arange(4, dtype=np.int64) * 4, np.zeros(4 * 32, np.uint64), np.zeros(128, np.int64))
+    asm = next(iter(probe.inspect_asm().values()))
+    ops = ("vpopcntq", "vpxorq", "vpaddq", "popcntq")
+    return {
+        op: len(re.findall(rf"\b{op}\s+%zmm" if op != "popcntq" else rf"\s{op}\s", asm))
+        for op in ops
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("--asm", action="store_true", help="only check the micro-kernel's asm")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    print(f"# load average: {os.getloadavg()}")
+    import llvmlite.binding as llvm
+
+    print(f"# cpu: {llvm.get_host_cpu_name()}; load average: {os.getloadavg()}")
+    print(f"# micro-kernel machine code (zmm instructions): {check_asm()}")
+    if args.asm:
+        return
     for threads in args.threads:
         for m, n, k in GEMMS:
             r = bench_gemm(m, n, k, threads=threads, repeat=args.repeat * 2)
