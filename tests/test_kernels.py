@@ -236,6 +236,59 @@ def test_bconv2d_affine_epilogues(cout: int, use_rp: bool, res_kind: str | None)
     assert np.array_equal(got, want_torch)
 
 
+@pytest.mark.parametrize("cout", [64, 70])
+@pytest.mark.parametrize("res_kind", [None, "same", "repeat"])
+def test_affine_fma_is_torch_batch_norm(cout: int, res_kind: str | None) -> None:
+    """fma=True: y = fma(acc, alpha, beta) with one rounding, which is how ATen's CPU batch norm
+    computes eval mode; checked against the reference and against nn.BatchNorm2d itself."""
+    rng = np.random.default_rng(cout)
+    cin, n, size = 130, 2, 5
+    x, w = _rand(rng, n, size, size, cin), _rand(rng, cout, cin, 3, 3)
+    xp, wp = K.pack_sign(x), K.pack_weights(w)
+    pw = K.prepare_conv_weights(wp, cin)
+    bn = torch.nn.BatchNorm2d(cout).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(_rand(rng, cout)))
+        bn.bias.copy_(torch.from_numpy(_rand(rng, cout)))
+        bn.running_mean.copy_(torch.from_numpy(_rand(rng, cout)) * 10)
+        bn.running_var.copy_(torch.from_numpy(np.abs(_rand(rng, cout)) + 0.1))
+    try:
+        from bcnn.engine._pack import _bn_alpha_beta
+    except ImportError:  # the folding lives with the packer
+        pytest.skip("bcnn.engine._pack._bn_alpha_beta not available")
+    alpha, beta = _bn_alpha_beta(bn)
+    rp = (_rand(rng, cout), _rand(rng, cout), _rand(rng, cout))
+    res = (
+        None
+        if res_kind is None
+        else _rand(rng, n, size, size, cout // (2 if res_kind == "repeat" else 1))
+    )
+    got = K.bconv2d_affine(xp, pw, alpha, beta, padding=1, rprelu=rp, residual=res, fma=True)
+    assert np.array_equal(got, R.bconv2d_affine(xp, wp, cin, alpha, beta, 1, 1, rp, res, fma=True))
+    acc = R.bconv2d(xp, wp, cin, 1, 1)
+    with torch.no_grad():
+        y = bn(torch.from_numpy(acc.astype(np.float32).transpose(0, 3, 1, 2)))
+        y = y.permute(0, 2, 3, 1).contiguous()
+        g, sl, z = (torch.from_numpy(v) for v in rp)
+        y = y - g
+        y = torch.where(y >= 0, y, y * sl) + z
+        if res is not None:
+            y = torch.from_numpy(res).repeat(1, 1, 1, cout // res.shape[-1]) + y
+    assert np.array_equal(got, y.numpy())
+    # the stem and the dense layer take the same option
+    ps = K.prepare_stem_weights(K.pack_weights(_rand(rng, cout, 24, 3, 3)), 3, 8)
+    img = rng.integers(0, 256, (1, 3, 6, 6), dtype=np.uint8)
+    s = K.stem_conv(img, ps, 1, 1)
+    st_got = K.stem_conv_affine(img, ps, alpha, beta, padding=1, fma=True)
+    assert np.array_equal(st_got, R._affine(s, alpha, beta, fma=True))
+    pd = K.prepare_dense_weights(K.pack_weights(_rand(rng, cout, cin)), cin)
+    xd = K.pack_sign(_rand(rng, 3, cin))
+    assert np.array_equal(
+        K.blinear_affine(xd, pd, alpha, beta, fma=True),
+        R._affine(K.blinear(xd, pd), alpha, beta, fma=True),
+    )
+
+
 @pytest.mark.parametrize("cout", [1, 64, 65, 130])
 def test_bconv2d_threshold(cout: int) -> None:
     rng = np.random.default_rng(cout)

@@ -80,11 +80,12 @@ def _is_c_array(t: types.Type, dtype: types.Type) -> bool:
 _EPI_KINDS = ("int", "affine", "affine_rp", "affine_res", "affine_rp_res")
 
 
-def _emit_epilogue(context, builder, kind, d, out_p, out_off, o0, vec_ps, res_p, res_off):  # type: ignore[no-untyped-def]
+def _emit_epilogue(context, builder, kind, d, out_p, out_off, o0, vec_ps, res_p, res_off, fma):  # type: ignore[no-untyped-def]
     """Emit the epilogue of one row of 32 outputs; d: four <8 x i64> dot products.
 
     kind ``int``: out[out_off + l] = int32(d); otherwise y = float32(d) * scale[o] + bias[o]
-    (IEEE multiply then add, no FMA), ``rp``: y = y - g[o]; y = y*s[o] if y < 0 else y;
+    (IEEE multiply then add; if the i1 ``fma`` is set: fma(float32(d), scale[o], bias[o]),
+    one rounding, as ATen's CPU batch norm), ``rp``: y = y - g[o]; y = y*s[o] if y < 0 else y;
     y = y + z[o]; ``res``: y = res[res_off + l] + y; out[out_off + l] = y. o = o0 + l.
     vec_ps: element pointers (scale, bias, g, s, z).
     """
@@ -101,9 +102,15 @@ def _emit_epilogue(context, builder, kind, d, out_p, out_off, o0, vec_ps, res_p,
         if kind == "int":
             builder.store(builder.trunc(d[j], v32), at(out_p, out_off, j, v32), align=4)
             continue
-        y = builder.sitofp(d[j], vf)
-        y = builder.fmul(y, builder.load(at(sc_p, o0, j, vf), align=4))
-        y = builder.fadd(y, builder.load(at(bi_p, o0, j, vf), align=4))
+        x = builder.sitofp(d[j], vf)
+        sc = builder.load(at(sc_p, o0, j, vf), align=4)
+        bi = builder.load(at(bi_p, o0, j, vf), align=4)
+        fma_fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{_VL}f32"
+        )
+        y = builder.select(
+            fma, builder.call(fma_fn, [x, sc, bi]), builder.fadd(builder.fmul(x, sc), bi)
+        )
         if "rp" in kind:
             y = builder.fsub(y, builder.load(at(g_p, o0, j, vf), align=4))
             neg = builder.fcmp_ordered("<", y, zero_f)
@@ -145,7 +152,7 @@ def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: igno
 
         def typer(  # type: ignore[no-untyped-def]
             typingctx, a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts,
-            nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs,
+            nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma,
         ):  # fmt: skip
             base = (a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts)
             if not (
@@ -156,9 +163,10 @@ def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: igno
                 and all(_is_c_array(t, types.float32) for t in (scale, bias, g, s, z, res))
                 and isinstance(nbits, types.Integer)
                 and isinstance(o0, types.Integer)
+                and isinstance(fma, types.Boolean | types.Integer)
             ):
                 return None
-            sig = types.void(*base, nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs)
+            sig = types.void(*base, nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma)
             return sig, _codegen
 
     def _codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
@@ -263,13 +271,16 @@ def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: igno
         vec_ps = tuple(data(k + 4 + q, ir.FloatType()) for q in range(5))
         res_p = data(k + 9, ir.FloatType())
         ro_p = data(k + 10)
+        fma = builder.icmp_signed("!=", idx(k + 11), zero_i)
         nb_v = splat(nbits)
         two = ir.Constant(vty, [2] * _VL)
         for r in range(MR):
             d = [builder.sub(nb_v, builder.mul(two, outs[r * _NV + j])) for j in range(_NV)]
             out_off = builder.add(builder.load(builder.gep(oo_p, [ir.Constant(i64, r)])), o0)
             res_off = builder.add(builder.load(builder.gep(ro_p, [ir.Constant(i64, r)])), o0)
-            _emit_epilogue(context, builder, kind, d, out_p, out_off, o0, vec_ps, res_p, res_off)
+            _emit_epilogue(
+                context, builder, kind, d, out_p, out_off, o0, vec_ps, res_p, res_off, fma
+            )
         return context.get_dummy_value()
 
     typer.__name__ = ("_mk_shift" if with_shifts else "_mk") + (f"_{kind}" if kind else "")
@@ -290,7 +301,7 @@ _mk = _make_microkernel(False)
 #: bit-planes of the first layer.
 _mk_shift = _make_microkernel(True)
 #: Fused micro-kernels, one per epilogue kind: ``_mkf[kind](a, roffs, seg_words, seg_stride,
-#: nseg, b, b_off, shifts, nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs)``:
+#: nseg, b, b_off, shifts, nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma)``:
 #: d = nbits - 2*sum (as ``_mk``), then the epilogue of :func:`_emit_epilogue` for row r at
 #: out[ooffs[r] + o0 + l] (and res[resoffs[r] + o0 + l]), straight from registers.
 _mkf_int = _make_microkernel(False, "int")
@@ -304,20 +315,26 @@ def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
     """Build an intrinsic storing one full row of 32 accumulators through an epilogue
     (:func:`_emit_epilogue`), with explicit 8-lane vectors (numba's loop vectorizer leaves
     these loops scalar):
-    ``_epi_<kind>(acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0)``
+    ``_epi_<kind>(acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0,
+    fma)``
     with d = nbits - 2*acc[acc_off + l]. Unused arrays may be empty; the caller guarantees
     in-bounds offsets.
     """
 
-    def typer(typingctx, acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0):  # type: ignore[no-untyped-def]
+    def typer(
+        typingctx, acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0, fma
+    ):  # type: ignore[no-untyped-def]
         if not (
             _is_c_array(acc, types.int64)
             and _is_c_array(out, types.int32 if kind == "int" else types.float32)
             and all(_is_c_array(t, types.float32) for t in (scale, bias, g, s, z, res))
             and all(isinstance(t, types.Integer) for t in (acc_off, nbits, out_off, res_off, o0))
+            and isinstance(fma, types.Boolean | types.Integer)
         ):
             return None
-        sig = types.void(acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0)
+        sig = types.void(
+            acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0, fma
+        )
         return sig, codegen
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
@@ -349,8 +366,9 @@ def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
             d.append(builder.sub(nb_v, builder.mul(two, a)))
         out_p = ptr(3, ir.IntType(32) if kind == "int" else f32)
         vec_ps = tuple(ptr(5 + q, f32) for q in range(5))
+        fma = builder.icmp_signed("!=", idx(13), ir.Constant(i64, 0))
         _emit_epilogue(
-            context, builder, kind, d, out_p, idx(4), idx(12), vec_ps, ptr(10, f32), idx(11)
+            context, builder, kind, d, out_p, idx(4), idx(12), vec_ps, ptr(10, f32), idx(11), fma
         )
         return context.get_dummy_value()
 
@@ -363,6 +381,22 @@ _epi_affine = _make_row_epilogue("affine")
 _epi_rp = _make_row_epilogue("affine_rp")
 _epi_res = _make_row_epilogue("affine_res")
 _epi_rp_res = _make_row_epilogue("affine_rp_res")
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """fma(a, b, c) in float32 with one rounding (llvm.fma.f32)."""
+    if not all(t == types.float32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32"
+        )
+        return builder.call(fn, list(args))
+
+    return types.float32(a, b, c), codegen
 
 
 def _splat(builder, val, n):  # type: ignore[no-untyped-def]
@@ -817,7 +851,7 @@ def unpack_bits(packed: np.ndarray, n: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------ conv / GEMM kernels
 
-_MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD = 0, 1, 2
+_MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD, _MODE_AFFINE_FMA = 0, 1, 2, 3
 
 
 @njit(cache=True, boundscheck=False)
@@ -830,6 +864,7 @@ def _epilogue(  # type: ignore[no-untyped-def]
     channels through the scalar loops (same arithmetic)."""
     cr = res.shape[1]
     o_ = out_i.shape[1] if mode == 0 else out_f.shape[1]
+    fma = mode == 3
     full = lmax == LANES
     for r in range(rows):
         m = m0 + r
@@ -837,29 +872,30 @@ def _epilogue(  # type: ignore[no-untyped-def]
         if mode == 0:
             if full:
                 _epi_int(acc, base, nbits, out_i, m * o_ + o0, scale, bias, rp_g, rp_s, rp_z,
-                         res, 0, o0)  # fmt: skip
+                         res, 0, o0, fma)  # fmt: skip
             else:
                 for l in range(lmax):
                     out_i[m, o0 + l] = nbits - 2 * acc[base + l]
-        elif mode == 1:
+        elif mode == 1 or mode == 3:
             if full and (not has_res or cr == o_):
                 oo = m * o_ + o0
                 if not has_rp and not has_res:
                     _epi_affine(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                                res, 0, o0)  # fmt: skip
+                                res, 0, o0, fma)  # fmt: skip
                 elif not has_res:
                     _epi_rp(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                            res, 0, o0)  # fmt: skip
+                            res, 0, o0, fma)  # fmt: skip
                 elif not has_rp:
                     _epi_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                             res, oo, o0)  # fmt: skip
+                             res, oo, o0, fma)  # fmt: skip
                 else:
                     _epi_rp_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                                res, oo, o0)  # fmt: skip
+                                res, oo, o0, fma)  # fmt: skip
             else:
                 for l in range(lmax):
                     o = o0 + l
-                    y = np.float32(nbits - 2 * acc[base + l]) * scale[o] + bias[o]
+                    x = np.float32(nbits - 2 * acc[base + l])
+                    y = _fma32(x, scale[o], bias[o]) if fma else x * scale[o] + bias[o]
                     if has_rp:
                         y = y - rp_g[o]
                         y = y * rp_s[o] if y < 0 else y
@@ -895,7 +931,8 @@ def _conv_range(  # type: ignore[no-untyped-def]
     noshift = np.empty(0, np.int64)
     o_out = out_i.shape[1] if mode == 0 else out_f.shape[1]
     # full tiles of 32 channels run a fused micro-kernel (epilogue from registers)
-    fuse = mode == 0 or (mode == 1 and (not has_res or res.shape[1] == o_out))
+    fma = mode == 3
+    fuse = mode == 0 or ((mode == 1 or fma) and (not has_res or res.shape[1] == o_out))
     sw = kw * cw
     ss = wp * cw
     for t in range(t0, t1):
@@ -932,19 +969,19 @@ def _conv_range(  # type: ignore[no-untyped-def]
                     oo = ooffs[u]
                     if mode == 0:
                         _mkf_int(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_i, oo, o0,
-                                 scale, bias, rp_g, rp_s, rp_z, res, oo)  # fmt: skip
+                                 scale, bias, rp_g, rp_s, rp_z, res, oo, fma)  # fmt: skip
                     elif not has_rp and not has_res:
                         _mkf_affine(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_f, oo,
-                                    o0, scale, bias, rp_g, rp_s, rp_z, res, oo)  # fmt: skip
+                                    o0, scale, bias, rp_g, rp_s, rp_z, res, oo, fma)  # fmt: skip
                     elif not has_res:
                         _mkf_rp(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_f, oo, o0,
-                                scale, bias, rp_g, rp_s, rp_z, res, oo)  # fmt: skip
+                                scale, bias, rp_g, rp_s, rp_z, res, oo, fma)  # fmt: skip
                     elif not has_rp:
                         _mkf_res(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_f, oo, o0,
-                                 scale, bias, rp_g, rp_s, rp_z, res, oo)  # fmt: skip
+                                 scale, bias, rp_g, rp_s, rp_z, res, oo, fma)  # fmt: skip
                     else:
                         _mkf_rp_res(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_f, oo,
-                                    o0, scale, bias, rp_g, rp_s, rp_z, res, oo)  # fmt: skip
+                                    o0, scale, bias, rp_g, rp_s, rp_z, res, oo, fma)  # fmt: skip
                 u0 = nfull
             if u0 < nmt:
                 for u in range(u0, nmt):
@@ -1057,7 +1094,7 @@ def _run_conv(
     rp = (_F0, _F0, _F0)
     if mode == _MODE_INT:
         result = out_i = np.empty((m, o), np.int32)
-    elif mode == _MODE_AFFINE:
+    elif mode in (_MODE_AFFINE, _MODE_AFFINE_FMA):
         scale = _vec(scale, o, "scale")
         bias = _vec(bias, o, "bias")
         if rprelu is not None:
@@ -1147,6 +1184,7 @@ def bconv2d_affine(
     rprelu: tuple[object, object, object] | None = None,
     residual: np.ndarray | None = None,
     out: np.ndarray | None = None,
+    fma: bool = False,
 ) -> np.ndarray:
     """Binary conv2d + per-channel affine (+ RPReLU) (+ residual add), one pass, float32 NHWC.
 
@@ -1154,13 +1192,15 @@ def bconv2d_affine(
     y = y - gamma; y = y if y >= 0 else y * slope; y = y + zeta; with ``residual``
     (N, Ho, Wo, Cr), O % Cr == 0: y = residual[..., o % Cr] + y (Cr < O: the channel-repeated
     shortcut of a widening downsample). ``out`` may be ``residual`` itself (h += ... in place).
+    ``fma=True``: y = fma(float32(acc), scale[o], bias[o]) with one rounding (how ATen's CPU
+    batch norm computes x * alpha + beta in eval mode) instead of a multiply then an add.
     """
     return _run_conv(
         x,
         w,
         stride,
         padding,
-        _MODE_AFFINE,
+        _MODE_AFFINE_FMA if fma else _MODE_AFFINE,
         scale=scale,  # type: ignore[arg-type]
         bias=bias,  # type: ignore[arg-type]
         rprelu=rprelu,  # type: ignore[arg-type]
@@ -1204,9 +1244,13 @@ def blinear(x: np.ndarray, w: PreparedWeights) -> np.ndarray:
     return _run_conv(_dense_input(x, w), w, 1, 0, _MODE_INT).reshape(x.shape[0], -1)
 
 
-def blinear_affine(x: np.ndarray, w: PreparedWeights, scale: object, bias: object) -> np.ndarray:
-    """Binary linear layer + per-output affine: float32(acc) * scale + bias -> float32 (N, O)."""
-    y = _run_conv(_dense_input(x, w), w, 1, 0, _MODE_AFFINE, scale=scale, bias=bias)  # type: ignore[arg-type]
+def blinear_affine(
+    x: np.ndarray, w: PreparedWeights, scale: object, bias: object, *, fma: bool = False
+) -> np.ndarray:
+    """Binary linear layer + per-output affine: float32(acc) * scale + bias -> float32 (N, O)
+    (``fma=True``: one rounding, see :func:`bconv2d_affine`)."""
+    mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
+    y = _run_conv(_dense_input(x, w), w, 1, 0, mode, scale=scale, bias=bias)  # type: ignore[arg-type]
     return y.reshape(x.shape[0], -1)
 
 
@@ -1295,7 +1339,8 @@ def _stem_range(  # type: ignore[no-untyped-def]
                 else:
                     for l in range(lmax):
                         o = o0 + l
-                        y = np.float32(const - 2 * acc[base + l]) * scale[o] + bias[o]
+                        xv = np.float32(const - 2 * acc[base + l])
+                        y = _fma32(xv, scale[o], bias[o]) if mode == 3 else xv * scale[o] + bias[o]
                         if has_rp:
                             y = y - rp_g[o]
                             if y < 0:
@@ -1482,9 +1527,12 @@ def stem_conv_affine(
     stride: int = 1,
     padding: int = 0,
     rprelu: tuple[object, object, object] | None = None,
+    fma: bool = False,
 ) -> np.ndarray:
-    """:func:`stem_conv` + float32(S) * scale + bias (+ RPReLU) -> float32 (N, Ho, Wo, O)."""
-    return _run_stem(x, w, stride, padding, _MODE_AFFINE, scale, bias, rprelu)
+    """:func:`stem_conv` + float32(S) * scale + bias (+ RPReLU) -> float32 (N, Ho, Wo, O)
+    (``fma=True``: one rounding, see :func:`bconv2d_affine`)."""
+    mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
+    return _run_stem(x, w, stride, padding, mode, scale, bias, rprelu)
 
 
 # ----------------------------------------------------------------------------------- pooling

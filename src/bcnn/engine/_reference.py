@@ -24,6 +24,7 @@ __all__ = [
     "pack_sign",
     "pack_threshold",
     "stem_conv",
+    "stem_conv_affine",
     "stem_planes",
     "unpack_bits",
 ]
@@ -80,9 +81,21 @@ def blinear(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
     return _dots(x, w, k).astype(np.int32)
 
 
-def _affine(acc, scale, bias, rprelu=None):  # type: ignore[no-untyped-def]
-    y = acc.astype(np.float32) * np.asarray(scale, np.float32)
-    y = y + np.asarray(bias, np.float32)
+def _fma32(x, a, b):  # type: ignore[no-untyped-def]
+    """float32 fma with one rounding, via x87 extended precision: the product of two float32
+    values is exact in its 64-bit significand; the sum is rounded there, then to float32."""
+    ld = np.longdouble
+    return (
+        x.astype(ld) * np.asarray(a, np.float32).astype(ld) + np.asarray(b, np.float32).astype(ld)
+    ).astype(np.float32)
+
+
+def _affine(acc, scale, bias, rprelu=None, fma=False):  # type: ignore[no-untyped-def]
+    if fma:
+        y = _fma32(acc.astype(np.float32), scale, bias)
+    else:
+        y = acc.astype(np.float32) * np.asarray(scale, np.float32)
+        y = y + np.asarray(bias, np.float32)
     if rprelu is not None:
         g, s, z = (np.asarray(v, np.float32) for v in rprelu)
         y = y - g
@@ -91,8 +104,8 @@ def _affine(acc, scale, bias, rprelu=None):  # type: ignore[no-untyped-def]
     return y
 
 
-def blinear_affine(x, w, k, scale, bias):  # type: ignore[no-untyped-def]
-    return _affine(_dots(x, w, k), scale, bias)
+def blinear_affine(x, w, k, scale, bias, fma=False):  # type: ignore[no-untyped-def]
+    return _affine(_dots(x, w, k), scale, bias, fma=fma)
 
 
 def _im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int) -> np.ndarray:
@@ -120,9 +133,9 @@ def bconv2d(x: np.ndarray, w: np.ndarray, cin: int, stride: int = 1, padding: in
 
 
 def bconv2d_affine(  # type: ignore[no-untyped-def]
-    x, w, cin, scale, bias, stride=1, padding=0, rprelu=None, residual=None
+    x, w, cin, scale, bias, stride=1, padding=0, rprelu=None, residual=None, fma=False
 ):
-    y = _affine(bconv2d(x, w, cin, stride, padding), scale, bias, rprelu)
+    y = _affine(bconv2d(x, w, cin, stride, padding), scale, bias, rprelu, fma)
     if residual is not None:
         reps = y.shape[-1] // residual.shape[-1]
         y = np.tile(residual, (1, 1, 1, reps)) + y
@@ -200,3 +213,11 @@ def avgpool2x2(h: np.ndarray) -> np.ndarray:
 
 def global_avgpool(h: np.ndarray) -> np.ndarray:
     return h.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
+
+
+def stem_conv_affine(  # type: ignore[no-untyped-def]
+    x, w, planes, scale, bias, encoding="bitplane", thresholds=None, stride=1, padding=0,
+    rprelu=None, fma=False,
+):  # fmt: skip
+    s = stem_conv(x, w, planes, encoding, thresholds, stride, padding)
+    return _affine(s, scale, bias, rprelu, fma)
