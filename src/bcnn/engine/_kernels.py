@@ -150,7 +150,7 @@ def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: igno
 
     else:
 
-        def typer(  # type: ignore[no-untyped-def]
+        def typer(  # type: ignore[no-untyped-def,misc]
             typingctx, a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts,
             nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma,
         ):  # fmt: skip
