@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quant import QuantizerLike, get_quantizer
@@ -55,7 +56,7 @@ class RPReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x - _per_channel(self.gamma, x).to(x.dtype)
-        x = torch.where(x >= 0, x, x * _per_channel(self.slope, x).to(x.dtype))
+        x = F.prelu(x, self.slope.to(x.dtype))  # x if x >= 0 else slope * x, per channel
         return x + _per_channel(self.zeta, x).to(x.dtype)
 
 

@@ -65,8 +65,10 @@ class EncodedConv2d(BinaryConv2d):
         if ph or pw:
             planes = F.pad(planes, (pw, pw, ph, ph), value=1.0)
         plane_weights: Tensor = self.encoder.plane_weights  # type: ignore[assignment]
-        planes = planes * plane_weights.view(1, -1, 1, 1)
         w, sw = _quantize(self.weight_quantizer, self.weight)
+        # Weight each plane by its place value through the (small) weight tensor rather than the
+        # (large) plane tensor: the same exact integer sums, one pass less over the planes.
+        w = w * plane_weights.view(1, -1, 1, 1).to(w.dtype)
         y = F.conv2d(planes, w, None, self.stride, 0, self.dilation, self.groups)
         if sw is not None:  # k-bit weights: integer conv, then the per-channel step
             y = y * sw.reshape(1, -1, 1, 1).to(y.dtype)

@@ -53,7 +53,7 @@ class _ApproxSignFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return g * (2.0 - 2.0 * x.abs()).clamp_min(0.0)
+        return x.abs().mul_(-2.0).add_(2.0).clamp_min_(0.0).mul_(g)
 
 
 class _SwishSignFn(torch.autograd.Function):
