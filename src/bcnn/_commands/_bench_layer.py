@@ -6,7 +6,9 @@ run with the same thread count (medians):
 - binary: float NCHW -> sign + pack (``pack_sign(channels_first=True)``) -> XOR-popcount
   conv -> per-channel affine -> float32 NHWC (the engine's native layout; ``binary_nchw_ms``
   adds a copy to NCHW);
-- float: ``torch.nn.functional.conv2d`` (``F.linear``) in float32, with bias;
+- float: ``torch.nn.functional.conv2d`` (``F.linear``) in float32, with bias (NCHW input;
+  ``*_channels_last_ms`` time torch with channels-last tensors too, ``speedup_vs_best_*`` use
+  the faster layout);
 - int8: ``torch.ao.nn.quantized.Conv2d`` / ``Linear`` on the x86 (fbgemm) backend, per-channel
   int8 weights, including ``quantize_per_tensor`` of the input and ``dequantize`` of the output.
 """
@@ -133,6 +135,7 @@ def bench_layer(
                 return qlin(q).dequantize()
 
             xp = K.pack_sign(x)
+            extra = {}
             ho = wo = 1
             binary_check = np.array_equal(
                 K.blinear(xp, pw),
@@ -173,6 +176,17 @@ def bench_layer(
                 q = torch.quantize_per_tensor(xt, x_scale, 128, torch.quint8)
                 return qconv(q).dequantize()
 
+            xt_cl = xt.contiguous(memory_format=torch.channels_last)
+            wt_cl = wt.contiguous(memory_format=torch.channels_last)
+
+            def run_float_cl() -> Any:
+                return F.conv2d(xt_cl, wt_cl, bt, stride=stride, padding=pad)
+
+            def run_int8_cl() -> Any:
+                q = torch.quantize_per_tensor(xt_cl, x_scale, 128, torch.quint8)
+                return qconv(q).dequantize()
+
+            extra = {"float_cl": run_float_cl, "int8_cl": run_int8_cl}
             ho = (size + 2 * pad - k) // stride + 1
             wo = ho
             ones = F.pad(torch.from_numpy(np.where(x >= 0, 1.0, -1.0).astype(np.float32)),
@@ -192,6 +206,7 @@ def bench_layer(
                     "int8": run_int8,
                     "gemm": run_gemm,
                     "binary_nchw": run_binary_nchw,
+                    **extra,
                 },
                 repeat,
                 warmup,
@@ -217,6 +232,12 @@ def bench_layer(
         "speedup_vs_float": ms["float"] / ms["binary"],
         "speedup_vs_int8": ms["int8"] / ms["binary"],
         "gemm_ms": ms["gemm"],
+        # torch given channels_last input and weights (the faster layout for it here) and the
+        # speedups against the faster of the two layouts
+        "float_channels_last_ms": ms.get("float_cl"),
+        "int8_channels_last_ms": ms.get("int8_cl"),
+        "speedup_vs_best_float": min(ms["float"], ms.get("float_cl", ms["float"])) / ms["binary"],
+        "speedup_vs_best_int8": min(ms["int8"], ms.get("int8_cl", ms["int8"])) / ms["binary"],
         "binary_nchw_ms": ms["binary_nchw"],
         "macs": macs,
         "gmacs_binary": macs / ms["binary"] / 1e6,

@@ -95,7 +95,7 @@ def _is_bcnn(p: Path) -> bool:
 
 
 def set_num_threads(n: int) -> int:
-    """Threads used by the kernels (default: numba's pool size); returns the previous count."""
+    """Threads used by the kernels (default 1); returns the previous count."""
     from ._threads import set_num_threads as _set
 
     return _set(n)

@@ -36,6 +36,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import _threads
+
 __all__ = [
     "LANES",
     "MR",
@@ -1041,10 +1043,12 @@ _B0 = np.zeros(0, np.bool_)
 
 
 def _chunks(ntiles: int, work: int) -> int:
-    """Number of parallel chunks (0: run the serial variant)."""
-    t = numba.get_num_threads()
+    """Number of parallel chunks (0: run the serial variant); sets numba's thread count for
+    the calling thread to the engine's (:mod:`bcnn.engine._threads`, default 1)."""
+    t = _threads.get_num_threads()
     if t <= 1 or ntiles < 2 or work < _PARALLEL_MIN_WORK:
         return 0
+    numba.set_num_threads(t)
     return min(ntiles, 4 * t)
 
 

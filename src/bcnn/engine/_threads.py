@@ -1,9 +1,13 @@
 """Thread count of the packed engine's kernels (numba ``prange``; torch is not touched).
 
-``set_num_threads(n)`` sets it for the calling thread, ``num_threads(n)`` is a context manager
-that restores the previous value. ``n`` is clamped to ``1..numba.config.NUMBA_NUM_THREADS``
-(the pool size, fixed at start-up; set ``NUMBA_NUM_THREADS`` in the environment to change it).
-With one thread the kernels run their serial variants (no parallel-region overhead).
+The engine runs single-threaded unless asked: ``set_num_threads(n)`` sets the count (process
+wide), ``num_threads(n)`` is a context manager that restores the previous value. ``n`` is
+clamped to ``1..max_threads()`` (numba's pool size, fixed at start-up: set
+``NUMBA_NUM_THREADS`` in the environment to change it). With one thread the kernels run their
+serial variants (no parallel-region overhead); with more, large layers are split into chunks
+that idle threads take in turn. On a machine whose cores are busy with other work, a
+fork-join region waits for a descheduled thread (a scheduler time slice, milliseconds):
+use one thread there.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numba
 
 __all__ = ["get_num_threads", "max_threads", "num_threads", "set_num_threads"]
 
+_count = [1]
+
 
 def max_threads() -> int:
     """The size of numba's thread pool (the most threads a kernel can use)."""
@@ -22,8 +28,8 @@ def max_threads() -> int:
 
 
 def get_num_threads() -> int:
-    """The number of threads the kernels use now (for the calling thread)."""
-    return int(numba.get_num_threads())
+    """The number of threads the kernels use now (default 1)."""
+    return _count[0]
 
 
 def set_num_threads(n: int) -> int:
@@ -32,8 +38,8 @@ def set_num_threads(n: int) -> int:
         raise ValueError(f"number of threads must be an int, got {n!r}")
     if n < 1:
         raise ValueError(f"number of threads must be >= 1, got {n}")
-    prev = get_num_threads()
-    numba.set_num_threads(min(n, max_threads()))
+    prev = _count[0]
+    _count[0] = min(n, max_threads())
     return prev
 
 
@@ -44,4 +50,4 @@ def num_threads(n: int) -> Iterator[int]:
     try:
         yield get_num_threads()
     finally:
-        numba.set_num_threads(prev)
+        _count[0] = prev
