@@ -30,13 +30,13 @@ bcnn eval "$OUT/bcnn/final.pt" --data digits --json | tee "$OUT/eval.json"
 bcnn summary "$OUT/bcnn/final.pt" --input-size 1 8 8
 
 echo "== 4/4 packed engine"
-# ---------------------------------------------------------------------------------------
-# ENGINE: pack "$OUT/bcnn/final.pt", check packed == torch on the val set, print the speedup.
-# (engine owner: replace this block, e.g.
-#   bcnn pack "$OUT/bcnn/final.pt" -o "$OUT/bcnn/model.bcnn"
-#   bcnn eval "$OUT/bcnn/model.bcnn" --engine packed --json
-#   bcnn bench ...)
-echo "(packed engine step not wired yet)"
-# ---------------------------------------------------------------------------------------
+bcnn pack "$OUT/bcnn/final.pt" -o "$OUT/bcnn/model.bcnn"
+echo "-- packed engine == torch on the validation split:"
+python scripts/check_packed.py "$OUT/bcnn/final.pt" "$OUT/bcnn/model.bcnn"
+bcnn eval "$OUT/bcnn/model.bcnn" --engine packed --json
+echo "-- speed, batch 1, one thread (this digits model is tiny: 8x8 inputs):"
+bcnn bench "$OUT/bcnn/final.pt" --size 8 8 --json
+echo "-- speed of the full-size bcnn_cifar (32x32, random weights), batch 1, one thread:"
+bcnn bench bcnn_cifar --json
 
 echo "== done in $(( $(date +%s) - START ))s: $OUT/bcnn/{final.pt,metrics.csv,curves.png}"

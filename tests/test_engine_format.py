@@ -211,3 +211,18 @@ def test_load_any(tmp_path: Path, model_file: Path) -> None:
     assert load_any(renamed).classes == list("abcd")  # recognised by its magic
     with pytest.raises(FileNotFoundError):
         load_any(tmp_path / "nothing")
+
+
+def test_checkpoint_meta_travels_into_the_file(tmp_path: Path) -> None:
+    """A .bcnn keeps the data spec and split of its run, so `bcnn eval x.bcnn` finds them."""
+    model = create_model("bcnn_cifar", width=8, depth=1, num_classes=4)
+    ck = tmp_path / "ck.pt"
+    meta = {"classes": list("wxyz"), "data": "digits", "val_split": 0.2, "seed": 3, "metrics": {}}
+    save_checkpoint(ck, model, meta=meta)
+    out = tmp_path / "m.bcnn"
+    load_any(ck).save(out)
+    assert load(out).meta == {"data": "digits", "val_split": 0.2, "seed": 3}
+    graph = dict(load(out).graph)
+    graph["meta"] = {"data": ["not", "a", "scalar"]}
+    with pytest.raises(ValueError, match="meta"):
+        validate_graph(graph, load(out).tensors)

@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix != ".bcnn":
         raise ValueError(f"output must end in .bcnn: {out}")
     classes = meta.get("classes")
-    packed = pack(model, classes=list(classes) if isinstance(classes, list | tuple) else None)
+    packed = pack(
+        model, classes=list(classes) if isinstance(classes, list | tuple) else None, meta=meta
+    )
     packed.save(out)
     size = out.stat().st_size
     ref = float_state_dict_bytes(model)

@@ -32,13 +32,21 @@ __all__ = [
 ]
 
 
-def pack(model: Any, *, classes: list[str] | None = None) -> PackedModel:
+# Checkpoint meta entries that travel into a .bcnn file (so `bcnn eval` finds the same split).
+META_KEYS = ("data", "val_split", "seed", "image_size")
+
+
+def pack(
+    model: Any, *, classes: list[str] | None = None, meta: dict[str, Any] | None = None
+) -> PackedModel:
     """Convert a torch model (the BCNN family, or an ``nn.Sequential`` chain of bcnn binary
     layers) into a :class:`PackedModel`. The model is read in eval mode; unsupported modules
-    raise ``ValueError`` naming them. ``classes``: class names stored with the model."""
+    raise ``ValueError`` naming them. ``classes``: class names stored with the model;
+    ``meta``: a checkpoint's meta, of which the entries in ``META_KEYS`` are kept."""
     from ._pack import pack_model
 
-    graph, tensors = pack_model(model, classes=classes)
+    kept = {k: meta[k] for k in META_KEYS if meta and meta.get(k) is not None}
+    graph, tensors = pack_model(model, classes=classes, meta=kept)
     return PackedModel(graph, tensors)
 
 
@@ -75,7 +83,9 @@ def load_any(spec: str | os.PathLike[str]) -> PackedModel:
 
         model, meta = load_checkpoint(p)
         classes = meta.get("classes")
-        return pack(model, classes=list(classes) if isinstance(classes, list | tuple) else None)
+        return pack(
+            model, classes=list(classes) if isinstance(classes, list | tuple) else None, meta=meta
+        )
     raise FileNotFoundError(f"{s!r} is neither a .bcnn file, a checkpoint nor a pretrained name")
 
 

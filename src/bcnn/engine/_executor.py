@@ -607,6 +607,11 @@ class PackedModel:
         return list(c) if c else None
 
     @property
+    def meta(self) -> dict[str, Any]:
+        """Where the model came from: its data spec, validation split and seed, when known."""
+        return dict(self.graph.get("meta") or {})
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the packed tensors."""
         return int(sum(a.nbytes for a in self.tensors.values()))

@@ -158,6 +158,15 @@ class _Checker:
             or not all(isinstance(c, str) for c in classes)
         ):
             raise _Invalid(f"graph: 'classes' must be null or a list of {ncls} strings")
+        meta = g.get("meta")
+        if meta is not None and not (
+            isinstance(meta, dict)
+            and all(
+                isinstance(k, str) and (v is None or isinstance(v, str | int | float | bool))
+                for k, v in meta.items()
+            )
+        ):
+            raise _Invalid("graph: 'meta' must be an object of strings, numbers or nulls")
         ops = g.get("ops")
         if not isinstance(ops, list) or not 1 <= len(ops) <= MAX_OPS:
             raise _Invalid(f"graph: 'ops' must be a list of 1..{MAX_OPS} ops")

@@ -672,6 +672,7 @@ def pack_model(
     model: Any,
     *,
     classes: list[str] | None = None,
+    meta: dict[str, Any] | None = None,
     input_size: tuple[int, int, int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Return (graph, tensors) for a supported torch model (see docs/format.md)."""
@@ -716,4 +717,6 @@ def pack_model(
         "output": out,
         "source": dict(getattr(model, "bcnn_config", None) or {}),
     }
+    if meta:
+        graph["meta"] = dict(meta)
     return graph, b.tensors
