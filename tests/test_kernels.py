@@ -462,3 +462,25 @@ def test_wrappers_validate_before_kernels() -> None:
         K.stem_conv(np.zeros((1, 3, 5, 5), np.float32), ps)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="float"):
         K.pack_sign(np.zeros((2, 3), bool))
+
+
+# ------------------------------------------------------------------------------------ bench
+
+
+@pytest.mark.parametrize("layer", ["conv3x3", "conv1x1", "linear"])
+def test_bench_layer_cli_json(layer: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import warnings
+
+    from bcnn.cli import main
+
+    args = ["bench", "--layer", layer, "--channels", "65", "--size", "5", "--repeat", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*args, "--json", "--out-channels", "70"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("binary_ms", "float_ms", "int8_ms", "speedup_vs_float", "speedup_vs_int8"):
+        assert res[key] > 0
+    assert res["binary_exact"] is True and res["layer"] == layer
+    assert main(["bench"]) == 2  # neither MODEL nor --layer
+    assert main(["bench", "bcnn_cifar", "--layer", "conv3x3"]) == 2
