@@ -80,7 +80,7 @@ def test_lsq_initialises_from_first_batch_and_detects_sign() -> None:
     assert q.step.item() == pytest.approx(2 * 1.5 / math.sqrt(15), rel=0.15)
     q2 = UniformQuantizer(2, signed=None)
     q2(torch.randn(100))
-    assert q2.signed and q2.pad_value == 1.0
+    assert q2.signed and q2.pad_value == 3.0  # every plane +1: 2 + 1
 
 
 def test_kbit_conv_is_integer_conv_times_steps() -> None:
@@ -98,7 +98,7 @@ def test_kbit_conv_is_integer_conv_times_steps() -> None:
     X = (2 * torch.floor(x / 0.5 / 2) + 1).clamp(-3, 3)
     sw = conv.weight_quantizer.step.view(-1, 1, 1, 1)
     W = (2 * torch.floor(conv.weight / sw / 2) + 1).clamp(-7, 7)
-    ref = F.conv2d(F.pad(X, (1,) * 4, value=1.0), W) * (0.5 * sw.view(1, -1, 1, 1))
+    ref = F.conv2d(F.pad(X, (1,) * 4, value=3.0), W) * (0.5 * sw.view(1, -1, 1, 1))
     torch.testing.assert_close(conv(x), ref + conv.bias.view(1, -1, 1, 1), rtol=1e-6, atol=1e-6)
 
 

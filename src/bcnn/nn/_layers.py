@@ -9,7 +9,8 @@ in the packed engine). There is no hidden scale factor: scaling lives in the fol
 k-bit quantizers (:class:`bcnn.quant.UniformQuantizer`) expose ``integer(x) -> (X, step)``; the
 layer then computes ``step_x * step_w[o] * conv(X, W)``: the convolution runs on integer grid
 values (exact in float32), in the same order as the bit-serial engine. The border is padded with
-the quantizer's ``pad_value`` grid point (+1 on signed grids, 0 on unsigned ones).
+the quantizer's ``pad_value`` grid point (2^k - 1 on signed grids: every bit-plane +1, the
+binary one-padding; 0 on unsigned ones).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ packed engine can run it bit-serially with the 1-bit XOR-popcount kernels:
 
 * signed (weights, and activations read from a real-valued stream): the 2^k odd integers
   ``X in {-(2^k - 1), ..., -3, -1, 1, 3, ..., 2^k - 1}``, ``X = sum_i 2^i s_i`` with
-  ``s_i in {-1, +1}``. k = 1 is exactly sign (sign(0) = +1). Border padding: X = +1.
+  ``s_i in {-1, +1}``. k = 1 is exactly sign (sign(0) = +1). Border padding: every plane +1,
+  i.e. X = 2^k - 1 (the one-padding of the binary kernels, plane by plane).
 * unsigned (activations after a ReLU): ``X in {0, 1, ..., 2^k - 1}``, ``X = sum_i 2^i b_i``
   with ``b_i in {0, 1}``. Border padding: X = 0 (zero padding).
 
@@ -99,8 +100,9 @@ class UniformQuantizer(nn.Module):
 
     @property
     def pad_value(self) -> float:
-        """Grid value of the border: +1 on the odd grid (one-padding), 0 on the unsigned one."""
-        return 1.0 if self.signed else 0.0
+        """Grid value of the border: 2^k - 1 on the odd grid (every plane +1: one-padding),
+        0 on the unsigned one (every plane's bit 0: zero padding)."""
+        return float(2**self.bits - 1) if self.signed else 0.0
 
     def _view(self, t: Tensor, x: Tensor) -> Tensor:
         return t.view(-1, *([1] * (x.dim() - 1))) if self.channels else t
