@@ -418,15 +418,23 @@ def test_num_threads_context_and_parallel_path(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValueError):
         set_num_threads(0)
     rng = np.random.default_rng(7)
-    x, w = _rand(rng, 3, 9, 9, 130), _rand(rng, 70, 130, 3, 3)
-    xp, pw = K.pack_sign(x), K.prepare_conv_weights(K.pack_weights(w), 130)
-    scale, bias = _rand(rng, 70), _rand(rng, 70)
-    with num_threads(1):
-        serial = K.bconv2d_affine(xp, pw, scale, bias, padding=1)
     monkeypatch.setattr(K, "_PARALLEL_MIN_WORK", 0)
-    with num_threads(2):
-        par = K.bconv2d_affine(xp, pw, scale, bias, padding=1)
-    assert np.array_equal(serial, par)
+    # many pixels (chunks of macro tiles), few pixels (output blocks split between threads)
+    for n, size in ((3, 9), (1, 5)):
+        x, w = _rand(rng, n, size, size, 130), _rand(rng, 70, 130, 3, 3)
+        xp, pw = K.pack_sign(x), K.prepare_conv_weights(K.pack_weights(w), 130)
+        scale, bias = _rand(rng, 70), _rand(rng, 70)
+        thr, flip = _rand(rng, 70), rng.random(70) < 0.5
+        with num_threads(1):
+            serial = K.bconv2d_affine(xp, pw, scale, bias, padding=1)
+            serial_b = K.bconv2d_threshold(xp, pw, thr, flip, padding=1)
+        with num_threads(2):
+            par = K.bconv2d_affine(xp, pw, scale, bias, padding=1)
+            par_b = K.bconv2d_threshold(xp, pw, thr, flip, padding=1)
+        assert np.array_equal(serial, par) and np.array_equal(serial_b, par_b)
+        assert np.array_equal(
+            serial, R.bconv2d_affine(xp, K.pack_weights(w), 130, scale, bias, 1, 1)
+        )
 
 
 # -------------------------------------------------------------------------------- validation

@@ -917,14 +917,14 @@ def _epilogue(  # type: ignore[no-untyped-def]
 
 @njit(cache=True, boundscheck=False)
 def _conv_range(  # type: ignore[no-untyped-def]
-    t0, t1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
+    t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
     """Macro tiles t0..t1 (MB*MR output pixels each) of a binary conv over the padded input
-    ``xp``, all output blocks, with the epilogue. The micro-kernel reads each pixel's patch
+    ``xp``, output blocks ob0..ob1, with the epilogue. The micro-kernel reads each pixel's patch
     straight from ``xp``: KH segments (kernel rows) of KW*Cw contiguous words."""
     n_, hp, wp, cw = xp.shape
-    nob, wk, _ = blocks.shape
+    wk = blocks.shape[1]
     m_ = n_ * ho * wo
     howo = ho * wo
     roffs = np.empty((_MB, MR), np.int64)
@@ -960,7 +960,7 @@ def _conv_range(  # type: ignore[no-untyped-def]
                 roffs[u, r] = last  # rows past the end repeat the last one
                 ooffs[u, r] = (mt0 + u * MR + r) * o_out
         nfull = mrows // MR if fuse else 0
-        for ob in range(nob):
+        for ob in range(ob0, ob1):
             boff = ob * wk * LANES
             o0 = ob * LANES
             lmax = min(LANES, o_ - o0)
@@ -1016,23 +1016,30 @@ def _conv_serial(  # type: ignore[no-untyped-def]
 ):  # fmt: skip
     xp = _pad_bits(x, pad)
     _conv_range(
-        0, ntiles, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
+        0, ntiles, 0, blocks.shape[0], xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
         out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     )  # fmt: skip
 
 
 @njit(cache=True, boundscheck=False, parallel=True)
 def _conv_parallel(  # type: ignore[no-untyped-def]
-    nchunks, ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    nchunks, ntiles, nsplit, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
+    """Work items: (macro tile, one of nsplit groups of output blocks), in nchunks chunks."""
     xp = _pad_bits(x, pad)
+    nob = blocks.shape[0]
+    nitems = ntiles * nsplit
     for c in prange(nchunks):
-        _conv_range(
-            c * ntiles // nchunks, (c + 1) * ntiles // nchunks, xp, blocks, o_, nbits,
-            kh, kw, stride, ho, wo, mode,
-            out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
-        )  # fmt: skip
+        for it in range(c * nitems // nchunks, (c + 1) * nitems // nchunks):
+            t = it // nsplit
+            g = it - t * nsplit
+            _conv_range(
+                t, t + 1, g * nob // nsplit, (g + 1) * nob // nsplit, xp, blocks, o_, nbits,
+                kh, kw, stride, ho, wo, mode,
+                out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr,
+                flip,
+            )  # fmt: skip
 
 
 _F0 = np.zeros(0, np.float32)
@@ -1046,10 +1053,16 @@ def _chunks(ntiles: int, work: int) -> int:
     """Number of parallel chunks (0: run the serial variant); sets numba's thread count for
     the calling thread to the engine's (:mod:`bcnn.engine._threads`, default 1)."""
     t = _threads.get_num_threads()
-    if t <= 1 or ntiles < 2 or work < _PARALLEL_MIN_WORK:
+    if t <= 1 or ntiles < 1 or work < _PARALLEL_MIN_WORK:
         return 0
     numba.set_num_threads(t)
     return min(ntiles, 4 * t)
+
+
+def _split(ntiles: int, nob: int) -> int:
+    """Groups of output blocks per macro tile, so that there are >= 4 work items per thread."""
+    want = 4 * _threads.get_num_threads()
+    return max(1, min(nob, -(-want // ntiles)))
 
 
 def _out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
@@ -1157,11 +1170,12 @@ def _run_conv(
         out_i, out_f, out_b, scale, bias, rp[0], rp[1], rp[2], rprelu is not None,
         res, has_res, thr, flip,
     )  # fmt: skip
-    chunks = _chunks(ntiles, ntiles * _MB * nob * wk)
+    nsplit = _split(ntiles, nob)
+    chunks = _chunks(ntiles * nsplit, ntiles * _MB * nob * wk)
     if chunks:
         prev = numba.set_parallel_chunksize(1)  # dynamic: an idle thread takes the next chunk
         try:
-            _conv_parallel(chunks, ntiles, *args)
+            _conv_parallel(chunks, ntiles, nsplit, *args)
         finally:
             numba.set_parallel_chunksize(prev)
     else:
