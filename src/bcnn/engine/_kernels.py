@@ -311,6 +311,10 @@ _mkf_affine = _make_microkernel(False, "affine")
 _mkf_rp = _make_microkernel(False, "affine_rp")
 _mkf_res = _make_microkernel(False, "affine_res")
 _mkf_rp_res = _make_microkernel(False, "affine_rp_res")
+#: The first layer's fused micro-kernels (word shifts, no residual).
+_mkf_shift_int = _make_microkernel(True, "int")
+_mkf_shift_affine = _make_microkernel(True, "affine")
+_mkf_shift_rp = _make_microkernel(True, "affine_rp")
 
 
 def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
@@ -583,6 +587,7 @@ class PreparedStem(NamedTuple):
 
     blocks: np.ndarray  # uint64 (ceil(O/32), G*Wg, 32), groups word-major: word g*Wg + k
     lut: np.ndarray  # uint64 (G, 256): plane bits of one channel's pixel value, per group
+    lutc: np.ndarray  # uint64 (C, 256, G): lut[g, v] << (c * group_planes)
     shifts: np.ndarray  # int64 (G*Wg,): place value 2^shift of each word's group
     const: int  # sum_g 2^shift_g * (bits per patch of group g)
     out_channels: int
@@ -1292,62 +1297,130 @@ def bgemm(a: np.ndarray, b: PreparedWeights | np.ndarray, k: int | None = None) 
 
 
 @njit(cache=True, boundscheck=False)
-def _stem_codes(x, lut, gp, codes):  # type: ignore[no-untyped-def]
-    """codes[g, n, y, x] = OR_c lut[g, pixel[n, c, y, x]] << (c * gp): each pixel's plane bits
-    of group g, channel-major (bit c*gp + p)."""
+def _stem_codes(x, lutc, codes):  # type: ignore[no-untyped-def]
+    """codes[n, y, x, g] = OR_c lutc[c, pixel[n, c, y, x], g]: each pixel's plane bits of
+    group g, channel-major (bit c*gp + p; lutc holds lut[g, v] << (c*gp))."""
     n_, c_, h, w = x.shape
-    g_ = lut.shape[0]
-    for g in range(g_):
-        for n in range(n_):
-            for yy in range(h):
-                for xx in range(w):
-                    v = np.uint64(0)
-                    for c in range(c_):
-                        v |= lut[g, x[n, c, yy, xx]] << np.uint64(c * gp)
-                    codes[g, n, yy, xx] = v
+    g_ = lutc.shape[2]
+    for n in range(n_):
+        for yy in range(h):
+            for xx in range(w):
+                row = codes[n, yy, xx]
+                l0 = lutc[0, x[n, 0, yy, xx]]
+                for g in range(g_):
+                    row[g] = l0[g]
+                for c in range(1, c_):
+                    lc = lutc[c, x[n, c, yy, xx]]
+                    for g in range(g_):
+                        row[g] |= lc[g]
+
+
+@njit(cache=True, boundscheck=False)
+def _stem_rows(codes, cg, kw, stride, pad, wo, rows):  # type: ignore[no-untyped-def]
+    """rows[n, y, ox, g] = OR_kx codes[n, y, ox*stride - pad + kx, g] << (kx * cg): the bits
+    of one kernel row of the patch of output column ox (needs kw * cg <= 64)."""
+    n_, h, w, g_ = codes.shape
+    for n in range(n_):
+        for y in range(h):
+            for ox in range(wo):
+                for g in range(g_):
+                    rows[n, y, ox, g] = 0
+                for kx in range(kw):
+                    ix = ox * stride - pad + kx
+                    if ix >= 0 and ix < w:
+                        sh = np.uint64(kx * cg)
+                        for g in range(g_):
+                            rows[n, y, ox, g] |= codes[n, y, ix, g] << sh
+
+
+@njit(cache=True, boundscheck=False)
+def _put_bits(patch, r, k, off, v, nbits):  # type: ignore[no-untyped-def]
+    """OR the low nbits of v into patch row r at word k, bit offset off (may cross a word)."""
+    patch[r, k] |= v << np.uint64(off)
+    if off + nbits > 64:
+        patch[r, k + 1] |= v >> np.uint64(64 - off)
 
 
 @njit(cache=True, boundscheck=False)
 def _stem_range(  # type: ignore[no-untyped-def]
-    t0, t1, codes, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const, o_, mode,
+    t0, t1, codes, rowc, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const, o_, mode,
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
 ):  # fmt: skip
-    g_, n_, h, w = codes.shape
+    """Micro tiles t0..t1 of the first layer. The patch of each output pixel and plane group
+    is packed densely (bit (ky*KW + kx)*cg + channel bit), from whole kernel rows (``rowc``,
+    when KW*cg <= 64) or tap by tap."""
+    n_, h, w, g_ = codes.shape
     nob, wt, _ = blocks.shape
     m_ = n_ * ho * wo
     howo = ho * wo
+    use_rows = rowc.shape[0] > 0
+    one_word = use_rows and wg == 1 and kh * kw * cg <= 64
+    rbits = kw * cg
     patch = np.zeros((MR, wt), np.uint64)
     acc = np.empty(MR * LANES, np.int64)
     roffs = np.arange(MR) * wt
+    ooffs = np.empty(MR, np.int64)
+    fma = mode == 3
     for t in range(t0, t1):
         m0 = t * MR
         rows = min(MR, m_ - m0)
         patch[:] = 0
         for r in range(rows):
             m = m0 + r
+            ooffs[r] = m * o_
             n = m // howo
             rem = m - n * howo
             oy = rem // wo
             ox = rem - oy * wo
-            for g in range(g_):
-                tap = 0
+            if one_word:  # each group's patch is one word: OR of shifted kernel rows
                 for ky in range(kh):
                     iy = oy * stride - pad + ky
-                    for kx in range(kw):
-                        ix = ox * stride - pad + kx
-                        if iy >= 0 and iy < h and ix >= 0 and ix < w:
-                            v = codes[g, n, iy, ix]
-                            pos = tap * cg
-                            k = g * wg + (pos >> 6)
-                            off = pos & 63
-                            patch[r, k] |= v << np.uint64(off)
-                            if off + cg > 64:
-                                patch[r, k + 1] |= v >> np.uint64(64 - off)
-                        tap += 1
+                    if iy >= 0 and iy < h:
+                        sh = np.uint64(ky * rbits)
+                        for g in range(g_):
+                            patch[r, g] |= rowc[n, iy, ox, g] << sh
+                continue
+            for g in range(g_):
+                for ky in range(kh):
+                    iy = oy * stride - pad + ky
+                    if iy < 0 or iy >= h:
+                        continue
+                    if use_rows:
+                        pos = ky * rbits
+                        _put_bits(
+                            patch,
+                            r,
+                            g * wg + (pos >> 6),
+                            pos & 63,
+                            rowc[n, iy, ox, g],
+                            rbits,
+                        )
+                    else:
+                        for kx in range(kw):
+                            ix = ox * stride - pad + kx
+                            if ix >= 0 and ix < w:
+                                pos = (ky * kw + kx) * cg
+                                _put_bits(patch, r, g * wg + (pos >> 6), pos & 63,
+                                          codes[n, iy, ix, g], cg)  # fmt: skip
         for ob in range(nob):
-            _mk_shift(patch, roffs, wt, wt, 1, blocks, ob * wt * LANES, shifts, acc, 0)
             o0 = ob * LANES
             lmax = min(LANES, o_ - o0)
+            boff = ob * wt * LANES
+            if rows == MR and lmax == LANES:
+                if mode == 0:
+                    _mkf_shift_int(patch, roffs, wt, wt, 1, blocks, boff, shifts, const,
+                                   out_i, ooffs, o0, scale, bias, rp_g, rp_s, rp_z, scale,
+                                   ooffs, fma)  # fmt: skip
+                elif not has_rp:
+                    _mkf_shift_affine(patch, roffs, wt, wt, 1, blocks, boff, shifts, const,
+                                      out_f, ooffs, o0, scale, bias, rp_g, rp_s, rp_z, scale,
+                                      ooffs, fma)  # fmt: skip
+                else:
+                    _mkf_shift_rp(patch, roffs, wt, wt, 1, blocks, boff, shifts, const,
+                                  out_f, ooffs, o0, scale, bias, rp_g, rp_s, rp_z, scale,
+                                  ooffs, fma)  # fmt: skip
+                continue
+            _mk_shift(patch, roffs, wt, wt, 1, blocks, boff, shifts, acc, 0)
             for r in range(rows):
                 m = m0 + r
                 base = r * LANES
@@ -1358,7 +1431,7 @@ def _stem_range(  # type: ignore[no-untyped-def]
                     for l in range(lmax):
                         o = o0 + l
                         xv = np.float32(const - 2 * acc[base + l])
-                        y = _fma32(xv, scale[o], bias[o]) if mode == 3 else xv * scale[o] + bias[o]
+                        y = _fma32(xv, scale[o], bias[o]) if fma else xv * scale[o] + bias[o]
                         if has_rp:
                             y = y - rp_g[o]
                             if y < 0:
@@ -1369,24 +1442,24 @@ def _stem_range(  # type: ignore[no-untyped-def]
 
 @njit(cache=True, boundscheck=False)
 def _stem_serial(  # type: ignore[no-untyped-def]
-    ntiles, codes, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const, o_, mode,
-    out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+    ntiles, codes, rowc, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const,
+    o_, mode, out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
 ):  # fmt: skip
     _stem_range(
-        0, ntiles, codes, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const, o_, mode,
-        out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+        0, ntiles, codes, rowc, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const, o_,
+        mode, out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
     )  # fmt: skip
 
 
 @njit(cache=True, boundscheck=False, parallel=True)
 def _stem_parallel(  # type: ignore[no-untyped-def]
-    nchunks, ntiles, codes, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const, o_,
-    mode, out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+    nchunks, ntiles, codes, rowc, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts,
+    const, o_, mode, out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
 ):  # fmt: skip
     for c in prange(nchunks):
         _stem_range(
-            c * ntiles // nchunks, (c + 1) * ntiles // nchunks, codes, cg, kh, kw, stride, pad,
-            ho, wo, blocks, wg, shifts, const, o_, mode,
+            c * ntiles // nchunks, (c + 1) * ntiles // nchunks, codes, rowc, cg, kh, kw, stride,
+            pad, ho, wo, blocks, wg, shifts, const, o_, mode,
             out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
         )  # fmt: skip
 
@@ -1451,9 +1524,12 @@ def prepare_stem_weights(
     )  # (O, G*Wg), group-major words
     shifts = np.repeat(np.asarray(gshift, np.int64), wg)
     const = sum(kg << s for s in gshift)
+    lut = np.ascontiguousarray(lut, dtype=np.uint64)
+    lutc = np.stack([lut.T << np.uint64(ci * gp) for ci in range(c)])
     return PreparedStem(
         _blocks_from_rows(rows),
-        np.ascontiguousarray(lut, dtype=np.uint64),
+        lut,
+        np.ascontiguousarray(lutc, dtype=np.uint64),
         np.ascontiguousarray(shifts),
         int(const),
         o,
@@ -1495,13 +1571,20 @@ def _run_stem(
         or wt != w.groups * w.group_words
         or w.shifts.shape != (wt,)
         or w.lut.shape != (w.groups, 256)
+        or w.lutc.shape != (w.image_channels, 256, w.groups)
         or nob != -(-w.out_channels // LANES)
     ):
         raise ValueError("inconsistent PreparedStem")
     o = w.out_channels
     m = n * ho * wo
-    codes = np.empty((w.groups, n, h, wd), np.uint64)
-    _stem_codes(np.ascontiguousarray(x), w.lut, w.group_planes, codes)
+    codes = np.empty((n, h, wd, w.groups), np.uint64)
+    _stem_codes(np.ascontiguousarray(x), w.lutc, codes)
+    cg = w.image_channels * w.group_planes
+    if w.kw * cg <= 64:  # whole kernel rows fit a word: build them once per input row
+        rowc = np.empty((n, h, wo, w.groups), np.uint64)
+        _stem_rows(codes, cg, w.kw, int(stride), int(padding), wo, rowc)
+    else:
+        rowc = np.empty((0, 0, 0, 0), np.uint64)
     out_i, out_f = _I00, _F00
     sc, bi, rp = _F0, _F0, (_F0, _F0, _F0)
     if mode == _MODE_INT:
@@ -1513,7 +1596,7 @@ def _run_stem(
         result = out_f = np.empty((m, o), np.float32)
     ntiles = -(-m // MR)
     args = (
-        codes, w.image_channels * w.group_planes, w.kh, w.kw, int(stride), int(padding), ho, wo,
+        codes, rowc, cg, w.kh, w.kw, int(stride), int(padding), ho, wo,
         w.blocks, w.group_words, w.shifts, w.const, o, mode, out_i, out_f, sc, bi,
         rp[0], rp[1], rp[2], rprelu is not None,
     )  # fmt: skip
