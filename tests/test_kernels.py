@@ -203,7 +203,7 @@ def _affine_torch(acc: np.ndarray, scale, bias, rprelu=None, residual=None):  # 
     return y.numpy()
 
 
-@pytest.mark.parametrize("cout", [64, 70])
+@pytest.mark.parametrize("cout", [64, 70, 128])
 @pytest.mark.parametrize("use_rp", [False, True])
 @pytest.mark.parametrize("res_kind", [None, "same", "repeat", "inplace"])
 def test_bconv2d_affine_epilogues(cout: int, use_rp: bool, res_kind: str | None) -> None:

@@ -939,7 +939,11 @@ def _conv_range(  # type: ignore[no-untyped-def]
     o_out = out_i.shape[1] if mode == 0 else out_f.shape[1]
     # full tiles of 32 channels run a fused micro-kernel (epilogue from registers)
     fma = mode == 3
-    fuse = mode == 0 or ((mode == 1 or fma) and (not has_res or res.shape[1] == o_out))
+    cr = res.shape[1]
+    # a residual of Cr < O channels is read at o % Cr: fused when no 32-block wraps around
+    fuse = mode == 0 or ((mode == 1 or fma) and (not has_res or cr == o_out or cr % LANES == 0))
+    rbase = np.empty((_MB, MR), np.int64)
+    rr = np.empty(MR, np.int64)
     sw = kw * cw
     ss = wp * cw
     for t in range(t0, t1):
@@ -964,6 +968,7 @@ def _conv_range(  # type: ignore[no-untyped-def]
                             n += 1
                 roffs[u, r] = last  # rows past the end repeat the last one
                 ooffs[u, r] = (mt0 + u * MR + r) * o_out
+                rbase[u, r] = (mt0 + u * MR + r) * cr
         nfull = mrows // MR if fuse else 0
         for ob in range(ob0, ob1):
             boff = ob * wk * LANES
@@ -971,9 +976,13 @@ def _conv_range(  # type: ignore[no-untyped-def]
             lmax = min(LANES, o_ - o0)
             u0 = 0
             if lmax == LANES:
+                delta = o0 % cr - o0 if has_res else 0  # res[m, o % cr] at rr[r] + o0 + l
                 for u in range(nfull):
                     ro = roffs[u]
                     oo = ooffs[u]
+                    if has_res:
+                        for r in range(MR):
+                            rr[r] = rbase[u, r] + delta
                     if mode == 0:
                         _mkf_int(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_i, oo, o0,
                                  scale, bias, rp_g, rp_s, rp_z, res, oo, fma)  # fmt: skip
@@ -985,10 +994,10 @@ def _conv_range(  # type: ignore[no-untyped-def]
                                 scale, bias, rp_g, rp_s, rp_z, res, oo, fma)  # fmt: skip
                     elif not has_rp:
                         _mkf_res(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_f, oo, o0,
-                                 scale, bias, rp_g, rp_s, rp_z, res, oo, fma)  # fmt: skip
+                                 scale, bias, rp_g, rp_s, rp_z, res, rr, fma)  # fmt: skip
                     else:
                         _mkf_rp_res(xp, ro, sw, ss, kh, blocks, boff, noshift, nbits, out_f, oo,
-                                    o0, scale, bias, rp_g, rp_s, rp_z, res, oo, fma)  # fmt: skip
+                                    o0, scale, bias, rp_g, rp_s, rp_z, res, rr, fma)  # fmt: skip
                 u0 = nfull
             if u0 < nmt:
                 for u in range(u0, nmt):
