@@ -54,6 +54,79 @@ def check_asm() -> dict[str, int]:
     }
 
 
+def bench_chain(repeat: int = 100) -> dict[str, float]:
+    """The kernels chained as a batch-1 ``bcnn_cifar`` forward (random weights; the shapes and
+    the order of ops of the model, every epilogue fused: stem + BN + RPReLU, blocks
+    h += RPReLU(BN(conv(sign(h + b)))), widening downsamples, GAP, threshold sign, binary
+    linear) against the float twin in PyTorch: what the executor can reach on these kernels."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from bcnn.engine import _kernels as K
+    from bcnn.models import create_model
+
+    rng = np.random.default_rng(0)
+
+    def vec(c: int) -> np.ndarray:
+        return rng.standard_normal(c).astype(np.float32)
+
+    def conv(cin: int, cout: int, k: int) -> K.PreparedWeights:
+        return K.prepare_conv_weights(K.pack_weights(rng.standard_normal((cout, cin, k, k))), cin)
+
+    stem = K.prepare_stem_weights(K.pack_weights(rng.standard_normal((64, 24, 3, 3))), 3, 8)
+    layers = []
+    c = 64
+    for i, wd in enumerate((64, 128, 256)):
+        if i > 0:
+            layers.append(("down", vec(c), conv(c, wd, 1), vec(wd), vec(wd), (vec(wd),) * 3))
+            c = wd
+        for _ in range(2):
+            layers.append(("block", vec(c), conv(c, c, 3), vec(c), vec(c), (vec(c),) * 3))
+    head = K.prepare_dense_weights(K.pack_weights(rng.standard_normal((10, 256))), 256)
+    thr, flip = vec(256), rng.random(256) < 0.5
+    ssc, sbi, srp = vec(64), vec(64), (vec(64),) * 3
+    hsc, hbi = vec(10), vec(10)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        h = K.stem_conv_affine(x, stem, ssc, sbi, padding=1, rprelu=srp, fma=True)
+        for kind, b, w, sc, bi, rp in layers:
+            if kind == "block":
+                xp = K.pack_sign(h, b)
+                K.bconv2d_affine(xp, w, sc, bi, padding=1, rprelu=rp, residual=h, out=h, fma=True)
+            else:
+                a = K.avgpool2x2(h)
+                h = K.bconv2d_affine(K.pack_sign(a, b), w, sc, bi, rprelu=rp, residual=a, fma=True)
+        f = K.pack_threshold(K.global_avgpool(h), thr, flip)
+        return K.blinear_affine(f, head, hsc, hbi)
+
+    x = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
+    twin = create_model("bcnn_cifar", binary=False).eval()
+    xt = torch.from_numpy(x)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ts: dict[str, list[float]] = {"chain": [], "float_twin": []}
+        with torch.inference_mode():
+            for _ in range(5):
+                run(x)
+                twin(xt)
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                run(x)
+                t1 = time.perf_counter()
+                twin(xt)
+                t2 = time.perf_counter()
+                ts["chain"].append(t1 - t0)
+                ts["float_twin"].append(t2 - t1)
+    finally:
+        torch.set_num_threads(prev)
+    ms = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in ts.items()}
+    return {"chain_ms": ms["chain"], "float_twin_ms": ms["float_twin"],
+            "speedup": ms["float_twin"] / ms["chain"]}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=50)
@@ -68,6 +141,14 @@ def main() -> None:
     print(f"# micro-kernel machine code (zmm instructions): {check_asm()}")
     if args.asm:
         return
+    r = bench_chain(args.repeat * 2)
+    if args.json:
+        print(json.dumps({"bench": "bcnn_cifar_chain", **r}))
+    else:
+        print(
+            f"bcnn_cifar-shaped kernel chain, batch 1, 1 thread: {r['chain_ms'] * 1e3:.0f} us, "
+            f"float twin {r['float_twin_ms'] * 1e3:.0f} us: x{r['speedup']:.1f}"
+        )
     for threads in args.threads:
         for m, n, k in GEMMS:
             r = bench_gemm(m, n, k, threads=threads, repeat=args.repeat * 2)
