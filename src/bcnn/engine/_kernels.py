@@ -604,6 +604,8 @@ def _words(n: int) -> int:
 
 
 def _check_packed(x: np.ndarray, ndim: int, name: str) -> np.ndarray:
+    if type(x) is np.ndarray and x.dtype == np.uint64 and x.ndim == ndim and x.flags.c_contiguous:
+        return x  # the common case, checked cheaply
     if not isinstance(x, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got {type(x).__name__}")
     if x.dtype != np.uint64:
@@ -614,6 +616,8 @@ def _check_packed(x: np.ndarray, ndim: int, name: str) -> np.ndarray:
 
 
 def _vec(v: object, n: int, name: str, dtype: type = np.float32) -> np.ndarray:
+    if type(v) is np.ndarray and v.dtype == dtype and v.shape == (n,) and v.flags.c_contiguous:
+        return v  # the common case, checked cheaply
     a: np.ndarray = np.ascontiguousarray(np.asarray(v, dtype=dtype))
     if a.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},), got {a.shape}")
@@ -1162,7 +1166,7 @@ def _run_conv(
                 or not out.flags.c_contiguous
             ):
                 raise ValueError(f"out must be C-contiguous float32 ({n}, {ho}, {wo}, {o})")
-            if residual is not None and np.shares_memory(out, residual):
+            if residual is not None and np.may_share_memory(out, residual):
                 if (
                     out.__array_interface__["data"][0] != residual.__array_interface__["data"][0]
                     or residual.shape != out.shape
