@@ -82,14 +82,16 @@ def _is_c_array(t: types.Type, dtype: types.Type) -> bool:
 _EPI_KINDS = ("int", "affine", "affine_rp", "affine_res", "affine_rp_res")
 
 
-def _emit_epilogue(context, builder, kind, d, out_p, out_off, o0, vec_ps, res_p, res_off, fma):  # type: ignore[no-untyped-def]
-    """Emit the epilogue of one row of 32 outputs; d: four <8 x i64> dot products.
+def _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, fma):  # type: ignore[no-untyped-def]
+    """Emit the epilogue of rows of 32 outputs: rows = [(d, out_off, res_off)], d four
+    <8 x i64> dot products.
 
     kind ``int``: out[out_off + l] = int32(d); otherwise y = float32(d) * scale[o] + bias[o]
     (IEEE multiply then add; if the i1 ``fma`` is set: fma(float32(d), scale[o], bias[o]),
     one rounding, as ATen's CPU batch norm), ``rp``: y = y - g[o]; y = y*s[o] if y < 0 else y;
     y = y + z[o]; ``res``: y = res[res_off + l] + y; out[out_off + l] = y. o = o0 + l.
-    vec_ps: element pointers (scale, bias, g, s, z).
+    vec_ps: element pointers (scale, bias, g, s, z); the per-channel vectors are loaded once
+    for all rows, and the fma choice is a branch, not a select of both results.
     """
     i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
     v32, vf = ir.VectorType(i32, _VL), ir.VectorType(f32, _VL)
@@ -98,30 +100,44 @@ def _emit_epilogue(context, builder, kind, d, out_p, out_off, o0, vec_ps, res_p,
         p = builder.gep(base, [builder.add(off, ir.Constant(i64, j * _VL))])
         return builder.bitcast(p, vt.as_pointer())
 
-    sc_p, bi_p, g_p, s_p, z_p = vec_ps
+    if kind == "int":
+        for d, out_off, _ in rows:
+            for j in range(_NV):
+                builder.store(builder.trunc(d[j], v32), at(out_p, out_off, j, v32), align=4)
+        return
+    names = ["scale", "bias"] + (["g", "s", "z"] if "rp" in kind else [])
+    ch = {
+        nm: [builder.load(at(vec_ps[q], o0, j, vf), align=4) for j in range(_NV)]
+        for q, nm in enumerate(names)
+    }
     zero_f = ir.Constant(vf, [0.0] * _VL)
-    for j in range(_NV):
-        if kind == "int":
-            builder.store(builder.trunc(d[j], v32), at(out_p, out_off, j, v32), align=4)
-            continue
-        x = builder.sitofp(d[j], vf)
-        sc = builder.load(at(sc_p, o0, j, vf), align=4)
-        bi = builder.load(at(bi_p, o0, j, vf), align=4)
-        fma_fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{_VL}f32"
-        )
-        y = builder.select(
-            fma, builder.call(fma_fn, [x, sc, bi]), builder.fadd(builder.fmul(x, sc), bi)
-        )
-        if "rp" in kind:
-            y = builder.fsub(y, builder.load(at(g_p, o0, j, vf), align=4))
-            neg = builder.fcmp_ordered("<", y, zero_f)
-            ys = builder.fmul(y, builder.load(at(s_p, o0, j, vf), align=4))
-            y = builder.select(neg, ys, y)
-            y = builder.fadd(y, builder.load(at(z_p, o0, j, vf), align=4))
-        if "res" in kind:
-            y = builder.fadd(builder.load(at(res_p, res_off, j, vf), align=4), y)
-        builder.store(y, at(out_p, out_off, j, vf), align=4)
+    fma_fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{_VL}f32"
+    )
+
+    def emit(use_fma: bool) -> None:
+        for d, out_off, res_off in rows:
+            for j in range(_NV):
+                x = builder.sitofp(d[j], vf)
+                sc, bi = ch["scale"][j], ch["bias"][j]
+                if use_fma:
+                    y = builder.call(fma_fn, [x, sc, bi])
+                else:
+                    y = builder.fadd(builder.fmul(x, sc), bi)
+                if "rp" in kind:
+                    y = builder.fsub(y, ch["g"][j])
+                    neg = builder.fcmp_ordered("<", y, zero_f)
+                    y = builder.select(neg, builder.fmul(y, ch["s"][j]), y)
+                    y = builder.fadd(y, ch["z"][j])
+                if "res" in kind:
+                    y = builder.fadd(builder.load(at(res_p, res_off, j, vf), align=4), y)
+                builder.store(y, at(out_p, out_off, j, vf), align=4)
+
+    with builder.if_else(fma) as (then, otherwise):
+        with then:
+            emit(True)
+        with otherwise:
+            emit(False)
 
 
 def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: ignore[no-untyped-def]
@@ -276,13 +292,13 @@ def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: igno
         fma = builder.icmp_signed("!=", idx(k + 11), zero_i)
         nb_v = splat(nbits)
         two = ir.Constant(vty, [2] * _VL)
+        rows = []
         for r in range(MR):
             d = [builder.sub(nb_v, builder.mul(two, outs[r * _NV + j])) for j in range(_NV)]
             out_off = builder.add(builder.load(builder.gep(oo_p, [ir.Constant(i64, r)])), o0)
             res_off = builder.add(builder.load(builder.gep(ro_p, [ir.Constant(i64, r)])), o0)
-            _emit_epilogue(
-                context, builder, kind, d, out_p, out_off, o0, vec_ps, res_p, res_off, fma
-            )
+            rows.append((d, out_off, res_off))
+        _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, fma)
         return context.get_dummy_value()
 
     typer.__name__ = ("_mk_shift" if with_shifts else "_mk") + (f"_{kind}" if kind else "")
@@ -374,7 +390,15 @@ def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
         vec_ps = tuple(ptr(5 + q, f32) for q in range(5))
         fma = builder.icmp_signed("!=", idx(13), ir.Constant(i64, 0))
         _emit_epilogue(
-            context, builder, kind, d, out_p, idx(4), idx(12), vec_ps, ptr(10, f32), idx(11), fma
+            context,
+            builder,
+            kind,
+            [(d, idx(4), idx(11))],
+            out_p,
+            idx(12),
+            vec_ps,
+            ptr(10, f32),
+            fma,
         )
         return context.get_dummy_value()
 
