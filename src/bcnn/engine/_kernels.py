@@ -612,6 +612,7 @@ class PreparedStem(NamedTuple):
     blocks: np.ndarray  # uint64 (ceil(O/32), G*Wg, 32), groups word-major: word g*Wg + k
     lut: np.ndarray  # uint64 (G, 256): plane bits of one channel's pixel value, per group
     lutc: np.ndarray  # uint64 (C, 256, G): lut[g, v] << (c * group_planes)
+    plane_bits: np.ndarray  # int64 (G,): bit-planes: the pixel bit of group g; thermometer: ()
     shifts: np.ndarray  # int64 (G*Wg,): place value 2^shift of each word's group
     const: int  # sum_g 2^shift_g * (bits per patch of group g)
     out_channels: int
@@ -1501,6 +1502,124 @@ def _stem_parallel(  # type: ignore[no-untyped-def]
         )  # fmt: skip
 
 
+@njit(cache=True, boundscheck=False)
+def _stem_planes(x, bit, pad, cp):  # type: ignore[no-untyped-def]
+    """Bit-planes: cp[g, n, y + pad, x + pad] = OR_c ((pixel[n, c, y, x] >> bit[g]) & 1) << c;
+    cp zeroed by the caller (its border is the one-padding). Inner loops run along rows."""
+    n_, c_, h, w = x.shape
+    g_ = bit.shape[0]
+    for g in range(g_):
+        b = np.uint64(bit[g])
+        for n in range(n_):
+            for c in range(c_):
+                sh = np.uint64(c)
+                for y in range(h):
+                    row = cp[g, n, y + pad]
+                    src = x[n, c, y]
+                    for i in range(w):
+                        row[i + pad] |= ((np.uint64(src[i]) >> b) & np.uint64(1)) << sh
+
+
+@njit(cache=True, boundscheck=False)
+def _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-untyped-def]
+    """patch[g, m] = the dense KH*KW*cg-bit patch of group g at output pixel m (one word):
+    OR over taps of cp[g, n, oy*stride + ky, ox*stride + kx] << ((ky*KW + kx) * cg)."""
+    g_, n_, _, _ = cp.shape
+    for g in range(g_):
+        for n in range(n_):
+            for oy in range(ho):
+                base = (n * ho + oy) * wo
+                prow = patch[g, base : base + wo]
+                for ox in range(wo):
+                    prow[ox] = 0
+                for ky in range(kh):
+                    src = cp[g, n, oy * stride + ky]
+                    for kx in range(kw):
+                        sh = np.uint64((ky * kw + kx) * cg)
+                        if stride == 1:  # contiguous: vectorizes
+                            s1 = src[kx : kx + wo]
+                            for ox in range(wo):
+                                prow[ox] |= s1[ox] << sh
+                        else:
+                            for ox in range(wo):
+                                prow[ox] |= src[ox * stride + kx] << sh
+
+
+@njit(cache=True, boundscheck=False)
+def _stem_fast_range(  # type: ignore[no-untyped-def]
+    t0, t1, patch, blocks, shifts, const, o_, mode, out_i, out_f, scale, bias, rp_g, rp_s,
+    rp_z, has_rp,
+):  # fmt: skip
+    """Micro tiles t0..t1 of the first layer from one-word group patches ``patch`` (G, M):
+    the micro-kernel reads G segments of one word, M apart."""
+    g_, m_ = patch.shape
+    nob = blocks.shape[0]
+    roffs = np.empty(MR, np.int64)
+    ooffs = np.empty(MR, np.int64)
+    acc = np.empty(MR * LANES, np.int64)
+    fma = mode == 3
+    for t in range(t0, t1):
+        m0 = t * MR
+        rows = min(MR, m_ - m0)
+        for r in range(MR):
+            mm = min(m0 + r, m_ - 1)
+            roffs[r] = mm
+            ooffs[r] = mm * o_
+        for ob in range(nob):
+            o0 = ob * LANES
+            lmax = min(LANES, o_ - o0)
+            boff = ob * g_ * LANES
+            if rows == MR and lmax == LANES:
+                if mode == 0:
+                    _mkf_shift_int(patch, roffs, 1, m_, g_, blocks, boff, shifts, const,
+                                   out_i, ooffs, o0, scale, bias, rp_g, rp_s, rp_z, scale,
+                                   ooffs, fma)  # fmt: skip
+                elif not has_rp:
+                    _mkf_shift_affine(patch, roffs, 1, m_, g_, blocks, boff, shifts, const,
+                                      out_f, ooffs, o0, scale, bias, rp_g, rp_s, rp_z, scale,
+                                      ooffs, fma)  # fmt: skip
+                else:
+                    _mkf_shift_rp(patch, roffs, 1, m_, g_, blocks, boff, shifts, const,
+                                  out_f, ooffs, o0, scale, bias, rp_g, rp_s, rp_z, scale,
+                                  ooffs, fma)  # fmt: skip
+                continue
+            _mk_shift(patch, roffs, 1, m_, g_, blocks, boff, shifts, acc, 0)
+            for r in range(rows):
+                m = m0 + r
+                base = r * LANES
+                if mode == 0:
+                    for l in range(lmax):
+                        out_i[m, o0 + l] = const - 2 * acc[base + l]
+                else:
+                    for l in range(lmax):
+                        o = o0 + l
+                        xv = np.float32(const - 2 * acc[base + l])
+                        y = _fma32(xv, scale[o], bias[o]) if fma else xv * scale[o] + bias[o]
+                        if has_rp:
+                            y = y - rp_g[o]
+                            if y < 0:
+                                y = y * rp_s[o]
+                            y = y + rp_z[o]
+                        out_f[m, o] = y
+
+
+@njit(cache=True, boundscheck=False)
+def _stem_fast_serial(  # type: ignore[no-untyped-def]
+    x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
+    out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+):  # fmt: skip
+    n_, _, h, w = x.shape
+    g_ = bit.shape[0]
+    cp = np.zeros((g_, n_, h + 2 * pad, w + 2 * pad), np.uint64)
+    _stem_planes(x, bit, pad, cp)
+    patch = np.empty((g_, n_ * ho * wo), np.uint64)
+    _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch)
+    _stem_fast_range(
+        0, -(-(n_ * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i, out_f,
+        scale, bias, rp_g, rp_s, rp_z, has_rp,
+    )  # fmt: skip
+
+
 def prepare_stem_weights(
     w_packed: np.ndarray,
     image_channels: int,
@@ -1563,10 +1682,12 @@ def prepare_stem_weights(
     const = sum(kg << s for s in gshift)
     lut = np.ascontiguousarray(lut, dtype=np.uint64)
     lutc = np.stack([lut.T << np.uint64(ci * gp) for ci in range(c)])
+    bits_g = [8 - p + q for q in range(p)] if encoding == "bitplane" else []
     return PreparedStem(
         _blocks_from_rows(rows),
         lut,
         np.ascontiguousarray(lutc, dtype=np.uint64),
+        np.asarray(bits_g, np.int64),
         np.ascontiguousarray(shifts),
         int(const),
         o,
@@ -1614,14 +1735,7 @@ def _run_stem(
         raise ValueError("inconsistent PreparedStem")
     o = w.out_channels
     m = n * ho * wo
-    codes = np.empty((n, h, wd, w.groups), np.uint64)
-    _stem_codes(np.ascontiguousarray(x), w.lutc, codes)
     cg = w.image_channels * w.group_planes
-    if w.kw * cg <= 64:  # whole kernel rows fit a word: build them once per input row
-        rowc = np.empty((n, h, wo, w.groups), np.uint64)
-        _stem_rows(codes, cg, w.kw, int(stride), int(padding), wo, rowc)
-    else:
-        rowc = np.empty((0, 0, 0, 0), np.uint64)
     out_i, out_f = _I00, _F00
     sc, bi, rp = _F0, _F0, (_F0, _F0, _F0)
     if mode == _MODE_INT:
@@ -1631,6 +1745,26 @@ def _run_stem(
         if rprelu is not None:
             rp = tuple(_vec(v, o, "rprelu") for v in rprelu)  # type: ignore[assignment]
         result = out_f = np.empty((m, o), np.float32)
+    if (
+        w.plane_bits.size
+        and w.group_words == 1
+        and w.kh * w.kw * cg <= 64
+        and _threads.get_num_threads() == 1
+    ):
+        # bit-planes whose patches are one word per plane: built with row-wise vector loops
+        _stem_fast_serial(
+            np.ascontiguousarray(x), w.plane_bits, cg, w.kh, w.kw, int(stride),
+            int(padding), ho, wo, w.blocks, w.shifts, w.const, o, mode, out_i, out_f, sc, bi,
+            rp[0], rp[1], rp[2], rprelu is not None,
+        )  # fmt: skip
+        return result.reshape(n, ho, wo, o)
+    codes = np.empty((n, h, wd, w.groups), np.uint64)
+    _stem_codes(np.ascontiguousarray(x), w.lutc, codes)
+    if w.kw * cg <= 64:  # whole kernel rows fit a word: build them once per input row
+        rowc = np.empty((n, h, wo, w.groups), np.uint64)
+        _stem_rows(codes, cg, w.kw, int(stride), int(padding), wo, rowc)
+    else:
+        rowc = np.empty((0, 0, 0, 0), np.uint64)
     ntiles = -(-m // MR)
     args = (
         codes, rowc, cg, w.kh, w.kw, int(stride), int(padding), ho, wo,
