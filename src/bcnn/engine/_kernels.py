@@ -1524,7 +1524,30 @@ def _stem_planes(x, bit, pad, cp):  # type: ignore[no-untyped-def]
 def _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-untyped-def]
     """patch[g, m] = the dense KH*KW*cg-bit patch of group g at output pixel m (one word):
     OR over taps of cp[g, n, oy*stride + ky, ox*stride + kx] << ((ky*KW + kx) * cg)."""
-    g_, n_, _, _ = cp.shape
+    g_, n_, hp, wp = cp.shape
+    if stride == 1:
+        # on the padded grid: position j = oy*Wp + ox' (ox' < Wp; ox' >= Wo is never read),
+        # every tap is one long contiguous loop per plane
+        flat = cp.reshape(g_, n_, hp * wp)
+        span = (ho - 1) * wp + wo
+        grid = np.zeros(span, np.uint64)
+        for g in range(g_):
+            for n in range(n_):
+                src = flat[g, n]
+                for i in range(span):
+                    grid[i] = 0
+                for ky in range(kh):
+                    for kx in range(kw):
+                        sh = np.uint64((ky * kw + kx) * cg)
+                        s1 = src[ky * wp + kx : ky * wp + kx + span]
+                        for i in range(span):
+                            grid[i] |= s1[i] << sh
+                for oy in range(ho):
+                    prow = patch[g, (n * ho + oy) * wo : (n * ho + oy + 1) * wo]
+                    gr = grid[oy * wp : oy * wp + wo]
+                    for ox in range(wo):
+                        prow[ox] = gr[ox]
+        return
     for g in range(g_):
         for n in range(n_):
             for oy in range(ho):
@@ -1536,13 +1559,8 @@ def _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-unt
                     src = cp[g, n, oy * stride + ky]
                     for kx in range(kw):
                         sh = np.uint64((ky * kw + kx) * cg)
-                        if stride == 1:  # contiguous: vectorizes
-                            s1 = src[kx : kx + wo]
-                            for ox in range(wo):
-                                prow[ox] |= s1[ox] << sh
-                        else:
-                            for ox in range(wo):
-                                prow[ox] |= src[ox * stride + kx] << sh
+                        for ox in range(wo):
+                            prow[ox] |= src[ox * stride + kx] << sh
 
 
 @njit(cache=True, boundscheck=False)
