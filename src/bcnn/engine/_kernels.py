@@ -732,11 +732,11 @@ def _check_prepared(w: object) -> PreparedWeights:
     if not isinstance(w, PreparedWeights):
         raise ValueError("weights must be PreparedWeights (see prepare_conv_weights)")
     b = w.blocks
+    words = (w.in_channels + 63) >> 6
     if (
         b.dtype != np.uint64
-        or b.ndim != 3
         or not b.flags.c_contiguous
-        or b.shape != (-(-w.out_channels // LANES), w.kh * w.kw * w.words, LANES)
+        or b.shape != ((w.out_channels + LANES - 1) // LANES, w.kh * w.kw * words, LANES)
     ):
         raise ValueError(f"inconsistent PreparedWeights: blocks {b.dtype} {b.shape}")
     return w
@@ -812,6 +812,8 @@ def _pack_thr_rows(x, thr, flip, fwords, out):  # type: ignore[no-untyped-def]
 
 
 def _as_f32(x: object, name: str) -> np.ndarray:
+    if type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous:
+        return x  # the common case, checked cheaply
     a = np.asarray(x)
     if a.dtype == np.bool_ or not (
         np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
@@ -1109,9 +1111,17 @@ def _split(ntiles: int, nob: int) -> int:
 
 
 def _out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
-    if isinstance(stride, bool) or not isinstance(stride, int | np.integer) or stride < 1:
+    if type(stride) is not int and (
+        isinstance(stride, bool) or not isinstance(stride, int | np.integer)
+    ):
         raise ValueError(f"stride must be an int >= 1, got {stride!r}")
-    if isinstance(padding, bool) or not isinstance(padding, int | np.integer) or padding < 0:
+    if type(padding) is not int and (
+        isinstance(padding, bool) or not isinstance(padding, int | np.integer)
+    ):
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    if stride < 1:
+        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+    if padding < 0:
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
     ho = (h + 2 * padding - kh) // stride + 1
     wo = (w + 2 * padding - kw) // stride + 1
@@ -1140,7 +1150,7 @@ def _run_conv(
     x = _check_packed(x, 4, "x")
     w = _check_prepared(w)
     n, h, wd, cw = x.shape
-    if cw != w.words:
+    if cw != (w.in_channels + 63) >> 6:
         raise ValueError(
             f"x has {cw} words per pixel, the weights expect {w.words} ({w.in_channels} channels)"
         )
@@ -1191,7 +1201,7 @@ def _run_conv(
                 or not out.flags.c_contiguous
             ):
                 raise ValueError(f"out must be C-contiguous float32 ({n}, {ho}, {wo}, {o})")
-            if residual is not None and np.may_share_memory(out, residual):
+            if residual is not None and out is not residual and np.may_share_memory(out, residual):
                 if (
                     out.__array_interface__["data"][0] != residual.__array_interface__["data"][0]
                     or residual.shape != out.shape
