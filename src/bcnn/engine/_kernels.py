@@ -1915,6 +1915,21 @@ def avgpool2x2(h: np.ndarray) -> np.ndarray:
     return out
 
 
+@njit(cache=True, boundscheck=False)
+def _gap(h, out):  # type: ignore[no-untyped-def]
+    n_, p_, c_ = h.shape
+    acc = np.empty(c_, np.float64)
+    for n in range(n_):
+        for c in range(c_):
+            acc[c] = 0.0
+        for p in range(p_):
+            row = h[n, p]
+            for c in range(c_):
+                acc[c] += np.float64(row[c])
+        for c in range(c_):
+            out[n, c] = np.float32(acc[c] / p_)
+
+
 def global_avgpool(h: np.ndarray) -> np.ndarray:
     """Mean over H and W of a float32 NHWC stream -> float32 (N, C) (float64 sum, one
     rounding: within an ulp of torch's float32 mean)."""
@@ -1922,4 +1937,7 @@ def global_avgpool(h: np.ndarray) -> np.ndarray:
         raise ValueError("h must be a float32 (N, H, W, C) array")
     if h.shape[1] < 1 or h.shape[2] < 1:
         raise ValueError("cannot pool an empty stream")
-    return h.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
+    n, hh, ww, c = h.shape
+    out = np.empty((n, c), np.float32)
+    _gap(np.ascontiguousarray(h).reshape(n, hh * ww, c), out)
+    return out
