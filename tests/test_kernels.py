@@ -418,7 +418,7 @@ def test_num_threads_context_and_parallel_path(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValueError):
         set_num_threads(0)
     rng = np.random.default_rng(7)
-    monkeypatch.setattr(K, "_PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(K._conv, "_PARALLEL_MIN_WORK", 0)  # read by the conv driver
     # many pixels (chunks of macro tiles), few pixels (output blocks split between threads)
     for n, size in ((3, 9), (1, 5)):
         x, w = _rand(rng, n, size, size, 130), _rand(rng, 70, 130, 3, 3)

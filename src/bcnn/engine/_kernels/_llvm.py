@@ -1,0 +1,522 @@
+"""Constants and LLVM-level building blocks: the GEMM micro-kernel intrinsic, vector
+compare/pack helpers and fused epilogues emitted as IR (see the package docstring)."""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 32  # output channels per prepared weight block (4 x 8 uint64 lanes)
+MR = 4  # output rows (pixels) per micro-kernel tile
+_MB = 8  # micro tiles per macro tile (the im2col patch of MB*MR pixels stays in L1)
+_VL = 8  # uint64 lanes in a 512-bit vector
+_NV = LANES // _VL
+
+# work (tiles * blocks * words) below which the serial variant runs even with threads
+_PARALLEL_MIN_WORK = 4096
+
+# ------------------------------------------------------------------------------ micro-kernel
+
+
+def _is_c_array(t: types.Type, dtype: types.Type) -> bool:
+    return isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C"
+
+
+_EPI_KINDS = ("int", "affine", "affine_rp", "affine_res", "affine_rp_res")
+
+
+def _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, fma):  # type: ignore[no-untyped-def]
+    """Emit the epilogue of rows of 32 outputs: rows = [(d, out_off, res_off)], d four
+    <8 x i64> dot products.
+
+    kind ``int``: out[out_off + l] = int32(d); otherwise y = float32(d) * scale[o] + bias[o]
+    (IEEE multiply then add; if the i1 ``fma`` is set: fma(float32(d), scale[o], bias[o]),
+    one rounding, as ATen's CPU batch norm), ``rp``: y = y - g[o]; y = y*s[o] if y < 0 else y;
+    y = y + z[o]; ``res``: y = res[res_off + l] + y; out[out_off + l] = y. o = o0 + l.
+    vec_ps: element pointers (scale, bias, g, s, z); the per-channel vectors are loaded once
+    for all rows, and the fma choice is a branch, not a select of both results.
+    """
+    i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
+    v32, vf = ir.VectorType(i32, _VL), ir.VectorType(f32, _VL)
+
+    def at(base, off, j, vt):  # type: ignore[no-untyped-def]
+        p = builder.gep(base, [builder.add(off, ir.Constant(i64, j * _VL))])
+        return builder.bitcast(p, vt.as_pointer())
+
+    if kind == "int":
+        for d, out_off, _ in rows:
+            for j in range(_NV):
+                builder.store(builder.trunc(d[j], v32), at(out_p, out_off, j, v32), align=4)
+        return
+    names = ["scale", "bias"] + (["g", "s", "z"] if "rp" in kind else [])
+    ch = {
+        nm: [builder.load(at(vec_ps[q], o0, j, vf), align=4) for j in range(_NV)]
+        for q, nm in enumerate(names)
+    }
+    zero_f = ir.Constant(vf, [0.0] * _VL)
+    fma_fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{_VL}f32"
+    )
+
+    def emit(use_fma: bool) -> None:
+        for d, out_off, res_off in rows:
+            for j in range(_NV):
+                x = builder.sitofp(d[j], vf)
+                sc, bi = ch["scale"][j], ch["bias"][j]
+                if use_fma:
+                    y = builder.call(fma_fn, [x, sc, bi])
+                else:
+                    y = builder.fadd(builder.fmul(x, sc), bi)
+                if "rp" in kind:
+                    y = builder.fsub(y, ch["g"][j])
+                    neg = builder.fcmp_ordered("<", y, zero_f)
+                    y = builder.select(neg, builder.fmul(y, ch["s"][j]), y)
+                    y = builder.fadd(y, ch["z"][j])
+                if "res" in kind:
+                    y = builder.fadd(builder.load(at(res_p, res_off, j, vf), align=4), y)
+                builder.store(y, at(out_p, out_off, j, vf), align=4)
+
+    with builder.if_else(fma) as (then, otherwise):
+        with then:
+            emit(True)
+        with otherwise:
+            emit(False)
+
+
+def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: ignore[no-untyped-def]
+    """Build a micro-kernel intrinsic: ``kind=None`` stores the popcount sums (see :data:`_mk`),
+    a kind of :data:`_EPI_KINDS` applies that epilogue and stores the outputs (:data:`_mkf`)."""
+    n_base = 8  # a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts
+
+    def check_base(a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts):  # type: ignore[no-untyped-def]
+        return (
+            _is_c_array(a, types.uint64)
+            and _is_c_array(roffs, types.int64)
+            and _is_c_array(b, types.uint64)
+            and _is_c_array(shifts, types.int64)
+            and all(isinstance(t, types.Integer) for t in (seg_words, seg_stride, nseg, b_off))
+        )
+
+    if kind is None:
+
+        def typer(typingctx, a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts, acc, acc_off):  # type: ignore[no-untyped-def]
+            base = (a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts)
+            if not (
+                check_base(*base)
+                and _is_c_array(acc, types.int64)
+                and isinstance(acc_off, types.Integer)
+            ):
+                return None
+            return types.void(*base, acc, acc_off), _codegen
+
+    else:
+
+        def typer(  # type: ignore[no-untyped-def,misc]
+            typingctx, a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts,
+            nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma,
+        ):  # fmt: skip
+            base = (a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts)
+            if not (
+                check_base(*base)
+                and _is_c_array(out, types.int32 if kind == "int" else types.float32)
+                and _is_c_array(ooffs, types.int64)
+                and _is_c_array(resoffs, types.int64)
+                and all(_is_c_array(t, types.float32) for t in (scale, bias, g, s, z, res))
+                and isinstance(nbits, types.Integer)
+                and isinstance(o0, types.Integer)
+                and isinstance(fma, types.Boolean | types.Integer)
+            ):
+                return None
+            sig = types.void(*base, nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma)
+            return sig, _codegen
+
+    def _codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        st = signature.args
+        i64 = ir.IntType(64)
+        i32 = ir.IntType(32)
+        vty = ir.VectorType(i64, _VL)
+
+        def data(k, elt=i64):  # type: ignore[no-untyped-def]
+            arr = context.make_array(st[k])(context, builder, args[k])
+            return builder.bitcast(arr.data, elt.as_pointer())
+
+        def idx(k):  # type: ignore[no-untyped-def]
+            return context.cast(builder, args[k], st[k], types.int64)
+
+        ap, rp, bp, shp = data(0), data(1), data(5), data(7)
+        seg_words, seg_stride, nseg, b_off = idx(2), idx(3), idx(4), idx(6)
+        one = ir.Constant(i64, 1)
+        zero_i = ir.Constant(i64, 0)
+        ctpop = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty]), f"llvm.ctpop.v{_VL}i64"
+        )
+        zero = ir.Constant(vty, None)
+        undef = ir.Constant(vty, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(i32, _VL), None)
+
+        def splat(s):  # type: ignore[no-untyped-def]
+            v = builder.insert_element(undef, s, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, undef, splat_mask)
+
+        # row r reads a[roffs[r] + seg * seg_stride + w] for w < seg_words, seg < nseg
+        arow0 = [
+            builder.gep(ap, [builder.load(builder.gep(rp, [ir.Constant(i64, r)]))])
+            for r in range(MR)
+        ]
+        jump = builder.add(builder.sub(seg_stride, seg_words), one)  # pointer step at seg end
+        total = builder.mul(seg_words, nseg)
+        bbase = builder.gep(bp, [b_off])
+        entry = builder.block
+        loop = builder.append_basic_block("mk.loop")
+        done = builder.append_basic_block("mk.done")
+        ok = builder.and_(
+            builder.icmp_signed(">", total, zero_i), builder.icmp_signed(">", seg_words, zero_i)
+        )
+        builder.cbranch(ok, loop, done)
+
+        builder.position_at_end(loop)
+        t = builder.phi(i64)  # flat word index (into b and shifts)
+        w = builder.phi(i64)  # word within the current segment
+        aoff = builder.phi(i64)  # offset of the current word from roffs[r]
+        for ph in (t, w, aoff):
+            ph.add_incoming(zero_i, entry)
+        accs = []
+        for _ in range(MR * _NV):
+            p = builder.phi(vty)
+            p.add_incoming(zero, entry)
+            accs.append(p)
+        boff = builder.mul(t, ir.Constant(i64, LANES))
+        bvs = []
+        for j in range(_NV):
+            ptr = builder.gep(bbase, [builder.add(boff, ir.Constant(i64, j * _VL))])
+            bvs.append(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=8))
+        shv = splat(builder.load(builder.gep(shp, [t]), align=8)) if with_shifts else None
+        new = []
+        for r in range(MR):
+            sv = splat(builder.load(builder.gep(arow0[r], [aoff]), align=8))
+            for j in range(_NV):
+                pc = builder.call(ctpop, [builder.xor(sv, bvs[j])])
+                if shv is not None:
+                    pc = builder.shl(pc, shv)
+                new.append(builder.add(accs[r * _NV + j], pc))
+        t1 = builder.add(t, one)
+        w1 = builder.add(w, one)
+        seg_end = builder.icmp_signed("==", w1, seg_words)
+        w_next = builder.select(seg_end, zero_i, w1)
+        a_next = builder.add(aoff, builder.select(seg_end, jump, one))
+        t.add_incoming(t1, loop)
+        w.add_incoming(w_next, loop)
+        aoff.add_incoming(a_next, loop)
+        for p, n in zip(accs, new):
+            p.add_incoming(n, loop)
+        builder.cbranch(builder.icmp_signed("<", t1, total), loop, done)
+
+        builder.position_at_end(done)
+        outs = []
+        for i in range(MR * _NV):
+            ph = builder.phi(vty)
+            ph.add_incoming(zero, entry)
+            ph.add_incoming(new[i], loop)
+            outs.append(ph)
+        if kind is None:
+            cp, c_off = data(n_base), idx(n_base + 1)
+            for i in range(MR * _NV):
+                ptr = builder.gep(cp, [builder.add(c_off, ir.Constant(i64, i * _VL))])
+                builder.store(outs[i], builder.bitcast(ptr, vty.as_pointer()), align=8)
+            return context.get_dummy_value()
+        k = n_base
+        nbits = idx(k)
+        out_p = data(k + 1, ir.IntType(32) if kind == "int" else ir.FloatType())
+        oo_p = data(k + 2)
+        o0 = idx(k + 3)
+        vec_ps = tuple(data(k + 4 + q, ir.FloatType()) for q in range(5))
+        res_p = data(k + 9, ir.FloatType())
+        ro_p = data(k + 10)
+        fma = builder.icmp_signed("!=", idx(k + 11), zero_i)
+        nb_v = splat(nbits)
+        two = ir.Constant(vty, [2] * _VL)
+        rows = []
+        for r in range(MR):
+            d = [builder.sub(nb_v, builder.mul(two, outs[r * _NV + j])) for j in range(_NV)]
+            out_off = builder.add(builder.load(builder.gep(oo_p, [ir.Constant(i64, r)])), o0)
+            res_off = builder.add(builder.load(builder.gep(ro_p, [ir.Constant(i64, r)])), o0)
+            rows.append((d, out_off, res_off))
+        _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, fma)
+        return context.get_dummy_value()
+
+    typer.__name__ = ("_mk_shift" if with_shifts else "_mk") + (f"_{kind}" if kind else "")
+    return intrinsic(typer)
+
+
+#: ``_mk(a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts, acc, acc_off)``:
+#: for r < MR, l < 32, with t = seg * seg_words + w running over the reduction,
+#: ``acc[acc_off + r*32 + l] =``
+#: ``sum_{seg < nseg, w < seg_words}``
+#: ``popcount(a[roffs[r] + seg*seg_stride + w] ^ b[b_off + t*32 + l])``
+#: a, b: C-contiguous uint64 (flat element offsets); roffs: int64 (MR,); acc: C-contiguous
+#: int64; shifts unused. Segments let a KHxKW convolution read its patch straight from a padded
+#: NHWC input (segment = one kernel row: KW*Cw contiguous words; seg_stride = padded row
+#: length): no im2col copy. The caller guarantees every index is in bounds.
+_mk = _make_microkernel(False)
+#: As ``_mk`` with each word's popcount shifted left by ``shifts[t]``: the weighted sum over
+#: bit-planes of the first layer.
+_mk_shift = _make_microkernel(True)
+#: Fused micro-kernels, one per epilogue kind: ``_mkf[kind](a, roffs, seg_words, seg_stride,
+#: nseg, b, b_off, shifts, nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma)``:
+#: d = nbits - 2*sum (as ``_mk``), then the epilogue of :func:`_emit_epilogue` for row r at
+#: out[ooffs[r] + o0 + l] (and res[resoffs[r] + o0 + l]), straight from registers.
+_mkf_int = _make_microkernel(False, "int")
+_mkf_affine = _make_microkernel(False, "affine")
+_mkf_rp = _make_microkernel(False, "affine_rp")
+_mkf_res = _make_microkernel(False, "affine_res")
+_mkf_rp_res = _make_microkernel(False, "affine_rp_res")
+#: The first layer's fused micro-kernels (word shifts, no residual).
+_mkf_shift_int = _make_microkernel(True, "int")
+_mkf_shift_affine = _make_microkernel(True, "affine")
+_mkf_shift_rp = _make_microkernel(True, "affine_rp")
+
+
+def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
+    """Build an intrinsic storing one full row of 32 accumulators through an epilogue
+    (:func:`_emit_epilogue`), with explicit 8-lane vectors (numba's loop vectorizer leaves
+    these loops scalar):
+    ``_epi_<kind>(acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0,
+    fma)``
+    with d = nbits - 2*acc[acc_off + l]. Unused arrays may be empty; the caller guarantees
+    in-bounds offsets.
+    """
+
+    def typer(
+        typingctx, acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0, fma
+    ):  # type: ignore[no-untyped-def]
+        if not (
+            _is_c_array(acc, types.int64)
+            and _is_c_array(out, types.int32 if kind == "int" else types.float32)
+            and all(_is_c_array(t, types.float32) for t in (scale, bias, g, s, z, res))
+            and all(isinstance(t, types.Integer) for t in (acc_off, nbits, out_off, res_off, o0))
+            and isinstance(fma, types.Boolean | types.Integer)
+        ):
+            return None
+        sig = types.void(
+            acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0, fma
+        )
+        return sig, codegen
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        st = signature.args
+        i64, f32 = ir.IntType(64), ir.FloatType()
+        v64 = ir.VectorType(i64, _VL)
+
+        def ptr(k, elt):  # type: ignore[no-untyped-def]
+            arr = context.make_array(st[k])(context, builder, args[k])
+            return builder.bitcast(arr.data, elt.as_pointer())
+
+        def idx(k):  # type: ignore[no-untyped-def]
+            return context.cast(builder, args[k], st[k], types.int64)
+
+        acc_p, acc_off, nbits = ptr(0, i64), idx(1), idx(2)
+        nb_v = builder.insert_element(
+            ir.Constant(v64, ir.Undefined), nbits, ir.Constant(ir.IntType(32), 0)
+        )
+        nb_v = builder.shuffle_vector(
+            nb_v,
+            ir.Constant(v64, ir.Undefined),
+            ir.Constant(ir.VectorType(ir.IntType(32), _VL), None),
+        )
+        two = ir.Constant(v64, [2] * _VL)
+        d = []
+        for j in range(_NV):
+            p = builder.gep(acc_p, [builder.add(acc_off, ir.Constant(i64, j * _VL))])
+            a = builder.load(builder.bitcast(p, v64.as_pointer()), align=8)
+            d.append(builder.sub(nb_v, builder.mul(two, a)))
+        out_p = ptr(3, ir.IntType(32) if kind == "int" else f32)
+        vec_ps = tuple(ptr(5 + q, f32) for q in range(5))
+        fma = builder.icmp_signed("!=", idx(13), ir.Constant(i64, 0))
+        _emit_epilogue(
+            context,
+            builder,
+            kind,
+            [(d, idx(4), idx(11))],
+            out_p,
+            idx(12),
+            vec_ps,
+            ptr(10, f32),
+            fma,
+        )
+        return context.get_dummy_value()
+
+    typer.__name__ = f"_epi_{kind}"
+    return intrinsic(typer)
+
+
+_epi_int = _make_row_epilogue("int")
+_epi_affine = _make_row_epilogue("affine")
+_epi_rp = _make_row_epilogue("affine_rp")
+_epi_res = _make_row_epilogue("affine_res")
+_epi_rp_res = _make_row_epilogue("affine_rp_res")
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """fma(a, b, c) in float32 with one rounding (llvm.fma.f32)."""
+    if not all(t == types.float32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32"
+        )
+        return builder.call(fn, list(args))
+
+    return types.float32(a, b, c), codegen
+
+
+def _splat(builder, val, n):  # type: ignore[no-untyped-def]
+    vt = ir.VectorType(val.type, n)
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), val, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(
+        v, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), n), None)
+    )
+
+
+@intrinsic
+def _cmp64(typingctx, x, x_off, t, t_off, flipmask, mode):  # type: ignore[no-untyped-def]
+    """64 contiguous float32 -> uint64 bits (bit i from x[x_off + i], t[t_off + i]).
+    mode 0: bit = x + t < 0 (sign of x + bias); mode 1: bit = (x > t) if flip else (x < t),
+    flip bit i = bit i of ``flipmask``. ``mode`` must be a compile-time literal."""
+    if not (
+        _is_c_array(x, types.float32)
+        and _is_c_array(t, types.float32)
+        and isinstance(x_off, types.Integer)
+        and isinstance(t_off, types.Integer)
+        and isinstance(flipmask, types.Integer)
+        and isinstance(mode, types.IntegerLiteral)
+    ):
+        return None
+    lit = mode.literal_value
+    sig = types.uint64(x, x_off, t, t_off, flipmask, mode)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        st = signature.args
+        i64, f32 = ir.IntType(64), ir.FloatType()
+        vf = ir.VectorType(f32, 16)
+        xp = builder.bitcast(
+            context.make_array(st[0])(context, builder, args[0]).data, f32.as_pointer()
+        )
+        tp = builder.bitcast(
+            context.make_array(st[2])(context, builder, args[2]).data, f32.as_pointer()
+        )
+        xo = context.cast(builder, args[1], st[1], types.int64)
+        to = context.cast(builder, args[3], st[3], types.int64)
+        zero = ir.Constant(vf, [0.0] * 16)
+        word = ir.Constant(i64, 0)
+        for q in range(4):
+            off = ir.Constant(i64, 16 * q)
+            xv = builder.load(
+                builder.bitcast(builder.gep(xp, [builder.add(xo, off)]), vf.as_pointer()), align=4
+            )
+            tv = builder.load(
+                builder.bitcast(builder.gep(tp, [builder.add(to, off)]), vf.as_pointer()), align=4
+            )
+            if lit == 0:
+                m = builder.fcmp_ordered("<", builder.fadd(xv, tv), zero)
+                bits = builder.zext(builder.bitcast(m, ir.IntType(16)), i64)
+            else:
+                lt = builder.zext(
+                    builder.bitcast(builder.fcmp_ordered("<", xv, tv), ir.IntType(16)), i64
+                )
+                gt = builder.zext(
+                    builder.bitcast(builder.fcmp_ordered(">", xv, tv), ir.IntType(16)), i64
+                )
+                fm = builder.and_(
+                    builder.lshr(args[4], ir.Constant(i64, 16 * q)), ir.Constant(i64, 0xFFFF)
+                )
+                bits = builder.or_(builder.and_(lt, builder.not_(fm)), builder.and_(gt, fm))
+            word = builder.or_(word, builder.shl(bits, ir.Constant(i64, 16 * q)))
+        return word
+
+    return sig, codegen
+
+
+def _make_pack_nchw(nvec: int):  # type: ignore[no-untyped-def]
+    """Intrinsic packing one word for each of 16*nvec consecutive pixels of an NCHW float32
+    input: out[o_off + i*ostride] = sum_{c < nc} (x[x_off + (c0+c)*pstride + i]
+    + bias[c0+c] < 0) << c for i < 16*nvec (channels c0 .. c0+nc-1, nc <= 64)."""
+    npx = 16 * nvec
+
+    def typer(typingctx, x, x_off, pstride, c0, nc, bias, out, o_off, ostride):  # type: ignore[no-untyped-def]
+        ints = (x_off, pstride, c0, nc, o_off, ostride)
+        if not (
+            _is_c_array(x, types.float32)
+            and _is_c_array(bias, types.float32)
+            and _is_c_array(out, types.uint64)
+            and all(isinstance(t, types.Integer) for t in ints)
+        ):
+            return None
+        return types.void(x, x_off, pstride, c0, nc, bias, out, o_off, ostride), codegen
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        st = signature.args
+        i64, f32 = ir.IntType(64), ir.FloatType()
+        vf = ir.VectorType(f32, 16)
+        v64 = ir.VectorType(i64, 16)
+
+        def ptr(k, elt):  # type: ignore[no-untyped-def]
+            arr = context.make_array(st[k])(context, builder, args[k])
+            return builder.bitcast(arr.data, elt.as_pointer())
+
+        def idx(k):  # type: ignore[no-untyped-def]
+            return context.cast(builder, args[k], st[k], types.int64)
+
+        xp, bp, op = ptr(0, f32), ptr(5, f32), ptr(6, i64)
+        x_off, pstride, c0, nc, o_off, ostride = idx(1), idx(2), idx(3), idx(4), idx(7), idx(8)
+        zero_f = ir.Constant(vf, [0.0] * 16)
+        zero_v = ir.Constant(v64, None)
+        entry = builder.block
+        loop = builder.append_basic_block("pk.loop")
+        done = builder.append_basic_block("pk.done")
+        builder.cbranch(builder.icmp_signed(">", nc, ir.Constant(i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        c = builder.phi(i64)
+        c.add_incoming(ir.Constant(i64, 0), entry)
+        accs = []
+        for _ in range(nvec):
+            a = builder.phi(v64)
+            a.add_incoming(zero_v, entry)
+            accs.append(a)
+        ch = builder.add(c0, c)
+        base = builder.gep(xp, [builder.add(x_off, builder.mul(ch, pstride))])
+        b = _splat(builder, builder.load(builder.gep(bp, [ch])), 16)
+        bit = _splat(builder, builder.shl(ir.Constant(i64, 1), c), 16)
+        new = []
+        for q in range(nvec):
+            p = builder.bitcast(builder.gep(base, [ir.Constant(i64, 16 * q)]), vf.as_pointer())
+            neg = builder.fcmp_ordered("<", builder.fadd(builder.load(p, align=4), b), zero_f)
+            new.append(builder.or_(accs[q], builder.select(neg, bit, zero_v)))
+        c1 = builder.add(c, ir.Constant(i64, 1))
+        c.add_incoming(c1, loop)
+        for a, n in zip(accs, new):
+            a.add_incoming(n, loop)
+        builder.cbranch(builder.icmp_signed("<", c1, nc), loop, done)
+        builder.position_at_end(done)
+        for q in range(nvec):
+            res = builder.phi(v64)
+            res.add_incoming(zero_v, entry)
+            res.add_incoming(new[q], loop)
+            new[q] = res
+        for q in range(nvec):
+            for i in range(16):
+                o = builder.add(o_off, builder.mul(ostride, ir.Constant(i64, 16 * q + i)))
+                val = builder.extract_element(new[q], ir.Constant(ir.IntType(32), i))
+                builder.store(val, builder.gep(op, [o]))
+        return context.get_dummy_value()
+
+    typer.__name__ = f"_pack{npx}_nchw"
+    return intrinsic(typer)
+
+
+_pack64_nchw = _make_pack_nchw(4)
+_pack16_nchw = _make_pack_nchw(1)

@@ -1,0 +1,173 @@
+"""Weight packing and the prepared (interleaved) weight layouts of the kernels."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ._llvm import LANES
+
+# --------------------------------------------------------------------------- prepared weights
+
+
+class PreparedWeights(NamedTuple):
+    """Binary weights in the kernels' layout (build with :func:`prepare_conv_weights` or
+    :func:`prepare_dense_weights`).
+
+    ``blocks[j, k, l]`` is word ``k`` of the canonical packed weights of output channel
+    ``32*j + l`` (``k`` runs over (ky, kx, channel word): the canonical (O, KH, KW, Cw) layout
+    flattened); padded channels (``32*j + l >= out_channels``) are 0.
+    """
+
+    blocks: np.ndarray  # uint64 (ceil(O/32), KH*KW*Cw, 32)
+    out_channels: int
+    in_channels: int  # Cin of a conv, K of a dense layer (bits per tap)
+    kh: int
+    kw: int
+
+    @property
+    def words(self) -> int:
+        """Words per tap: ceil(in_channels / 64)."""
+        return _words(self.in_channels)
+
+
+class PreparedStem(NamedTuple):
+    """First-layer weights and encoder in the kernels' layout (:func:`prepare_stem_weights`).
+
+    Planes are split into groups of equal place value; group g covers ``group_planes``
+    planes per image channel. Per output pixel and group the patch is packed densely:
+    bit ``(ky*KW + kx) * C*group_planes + c*group_planes + p`` (p: plane within the group).
+    """
+
+    blocks: np.ndarray  # uint64 (ceil(O/32), G*Wg, 32), groups word-major: word g*Wg + k
+    lut: np.ndarray  # uint64 (G, 256): plane bits of one channel's pixel value, per group
+    lutc: np.ndarray  # uint64 (C, 256, G): lut[g, v] << (c * group_planes)
+    plane_bits: np.ndarray  # int64 (G,): bit-planes: the pixel bit of group g; thermometer: ()
+    shifts: np.ndarray  # int64 (G*Wg,): place value 2^shift of each word's group
+    const: int  # sum_g 2^shift_g * (bits per patch of group g)
+    out_channels: int
+    image_channels: int
+    group_planes: int
+    groups: int
+    group_words: int  # Wg
+    kh: int
+    kw: int
+
+
+def _words(n: int) -> int:
+    return max(1, -(-int(n) // 64))
+
+
+def _check_packed(x: np.ndarray, ndim: int, name: str) -> np.ndarray:
+    if type(x) is np.ndarray and x.dtype == np.uint64 and x.ndim == ndim and x.flags.c_contiguous:
+        return x  # the common case, checked cheaply
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.uint64:
+        raise ValueError(f"{name} must be packed bits (uint64), got dtype {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+def _vec(v: object, n: int, name: str, dtype: type = np.float32) -> np.ndarray:
+    if type(v) is np.ndarray and v.dtype == dtype and v.shape == (n,) and v.flags.c_contiguous:
+        return v  # the common case, checked cheaply
+    a: np.ndarray = np.ascontiguousarray(np.asarray(v, dtype=dtype))
+    if a.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {a.shape}")
+    return a
+
+
+def _pack_bool_rows(neg: np.ndarray) -> np.ndarray:
+    """bool (..., n), True = -1 -> uint64 (..., ceil(n/64)), little-endian bit order."""
+    n = neg.shape[-1]
+    words = _words(n)
+    pad = words * 64 - n
+    if pad:
+        neg = np.concatenate([neg, np.zeros((*neg.shape[:-1], pad), dtype=bool)], axis=-1)
+    by = np.packbits(neg, axis=-1, bitorder="little")
+    return np.ascontiguousarray(by).view("<u8").astype(np.uint64).reshape(*neg.shape[:-1], words)
+
+
+def _unpack_bool_rows(packed: np.ndarray, n: int) -> np.ndarray:
+    by = np.ascontiguousarray(packed.astype("<u8")).view(np.uint8)
+    bits = np.unpackbits(by.reshape(*packed.shape[:-1], -1), axis=-1, bitorder="little")
+    return bits[..., :n].astype(bool)
+
+
+def pack_weights(w: object) -> np.ndarray:
+    """Signs of weights -> canonical packed layout (sign(0) = +1, bit 1 = -1).
+
+    (O, Cin, KH, KW) (torch conv layout) -> uint64 (O, KH, KW, ceil(Cin/64));
+    (O, K) (torch linear layout) -> uint64 (O, ceil(K/64)). Accepts numpy arrays or torch
+    tensors (anything ``np.asarray`` takes).
+    """
+    a = np.asarray(w)
+    if a.ndim == 4:
+        return _pack_bool_rows(np.transpose(a, (0, 2, 3, 1)) < 0)
+    if a.ndim == 2:
+        return _pack_bool_rows(a < 0)
+    raise ValueError(f"weights must be (O, Cin, KH, KW) or (O, K), got shape {a.shape}")
+
+
+def _blocks_from_rows(rows: np.ndarray) -> np.ndarray:
+    """uint64 (O, Wk) -> (ceil(O/32), Wk, 32), zero-padded channels."""
+    o, wk = rows.shape
+    nob = -(-o // LANES)
+    padded = np.zeros((nob * LANES, wk), np.uint64)
+    padded[:o] = rows
+    return np.ascontiguousarray(padded.reshape(nob, LANES, wk).transpose(0, 2, 1))
+
+
+def _check_tail_zero(w: np.ndarray, n: int, name: str) -> None:
+    tail = w.shape[-1] * 64 - n
+    if tail:
+        mask = np.uint64(((1 << tail) - 1) << (64 - tail))
+        if np.any(w[..., -1] & mask):
+            raise ValueError(f"{name}: unused tail bits (past {n} channels) must be 0")
+
+
+def prepare_conv_weights(w_packed: np.ndarray, in_channels: int) -> PreparedWeights:
+    """Canonical packed conv weights (O, KH, KW, Cw) uint64 -> :class:`PreparedWeights`."""
+    w = _check_packed(w_packed, 4, "conv weights")
+    o, kh, kw, cw = w.shape
+    if in_channels < 1 or cw != _words(in_channels):
+        raise ValueError(
+            f"conv weights have {cw} words per tap, {in_channels} input channels need "
+            f"{_words(in_channels)}"
+        )
+    if o < 1 or kh < 1 or kw < 1:
+        raise ValueError(f"conv weights shape {w.shape} is empty")
+    _check_tail_zero(w, in_channels, "conv weights")
+    return PreparedWeights(_blocks_from_rows(w.reshape(o, kh * kw * cw)), o, in_channels, kh, kw)
+
+
+def prepare_dense_weights(w_packed: np.ndarray, in_features: int) -> PreparedWeights:
+    """Canonical packed dense weights (O, Kw) uint64 -> :class:`PreparedWeights`."""
+    w = _check_packed(w_packed, 2, "dense weights")
+    o, kw_ = w.shape
+    if in_features < 1 or kw_ != _words(in_features):
+        raise ValueError(
+            f"dense weights have {kw_} words, {in_features} input features need "
+            f"{_words(in_features)}"
+        )
+    if o < 1:
+        raise ValueError("dense weights have no output features")
+    _check_tail_zero(w, in_features, "dense weights")
+    return PreparedWeights(_blocks_from_rows(w), o, in_features, 1, 1)
+
+
+def _check_prepared(w: object) -> PreparedWeights:
+    if not isinstance(w, PreparedWeights):
+        raise ValueError("weights must be PreparedWeights (see prepare_conv_weights)")
+    b = w.blocks
+    words = (w.in_channels + 63) >> 6
+    if (
+        b.dtype != np.uint64
+        or not b.flags.c_contiguous
+        or b.shape != ((w.out_channels + LANES - 1) // LANES, w.kh * w.kw * words, LANES)
+    ):
+        raise ValueError(f"inconsistent PreparedWeights: blocks {b.dtype} {b.shape}")
+    return w
