@@ -407,11 +407,22 @@ class _FastPlan:
         self.ref = _Plan(model, shape)  # shapes, checks, and the fallback
         self.t = model.tensors
         self.steps: list[Callable[[dict[str, np.ndarray], np.ndarray], None]] = []
-        for op, ref_step in zip(model.graph["ops"], self.ref.steps, strict=True):
+        ops = model.graph["ops"]
+        self.output = model.graph["output"]
+        # liveness, for in-place residual updates: the last op reading each value (the graph
+        # output counts as read after the last op); values sharing storage form groups
+        self._last_use: dict[str, int] = {}
+        for i, op in enumerate(ops):
+            for name in op["inputs"]:
+                self._last_use[name] = i
+        self._last_use[self.output] = len(ops)
+        self._root: dict[str, str] = {}
+        for i, (op, ref_step) in enumerate(zip(ops, self.ref.steps, strict=True)):
+            self._index = i
             f = getattr(self, "_op_" + op["op"], None)
             step = f(op) if f is not None else None
             self.steps.append(step if step is not None else self._fallback(op, ref_step))
-        self.output = model.graph["output"]
+            self._root.setdefault(op["output"], op["output"])
 
     def _fallback(self, op: dict[str, Any], ref_step: Any) -> Any:
         """Run one op with the reference code: copy inputs into its buffers, run, read out."""
@@ -442,12 +453,57 @@ class _FastPlan:
             return None
         return sh, ph
 
+    def _fusable(self, steps: list[dict[str, Any]], residual: bool) -> Any:
+        """(alpha, beta, rprelu | None) when the epilogue is exactly what the fused kernels
+        compute (fma batch norm [, RPReLU] [, residual add], torch's order), else None."""
+        kinds = [s["kind"] for s in steps]
+        want = ["bn"]
+        if "rprelu" in kinds:
+            want.append("rprelu")
+        if residual:
+            want.append("add")
+        if kinds != want:
+            return None
+        t = self.t
+        f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
+        al, be = f32(t[steps[0]["alpha"]]), f32(t[steps[0]["beta"]])
+        rp = None
+        if "rprelu" in kinds:
+            r = steps[1]
+            rp = (f32(t[r["gamma"]]), f32(t[r["slope"]]), f32(t[r["zeta"]]))
+        return al, be, rp
+
+    def _can_overwrite(self, name: str) -> bool:
+        """True when no later op (nor the graph output) reads ``name``'s storage."""
+        root = self._root.get(name)
+        if root is None:
+            return False
+        group = [k for k, r in self._root.items() if r == root]
+        return all(self._last_use.get(k, -1) <= self._index for k in group)
+
     def _op_encode_conv(self, op: dict[str, Any]) -> Any:
         K, t = self.K, self.t
         sq = self._square(op)
         pwts = t[op["plane_weights"]]
         if sq is None:
             return None
+        if op["encoder"] == "bitplane" and np.array_equal(
+            pwts, 2.0 ** np.arange(op["planes"], dtype=np.float32)
+        ):
+            fz = self._fusable(op["epilogue"], False)
+            if fz is not None:
+                al, be, rp = fz
+                wst = K.prepare_stem_weights(t[op["weight"]], op["in_channels"], op["planes"])
+                stride, pad = sq
+                name = op["output"]
+                stem_affine = K.stem_conv_affine
+
+                def run_fused(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                    v[name] = stem_affine(
+                        x, wst, al, be, stride=stride, padding=pad, rprelu=rp, fma=True
+                    )
+
+                return run_fused
         if op["encoder"] == "bitplane":
             if not np.array_equal(pwts, 2.0 ** np.arange(op["planes"], dtype=np.float32)):
                 return None
@@ -495,13 +551,48 @@ class _FastPlan:
                 v[name] = K.bconv2d_threshold(v[src], w, thr, flip, stride=stride, padding=pad)
 
             return run_bits
+        res = op["inputs"][1] if len(op["inputs"]) == 2 else None
+        ob = self.ref.bufs[name]
+        assert ob.array is not None
+        fz = self._fusable(op["epilogue"], res is not None)
+        if fz is not None:
+            al, be, rp = fz
+            affine = K.bconv2d_affine
+            if res is None:
+                buf = np.empty(ob.array.shape, np.float32)
+
+                def run_fused(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                    v[name] = affine(
+                        v[src], w, al, be, stride=stride, padding=pad, rprelu=rp, out=buf,
+                        fma=True,
+                    )  # fmt: skip
+
+                return run_fused
+            rb = self.ref.bufs[res]
+            if rb.channels == op["out_channels"] and self._can_overwrite(res):
+                self._root[name] = self._root[res]  # h += ... in place
+
+                def run_inplace(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                    h = v[res]
+                    v[name] = affine(
+                        v[src], w, al, be, stride=stride, padding=pad, rprelu=rp, residual=h,
+                        out=h, fma=True,
+                    )  # fmt: skip
+
+                return run_inplace
+            buf = np.empty(ob.array.shape, np.float32)
+
+            def run_res(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                v[name] = affine(
+                    v[src], w, al, be, stride=stride, padding=pad, rprelu=rp, residual=v[res],
+                    out=buf, fma=True,
+                )  # fmt: skip
+
+            return run_res
         epi = _FusedEpilogue.build(op["epilogue"], t)
         if epi is None:
             return None
-        ob = self.ref.bufs[name]
-        assert ob.array is not None
         out = np.empty(ob.array.shape, np.float32)
-        res = op["inputs"][1] if len(op["inputs"]) == 2 else None
 
         def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
             acc = K.bconv2d(v[src], w, stride, pad)
@@ -518,6 +609,17 @@ class _FastPlan:
         const = mode == 0
         thr[const] = np.where(thr[const] >= 0, -np.inf, np.inf)
         src, name = op["inputs"][0], op["output"]
+        if np.all(mode == 1) and np.all(np.isfinite(thr)):
+            # bit = x < thr exactly as fl(x - thr) < 0 (a float subtraction rounds to zero only
+            # when exact, and keeps the sign otherwise; NaN gives 0 both ways): pack_sign with
+            # bias = -thr, which skips pack_threshold's per-call flip preparation
+            neg = np.ascontiguousarray(-thr, np.float32)
+            pack_sign = K.pack_sign
+
+            def run_sign(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                v[name] = pack_sign(v[src], neg)
+
+            return run_sign
 
         def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
             v[name] = K.pack_threshold(v[src], thr, flip)
