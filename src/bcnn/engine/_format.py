@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .._io import atomic_write
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "read_bcnn", "validate_graph", "write_bcnn"]
 
@@ -302,18 +303,7 @@ def write_bcnn(
         "graph": json.dumps(graph, separators=(",", ":"), allow_nan=False),
     }
     data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _reject_constant(c: str) -> float:

@@ -10,13 +10,13 @@ Written atomically (temporary file in the same folder, then rename).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._io import atomic_write
 from ._registry import create_model
 
 __all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "load_checkpoint", "save_checkpoint"]
@@ -27,18 +27,7 @@ CHECKPOINT_VERSION = 1
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """torch.save to a temporary file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _plain(v: Any) -> Any:
