@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import atomic_write
+
 __all__ = ["IMAGE_EXTENSIONS", "cache_dir", "read_image", "scan_image_folder"]
 
 IMAGE_EXTENSIONS = (
@@ -149,11 +151,7 @@ def cached_decode(
     arr = decode_all(files, size, channels, progress)
     path = _cache_path(root, files, channels)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
     except OSError:
         pass  # a read-only cache is not an error: we just decode again next time
     return arr

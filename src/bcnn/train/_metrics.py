@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 from typing import Any
+
+from .._io import atomic_write
 
 __all__ = ["METRIC_COLUMNS", "plot_curves", "write_metrics_csv"]
 
@@ -27,14 +29,13 @@ METRIC_COLUMNS = [
 def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite the whole file atomically (rows come from the checkpointed history, so a resumed
     run never duplicates or loses rows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k)) for k in METRIC_COLUMNS})
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(r.get(k)) for k in METRIC_COLUMNS})
+    data = buf.getvalue().encode()
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _fmt(v: Any) -> Any:
@@ -103,7 +104,4 @@ def plot_curves(
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=90, format="png"))
