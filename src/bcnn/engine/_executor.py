@@ -148,7 +148,7 @@ class _Plan:
             kind = op["op"]
             src = bufs[op["inputs"][0]]
             where = f"op {op['name']!r} ({kind})"
-            if kind in ("encode_conv", "conv"):
+            if kind in ("encode_conv", "conv", "qstem", "qconv"):
                 kh, kw = op["kernel"]
                 sh, sw = op["stride"]
                 ph, pw = op["pad"]
@@ -195,6 +195,7 @@ class _Plan:
             else:
                 b.array = np.zeros((n, b.channels), np.float32)
         self.bufs = bufs
+        self.precision = model._precision  # read at run time by the k-bit ops
         self.steps: list[Callable[[np.ndarray], None]] = [self._bind(op, t) for op in ops]
         self.output = bufs[g["output"]]
 
@@ -343,6 +344,23 @@ class _Plan:
 
         return run
 
+    # k-bit layers run bit-serially on the binary kernels (_bitserial); _FastPlan has no
+    # handler for these ops and runs them through its fallback to this plan
+    def _op_qconv(self, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
+        from ._bitserial import bind_qconv
+
+        return bind_qconv(self, op, t)
+
+    def _op_qlinear(self, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
+        from ._bitserial import bind_qlinear
+
+        return bind_qlinear(self, op, t)
+
+    def _op_qstem(self, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
+        from ._bitserial import bind_qstem
+
+        return bind_qstem(self, op, t)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         for step in self.steps:
             step(x)
@@ -417,6 +435,11 @@ class _FastPlan:
                 self._last_use[name] = i
         self._last_use[self.output] = len(ops)
         self._root: dict[str, str] = {}
+        self._ops = ops
+        self._shape = shape
+        # bits values written by pack-sign steps straight into a zero-bordered buffer sized
+        # for their consumers (which then convolve with padding 0): name -> border
+        self._prepad: dict[str, int] = {}
         for i, (op, ref_step) in enumerate(zip(ops, self.ref.steps, strict=True)):
             self._index = i
             f = getattr(self, "_op_" + op["op"], None)
@@ -473,6 +496,29 @@ class _FastPlan:
             rp = (f32(t[r["gamma"]]), f32(t[r["slope"]]), f32(t[r["zeta"]]))
         return al, be, rp
 
+    def _prepad_for(self, name: str) -> int | None:
+        """The border to pack ``name`` into when every consumer is a conv on the fused path
+        with one square padding (it then runs with padding 0 on the bordered buffer)."""
+        if name == self.output:
+            return None
+        pads = set()
+        for op in self._ops:
+            if name not in op["inputs"]:
+                continue
+            if op["op"] != "conv" or op["inputs"][0] != name or "threshold" in op:
+                return None
+            sq = self._square(op)
+            if sq is None or self._fusable(op["epilogue"], len(op["inputs"]) == 2) is None:
+                return None
+            pads.add(sq[1])
+        return pads.pop() if len(pads) == 1 else None
+
+    def _bits_shape(self, name: str) -> tuple[int, int, int, int]:
+        """Shape of the bits value ``name`` as the fast plan holds it (with its border)."""
+        b = self.ref.bufs[name]
+        p = self._prepad.get(name, 0)
+        return (self._shape[0], b.h + 2 * p, b.w + 2 * p, words(b.channels))
+
     def _can_overwrite(self, name: str) -> bool:
         """True when no later op (nor the graph output) reads ``name``'s storage."""
         root = self._root.get(name)
@@ -496,12 +542,15 @@ class _FastPlan:
                 wst = K.prepare_stem_weights(t[op["weight"]], op["in_channels"], op["planes"])
                 stride, pad = sq
                 name = op["output"]
-                stem_affine = K.stem_conv_affine
+                stem_affine = K.bind_stem_affine(
+                    self._shape, wst, al, be, stride=stride, padding=pad, rprelu=rp, fma=True
+                )
+                ob = self.ref.bufs[name]
+                assert ob.array is not None
+                sbuf = np.empty(ob.array.shape, np.float32)
 
                 def run_fused(v: dict[str, np.ndarray], x: np.ndarray) -> None:
-                    v[name] = stem_affine(
-                        x, wst, al, be, stride=stride, padding=pad, rprelu=rp, fma=True
-                    )
+                    v[name] = stem_affine(x, sbuf)
 
                 return run_fused
         if op["encoder"] == "bitplane":
@@ -557,36 +606,32 @@ class _FastPlan:
         fz = self._fusable(op["epilogue"], res is not None)
         if fz is not None:
             al, be, rp = fz
-            affine = K.bconv2d_affine
+            rb = self.ref.bufs[res] if res is not None else None
+            affine = K.bind_conv_affine(
+                self._bits_shape(src), w, al, be, stride=stride,
+                padding=0 if src in self._prepad else pad, rprelu=rp,
+                residual_channels=rb.channels if rb is not None else None, fma=True,
+            )  # fmt: skip
             if res is None:
                 buf = np.empty(ob.array.shape, np.float32)
 
                 def run_fused(v: dict[str, np.ndarray], x: np.ndarray) -> None:
-                    v[name] = affine(
-                        v[src], w, al, be, stride=stride, padding=pad, rprelu=rp, out=buf,
-                        fma=True,
-                    )  # fmt: skip
+                    v[name] = affine(v[src], None, buf)
 
                 return run_fused
-            rb = self.ref.bufs[res]
+            assert rb is not None
             if rb.channels == op["out_channels"] and self._can_overwrite(res):
                 self._root[name] = self._root[res]  # h += ... in place
 
                 def run_inplace(v: dict[str, np.ndarray], x: np.ndarray) -> None:
                     h = v[res]
-                    v[name] = affine(
-                        v[src], w, al, be, stride=stride, padding=pad, rprelu=rp, residual=h,
-                        out=h, fma=True,
-                    )  # fmt: skip
+                    v[name] = affine(v[src], h, h)
 
                 return run_inplace
             buf = np.empty(ob.array.shape, np.float32)
 
             def run_res(v: dict[str, np.ndarray], x: np.ndarray) -> None:
-                v[name] = affine(
-                    v[src], w, al, be, stride=stride, padding=pad, rprelu=rp, residual=v[res],
-                    out=buf, fma=True,
-                )  # fmt: skip
+                v[name] = affine(v[src], v[res], buf)
 
             return run_res
         epi = _FusedEpilogue.build(op["epilogue"], t)
@@ -614,6 +659,18 @@ class _FastPlan:
             # when exact, and keeps the sign otherwise; NaN gives 0 both ways): pack_sign with
             # bias = -thr, which skips pack_threshold's per-call flip preparation
             neg = np.ascontiguousarray(-thr, np.float32)
+            sb = self.ref.bufs[src]
+            pre = self._prepad_for(name) if sb.kind == "stream" else None
+            if pre is not None:
+                self._prepad[name] = pre
+                packer = K.bind_pack_sign_padded(
+                    (self._shape[0], sb.h, sb.w, sb.channels), neg, pre
+                )
+
+                def run_padded(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                    v[name] = packer(v[src])
+
+                return run_padded
             pack_sign = K.pack_sign
 
             def run_sign(v: dict[str, np.ndarray], x: np.ndarray) -> None:
@@ -689,6 +746,24 @@ class PackedModel:
         self.tensors = tensors
         self.backend = backend
         self._plans: dict[tuple[int, ...], Any] = {}
+        self._precision: dict[str, int | None] = {"weight_bits": None}
+
+    def set_precision(self, *, weight_bits: int | None = None) -> int | None:
+        """Run k-bit weight layers with only their ``weight_bits`` highest bit-planes (the
+        PrecisionBatching knob; no re-packing). A layer of k > weight_bits bits drops its
+        d = k - weight_bits lowest planes: W' = sum_{i >= d} 2^i s_i (the dropped part is in
+        [-(2^d - 1), 2^d - 1]) with the same output scale step_x * step_w; layers of at most
+        weight_bits bits are unchanged. ``None`` restores full precision. Returns the previous
+        setting."""
+        if weight_bits is not None and (
+            isinstance(weight_bits, bool) or not isinstance(weight_bits, int)
+        ):
+            raise ValueError(f"weight_bits must be an integer in 1..8 or None, got {weight_bits!r}")
+        if weight_bits is not None and not 1 <= weight_bits <= 8:
+            raise ValueError(f"weight_bits must be in 1..8 or None, got {weight_bits}")
+        prev = self._precision["weight_bits"]
+        self._precision["weight_bits"] = weight_bits
+        return prev
 
     @property
     def in_channels(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -486,3 +488,65 @@ def bgemm(a: np.ndarray, b: PreparedWeights | np.ndarray, k: int | None = None) 
         kk = 64 * bb.shape[1] if k is None else int(k)
         prep = prepare_dense_weights(bb, kk)
     return blinear(a, prep)
+
+
+# --------------------------------------------------------- executor-internal bound entry point
+
+
+def bind_conv_affine(
+    x_shape: tuple[int, ...],
+    w: PreparedWeights,
+    scale: object,
+    bias: object,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    rprelu: tuple[object, object, object] | None = None,
+    residual_channels: int | None = None,
+    fma: bool = False,
+) -> Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.ndarray]:
+    """:func:`bconv2d_affine` for a fixed input shape, checked once: returns
+    ``run(x, residual, out) -> out``. Internal (the executor's hot path): the caller
+    guarantees that every call passes C-contiguous arrays of exactly the shapes and dtypes
+    validated here (x uint64 ``x_shape``; residual None on every call or on none, else float32
+    (N, Ho, Wo, residual_channels), possibly ``out`` itself; out float32 (N, Ho, Wo, O)). With
+    one thread it calls the compiled serial kernel without the per-call checks; otherwise it
+    runs the checked :func:`bconv2d_affine`."""
+    mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
+    n, h, wd, _ = x_shape
+    ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
+    o = w.out_channels
+    sc, bi = _vec(scale, o, "scale"), _vec(bias, o, "bias")
+    rp = (_F0, _F0, _F0) if rprelu is None else tuple(_vec(v, o, "rprelu") for v in rprelu)
+    has_rp = rprelu is not None
+    cr = 1 if residual_channels is None else int(residual_channels)
+    # the full check (and compilation) once, on zero inputs of these shapes
+    _run_conv(
+        np.zeros(x_shape, np.uint64), w, stride, padding, mode, scale=sc, bias=bi,
+        rprelu=rp if rprelu is not None else None,  # type: ignore[arg-type]
+        residual=None if residual_channels is None else np.zeros((n, ho, wo, cr), np.float32),
+        out=np.zeros((n, ho, wo, o), np.float32),
+    )  # fmt: skip
+    m = n * ho * wo
+    ntiles = -(-m // (MR * _MB))
+    nbits = w.kh * w.kw * w.in_channels
+    blocks, kh, kw, stride, padding = w.blocks, w.kh, w.kw, int(stride), int(padding)
+    g, s, z = rp
+    get_threads = _threads.get_num_threads
+
+    def run(x: np.ndarray, residual: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+        if get_threads() != 1:
+            return _run_conv(
+                x, w, stride, padding, mode, scale=sc, bias=bi,
+                rprelu=rp if has_rp else None,  # type: ignore[arg-type]
+                residual=residual, out=out,
+            )  # fmt: skip
+        _conv_serial(
+            ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
+            _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp,
+            _F00 if residual is None else residual.reshape(m, cr), residual is not None,
+            _F0, _B0,
+        )  # fmt: skip
+        return out
+
+    return run

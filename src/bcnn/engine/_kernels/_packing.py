@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from numba import njit
 
@@ -75,6 +77,28 @@ def _pack_thr_rows(x, thr, flip, fwords, out):  # type: ignore[no-untyped-def]
                 bit = (v > t) if flip[c0 + i] else (v < t)
                 w |= np.uint64(bit) << np.uint64(i)
             out[m, full] = w
+
+
+@njit(cache=True, boundscheck=False)
+def _pack_rows_padded(x, bias, out, pad):  # type: ignore[no-untyped-def]
+    """x (N, H, W, C) float32 -> the interior of out (N, H + 2*pad, W + 2*pad, Cw), bits as
+    :func:`_pack_rows`; the border of ``out`` is left as it is (zero: one-padding)."""
+    n_, h, w, c_ = x.shape
+    cw = out.shape[3]
+    full = c_ // 64
+    for n in range(n_):
+        for y in range(h):
+            for i in range(w):
+                m = (n * h + y) * w + i
+                for j in range(full):
+                    out[n, y + pad, i + pad, j] = _cmp64(x, m * c_ + 64 * j, bias, 64 * j, 0, 0)
+                if full < cw:
+                    c0 = full * 64
+                    wd = np.uint64(0)
+                    for k in range(c_ - c0):
+                        v = x[n, y, i, c0 + k] + bias[c0 + k]
+                        wd |= np.uint64(v < 0) << np.uint64(k)
+                    out[n, y + pad, i + pad, full] = wd
 
 
 def _as_f32(x: object, name: str) -> np.ndarray:
@@ -151,3 +175,25 @@ def unpack_bits(packed: np.ndarray, n: int) -> np.ndarray:
     if n < 0 or n > p.shape[-1] * 64:
         raise ValueError(f"cannot unpack {n} values from {p.shape[-1]} words")
     return (1 - 2 * _unpack_bool_rows(p, n).astype(np.int8)).astype(np.int8)
+
+
+def bind_pack_sign_padded(
+    x_shape: tuple[int, int, int, int], bias: object, pad: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`pack_sign` of float32 (N, H, W, C) for a fixed shape, into a zero-bordered
+    buffer: returns ``run(x) -> out`` with out uint64 (N, H + 2*pad, W + 2*pad, Cw) (the same
+    array on every call: its interior is rewritten, its border stays 0 = one-padding), ready
+    for a convolution with padding 0. Internal (the executor's hot path): the caller
+    guarantees that every call passes a C-contiguous float32 array of shape ``x_shape``."""
+    n, h, w, c = (int(d) for d in x_shape)
+    if min(n, h, w, c) < 1 or pad < 0:
+        raise ValueError(f"bad shape {x_shape} or padding {pad}")
+    b = _vec(bias, c, "bias")
+    out = np.zeros((n, h + 2 * pad, w + 2 * pad, _words(c)), np.uint64)
+    _pack_rows_padded(np.zeros((n, h, w, c), np.float32), b, out, pad)  # compile, check
+
+    def run(x: np.ndarray) -> np.ndarray:
+        _pack_rows_padded(x, b, out, pad)
+        return out
+
+    return run

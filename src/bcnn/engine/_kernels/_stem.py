@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -193,20 +195,24 @@ def _stem_parallel(  # type: ignore[no-untyped-def]
 
 @njit(cache=True, boundscheck=False)
 def _stem_planes(x, bit, pad, cp):  # type: ignore[no-untyped-def]
-    """Bit-planes: cp[g, n, y + pad, x + pad] = OR_c ((pixel[n, c, y, x] >> bit[g]) & 1) << c;
-    cp zeroed by the caller (its border is the one-padding). Inner loops run along rows."""
+    """Bit-planes, one byte per pixel: cp[g, n, y + pad, x + pad] = OR_c ((pixel[n, c, y, x]
+    >> bit[g]) & 1) << c (uint8; C <= 8). The interior is overwritten, the border (the
+    one-padding) is left as the caller made it (zero). Inner loops run along rows."""
     n_, c_, h, w = x.shape
     g_ = bit.shape[0]
     for g in range(g_):
-        b = np.uint64(bit[g])
+        b = np.uint8(bit[g])
         for n in range(n_):
-            for c in range(c_):
-                sh = np.uint64(c)
-                for y in range(h):
-                    row = cp[g, n, y + pad]
+            for y in range(h):
+                row = cp[g, n, y + pad, pad : pad + w]
+                src = x[n, 0, y]
+                for i in range(w):
+                    row[i] = (src[i] >> b) & np.uint8(1)
+                for c in range(1, c_):
+                    sh = np.uint8(c)
                     src = x[n, c, y]
                     for i in range(w):
-                        row[i + pad] |= ((np.uint64(src[i]) >> b) & np.uint64(1)) << sh
+                        row[i] |= ((src[i] >> b) & np.uint8(1)) << sh
 
 
 @njit(cache=True, boundscheck=False)
@@ -230,7 +236,7 @@ def _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-unt
                         sh = np.uint64((ky * kw + kx) * cg)
                         s1 = src[ky * wp + kx : ky * wp + kx + span]
                         for i in range(span):
-                            grid[i] |= s1[i] << sh
+                            grid[i] |= np.uint64(s1[i]) << sh
                 for oy in range(ho):
                     prow = patch[g, (n * ho + oy) * wo : (n * ho + oy + 1) * wo]
                     gr = grid[oy * wp : oy * wp + wo]
@@ -249,7 +255,7 @@ def _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-unt
                     for kx in range(kw):
                         sh = np.uint64((ky * kw + kx) * cg)
                         for ox in range(wo):
-                            prow[ox] |= src[ox * stride + kx] << sh
+                            prow[ox] |= np.uint64(src[ox * stride + kx]) << sh
 
 
 @njit(cache=True, boundscheck=False)
@@ -311,19 +317,33 @@ def _stem_fast_range(  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, boundscheck=False)
+def _stem_fast_into(  # type: ignore[no-untyped-def]
+    x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
+    out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
+):  # fmt: skip
+    """The fast path with its workspaces: cp uint8 (G, N, H + 2*pad, W + 2*pad) with a zero
+    border (its interior is rewritten), patch uint64 (G, N*Ho*Wo)."""
+    n_ = x.shape[0]
+    _stem_planes(x, bit, pad, cp)
+    _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch)
+    _stem_fast_range(
+        0, -(-(n_ * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i, out_f,
+        scale, bias, rp_g, rp_s, rp_z, has_rp,
+    )  # fmt: skip
+
+
+@njit(cache=True, boundscheck=False)
 def _stem_fast_serial(  # type: ignore[no-untyped-def]
     x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
 ):  # fmt: skip
     n_, _, h, w = x.shape
     g_ = bit.shape[0]
-    cp = np.zeros((g_, n_, h + 2 * pad, w + 2 * pad), np.uint64)
-    _stem_planes(x, bit, pad, cp)
+    cp = np.zeros((g_, n_, h + 2 * pad, w + 2 * pad), np.uint8)
     patch = np.empty((g_, n_ * ho * wo), np.uint64)
-    _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch)
-    _stem_fast_range(
-        0, -(-(n_ * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i, out_f,
-        scale, bias, rp_g, rp_s, rp_z, has_rp,
+    _stem_fast_into(
+        x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
+        out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
     )  # fmt: skip
 
 
@@ -407,6 +427,12 @@ def prepare_stem_weights(
     )
 
 
+def _fast_stem(w: PreparedStem) -> bool:
+    """Bit-planes whose patches are one word per plane (and codes fit a byte)."""
+    cg = w.image_channels * w.group_planes
+    return bool(w.plane_bits.size and w.group_words == 1 and cg <= 8 and w.kh * w.kw * cg <= 64)
+
+
 def _run_stem(
     x: np.ndarray,
     w: PreparedStem,
@@ -452,12 +478,7 @@ def _run_stem(
         if rprelu is not None:
             rp = tuple(_vec(v, o, "rprelu") for v in rprelu)  # type: ignore[assignment]
         result = out_f = np.empty((m, o), np.float32)
-    if (
-        w.plane_bits.size
-        and w.group_words == 1
-        and w.kh * w.kw * cg <= 64
-        and _threads.get_num_threads() == 1
-    ):
+    if _fast_stem(w) and _threads.get_num_threads() == 1:
         # bit-planes whose patches are one word per plane: built with row-wise vector loops
         _stem_fast_serial(
             np.ascontiguousarray(x), w.plane_bits, cg, w.kh, w.kw, int(stride),
@@ -512,3 +533,54 @@ def stem_conv_affine(
     (``fma=True``: one rounding, see :func:`bconv2d_affine`)."""
     mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
     return _run_stem(x, w, stride, padding, mode, scale, bias, rprelu)
+
+
+def bind_stem_affine(
+    x_shape: tuple[int, int, int, int],
+    w: PreparedStem,
+    scale: object,
+    bias: object,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    rprelu: tuple[object, object, object] | None = None,
+    fma: bool = False,
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """:func:`stem_conv_affine` for a fixed input shape, checked once: returns
+    ``run(x, out) -> result`` (``out`` float32 (N, Ho, Wo, O), or a new array when the fast
+    path does not apply). Internal (the executor's hot path): the caller guarantees that every
+    call passes a C-contiguous uint8 array of shape ``x_shape``. With one thread, bit-planes on
+    the fast path run with workspaces allocated here (so ``run`` is not reentrant)."""
+    mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
+    n, c, h, wd = (int(d) for d in x_shape)
+    _run_stem(np.zeros((n, c, h, wd), np.uint8), w, stride, padding, mode, scale, bias, rprelu)
+    ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
+    o = w.out_channels
+    sc, bi = _vec(scale, o, "scale"), _vec(bias, o, "bias")
+    has_rp = rprelu is not None
+    rp: tuple[np.ndarray, np.ndarray, np.ndarray] = (_F0, _F0, _F0)
+    if rprelu is not None:
+        rp = (
+            _vec(rprelu[0], o, "rprelu"),
+            _vec(rprelu[1], o, "rprelu"),
+            _vec(rprelu[2], o, "rprelu"),
+        )
+    stride, padding = int(stride), int(padding)
+    g_ = w.plane_bits.shape[0]
+    cp = np.zeros((g_, n, h + 2 * padding, wd + 2 * padding), np.uint8)
+    patch = np.empty((g_, n * ho * wo), np.uint64)
+    cg = w.image_channels * w.group_planes
+    fast = _fast_stem(w)
+    get_threads = _threads.get_num_threads
+
+    def run(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        if not fast or get_threads() != 1:
+            return _run_stem(x, w, stride, padding, mode, sc, bi, rp if has_rp else None)
+        _stem_fast_into(
+            x, w.plane_bits, cg, w.kh, w.kw, stride, padding, ho, wo, w.blocks, w.shifts,
+            w.const, o, mode, _I00, out.reshape(n * ho * wo, o), sc, bi, rp[0], rp[1], rp[2],
+            has_rp, cp, patch,
+        )  # fmt: skip
+        return out
+
+    return run
