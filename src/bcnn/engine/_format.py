@@ -27,7 +27,7 @@ MAX_STRIDE = 16
 MAX_OPS = 10_000
 MAX_HEADER = 64 << 20
 
-OPS = ("encode_conv", "conv", "binarize", "avgpool", "gap", "linear")
+OPS = ("encode_conv", "conv", "binarize", "avgpool", "gap", "linear", "qstem", "qconv", "qlinear")
 STEPS = ("scale", "bias", "bn", "affine", "rprelu", "add")
 STEP_TENSORS = {
     "scale": ("scale",),
@@ -281,10 +281,90 @@ class _Checker:
         return ("vector", fout)
 
 
+class _KbitChecker(_Checker):
+    """The bit-serial k-bit ops (``qstem``, ``qconv``, ``qlinear``; engine/_bitserial.py)."""
+
+    def _bits(self, op: dict[str, Any], key: str, where: str) -> int:
+        return _int(op, key, 1, 8, where)
+
+    def _planes(self, op: dict[str, Any], shape: tuple[int, ...], nbits: int, where: str) -> None:
+        """``weight``: uint64 (weight_bits, *shape, words(nbits)) with zero tail bits."""
+        wb = self._bits(op, "weight_bits", where)
+        t = self.tensor(op, "weight", np.uint64, (wb, *shape, words(nbits)), where)
+        tail = words(nbits) * 64 - nbits
+        if tail:
+            mask = np.uint64(((1 << 64) - 1) ^ ((1 << (64 - tail)) - 1))
+            if np.any(t[..., -1] & mask):
+                raise _Invalid(f"{where}: packed weights have non-zero tail bits")
+
+    def _square(self, op: dict[str, Any], where: str) -> None:
+        kh, kw = self._spatial(op, where)
+        (sh, sw), (ph, pw) = op["stride"], op["pad"]
+        if sh != sw or ph != pw or ph >= min(kh, kw):
+            raise _Invalid(f"{where}: needs equal strides, equal pads and pad < kernel")
+
+    def _act(self, op: dict[str, Any], channels: int, where: str) -> None:
+        self._bits(op, "act_bits", where)
+        if not isinstance(op.get("act_signed"), bool):
+            raise _Invalid(f"{where}: 'act_signed' must be true or false")
+        st = self.tensor(op, "act_step", np.float32, (1,), where)
+        if not (np.isfinite(st[0]) and st[0] > 0):
+            raise _Invalid(f"{where}: 'act_step' must be finite and > 0")
+        pre = op.get("pre")
+        if not isinstance(pre, list) or len(pre) > 32:
+            raise _Invalid(f"{where}: 'pre' must be a list of at most 32 steps")
+        for j, step in enumerate(pre):
+            w = f"{where} pre[{j}]"
+            if not isinstance(step, dict) or step.get("kind") not in STEPS[:-1]:
+                raise _Invalid(f"{w}: unknown step {step!r:.80}")
+            for key in STEP_TENSORS[step["kind"]]:
+                self.tensor(step, key, np.float32, (channels,), w)
+
+    def _qstem(self, op: dict[str, Any], where: str) -> tuple[str, int]:
+        if op["inputs"] != ["input"]:
+            raise _Invalid(f"{where}: must read 'input'")
+        _, cin = self.kinds["input"]
+        if _int(op, "in_channels", 1, 4096, where) != cin:
+            raise _Invalid(f"{where}: in_channels does not match the input's {cin}")
+        planes = _int(op, "planes", 1, 8, where)
+        cout = _int(op, "out_channels", 1, MAX_CHANNELS, where)
+        self._square(op, where)
+        kh, kw = op["kernel"]
+        self._planes(op, (cout, kh, kw), cin * planes, where)
+        self.epilogue(op, cout, where)
+        return ("stream", cout)
+
+    def _qconv(self, op: dict[str, Any], where: str) -> tuple[str, int]:
+        _, c = self.value(op["inputs"][0], ("stream",), where)
+        cin = _int(op, "in_channels", 1, MAX_CHANNELS, where)
+        if c != cin:
+            raise _Invalid(f"{where}: input has {c} channels, in_channels is {cin}")
+        cout = _int(op, "out_channels", 1, MAX_CHANNELS, where)
+        self._square(op, where)
+        kh, kw = op["kernel"]
+        self._act(op, cin, where)
+        self._planes(op, (cout, kh, kw), cin, where)
+        self.epilogue(op, cout, where)
+        return ("stream", cout)
+
+    def _qlinear(self, op: dict[str, Any], where: str) -> tuple[str, int]:
+        if len(op["inputs"]) != 1:
+            raise _Invalid(f"{where}: takes one input")
+        _, c = self.value(op["inputs"][0], ("vector",), where)
+        fin = _int(op, "in_features", 1, MAX_CHANNELS * 64, where)
+        if c != fin:
+            raise _Invalid(f"{where}: input has {c} features, in_features is {fin}")
+        fout = _int(op, "out_features", 1, 1 << 20, where)
+        self._act(op, fin, where)
+        self._planes(op, (fout,), fin, where)
+        self.epilogue(op, fout, where)
+        return ("vector", fout)
+
+
 def validate_graph(graph: Any, tensors: dict[str, np.ndarray]) -> None:
     """Raise ``ValueError`` naming the first problem of a graph + tensors pair."""
     try:
-        _Checker(graph, tensors).run()
+        _KbitChecker(graph, tensors).run()
     except _Invalid as e:
         raise ValueError(f"invalid bcnn model: {e}") from None
     except (KeyError, TypeError, AttributeError, IndexError) as e:  # defensive: never crash

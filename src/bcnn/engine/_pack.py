@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _bitserial as BS
+
 __all__ = ["pack_model", "pack_signs"]
 
 FORMAT_VERSION = 1
@@ -506,9 +508,21 @@ def _build_bcnn(b: _Builder, model: Any) -> str:
     if not model.binary:
         raise _Unsupported("this is a float twin (binary=False): only binary models can be packed")
     stem = model.stem
-    h = b.encode_conv(stem.conv, [stem.bn, stem.act])
+    if BS.is_kbit(stem.conv.weight_quantizer):  # k-bit layers: bit-serial ops (_bitserial)
+        h = BS.build_qstem(b, stem.conv, [stem.bn, stem.act], _Unsupported)
+    else:
+        h = b.encode_conv(stem.conv, [stem.bn, stem.act])
     for i, blk in enumerate(model.blocks):
-        if isinstance(blk, BCNNBlock):
+        if isinstance(blk, BCNNBlock | BCNNDownsample) and BS.layer_is_kbit(blk.conv):
+            a = h
+            if isinstance(blk, BCNNDownsample) and not isinstance(blk.pool, nn.Identity):
+                a = b.avgpool(h, blk.pool)
+            rep = blk.repeat if isinstance(blk, BCNNDownsample) else 1
+            h = BS.build_qconv(
+                b, blk.conv, a, [blk.shift], [blk.bn, blk.act], _Unsupported,
+                residual=(a, rep), what=f"blocks.{i}",
+            )  # fmt: skip
+        elif isinstance(blk, BCNNBlock):
             bits = b.sign(h, blk.shift, f"blocks.{i}")
             h = b.conv(blk.conv, bits, [blk.bn, blk.act], residual=(h, 1), what=f"blocks.{i}")
         elif isinstance(blk, BCNNDownsample):
@@ -521,6 +535,8 @@ def _build_bcnn(b: _Builder, model: Any) -> str:
             raise _Unsupported(f"blocks.{i}: unsupported module {type(blk).__name__}")
     head = model.head
     f = b.gap(h)
+    if BS.layer_is_kbit(head.fc):
+        return BS.build_qlinear(b, head.fc, f, [head.norm], [head.scale], _Unsupported, "head.fc")
     fb = b.bn_sign(f, head.norm, "head")
     return b.linear(head.fc, fb, [head.scale], "head.fc")
 

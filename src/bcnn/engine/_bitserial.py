@@ -1,0 +1,589 @@
+"""Bit-serial k-bit layers (1 <= k <= 8) built from the 1-bit XOR-popcount kernels.
+
+Integer grids (as :class:`bcnn.quant.UniformQuantizer`):
+
+* signed (odd integers): ``X = sum_i 2^i s_i``, ``s_i in {-1, +1}``, ``|X| <= 2^k - 1``. The
+  packed bit of plane i (bit 1 = -1) is bit i of the *code* ``((2^k - 1) - X) / 2``; the border
+  X = 2^k - 1 has code 0: every plane +1, the binary one-padding.
+* unsigned: ``X = sum_j 2^j b_j``, ``b_j in {0, 1}``; code = X, plane j holds
+  ``t_j = 1 - 2 b_j`` (bit 1 = -1 = b_j). Then ``X = ((2^k - 1) - sum_j 2^j t_j) / 2`` and
+  ``conv(X, W) = ((2^k - 1) * sum(W[o]) - sum_j 2^j conv(t_j, W)) / 2`` (sum over all taps:
+  exact because the border X = 0 has every t_j = +1, the one-padding).
+
+Weights are signed k-bit planes ``w_i``; ``conv(X, W) = sum_i sum_j 2^(i+j) conv(a_j, w_i)``
+(a_j the activation planes). One ``bconv2d`` call computes every term: activation planes are
+stacked along the batch axis (plane j of image n at j*N + n), weight planes along the output
+channels (plane i of channel o at i*O + o); a small numba epilogue combines the int32 results
+with their place values in int64 and rounds once to float32 (exact below 2^24, as torch's float
+conv of the same integers).
+
+Weight precision can be lowered at run time (:meth:`PackedModel.set_precision`): dropping the
+d lowest weight planes keeps ``X' = sum_{i >= d} 2^i s_i`` (the dropped part lies in
+[-(2^d - 1), 2^d - 1], mean 0 over a symmetric grid) with the same output scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+__all__ = [
+    "BitSerialConv",
+    "BitSerialLinear",
+    "BitSerialStem",
+    "codes_from_integers",
+    "integers_from_planes",
+    "planes_from_integers",
+    "quantize_pack",
+    "quantize_reference",
+    "reference_conv",
+]
+
+
+# ------------------------------------------------------------------ plane decomposition
+def codes_from_integers(x: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """Grid integers -> plane codes (bit i of the code = packed bit of plane i)."""
+    xi = np.asarray(x).astype(np.int64)
+    hi = (1 << bits) - 1
+    lo = -hi if signed else 0
+    if np.any(xi < lo) or np.any(xi > hi) or (signed and np.any(xi % 2 == 0)):
+        raise ValueError(
+            f"values are not on the {bits}-bit {'signed' if signed else 'unsigned'} grid"
+        )
+    return (hi - xi) // 2 if signed else xi
+
+
+def planes_from_integers(x: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """Grid integers (...) -> bool planes (bits, ...), True where plane value is -1."""
+    code = codes_from_integers(x, bits, signed)
+    return np.stack([((code >> i) & 1).astype(bool) for i in range(bits)])
+
+
+def integers_from_planes(neg: np.ndarray, signed: bool) -> np.ndarray:
+    """Inverse of :func:`planes_from_integers` (int64)."""
+    neg = np.asarray(neg, dtype=bool)
+    s = 1 - 2 * neg.astype(np.int64)  # plane values in {-1, +1}
+    place = (1 << np.arange(neg.shape[0], dtype=np.int64)).reshape(-1, *([1] * (neg.ndim - 1)))
+    total = (place * s).sum(axis=0)
+    if signed:
+        return total
+    return (((1 << neg.shape[0]) - 1) - total) // 2
+
+
+def quantize_reference(
+    x: np.ndarray, step: float, bits: int, signed: bool, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """torch's k-bit quantizer in numpy float32: v = clamp((x + b) / step, lo, hi), then
+    2*floor(v/2)+1 (signed) or floor(v + 1/2) (unsigned). Returns int64 grid values."""
+    x = np.asarray(x, np.float32)
+    if bias is not None:
+        x = x + np.asarray(bias, np.float32)
+    hi = np.float32((1 << bits) - 1)
+    lo = -hi if signed else np.float32(0)
+    v = np.minimum(np.maximum(x / np.float32(step), lo), hi)
+    if signed:
+        g = np.float32(2) * np.floor(v / np.float32(2)) + np.float32(1)
+    else:
+        g = np.floor(v + np.float32(0.5))
+    return g.astype(np.int64)
+
+
+def reference_conv(
+    x: np.ndarray, w: np.ndarray, stride: int, pad: int, pad_value: int
+) -> np.ndarray:
+    """Plain integer conv: x int (N, H, W, C), w int (O, kh, kw, C) -> int64 (N, Ho, Wo, O),
+    the border filled with ``pad_value``."""
+    x = np.asarray(x, np.int64)
+    w = np.asarray(w, np.int64)
+    n, h, wd, _ = x.shape
+    o, kh, kw, _ = w.shape
+    xp = np.full((n, h + 2 * pad, wd + 2 * pad, x.shape[3]), pad_value, np.int64)
+    xp[:, pad : pad + h, pad : pad + wd] = x
+    ho = (h + 2 * pad - kh) // stride + 1
+    wo = (wd + 2 * pad - kw) // stride + 1
+    out = np.zeros((n, ho, wo, o), np.int64)
+    for ky in range(kh):
+        for kx in range(kw):
+            patch = xp[
+                :,
+                ky : ky + stride * (ho - 1) + 1 : stride,
+                kx : kx + stride * (wo - 1) + 1 : stride,
+            ]
+            out += patch @ w[:, ky, kx, :].T
+    return out
+
+
+# ------------------------------------------------------------------ numba kernels
+@njit(cache=True)
+def _quantize_pack(x, bias, step, lo, hi, bits, signed, hint, out):  # type: ignore[no-untyped-def]
+    """x float32 (N, H, W, C) any strides; out uint64 (bits*N, H, W, Cw), zeroed."""
+    n, h, w, c = x.shape
+    cw = out.shape[3]
+    acc = np.zeros(8, np.uint64)
+    two = np.float32(2.0)
+    half = np.float32(0.5)
+    one = np.float32(1.0)
+    for b in range(n):
+        for y in range(h):
+            for xx in range(w):
+                for wd in range(cw):
+                    for j in range(bits):
+                        acc[j] = 0
+                    c0 = wd * 64
+                    c1 = min(c, c0 + 64)
+                    for ch in range(c0, c1):
+                        v = (x[b, y, xx, ch] + bias[ch]) / step
+                        if v < lo:
+                            v = lo
+                        if v > hi:
+                            v = hi
+                        if v != v:  # NaN: torch's floor keeps it; no grid point -> code 0
+                            code = 0
+                        elif signed:
+                            g = two * np.floor(v / two) + one
+                            code = (hint - np.int64(g)) >> 1
+                        else:
+                            code = np.int64(np.floor(v + half))
+                        sh = np.uint64(ch - c0)
+                        for j in range(bits):
+                            acc[j] |= np.uint64((code >> j) & 1) << sh
+                    for j in range(bits):
+                        out[j * n + b, y, xx, wd] = acc[j]
+
+
+@njit(cache=True)
+def _combine(r, nact, n, nw, o, shift0, signed, amax, wsum, out):  # type: ignore[no-untyped-def]
+    """r int32 (nact*n, Ho, Wo, nw*o) -> out float32 (n, Ho, Wo, o):
+    sum_j sum_i 2^(i + j + shift0) r[j*n + b, ..., i*o + c]; unsigned: (amax*wsum[c] - s) / 2."""
+    ho, wo = r.shape[1], r.shape[2]
+    tmp = np.zeros(o, np.int64)
+    for b in range(n):
+        for y in range(ho):
+            for xx in range(wo):
+                for c in range(o):
+                    tmp[c] = 0
+                for j in range(nact):
+                    row = r[j * n + b, y, xx]
+                    for i in range(nw):
+                        sh = i + j + shift0
+                        base = i * o
+                        for c in range(o):
+                            tmp[c] += np.int64(row[base + c]) << sh
+                if signed:
+                    for c in range(o):
+                        out[b, y, xx, c] = np.float32(tmp[c])
+                else:
+                    for c in range(o):
+                        out[b, y, xx, c] = np.float32((amax * wsum[c] - tmp[c]) >> 1)
+
+
+def _words(n: int) -> int:
+    return max(1, -(-n // 64))
+
+
+def quantize_pack(
+    x: np.ndarray, step: float, bits: int, signed: bool, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """float32 (N, H, W, C) (any strides, e.g. an NCHW array's transposed view) -> packed
+    activation planes uint64 (bits*N, H, W, ceil(C/64)), plane j of image n at j*N + n;
+    the quantization is torch's float32 arithmetic (see :func:`quantize_reference`)."""
+    if x.dtype != np.float32 or x.ndim != 4:
+        raise ValueError(f"expected float32 (N, H, W, C), got {x.dtype} {x.shape}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    n, h, w, c = x.shape
+    b = np.zeros(c, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+    if b.shape != (c,):
+        raise ValueError(f"bias must have shape ({c},), got {b.shape}")
+    hi = (1 << bits) - 1
+    out = np.zeros((bits * n, h, w, _words(c)), np.uint64)
+    _quantize_pack(
+        x, b, np.float32(step), np.float32(-hi if signed else 0), np.float32(hi), bits,
+        bool(signed), np.int64(hi), out,
+    )  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------ layers
+class _Planes:
+    """Weight planes (Wb, O, ...) uint64 with the prepared layout cached per dropped count."""
+
+    def __init__(self, planes: np.ndarray, nbits_per_row: int, act_bits: int, act_signed: bool):
+        self.planes = np.ascontiguousarray(planes, np.uint64)
+        self.bits = int(planes.shape[0])
+        self.out = int(planes.shape[1])
+        self.nbits = nbits_per_row  # bits per output channel row (taps * channels)
+        self.act_bits = act_bits
+        self.act_signed = act_signed
+        self._cache: dict[int, tuple[Any, np.ndarray]] = {}
+
+    def drop_for(self, weight_bits: int | None) -> int:
+        if weight_bits is None or weight_bits >= self.bits:
+            return 0
+        return self.bits - weight_bits
+
+    def _wsum(self, d: int) -> np.ndarray:
+        """sum over taps of the kept weight planes' integers, per output channel (int64)."""
+        rows = self.planes[d:].reshape(self.bits - d, self.out, -1)
+        pc = np.bitwise_count(rows).sum(axis=-1, dtype=np.int64)  # (Wk, O)
+        s = self.nbits - 2 * pc
+        place = (1 << np.arange(d, self.bits, dtype=np.int64))[:, None]
+        return np.ascontiguousarray((place * s).sum(axis=0), np.int64)
+
+    def get(self, d: int, prepare: Any) -> tuple[Any, np.ndarray]:
+        hit = self._cache.get(d)
+        if hit is None:
+            kept = self.planes[d:]
+            stacked = kept.reshape((self.bits - d) * self.out, *kept.shape[2:])
+            hit = (prepare(stacked), self._wsum(d))
+            self._cache[d] = hit
+        return hit
+
+    def combine(self, r: np.ndarray, n: int, d: int, wsum: np.ndarray) -> np.ndarray:
+        out = np.empty((n, r.shape[1], r.shape[2], self.out), np.float32)
+        amax = np.int64((1 << self.act_bits) - 1)
+        _combine(r, self.act_bits, n, self.bits - d, self.out, d, self.act_signed, amax, wsum, out)
+        return out
+
+
+class BitSerialConv:
+    """k-bit conv: ``planes`` uint64 (Wb, O, kh, kw, ceil(Cin/64)) signed weight planes;
+    call with a float32 NHWC input (quantized here) -> float32 (N, Ho, Wo, O) = conv(X, W)."""
+
+    def __init__(
+        self,
+        planes: np.ndarray,
+        in_channels: int,
+        act_bits: int,
+        act_signed: bool,
+        stride: int = 1,
+        padding: int = 0,
+    ) -> None:
+        _, _, kh, kw, _ = planes.shape
+        self.cin = int(in_channels)
+        self.w = _Planes(planes, kh * kw * self.cin, act_bits, act_signed)
+        self.stride, self.padding = int(stride), int(padding)
+
+    def conv_planes(self, xp: np.ndarray, n: int, weight_bits: int | None = None) -> np.ndarray:
+        """Packed activation planes (act_bits*N, H, W, Cw) -> float32 conv(X, W)."""
+        from . import _kernels as K
+
+        d = self.w.drop_for(weight_bits)
+        pw, wsum = self.w.get(d, lambda a: K.prepare_conv_weights(a, self.cin))
+        r = K.bconv2d(xp, pw, self.stride, self.padding)
+        return self.w.combine(r, n, d, wsum)
+
+    def __call__(
+        self,
+        x: np.ndarray,
+        step: float,
+        bias: np.ndarray | None = None,
+        weight_bits: int | None = None,
+    ) -> np.ndarray:
+        xp = quantize_pack(x, step, self.w.act_bits, self.w.act_signed, bias)
+        return self.conv_planes(xp, x.shape[0], weight_bits)
+
+
+class BitSerialLinear:
+    """k-bit dense layer: ``planes`` uint64 (Wb, O, ceil(K/64)); float32 (N, K) in."""
+
+    def __init__(self, planes: np.ndarray, in_features: int, act_bits: int, act_signed: bool):
+        self.k = int(in_features)
+        self.w = _Planes(planes, self.k, act_bits, act_signed)
+
+    def __call__(
+        self,
+        x: np.ndarray,
+        step: float,
+        bias: np.ndarray | None = None,
+        weight_bits: int | None = None,
+    ) -> np.ndarray:
+        from . import _kernels as K
+
+        n = x.shape[0]
+        xp = quantize_pack(x.reshape(n, 1, 1, -1), step, self.w.act_bits, self.w.act_signed, bias)
+        d = self.w.drop_for(weight_bits)
+        pw, wsum = self.w.get(d, lambda a: K.prepare_dense_weights(a, self.k))
+        r = K.blinear(xp.reshape(xp.shape[0], -1), pw)
+        return self.w.combine(r.reshape(r.shape[0], 1, 1, -1), n, d, wsum).reshape(n, -1)
+
+
+class BitSerialStem:
+    """Bit-plane stem with k-bit weights: ``planes`` uint64 (Wb, O, kh, kw, ceil(C*P/64)) over
+    plane-channels c*P + p; uint8 NCHW in -> float32 sum_i 2^i stem_conv(x, w_i)."""
+
+    def __init__(
+        self, planes: np.ndarray, image_channels: int, pixel_planes: int, stride: int, padding: int
+    ) -> None:
+        _, _, kh, kw, _ = planes.shape
+        self.c, self.p = int(image_channels), int(pixel_planes)
+        self.w = _Planes(planes, kh * kw * self.c * self.p, 1, True)
+        self.stride, self.padding = int(stride), int(padding)
+
+    def __call__(self, x: np.ndarray, weight_bits: int | None = None) -> np.ndarray:
+        from . import _kernels as K
+
+        d = self.w.drop_for(weight_bits)
+        pw, wsum = self.w.get(d, lambda a: K.prepare_stem_weights(a, self.c, self.p))
+        r = K.stem_conv(x, pw, self.stride, self.padding)
+        return self.w.combine(r, x.shape[0], d, wsum)
+
+
+# ------------------------------------------------------------------ pack side (torch)
+def is_kbit(q: Any) -> bool:
+    """A k-bit uniform quantizer (exposes ``integer``), as opposed to a sign."""
+    return q is not None and callable(getattr(q, "integer", None))
+
+
+def layer_is_kbit(layer: Any) -> bool:
+    return is_kbit(getattr(layer, "input_quantizer", None)) or is_kbit(layer.weight_quantizer)
+
+
+def _weight_planes(b: Any, layer: Any, what: str, err: type) -> tuple[np.ndarray, int, Any]:
+    """(neg planes bool (Wb, *torch weight shape), Wb, step_w tensor (O,) or None)."""
+    import torch
+
+    q = layer.weight_quantizer
+    if is_kbit(q):
+        if not q.signed:
+            raise err(f"{what}: k-bit weights must use the signed grid")
+        if not bool(q.initialized):
+            raise err(f"{what}: the weight quantizer is not initialised (run one forward first)")
+        with torch.no_grad():
+            x, sw = q.integer(layer.weight.detach().float())
+        neg = planes_from_integers(x.cpu().numpy(), q.bits, True)
+        return neg, int(q.bits), sw.detach().float().reshape(-1)
+    neg, scale = b.binary_weight(layer, what)
+    if scale is not None:
+        raise err(f"{what}: scaled binary weights cannot be mixed with k-bit activations")
+    return neg[None], 1, None
+
+
+def _act_quant(b: Any, layer: Any, what: str, err: type) -> tuple[int, bool, np.ndarray, Any]:
+    """(bits, signed, step float32 (1,), step tensor or None) of the layer's input quantizer;
+    a sign reads as the 1-bit signed grid with step 1 (exactly sign, sign(0) = +1)."""
+    q = layer.input_quantizer
+    if is_kbit(q):
+        if not bool(q.initialized):
+            raise err(f"{what}: the input quantizer is not initialised (run one forward first)")
+        if q.step.numel() != 1:
+            raise err(f"{what}: per-channel activation steps are not supported")
+        step = q.step.detach().float().abs().clamp_min(1e-8).reshape(())
+        hi = 2**q.bits - 1
+        pad = float(hi) if q.signed else 0.0
+        if any(getattr(layer, "pad_hw", (0, 0))) and layer.pad_value != pad:
+            raise err(f"{what}: the border must be the quantizer's pad value {pad:g}")
+        st = step.cpu().numpy().reshape(1).astype(np.float32)
+        return int(q.bits), bool(q.signed), st, step
+    b.check_input_quantizer(layer, what)
+    if any(getattr(layer, "pad_hw", (0, 0))) and layer.pad_value != 1.0:
+        raise err(f"{what}: binary convolutions must use one-padding")
+    return 1, True, np.ones(1, np.float32), None
+
+
+def _scale(sx: Any, sw: Any, channels: int) -> np.ndarray | None:
+    """step_x * step_w[o] as torch's layer computes it (a float32 product), per channel."""
+    if sx is None and sw is None:
+        return None
+    s = sx if sw is None else (sw if sx is None else sx.reshape(()) * sw.reshape(-1))
+    out = np.broadcast_to(s.detach().float().cpu().numpy().astype(np.float32), (channels,))
+    return np.ascontiguousarray(out, np.float32)
+
+
+def _pre_steps(b: Any, op: str, channels: int, pre: list[Any]) -> list[dict[str, Any]]:
+    steps: list[dict[str, Any]] = []
+    for i, m in enumerate(pre):
+        steps.extend(b.step_for(m, op, channels, 100 + i))
+    return steps
+
+
+def build_qconv(
+    b: Any,
+    layer: Any,
+    src: str,
+    pre: list[Any],
+    post: list[Any],
+    err: type,
+    *,
+    residual: tuple[str, int] | None = None,
+    what: str = "conv",
+) -> str:
+    """A k-bit BinaryConv2d reading the float stream ``src`` through ``pre`` (e.g. the
+    LearnableBias shift) and its input quantizer -> a ``qconv`` op (docs/format.md)."""
+    from ._pack import _ConvBias, pack_signs
+
+    kind, cin = b.kinds[src]
+    if kind != "stream" or cin != layer.in_channels:
+        raise err(f"{what}: a k-bit conv must read a float stream of {layer.in_channels} channels")
+    if layer.groups != 1 or tuple(layer.dilation) != (1, 1):
+        raise err(f"{what}: grouped or dilated convolutions are not supported")
+    (sh, sw_), (ph, pw), (kh, kw) = layer.stride, layer.pad_hw, layer.kernel_size
+    if sh != sw_ or ph != pw or ph >= min(kh, kw):
+        raise err(f"{what}: k-bit convolutions need square strides and padding < kernel")
+    abits, asigned, step, sx = _act_quant(b, layer, what, err)
+    neg, wbits, swt = _weight_planes(b, layer, what, err)
+    cout = layer.out_channels
+    op = b.name("qconv")
+    planes = np.stack([pack_signs(p.transpose(0, 2, 3, 1)) for p in neg])
+    extra = [_ConvBias(layer.bias)] if layer.bias is not None else []
+    epi = b.epilogue(op, cout, _scale(sx, swt, cout), extra + post)
+    inputs = [src]
+    if residual is not None:
+        rname, rep = residual
+        if b.kinds[rname][1] * rep != cout:
+            raise err(f"{what}: residual width does not match")
+        epi.append({"kind": "add", "input": 1, "repeat": rep})
+        inputs.append(rname)
+    out = b.name("s")
+    b.ops.append(
+        {
+            "op": "qconv", "name": op, "inputs": inputs, "output": out,
+            "in_channels": cin, "out_channels": cout, "kernel": [kh, kw],
+            "stride": [sh, sh], "pad": [ph, ph],
+            "act_bits": abits, "act_signed": asigned, "weight_bits": wbits,
+            "pre": _pre_steps(b, op, cin, pre),
+            "act_step": b.tensor(op, "act_step", step),
+            "weight": b.tensor(op, "weight", planes),
+            "epilogue": epi,
+        }
+    )  # fmt: skip
+    b.kinds[out] = ("stream", cout)
+    return out
+
+
+def build_qlinear(
+    b: Any, layer: Any, src: str, pre: list[Any], post: list[Any], err: type, what: str = "linear"
+) -> str:
+    """A k-bit BinaryLinear reading the float vector ``src`` through ``pre`` (e.g. the head's
+    batch norm) and its input quantizer -> a ``qlinear`` op."""
+    from ._pack import _ConvBias, pack_signs
+
+    kind, k = b.kinds[src]
+    if kind != "vector" or k != layer.in_features:
+        raise err(f"{what}: a k-bit linear layer must read {layer.in_features} float features")
+    abits, asigned, step, sx = _act_quant(b, layer, what, err)
+    neg, wbits, swt = _weight_planes(b, layer, what, err)
+    cout = layer.out_features
+    op = b.name("qlinear")
+    planes = np.stack([pack_signs(p) for p in neg])
+    extra = [_ConvBias(layer.bias)] if layer.bias is not None else []
+    epi = b.epilogue(op, cout, _scale(sx, swt, cout), extra + post)
+    out = b.name("v")
+    b.ops.append(
+        {
+            "op": "qlinear", "name": op, "inputs": [src], "output": out,
+            "in_features": k, "out_features": cout,
+            "act_bits": abits, "act_signed": asigned, "weight_bits": wbits,
+            "pre": _pre_steps(b, op, k, pre),
+            "act_step": b.tensor(op, "act_step", step),
+            "weight": b.tensor(op, "weight", planes),
+            "epilogue": epi,
+        }
+    )  # fmt: skip
+    b.kinds[out] = ("vector", cout)
+    return out
+
+
+def build_qstem(b: Any, stem: Any, post: list[Any], err: type, what: str = "stem") -> str:
+    """EncodedConv2d (bit-plane encoder) with k-bit weights -> a ``qstem`` op."""
+    from ..nn import BitPlaneEncoder
+    from ._pack import _ConvBias, pack_signs
+
+    enc = stem.encoder
+    if not isinstance(enc, BitPlaneEncoder):
+        raise err(f"{what}: k-bit stem weights need the bit-plane encoder")
+    if stem.groups != 1 or tuple(stem.dilation) != (1, 1):
+        raise err(f"{what}: grouped or dilated convolutions are not supported")
+    (sh, sw_), (ph, pw), (kh, kw) = stem.stride, stem.pad_hw, stem.kernel_size
+    if sh != sw_ or ph != pw or ph >= min(kh, kw):
+        raise err(f"{what}: k-bit convolutions need square strides and padding < kernel")
+    c_img, planes_px = stem.image_channels, enc.bits
+    pwts = enc.plane_weights.cpu().numpy().astype(np.float32).reshape(c_img, planes_px)
+    if not np.all(pwts == 2.0 ** np.arange(planes_px, dtype=np.float32)):
+        raise err(f"{what}: plane weights must be the place values 2^p")
+    neg, wbits, swt = _weight_planes(b, stem, what, err)
+    cout = stem.out_channels
+    op = b.name("qstem")
+    planes = np.stack([pack_signs(p.transpose(0, 2, 3, 1)) for p in neg])
+    extra = [_ConvBias(stem.bias)] if stem.bias is not None else []
+    epi = b.epilogue(op, cout, _scale(None, swt, cout), extra + post)
+    out = b.name("s")
+    b.ops.append(
+        {
+            "op": "qstem", "name": op, "inputs": ["input"], "output": out,
+            "in_channels": c_img, "planes": planes_px, "out_channels": cout,
+            "kernel": [kh, kw], "stride": [sh, sh], "pad": [ph, ph], "weight_bits": wbits,
+            "weight": b.tensor(op, "weight", planes),
+            "epilogue": epi,
+        }
+    )  # fmt: skip
+    b.kinds[out] = ("stream", cout)
+    return out
+
+
+# ------------------------------------------------------------------ executor side
+def _pre_fn(steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> tuple[Any, np.ndarray | None]:
+    """(callable or None, fused bias or None): a lone ``bias`` step is fused into the
+    quantizer ((x + b) / step, torch's order); other steps run as an epilogue first."""
+    if not steps:
+        return None, None
+    if len(steps) == 1 and steps[0]["kind"] == "bias":
+        return None, np.ascontiguousarray(t[steps[0]["bias"]], np.float32)
+    from ._executor import _Epilogue
+
+    epi = _Epilogue(steps, t)
+    return (lambda x: epi(x, None)), None
+
+
+def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
+    from ._executor import _Epilogue
+
+    layer = BitSerialConv(
+        t[op["weight"]], op["in_channels"], op["act_bits"], op["act_signed"],
+        op["stride"][0], op["pad"][0],
+    )  # fmt: skip
+    pre, bias = _pre_fn(op["pre"], t)
+    step = float(t[op["act_step"]][0])
+    epi = _Epilogue(op["epilogue"], t)
+    src = plan.bufs[op["inputs"][0]]
+    precision = plan.precision
+
+    def run(x: np.ndarray) -> None:
+        a = src.array if pre is None else pre(src.array)
+        plan._emit(op, layer(a, step, bias, precision.get("weight_bits")), epi)
+
+    return run
+
+
+def bind_qlinear(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
+    from ._executor import _Epilogue
+
+    layer = BitSerialLinear(t[op["weight"]], op["in_features"], op["act_bits"], op["act_signed"])
+    pre, bias = _pre_fn(op["pre"], t)
+    step = float(t[op["act_step"]][0])
+    epi = _Epilogue(op["epilogue"], t)
+    src = plan.bufs[op["inputs"][0]]
+    precision = plan.precision
+
+    def run(x: np.ndarray) -> None:
+        a = src.array if pre is None else pre(src.array)
+        plan._emit(op, layer(a, step, bias, precision.get("weight_bits")), epi)
+
+    return run
+
+
+def bind_qstem(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
+    from ._executor import _Epilogue
+
+    layer = BitSerialStem(
+        t[op["weight"]], op["in_channels"], op["planes"], op["stride"][0], op["pad"][0]
+    )
+    epi = _Epilogue(op["epilogue"], t)
+    precision = plan.precision
+
+    def run(x: np.ndarray) -> None:
+        plan._emit(op, layer(x, precision.get("weight_bits")), epi)
+
+    return run
