@@ -440,9 +440,12 @@ class _FastPlan:
         # bits values written by pack-sign steps straight into a zero-bordered buffer sized
         # for their consumers (which then convolve with padding 0): name -> border
         self._prepad: dict[str, int] = {}
+        self._skip: set[int] = set()  # ops computed by an earlier fused step
         for i, (op, ref_step) in enumerate(zip(ops, self.ref.steps, strict=True)):
             self._index = i
             f = getattr(self, "_op_" + op["op"], None)
+            if i in self._skip:
+                f = self._op_done
             step = f(op) if f is not None else None
             self.steps.append(step if step is not None else self._fallback(op, ref_step))
             self._root.setdefault(op["output"], op["output"])
@@ -686,17 +689,74 @@ class _FastPlan:
     def _op_avgpool(self, op: dict[str, Any]) -> Any:
         if op["kernel"] != [2, 2] or op["stride"] != [2, 2] or not op["ceil_mode"]:
             return None
-        K = self.K
         src, name = op["inputs"][0], op["output"]
+        sb = self.ref.bufs[src]
+        pool = self.K.bind_avgpool2x2((self._shape[0], sb.h, sb.w, sb.channels))
 
         def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
-            v[name] = K.avgpool2x2(v[src])
+            v[name] = pool(v[src])
+
+        return run
+
+    @staticmethod
+    def _op_done(op: dict[str, Any]) -> Any:
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            pass
+
+        return run
+
+    def _readers(self, name: str) -> list[int]:
+        return [i for i, op in enumerate(self._ops) if name in op["inputs"]]
+
+    def _head(self, op: dict[str, Any]) -> Any:
+        """gap -> sign binarize -> binary linear + affine as one fused call, when those three
+        ops form a chain read by nothing else."""
+        i, ops, t = self._index, self._ops, self.t
+        name = op["output"]
+        if i + 2 >= len(ops) or self._readers(name) != [i + 1]:
+            return None
+        b, lin = ops[i + 1], ops[i + 2]
+        if b["op"] != "binarize" or lin["op"] != "linear" or name == self.output:
+            return None
+        if self._readers(b["output"]) != [i + 2] or b["output"] == self.output:
+            return None
+        steps = lin["epilogue"]
+        thr = t[b["threshold"]].astype(np.float32)
+        if [s["kind"] for s in steps] != ["affine"] or not (
+            np.all(t[b["mode"]] == 1) and np.all(np.isfinite(thr))
+        ):
+            return None
+        from ._fused import fused_head
+
+        sb = self.ref.bufs[op["inputs"][0]]
+        n, c = self._shape[0], sb.channels
+        wl = np.ascontiguousarray(t[lin["weight"]], np.uint64)
+        o, kw = wl.shape
+        if c != b["channels"] or c != lin["in_features"] or kw != words(c):
+            return None
+        neg = np.ascontiguousarray(-thr, np.float32)
+        sc = np.ascontiguousarray(t[steps[0]["weight"]], np.float32)
+        bi = np.ascontiguousarray(t[steps[0]["bias"]], np.float32)
+        if neg.shape != (c,) or sc.shape != (o,) or bi.shape != (o,):
+            return None
+        out = np.empty((n, o), np.float32)
+        bits = np.empty(kw, np.uint64)
+        acc = np.empty(c, np.float64)
+        src, hw, oname = op["inputs"][0], sb.h * sb.w, lin["output"]
+        self._skip.update((i + 1, i + 2))
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            fused_head(v[src].reshape(n, hw, c), neg, wl, c, sc, bi, out, bits, acc)
+            v[oname] = out
 
         return run
 
     def _op_gap(self, op: dict[str, Any]) -> Any:
         K = self.K
         src, name = op["inputs"][0], op["output"]
+        head = self._head(op)
+        if head is not None:
+            return head
 
         def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
             v[name] = K.global_avgpool(v[src])

@@ -4,6 +4,8 @@ After an integer accumulator: [x * scale] [x + bias] [batch norm] [RPReLU] [resi
 torch's eval-mode order and rounding: batch norm is fma(x, alpha, beta) as ATen computes it on
 the CPU (emulated exactly: the float64 product of two float32 values is exact, then one
 rounding to float64 and one to float32), every other step a float32 operation.
+
+Also the classifier head (global average pool, sign, binary linear, affine) in one call.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["fused_epilogue"]
+__all__ = ["fused_epilogue", "fused_head"]
 
 
 @njit(cache=True, boundscheck=False)
@@ -46,3 +48,42 @@ def fused_epilogue(
             for o0 in range(0, o_, cr):
                 for c in range(cr):
                     y[o0 + c] = r[c] + y[o0 + c]
+
+
+@njit(cache=True, boundscheck=False, inline="always")
+def _popcount64(v):  # type: ignore[no-untyped-def]
+    v = v - ((v >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    v = (v & np.uint64(0x3333333333333333)) + ((v >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    v = (v + (v >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((v * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@njit(cache=True, boundscheck=False)
+def fused_head(h, neg, w, nbits, scale, bias, out, bits, acc):  # type: ignore[no-untyped-def]
+    """The classifier head in one call: h float32 (N, P, C) -> out float32 (N, O).
+
+    Global average pool (float64 sum, one rounding: ``_kernels.global_avgpool``), sign bits
+    (v + neg[c]) < 0 in float32 (``_kernels.pack_sign``), binary linear over the canonical
+    packed weights w uint64 (O, Kw) (tail bits 0), then float32(nbits - 2*popcount) * scale[o]
+    + bias[o] as two float32 operations (``_kernels.blinear_affine``, fma=False).
+    Workspaces: bits uint64 (Kw,), acc float64 (C,)."""
+    n_, p_, c_ = h.shape
+    o_, kw = w.shape
+    for n in range(n_):
+        for c in range(c_):
+            acc[c] = 0.0
+        for p in range(p_):
+            row = h[n, p]
+            for c in range(c_):
+                acc[c] += np.float64(row[c])
+        for j in range(kw):
+            bits[j] = 0
+        for c in range(c_):
+            v = np.float32(acc[c] / p_)
+            if v + neg[c] < 0:
+                bits[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+        for o in range(o_):
+            pc = 0
+            for j in range(kw):
+                pc += _popcount64(bits[j] ^ w[o, j])
+            out[n, o] = np.float32(nbits - 2 * pc) * scale[o] + bias[o]
