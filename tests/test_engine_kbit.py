@@ -247,3 +247,24 @@ def test_uninitialised_quantizer_refused() -> None:
     m = create_model("bcnn_cifar", width=16, depth=1, weight_bits=2, act_bits=2).eval()
     with pytest.raises(ValueError, match="not initialised"):
         pack(m)
+
+
+@pytest.mark.parametrize("wa,stride", [(("2", "3"), "1"), (("1", "2"), "2")])
+def test_bench_layer_bitserial_json(wa, stride, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import warnings
+
+    from bcnn.cli import main
+
+    args = ["bench", "--layer", "conv3x3", "--channels", "65", "--size", "5", "--repeat", "1"]
+    args += ["--stride", stride, "--wbits", wa[0], "--abits", wa[1], "--json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["bitserial_exact"] is True
+    assert (res["wbits"], res["abits"]) == (int(wa[0]), int(wa[1]))
+    for key in ("bitserial_ms", "bitserial_speedup_vs_float", "bitserial_speedup_vs_int8"):
+        assert res[key] > 0
+    assert main(["bench", "--layer", "linear", "--wbits", "2"]) == 2
+    assert main(["bench", "--layer", "conv3x3", "--wbits", "9"]) == 2

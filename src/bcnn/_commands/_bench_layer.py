@@ -77,6 +77,8 @@ def bench_layer(
     repeat: int = 50,
     warmup: int = 5,
     seed: int = 0,
+    wbits: int | None = None,
+    abits: int | None = None,
 ) -> dict[str, Any]:
     """Time one layer three ways; returns a JSON-able dict (times in ms, medians)."""
     import numpy as np
@@ -93,6 +95,13 @@ def bench_layer(
             raise ValueError(f"--{name} must be >= 1, got {v}")
     if threads < 1 or repeat < 1:
         raise ValueError("--threads and --repeat must be >= 1")
+    kbit = wbits is not None or abits is not None
+    if kbit:
+        wbits, abits = wbits or 1, abits or 1
+        if not (1 <= wbits <= 8 and 1 <= abits <= 8):
+            raise ValueError(f"--wbits and --abits must be in 1..8, got {wbits}, {abits}")
+        if layer == "linear":
+            raise ValueError("--wbits/--abits time a conv layer (conv3x3 or conv1x1)")
     cin = channels
     cout = out_channels or channels
     rng = np.random.default_rng(seed)
@@ -187,6 +196,10 @@ def bench_layer(
                 return qconv(q).dequantize()
 
             extra = {"float_cl": run_float_cl, "int8_cl": run_int8_cl}
+            if kbit:
+                assert wbits is not None and abits is not None
+                bs_run, bs_check = _bitserial_layer(x, wt, scale, bias, wbits, abits, stride, pad)
+                extra["bitserial"] = bs_run
             ho = (size + 2 * pad - k) // stride + 1
             wo = ho
             ones = F.pad(torch.from_numpy(np.where(x >= 0, 1.0, -1.0).astype(np.float32)),
@@ -217,7 +230,18 @@ def bench_layer(
         set_num_threads(prev_nb)
         torch.backends.quantized.engine = prev_qengine
     macs = batch * ho * wo * cout * cin * k * k
+    kres: dict[str, Any] = {}
+    if kbit:
+        kres = {
+            "wbits": wbits,
+            "abits": abits,
+            "bitserial_ms": ms["bitserial"],
+            "bitserial_speedup_vs_float": ms["float"] / ms["bitserial"],
+            "bitserial_speedup_vs_int8": ms["int8"] / ms["bitserial"],
+            "bitserial_exact": bool(bs_check),
+        }
     return {
+        **kres,
         "layer": layer,
         "channels": cin,
         "out_channels": cout,
@@ -277,3 +301,48 @@ def bench_gemm(
         "gemm_ms": ms,
         "gmacs": m * n * k / ms / 1e6,
     }
+
+
+def _bitserial_layer(
+    x: Any, wt: Any, scale: Any, bias: Any, wbits: int, abits: int, stride: int, pad: int
+) -> tuple[Callable[[], Any], bool]:
+    """The k-bit layer as the engine runs it: float NCHW in -> quantize (signed odd grid, one
+    step) + plane-pack -> one bit-serial bconv2d -> combine + per-channel affine -> float32
+    NHWC out. Returns (run, exact): exact = its integer conv equals torch's conv of the grid
+    integers (float64, border 2^k - 1)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from ..engine._bitserial import (
+        BitSerialConv,
+        planes_from_integers,
+        quantize_pack,
+        quantize_reference,
+    )
+    from ..engine._pack import pack_signs
+
+    hi = 2**abits - 1
+    step = float(2.0 * np.abs(x).mean() / np.sqrt(hi))
+    w = wt.numpy()
+    sw = np.abs(w).mean(axis=(1, 2, 3), keepdims=True) * 2 / np.sqrt(2**wbits - 1)
+    wi = quantize_reference(w / sw, 1.0, wbits, True)  # (O, Cin, kh, kw) odd integers
+    neg = planes_from_integers(wi.transpose(0, 2, 3, 1), wbits, True)
+    layer = BitSerialConv(np.stack([pack_signs(p) for p in neg]), x.shape[1], abits, True,
+                          stride, pad)  # fmt: skip
+    aff = (np.ascontiguousarray(scale, np.float32), np.ascontiguousarray(bias, np.float32))
+
+    def run() -> Any:
+        xp = quantize_pack(x, step, abits, True, channels_first=True)
+        return layer.conv_planes(xp, x.shape[0], None, aff)
+
+    xi = quantize_reference(x, step, abits, True).astype(np.float64)
+    ref = F.conv2d(
+        F.pad(torch.from_numpy(xi), (pad,) * 4, value=float(hi)),
+        torch.from_numpy(wi.astype(np.float64)),
+        stride=stride,
+    )
+    xp = quantize_pack(x, step, abits, True, channels_first=True)
+    got = layer.conv_planes(xp, x.shape[0])
+    exact = np.array_equal(got, ref.numpy().transpose(0, 2, 3, 1).astype(np.float32))
+    return run, bool(exact)

@@ -1,6 +1,6 @@
 """bcnn bench MODEL [--batch N] [--threads T] [--json]
 bcnn bench --layer conv3x3|conv1x1|linear --channels C --size S [--batch N] [--threads T]
-           [--json]"""
+           [--wbits W --abits A] [--json]"""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def _add_layer_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels", type=int, default=256, help="input channels (default 256)")
     g.add_argument("--out-channels", type=int, default=None, help="default: --channels")
     g.add_argument("--stride", type=int, default=1, help="conv stride (default 1)")
+    g.add_argument(
+        "--wbits", type=int, default=None, help="also time the bit-serial k-bit layer (1..8)"
+    )
+    g.add_argument("--abits", type=int, default=None, help="activation bits of it (1..8)")
 
 
 def _run_layer(args: argparse.Namespace) -> int:
@@ -49,6 +53,8 @@ def _run_layer(args: argparse.Namespace) -> int:
         stride=args.stride,
         threads=args.threads,
         repeat=args.repeat,
+        wbits=args.wbits,
+        abits=args.abits,
     )
     if args.json:
         print_json(res)

@@ -117,46 +117,65 @@ def reference_conv(
 
 # ------------------------------------------------------------------ numba kernels
 @njit(cache=True)
-def _quantize_pack(x, bias, step, lo, hi, bits, signed, hint, out):  # type: ignore[no-untyped-def]
-    """x float32 (N, H, W, C) any strides; out uint64 (bits*N, H, W, Cw), zeroed."""
-    n, h, w, c = x.shape
-    cw = out.shape[3]
-    acc = np.zeros(8, np.uint64)
-    two = np.float32(2.0)
-    half = np.float32(0.5)
-    one = np.float32(1.0)
-    for b in range(n):
-        for y in range(h):
-            for xx in range(w):
-                for wd in range(cw):
-                    for j in range(bits):
-                        acc[j] = 0
-                    c0 = wd * 64
-                    c1 = min(c, c0 + 64)
-                    for ch in range(c0, c1):
-                        v = (x[b, y, xx, ch] + bias[ch]) / step
-                        if v < lo:
-                            v = lo
-                        if v > hi:
-                            v = hi
-                        if v != v:  # NaN: torch's floor keeps it; no grid point -> code 0
-                            code = 0
-                        elif signed:
-                            g = two * np.floor(v / two) + one
-                            code = (hint - np.int64(g)) >> 1
-                        else:
-                            code = np.int64(np.floor(v + half))
-                        sh = np.uint64(ch - c0)
-                        for j in range(bits):
-                            acc[j] |= np.uint64((code >> j) & 1) << sh
-                    for j in range(bits):
-                        out[j * n + b, y, xx, wd] = acc[j]
+def _code(v, lo, hi, signed, hint):  # type: ignore[no-untyped-def]
+    """Plane code of v = (x + b) / step (float32): clamp, round as torch, -> int64."""
+    if v < lo:
+        v = lo
+    if v > hi:
+        v = hi
+    if signed:
+        g = np.float32(2.0) * np.floor(v / np.float32(2.0)) + np.float32(1.0)
+        c = (hint - np.int64(g)) >> 1
+    else:
+        c = np.int64(np.floor(v + np.float32(0.5)))
+    return c if v == v else np.int64(0)  # NaN: no grid point -> code 0
 
 
 @njit(cache=True)
-def _combine(r, nact, n, nw, o, shift0, signed, amax, wsum, out):  # type: ignore[no-untyped-def]
+def _codes_cl(x, bias, step, lo, hi, signed, hint, codes):  # type: ignore[no-untyped-def]
+    """x float32 (N, P, C) channels-last -> codes uint8 (N, P, Cpad)."""
+    n, p, c = x.shape
+    for b in range(n):
+        for i in range(p):
+            for ch in range(c):
+                v = (x[b, i, ch] + bias[ch]) / step
+                codes[b, i, ch] = np.uint8(_code(v, lo, hi, signed, hint))
+
+
+@njit(cache=True)
+def _codes_cf(x, bias, step, lo, hi, signed, hint, codes):  # type: ignore[no-untyped-def]
+    """x float32 (N, C, P) channels-first -> codes uint8 (N, P, Cpad)."""
+    n, c, p = x.shape
+    for b in range(n):
+        for ch in range(c):
+            bc = bias[ch]
+            for i in range(p):
+                v = (x[b, ch, i] + bc) / step
+                codes[b, i, ch] = np.uint8(_code(v, lo, hi, signed, hint))
+
+
+@njit(cache=True)
+def _pack_codes(codes, bits, out):  # type: ignore[no-untyped-def]
+    """codes uint8 (N, P, 64*Cw) -> out uint64 (bits*N, P, Cw): bit c of word w of plane j is
+    bit j of codes[..., 64*w + c]."""
+    n, p, cp = codes.shape
+    cw = cp // 64
+    for b in range(n):
+        for i in range(p):
+            for w in range(cw):
+                base = 64 * w
+                for j in range(bits):
+                    acc = np.uint64(0)
+                    for c in range(64):
+                        acc |= np.uint64((codes[b, i, base + c] >> j) & 1) << np.uint64(c)
+                    out[j * n + b, i, w] = acc
+
+
+@njit(cache=True)
+def _combine(r, nact, n, nw, o, shift0, signed, amax, wsum, affine, scale, bias, out):  # type: ignore[no-untyped-def]
     """r int32 (nact*n, Ho, Wo, nw*o) -> out float32 (n, Ho, Wo, o):
-    sum_j sum_i 2^(i + j + shift0) r[j*n + b, ..., i*o + c]; unsigned: (amax*wsum[c] - s) / 2."""
+    sum_j sum_i 2^(i + j + shift0) r[j*n + b, ..., i*o + c]; unsigned: (amax*wsum[c] - s) / 2;
+    with ``affine``: then float32 ``y * scale[c] + bias[c]`` (two roundings)."""
     ho, wo = r.shape[1], r.shape[2]
     tmp = np.zeros(o, np.int64)
     for b in range(n):
@@ -171,12 +190,18 @@ def _combine(r, nact, n, nw, o, shift0, signed, amax, wsum, out):  # type: ignor
                         base = i * o
                         for c in range(o):
                             tmp[c] += np.int64(row[base + c]) << sh
-                if signed:
+                if not signed:
                     for c in range(o):
-                        out[b, y, xx, c] = np.float32(tmp[c])
+                        tmp[c] = (amax * wsum[c] - tmp[c]) >> 1
+                if affine:
+                    for c in range(o):
+                        out[b, y, xx, c] = np.float32(tmp[c]) * scale[c] + bias[c]
                 else:
                     for c in range(o):
-                        out[b, y, xx, c] = np.float32((amax * wsum[c] - tmp[c]) >> 1)
+                        out[b, y, xx, c] = np.float32(tmp[c])
+
+
+_E32 = np.zeros(0, np.float32)
 
 
 def _words(n: int) -> int:
@@ -184,26 +209,40 @@ def _words(n: int) -> int:
 
 
 def quantize_pack(
-    x: np.ndarray, step: float, bits: int, signed: bool, bias: np.ndarray | None = None
+    x: np.ndarray,
+    step: float,
+    bits: int,
+    signed: bool,
+    bias: np.ndarray | None = None,
+    *,
+    channels_first: bool = False,
 ) -> np.ndarray:
-    """float32 (N, H, W, C) (any strides, e.g. an NCHW array's transposed view) -> packed
-    activation planes uint64 (bits*N, H, W, ceil(C/64)), plane j of image n at j*N + n;
-    the quantization is torch's float32 arithmetic (see :func:`quantize_reference`)."""
+    """float32 (N, H, W, C) (``channels_first``: (N, C, H, W)) -> packed activation planes
+    uint64 (bits*N, H, W, ceil(C/64)), plane j of image n at j*N + n; the quantization is
+    torch's float32 arithmetic (see :func:`quantize_reference`)."""
     if x.dtype != np.float32 or x.ndim != 4:
         raise ValueError(f"expected float32 (N, H, W, C), got {x.dtype} {x.shape}")
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    n, h, w, c = x.shape
+    x = np.ascontiguousarray(x)
+    if channels_first:
+        n, c, h, w = x.shape
+    else:
+        n, h, w, c = x.shape
     b = np.zeros(c, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
     if b.shape != (c,):
         raise ValueError(f"bias must have shape ({c},), got {b.shape}")
     hi = (1 << bits) - 1
-    out = np.zeros((bits * n, h, w, _words(c)), np.uint64)
-    _quantize_pack(
-        x, b, np.float32(step), np.float32(-hi if signed else 0), np.float32(hi), bits,
-        bool(signed), np.int64(hi), out,
-    )  # fmt: skip
-    return out
+    cw = _words(c)
+    codes = np.zeros((n, h * w, cw * 64), np.uint8)
+    args = (b, np.float32(step), np.float32(-hi if signed else 0), np.float32(hi), bool(signed))
+    if channels_first:
+        _codes_cf(x.reshape(n, c, h * w), *args, np.int64(hi), codes)
+    else:
+        _codes_cl(x.reshape(n, h * w, c), *args, np.int64(hi), codes)
+    out = np.empty((bits * n, h * w, cw), np.uint64)
+    _pack_codes(codes, bits, out)
+    return out.reshape(bits * n, h, w, cw)
 
 
 # ------------------------------------------------------------------ layers
@@ -241,10 +280,21 @@ class _Planes:
             self._cache[d] = hit
         return hit
 
-    def combine(self, r: np.ndarray, n: int, d: int, wsum: np.ndarray) -> np.ndarray:
+    def combine(
+        self,
+        r: np.ndarray,
+        n: int,
+        d: int,
+        wsum: np.ndarray,
+        affine: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
         out = np.empty((n, r.shape[1], r.shape[2], self.out), np.float32)
         amax = np.int64((1 << self.act_bits) - 1)
-        _combine(r, self.act_bits, n, self.bits - d, self.out, d, self.act_signed, amax, wsum, out)
+        sc, bi = affine if affine is not None else (_E32, _E32)
+        _combine(
+            r, self.act_bits, n, self.bits - d, self.out, d, self.act_signed, amax, wsum,
+            affine is not None, sc, bi, out,
+        )  # fmt: skip
         return out
 
 
@@ -266,14 +316,21 @@ class BitSerialConv:
         self.w = _Planes(planes, kh * kw * self.cin, act_bits, act_signed)
         self.stride, self.padding = int(stride), int(padding)
 
-    def conv_planes(self, xp: np.ndarray, n: int, weight_bits: int | None = None) -> np.ndarray:
-        """Packed activation planes (act_bits*N, H, W, Cw) -> float32 conv(X, W)."""
+    def conv_planes(
+        self,
+        xp: np.ndarray,
+        n: int,
+        weight_bits: int | None = None,
+        affine: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Packed activation planes (act_bits*N, H, W, Cw) -> float32 conv(X, W) (then
+        ``* scale + bias`` per channel with ``affine=(scale, bias)``)."""
         from . import _kernels as K
 
         d = self.w.drop_for(weight_bits)
         pw, wsum = self.w.get(d, lambda a: K.prepare_conv_weights(a, self.cin))
         r = K.bconv2d(xp, pw, self.stride, self.padding)
-        return self.w.combine(r, n, d, wsum)
+        return self.w.combine(r, n, d, wsum, affine)
 
     def __call__(
         self,
@@ -281,9 +338,10 @@ class BitSerialConv:
         step: float,
         bias: np.ndarray | None = None,
         weight_bits: int | None = None,
+        affine: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         xp = quantize_pack(x, step, self.w.act_bits, self.w.act_signed, bias)
-        return self.conv_planes(xp, x.shape[0], weight_bits)
+        return self.conv_planes(xp, x.shape[0], weight_bits, affine)
 
 
 class BitSerialLinear:
