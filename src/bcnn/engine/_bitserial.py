@@ -143,15 +143,45 @@ def _codes_cl(x, bias, step, lo, hi, signed, hint, codes):  # type: ignore[no-un
 
 
 @njit(cache=True)
-def _codes_cf(x, bias, step, lo, hi, signed, hint, codes):  # type: ignore[no-untyped-def]
-    """x float32 (N, C, P) channels-first -> codes uint8 (N, P, Cpad)."""
+def _qpack_cf(x, bias, step, lo, hi, signed, hint, bits, tmp, out):  # type: ignore[no-untyped-def]
+    """x float32 (N, C, P) channels-first -> out uint64 (bits*N, P, Cw), through tmp uint64
+    (bits, Cw, P): the inner loop runs over contiguous pixels (vectorized) for each channel."""
     n, c, p = x.shape
+    cw = tmp.shape[1]
+    row = np.empty(p, np.int32)
+    hint = np.int32(hint)
+    two = np.float32(2.0)
+    one = np.float32(1.0)
+    half = np.float32(0.5)
     for b in range(n):
+        tmp[:] = 0
         for ch in range(c):
             bc = bias[ch]
+            w = ch >> 6
+            sh = np.uint64(ch & 63)
+            if signed:
+                for i in range(p):
+                    v = (x[b, ch, i] + bc) / step
+                    v = lo if v < lo else v
+                    v = hi if v > hi else v
+                    g = two * np.floor(v / two) + one
+                    code = (hint - np.int32(g)) >> 1
+                    row[i] = code if v == v else np.int32(0)
+            else:
+                for i in range(p):
+                    v = (x[b, ch, i] + bc) / step
+                    v = lo if v < lo else v
+                    v = hi if v > hi else v
+                    code = np.int32(np.floor(v + half))
+                    row[i] = code if v == v else np.int32(0)
+            for j in range(bits):
+                tj = tmp[j, w]
+                for i in range(p):
+                    tj[i] |= np.uint64((row[i] >> j) & 1) << sh
+        for j in range(bits):
             for i in range(p):
-                v = (x[b, ch, i] + bc) / step
-                codes[b, i, ch] = np.uint8(_code(v, lo, hi, signed, hint))
+                for w in range(cw):
+                    out[j * n + b, i, w] = tmp[j, w, i]
 
 
 @njit(cache=True)
@@ -173,32 +203,32 @@ def _pack_codes(codes, bits, out):  # type: ignore[no-untyped-def]
 
 @njit(cache=True)
 def _combine(r, nact, n, nw, o, shift0, signed, amax, wsum, affine, scale, bias, out):  # type: ignore[no-untyped-def]
-    """r int32 (nact*n, Ho, Wo, nw*o) -> out float32 (n, Ho, Wo, o):
-    sum_j sum_i 2^(i + j + shift0) r[j*n + b, ..., i*o + c]; unsigned: (amax*wsum[c] - s) / 2;
+    """r int32 (nact*n, P, nw*o) -> out float32 (n, P, o):
+    sum_j sum_i 2^(i + j + shift0) r[j*n + b, p, i*o + c]; unsigned: (amax*wsum[c] - s) / 2;
     with ``affine``: then float32 ``y * scale[c] + bias[c]`` (two roundings)."""
-    ho, wo = r.shape[1], r.shape[2]
+    npx = r.shape[1]
     tmp = np.zeros(o, np.int64)
     for b in range(n):
-        for y in range(ho):
-            for xx in range(wo):
+        for q in range(npx):
+            for c in range(o):
+                tmp[c] = 0
+            for j in range(nact):
+                for i in range(nw):
+                    sh = i + j + shift0
+                    base = i * o
+                    rr = r[j * n + b, q, base : base + o]
+                    for c in range(o):
+                        tmp[c] += np.int64(rr[c]) << sh
+            if not signed:
                 for c in range(o):
-                    tmp[c] = 0
-                for j in range(nact):
-                    row = r[j * n + b, y, xx]
-                    for i in range(nw):
-                        sh = i + j + shift0
-                        base = i * o
-                        for c in range(o):
-                            tmp[c] += np.int64(row[base + c]) << sh
-                if not signed:
-                    for c in range(o):
-                        tmp[c] = (amax * wsum[c] - tmp[c]) >> 1
-                if affine:
-                    for c in range(o):
-                        out[b, y, xx, c] = np.float32(tmp[c]) * scale[c] + bias[c]
-                else:
-                    for c in range(o):
-                        out[b, y, xx, c] = np.float32(tmp[c])
+                    tmp[c] = (amax * wsum[c] - tmp[c]) >> 1
+            dst = out[b, q]
+            if affine:
+                for c in range(o):
+                    dst[c] = np.float32(tmp[c]) * scale[c] + bias[c]
+            else:
+                for c in range(o):
+                    dst[c] = np.float32(tmp[c])
 
 
 _E32 = np.zeros(0, np.float32)
@@ -234,14 +264,15 @@ def quantize_pack(
         raise ValueError(f"bias must have shape ({c},), got {b.shape}")
     hi = (1 << bits) - 1
     cw = _words(c)
-    codes = np.zeros((n, h * w, cw * 64), np.uint8)
     args = (b, np.float32(step), np.float32(-hi if signed else 0), np.float32(hi), bool(signed))
-    if channels_first:
-        _codes_cf(x.reshape(n, c, h * w), *args, np.int64(hi), codes)
-    else:
-        _codes_cl(x.reshape(n, h * w, c), *args, np.int64(hi), codes)
     out = np.empty((bits * n, h * w, cw), np.uint64)
-    _pack_codes(codes, bits, out)
+    if channels_first:
+        tmp = np.empty((bits, cw, h * w), np.uint64)
+        _qpack_cf(x.reshape(n, c, h * w), *args, np.int64(hi), bits, tmp, out)
+    else:
+        codes = np.zeros((n, h * w, cw * 64), np.uint8)
+        _codes_cl(x.reshape(n, h * w, c), *args, np.int64(hi), codes)
+        _pack_codes(codes, bits, out)
     return out.reshape(bits * n, h, w, cw)
 
 
@@ -291,9 +322,11 @@ class _Planes:
         out = np.empty((n, r.shape[1], r.shape[2], self.out), np.float32)
         amax = np.int64((1 << self.act_bits) - 1)
         sc, bi = affine if affine is not None else (_E32, _E32)
+        m, ho, wo, cc = r.shape
         _combine(
-            r, self.act_bits, n, self.bits - d, self.out, d, self.act_signed, amax, wsum,
-            affine is not None, sc, bi, out,
+            r.reshape(m, ho * wo, cc), self.act_bits, n, self.bits - d, self.out, d,
+            self.act_signed, amax, wsum, affine is not None, sc, bi,
+            out.reshape(n, ho * wo, self.out),
         )  # fmt: skip
         return out
 
