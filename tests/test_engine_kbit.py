@@ -147,6 +147,9 @@ def test_quantize_pack_matches_torch_quantizer(bits: int, signed: bool) -> None:
 
     neg = K.unpack_bits(xp, 70).reshape(bits, *x.shape) < 0
     assert np.array_equal(integers_from_planes(neg, signed), ref_i)
+    # the channels-first kernel (NCHW input) packs the same planes
+    xcf = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    assert np.array_equal(quantize_pack(xcf, 0.37, bits, signed, channels_first=True), xp)
 
 
 def _torch_conv(xi: np.ndarray, wi: np.ndarray, stride: int, pad: int, pad_value: float):  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _bitserial as BS
+from . import _bitserial_pack as BS
 
 __all__ = ["pack_model", "pack_signs"]
 

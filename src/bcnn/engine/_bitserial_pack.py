@@ -1,0 +1,208 @@
+"""pack() side of the bit-serial k-bit layers: torch k-bit layers -> ``qstem`` / ``qconv`` /
+``qlinear`` ops (docs/format.md; the executor side is :mod:`bcnn.engine._bitserial`).
+
+Weights become signed odd-grid integer planes (``planes_from_integers``); the activation
+quantizer's step and grid travel as op attributes; the output scale step_x * step_w[o] is the
+first epilogue step, computed in torch exactly as the layer computes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._bitserial import planes_from_integers
+
+__all__ = ["build_qconv", "build_qlinear", "build_qstem", "is_kbit", "layer_is_kbit"]
+
+
+def is_kbit(q: Any) -> bool:
+    """A k-bit uniform quantizer (exposes ``integer``), as opposed to a sign."""
+    return q is not None and callable(getattr(q, "integer", None))
+
+
+def layer_is_kbit(layer: Any) -> bool:
+    return is_kbit(getattr(layer, "input_quantizer", None)) or is_kbit(layer.weight_quantizer)
+
+
+def _weight_planes(b: Any, layer: Any, what: str, err: type) -> tuple[np.ndarray, int, Any]:
+    """(neg planes bool (Wb, *torch weight shape), Wb, step_w tensor (O,) or None)."""
+    import torch
+
+    q = layer.weight_quantizer
+    if is_kbit(q):
+        if not q.signed:
+            raise err(f"{what}: k-bit weights must use the signed grid")
+        if not bool(q.initialized):
+            raise err(f"{what}: the weight quantizer is not initialised (run one forward first)")
+        with torch.no_grad():
+            x, sw = q.integer(layer.weight.detach().float())
+        neg = planes_from_integers(x.cpu().numpy(), q.bits, True)
+        return neg, int(q.bits), sw.detach().float().reshape(-1)
+    neg, scale = b.binary_weight(layer, what)
+    if scale is not None:
+        raise err(f"{what}: scaled binary weights cannot be mixed with k-bit activations")
+    return neg[None], 1, None
+
+
+def _act_quant(b: Any, layer: Any, what: str, err: type) -> tuple[int, bool, np.ndarray, Any]:
+    """(bits, signed, step float32 (1,), step tensor or None) of the layer's input quantizer;
+    a sign reads as the 1-bit signed grid with step 1 (exactly sign, sign(0) = +1)."""
+    q = layer.input_quantizer
+    if is_kbit(q):
+        if not bool(q.initialized):
+            raise err(f"{what}: the input quantizer is not initialised (run one forward first)")
+        if q.step.numel() != 1:
+            raise err(f"{what}: per-channel activation steps are not supported")
+        step = q.step.detach().float().abs().clamp_min(1e-8).reshape(())
+        hi = 2**q.bits - 1
+        pad = float(hi) if q.signed else 0.0
+        if any(getattr(layer, "pad_hw", (0, 0))) and layer.pad_value != pad:
+            raise err(f"{what}: the border must be the quantizer's pad value {pad:g}")
+        st = step.cpu().numpy().reshape(1).astype(np.float32)
+        return int(q.bits), bool(q.signed), st, step
+    b.check_input_quantizer(layer, what)
+    if any(getattr(layer, "pad_hw", (0, 0))) and layer.pad_value != 1.0:
+        raise err(f"{what}: binary convolutions must use one-padding")
+    return 1, True, np.ones(1, np.float32), None
+
+
+def _scale(sx: Any, sw: Any, channels: int) -> np.ndarray | None:
+    """step_x * step_w[o] as torch's layer computes it (a float32 product), per channel."""
+    if sx is None and sw is None:
+        return None
+    s = sx if sw is None else (sw if sx is None else sx.reshape(()) * sw.reshape(-1))
+    out = np.broadcast_to(s.detach().float().cpu().numpy().astype(np.float32), (channels,))
+    return np.ascontiguousarray(out, np.float32)
+
+
+def _pre_steps(b: Any, op: str, channels: int, pre: list[Any]) -> list[dict[str, Any]]:
+    steps: list[dict[str, Any]] = []
+    for i, m in enumerate(pre):
+        steps.extend(b.step_for(m, op, channels, 100 + i))
+    return steps
+
+
+def build_qconv(
+    b: Any,
+    layer: Any,
+    src: str,
+    pre: list[Any],
+    post: list[Any],
+    err: type,
+    *,
+    residual: tuple[str, int] | None = None,
+    what: str = "conv",
+) -> str:
+    """A k-bit BinaryConv2d reading the float stream ``src`` through ``pre`` (e.g. the
+    LearnableBias shift) and its input quantizer -> a ``qconv`` op (docs/format.md)."""
+    from ._pack import _ConvBias, pack_signs
+
+    kind, cin = b.kinds[src]
+    if kind != "stream" or cin != layer.in_channels:
+        raise err(f"{what}: a k-bit conv must read a float stream of {layer.in_channels} channels")
+    if layer.groups != 1 or tuple(layer.dilation) != (1, 1):
+        raise err(f"{what}: grouped or dilated convolutions are not supported")
+    (sh, sw_), (ph, pw), (kh, kw) = layer.stride, layer.pad_hw, layer.kernel_size
+    if sh != sw_ or ph != pw or ph >= min(kh, kw):
+        raise err(f"{what}: k-bit convolutions need square strides and padding < kernel")
+    abits, asigned, step, sx = _act_quant(b, layer, what, err)
+    neg, wbits, swt = _weight_planes(b, layer, what, err)
+    cout = layer.out_channels
+    op = b.name("qconv")
+    planes = np.stack([pack_signs(p.transpose(0, 2, 3, 1)) for p in neg])
+    extra = [_ConvBias(layer.bias)] if layer.bias is not None else []
+    epi = b.epilogue(op, cout, _scale(sx, swt, cout), extra + post)
+    inputs = [src]
+    if residual is not None:
+        rname, rep = residual
+        if b.kinds[rname][1] * rep != cout:
+            raise err(f"{what}: residual width does not match")
+        epi.append({"kind": "add", "input": 1, "repeat": rep})
+        inputs.append(rname)
+    out = b.name("s")
+    b.ops.append(
+        {
+            "op": "qconv", "name": op, "inputs": inputs, "output": out,
+            "in_channels": cin, "out_channels": cout, "kernel": [kh, kw],
+            "stride": [sh, sh], "pad": [ph, ph],
+            "act_bits": abits, "act_signed": asigned, "weight_bits": wbits,
+            "pre": _pre_steps(b, op, cin, pre),
+            "act_step": b.tensor(op, "act_step", step),
+            "weight": b.tensor(op, "weight", planes),
+            "epilogue": epi,
+        }
+    )  # fmt: skip
+    b.kinds[out] = ("stream", cout)
+    return out
+
+
+def build_qlinear(
+    b: Any, layer: Any, src: str, pre: list[Any], post: list[Any], err: type, what: str = "linear"
+) -> str:
+    """A k-bit BinaryLinear reading the float vector ``src`` through ``pre`` (e.g. the head's
+    batch norm) and its input quantizer -> a ``qlinear`` op."""
+    from ._pack import _ConvBias, pack_signs
+
+    kind, k = b.kinds[src]
+    if kind != "vector" or k != layer.in_features:
+        raise err(f"{what}: a k-bit linear layer must read {layer.in_features} float features")
+    abits, asigned, step, sx = _act_quant(b, layer, what, err)
+    neg, wbits, swt = _weight_planes(b, layer, what, err)
+    cout = layer.out_features
+    op = b.name("qlinear")
+    planes = np.stack([pack_signs(p) for p in neg])
+    extra = [_ConvBias(layer.bias)] if layer.bias is not None else []
+    epi = b.epilogue(op, cout, _scale(sx, swt, cout), extra + post)
+    out = b.name("v")
+    b.ops.append(
+        {
+            "op": "qlinear", "name": op, "inputs": [src], "output": out,
+            "in_features": k, "out_features": cout,
+            "act_bits": abits, "act_signed": asigned, "weight_bits": wbits,
+            "pre": _pre_steps(b, op, k, pre),
+            "act_step": b.tensor(op, "act_step", step),
+            "weight": b.tensor(op, "weight", planes),
+            "epilogue": epi,
+        }
+    )  # fmt: skip
+    b.kinds[out] = ("vector", cout)
+    return out
+
+
+def build_qstem(b: Any, stem: Any, post: list[Any], err: type, what: str = "stem") -> str:
+    """EncodedConv2d (bit-plane encoder) with k-bit weights -> a ``qstem`` op."""
+    from ..nn import BitPlaneEncoder
+    from ._pack import _ConvBias, pack_signs
+
+    enc = stem.encoder
+    if not isinstance(enc, BitPlaneEncoder):
+        raise err(f"{what}: k-bit stem weights need the bit-plane encoder")
+    if stem.groups != 1 or tuple(stem.dilation) != (1, 1):
+        raise err(f"{what}: grouped or dilated convolutions are not supported")
+    (sh, sw_), (ph, pw), (kh, kw) = stem.stride, stem.pad_hw, stem.kernel_size
+    if sh != sw_ or ph != pw or ph >= min(kh, kw):
+        raise err(f"{what}: k-bit convolutions need square strides and padding < kernel")
+    c_img, planes_px = stem.image_channels, enc.bits
+    pwts = enc.plane_weights.cpu().numpy().astype(np.float32).reshape(c_img, planes_px)
+    if not np.all(pwts == 2.0 ** np.arange(planes_px, dtype=np.float32)):
+        raise err(f"{what}: plane weights must be the place values 2^p")
+    neg, wbits, swt = _weight_planes(b, stem, what, err)
+    cout = stem.out_channels
+    op = b.name("qstem")
+    planes = np.stack([pack_signs(p.transpose(0, 2, 3, 1)) for p in neg])
+    extra = [_ConvBias(stem.bias)] if stem.bias is not None else []
+    epi = b.epilogue(op, cout, _scale(None, swt, cout), extra + post)
+    out = b.name("s")
+    b.ops.append(
+        {
+            "op": "qstem", "name": op, "inputs": ["input"], "output": out,
+            "in_channels": c_img, "planes": planes_px, "out_channels": cout,
+            "kernel": [kh, kw], "stride": [sh, sh], "pad": [ph, ph], "weight_bits": wbits,
+            "weight": b.tensor(op, "weight", planes),
+            "epilogue": epi,
+        }
+    )  # fmt: skip
+    b.kinds[out] = ("stream", cout)
+    return out
