@@ -516,6 +516,37 @@ class _FastPlan:
             pads.add(sq[1])
         return pads.pop() if len(pads) == 1 else None
 
+    def _sign_thresholds(self, op: dict[str, Any]) -> np.ndarray | None:
+        """-threshold (float32) when a binarize op is a plain sign(x + b) (every channel mode
+        1, finite thresholds): bit = x < thr exactly as fl(x - thr) < 0, so pack_sign with
+        bias -thr."""
+        thr = self.t[op["threshold"]].astype(np.float32)
+        if not (np.all(self.t[op["mode"]] == 1) and np.all(np.isfinite(thr))):
+            return None
+        return np.ascontiguousarray(-thr, np.float32)
+
+    def _pack_next(self, name: str, channels: int) -> tuple[Any, str] | None:
+        """When the next op is a sign binarize of ``name`` whose bits only fused convs read:
+        ((bias, zero-bordered bits buffer, border), its output name) for the producing
+        kernel to pack in the same call; the binarize op is then skipped."""
+        i, ops = self._index, self._ops
+        if i + 1 >= len(ops):
+            return None
+        b = ops[i + 1]
+        if b["op"] != "binarize" or b["inputs"] != [name] or b["channels"] != channels:
+            return None
+        neg = self._sign_thresholds(b)
+        pre = self._prepad_for(b["output"])
+        if neg is None or pre is None or neg.shape != (channels,):
+            return None
+        ob = self.ref.bufs[name]
+        bits = np.zeros(
+            (self._shape[0], ob.h + 2 * pre, ob.w + 2 * pre, words(channels)), np.uint64
+        )
+        self._prepad[b["output"]] = pre
+        self._skip.add(i + 1)
+        return (neg, bits, pre), b["output"]
+
     def _bits_shape(self, name: str) -> tuple[int, int, int, int]:
         """Shape of the bits value ``name`` as the fast plan holds it (with its border)."""
         b = self.ref.bufs[name]
@@ -545,12 +576,22 @@ class _FastPlan:
                 wst = K.prepare_stem_weights(t[op["weight"]], op["in_channels"], op["planes"])
                 stride, pad = sq
                 name = op["output"]
+                nxt = self._pack_next(name, op["out_channels"])
                 stem_affine = K.bind_stem_affine(
-                    self._shape, wst, al, be, stride=stride, padding=pad, rprelu=rp, fma=True
-                )
+                    self._shape, wst, al, be, stride=stride, padding=pad, rprelu=rp, fma=True,
+                    pack=nxt[0] if nxt is not None else None,
+                )  # fmt: skip
                 ob = self.ref.bufs[name]
                 assert ob.array is not None
                 sbuf = np.empty(ob.array.shape, np.float32)
+                if nxt is not None:
+                    bits, bname = nxt[0][1], nxt[1]
+
+                    def run_fused_pack(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                        v[name] = stem_affine(x, sbuf)
+                        v[bname] = bits
+
+                    return run_fused_pack
 
                 def run_fused(v: dict[str, np.ndarray], x: np.ndarray) -> None:
                     v[name] = stem_affine(x, sbuf)
@@ -610,11 +651,36 @@ class _FastPlan:
         if fz is not None:
             al, be, rp = fz
             rb = self.ref.bufs[res] if res is not None else None
+            nxt = self._pack_next(name, op["out_channels"])
             affine = K.bind_conv_affine(
                 self._bits_shape(src), w, al, be, stride=stride,
                 padding=0 if src in self._prepad else pad, rprelu=rp,
                 residual_channels=rb.channels if rb is not None else None, fma=True,
+                pack=nxt[0] if nxt is not None else None,
             )  # fmt: skip
+            if nxt is not None:
+                bits, bname = nxt[0][1], nxt[1]
+                if res is not None and rb is not None and rb.channels == op["out_channels"]:
+                    inplace = self._can_overwrite(res)
+                else:
+                    inplace = False
+                if inplace:
+                    assert res is not None
+                    self._root[name] = self._root[res]  # h += ... in place
+
+                    def run_inplace_pack(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                        h = v[res]
+                        v[name] = affine(v[src], h, h)
+                        v[bname] = bits
+
+                    return run_inplace_pack
+                pbuf = np.empty(ob.array.shape, np.float32)
+
+                def run_pack(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                    v[name] = affine(v[src], v[res] if res is not None else None, pbuf)
+                    v[bname] = bits
+
+                return run_pack
             if res is None:
                 buf = np.empty(ob.array.shape, np.float32)
 
@@ -661,7 +727,8 @@ class _FastPlan:
             # bit = x < thr exactly as fl(x - thr) < 0 (a float subtraction rounds to zero only
             # when exact, and keeps the sign otherwise; NaN gives 0 both ways): pack_sign with
             # bias = -thr, which skips pack_threshold's per-call flip preparation
-            neg = np.ascontiguousarray(-thr, np.float32)
+            neg = self._sign_thresholds(op)
+            assert neg is not None
             sb = self.ref.bufs[src]
             pre = self._prepad_for(name) if sb.kind == "stream" else None
             if pre is not None:
