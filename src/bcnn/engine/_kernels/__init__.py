@@ -27,15 +27,15 @@ AVX512-VPOPCNTDQ and to a correct (slower) sequence elsewhere.
 
 from __future__ import annotations
 
+from ._bound import bind_avgpool2x2 as bind_avgpool2x2
+from ._bound import bind_conv_affine as bind_conv_affine
+from ._bound import bind_pack_sign_padded as bind_pack_sign_padded
+from ._bound import bind_stem_affine as bind_stem_affine
 from ._conv import bconv2d, bconv2d_affine, bconv2d_threshold, bgemm, blinear, blinear_affine
-from ._conv import bind_conv_affine as bind_conv_affine
 from ._llvm import LANES, MR
 from ._llvm import _mk as _mk
-from ._packing import bind_pack_sign_padded as bind_pack_sign_padded
 from ._packing import pack_sign, pack_threshold, unpack_bits
 from ._pool import avgpool2x2, global_avgpool, maxpool_packed
-from ._pool import bind_avgpool2x2 as bind_avgpool2x2
-from ._stem import bind_stem_affine as bind_stem_affine
 from ._stem import prepare_stem_weights, stem_conv, stem_conv_affine
 from ._weights import (
     PreparedStem,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numba
 import numpy as np
 from numba import njit, prange
@@ -27,7 +25,6 @@ from ._llvm import (
     _mkf_rp,
     _mkf_rp_res,
 )
-from ._packing import _pack_rows_padded
 from ._weights import (
     PreparedWeights,
     _check_packed,
@@ -489,114 +486,3 @@ def bgemm(a: np.ndarray, b: PreparedWeights | np.ndarray, k: int | None = None) 
         kk = 64 * bb.shape[1] if k is None else int(k)
         prep = prepare_dense_weights(bb, kk)
     return blinear(a, prep)
-
-
-# --------------------------------------------------------- executor-internal bound entry point
-
-
-@njit(cache=True, boundscheck=False)
-def _conv_serial_pack(  # type: ignore[no-untyped-def]
-    ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
-    out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
-    out4, pk_bias, pk_out, pk_pad,
-):  # fmt: skip
-    """:func:`_conv_serial`, then the signs of its float output (``out4``, the same array
-    as ``out_f``) packed into the interior of ``pk_out`` (one call: the binarize that
-    follows a block)."""
-    _conv_serial(
-        ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
-        out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
-    )  # fmt: skip
-    _pack_rows_padded(out4, pk_bias, pk_out, pk_pad)
-
-
-def _check_pack(
-    pack: tuple[np.ndarray, np.ndarray, int] | None, n: int, ho: int, wo: int, o: int
-) -> None:
-    """pack = (bias float32 (O,), bits uint64 (N, Ho + 2p, Wo + 2p, Cw) C-contiguous, p)."""
-    if pack is None:
-        return
-    b, bits, p = pack
-    if (
-        not isinstance(bits, np.ndarray)
-        or bits.dtype != np.uint64
-        or not bits.flags.c_contiguous
-        or bits.shape != (n, ho + 2 * p, wo + 2 * p, _words(o))
-        or p < 0
-        or _vec(b, o, "pack bias") is not b
-    ):
-        raise ValueError(f"pack must be (float32 ({o},), uint64 ({n}, Ho+2p, Wo+2p, Cw), p)")
-
-
-def bind_conv_affine(
-    x_shape: tuple[int, ...],
-    w: PreparedWeights,
-    scale: object,
-    bias: object,
-    *,
-    stride: int = 1,
-    padding: int = 0,
-    rprelu: tuple[object, object, object] | None = None,
-    residual_channels: int | None = None,
-    fma: bool = False,
-    pack: tuple[np.ndarray, np.ndarray, int] | None = None,
-) -> Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.ndarray]:
-    """:func:`bconv2d_affine` for a fixed input shape, checked once: returns
-    ``run(x, residual, out) -> out``. Internal (the executor's hot path): the caller
-    guarantees that every call passes C-contiguous arrays of exactly the shapes and dtypes
-    validated here (x uint64 ``x_shape``; residual None on every call or on none, else float32
-    (N, Ho, Wo, residual_channels), possibly ``out`` itself; out float32 (N, Ho, Wo, O)). With
-    one thread it calls the compiled serial kernel without the per-call checks; otherwise it
-    runs the checked :func:`bconv2d_affine`. ``pack=(bias, bits, p)``: each call also packs
-    sign(out + bias) (as :func:`pack_sign`) into the interior of ``bits`` (uint64
-    (N, Ho + 2p, Wo + 2p, Cw), zero border kept), in the same compiled call."""
-    mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
-    n, h, wd, _ = x_shape
-    ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
-    o = w.out_channels
-    sc, bi = _vec(scale, o, "scale"), _vec(bias, o, "bias")
-    rp = (_F0, _F0, _F0) if rprelu is None else tuple(_vec(v, o, "rprelu") for v in rprelu)
-    has_rp = rprelu is not None
-    cr = 1 if residual_channels is None else int(residual_channels)
-    # the full check (and compilation) once, on zero inputs of these shapes
-    _run_conv(
-        np.zeros(x_shape, np.uint64), w, stride, padding, mode, scale=sc, bias=bi,
-        rprelu=rp if rprelu is not None else None,  # type: ignore[arg-type]
-        residual=None if residual_channels is None else np.zeros((n, ho, wo, cr), np.float32),
-        out=np.zeros((n, ho, wo, o), np.float32),
-    )  # fmt: skip
-    _check_pack(pack, n, ho, wo, o)
-    m = n * ho * wo
-    ntiles = -(-m // (MR * _MB))
-    nbits = w.kh * w.kw * w.in_channels
-    blocks, kh, kw, stride, padding = w.blocks, w.kh, w.kw, int(stride), int(padding)
-    g, s, z = rp
-    get_threads = _threads.get_num_threads
-
-    def run(x: np.ndarray, residual: np.ndarray | None, out: np.ndarray) -> np.ndarray:
-        if get_threads() != 1:
-            _run_conv(
-                x, w, stride, padding, mode, scale=sc, bias=bi,
-                rprelu=rp if has_rp else None,  # type: ignore[arg-type]
-                residual=residual, out=out,
-            )  # fmt: skip
-            if pack is not None:
-                _pack_rows_padded(out, pack[0], pack[1], pack[2])
-            return out
-        if pack is None:
-            _conv_serial(
-                ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
-                _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp,
-                _F00 if residual is None else residual.reshape(m, cr), residual is not None,
-                _F0, _B0,
-            )  # fmt: skip
-            return out
-        _conv_serial_pack(
-            ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
-            _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp,
-            _F00 if residual is None else residual.reshape(m, cr), residual is not None,
-            _F0, _B0, out, pack[0], pack[1], pack[2],
-        )  # fmt: skip
-        return out
-
-    return run

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 from numba import njit
 
@@ -175,25 +173,3 @@ def unpack_bits(packed: np.ndarray, n: int) -> np.ndarray:
     if n < 0 or n > p.shape[-1] * 64:
         raise ValueError(f"cannot unpack {n} values from {p.shape[-1]} words")
     return (1 - 2 * _unpack_bool_rows(p, n).astype(np.int8)).astype(np.int8)
-
-
-def bind_pack_sign_padded(
-    x_shape: tuple[int, int, int, int], bias: object, pad: int
-) -> Callable[[np.ndarray], np.ndarray]:
-    """:func:`pack_sign` of float32 (N, H, W, C) for a fixed shape, into a zero-bordered
-    buffer: returns ``run(x) -> out`` with out uint64 (N, H + 2*pad, W + 2*pad, Cw) (the same
-    array on every call: its interior is rewritten, its border stays 0 = one-padding), ready
-    for a convolution with padding 0. Internal (the executor's hot path): the caller
-    guarantees that every call passes a C-contiguous float32 array of shape ``x_shape``."""
-    n, h, w, c = (int(d) for d in x_shape)
-    if min(n, h, w, c) < 1 or pad < 0:
-        raise ValueError(f"bad shape {x_shape} or padding {pad}")
-    b = _vec(bias, c, "bias")
-    out = np.zeros((n, h + 2 * pad, w + 2 * pad, _words(c)), np.uint64)
-    _pack_rows_padded(np.zeros((n, h, w, c), np.float32), b, out, pad)  # compile, check
-
-    def run(x: np.ndarray) -> np.ndarray:
-        _pack_rows_padded(x, b, out, pad)
-        return out
-
-    return run

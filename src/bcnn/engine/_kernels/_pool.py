@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 from numba import njit
 
@@ -116,20 +114,3 @@ def global_avgpool(h: np.ndarray) -> np.ndarray:
     out = np.empty((n, c), np.float32)
     _gap(np.ascontiguousarray(h).reshape(n, hh * ww, c), out)
     return out
-
-
-def bind_avgpool2x2(shape: tuple[int, int, int, int]) -> Callable[[np.ndarray], np.ndarray]:
-    """:func:`avgpool2x2` for a fixed input shape into one output buffer: returns
-    ``run(h) -> out`` (the same array on every call). Internal (the executor's hot path): the
-    caller guarantees that every call passes a C-contiguous float32 array of ``shape``."""
-    n, hh, ww, c = (int(d) for d in shape)
-    if min(n, hh, ww, c) < 1:
-        raise ValueError(f"cannot pool a stream of shape {shape}")
-    out = np.empty((n, -(-hh // 2), -(-ww // 2), c), np.float32)
-    _avgpool2(np.zeros((n, hh, ww, c), np.float32), out)
-
-    def run(h: np.ndarray) -> np.ndarray:
-        _avgpool2(h, out)
-        return out
-
-    return run

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numba
 import numpy as np
 from numba import njit, prange
@@ -16,12 +14,10 @@ from ._conv import (
     _MODE_AFFINE,
     _MODE_AFFINE_FMA,
     _MODE_INT,
-    _check_pack,
     _chunks,
     _out_hw,
 )
 from ._llvm import LANES, MR, _fma32, _mk_shift, _mkf_shift_affine, _mkf_shift_int, _mkf_shift_rp
-from ._packing import _pack_rows_padded
 from ._weights import (
     PreparedStem,
     _blocks_from_rows,
@@ -344,22 +340,6 @@ def _stem_fast_into(  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, boundscheck=False)
-def _stem_fast_pack(  # type: ignore[no-untyped-def]
-    x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
-    out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
-    out4, pk_bias, pk_out, pk_pad, do_pack,
-):  # fmt: skip
-    """:func:`_stem_fast_into`, then (``do_pack``) the signs of its float output ``out4``
-    (the same array as ``out_f``) packed into the interior of ``pk_out``."""
-    _stem_fast_into(
-        x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
-        out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
-    )  # fmt: skip
-    if do_pack:
-        _pack_rows_padded(out4, pk_bias, pk_out, pk_pad)
-
-
-@njit(cache=True, boundscheck=False)
 def _stem_fast_serial(  # type: ignore[no-untyped-def]
     x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
@@ -560,62 +540,3 @@ def stem_conv_affine(
     (``fma=True``: one rounding, see :func:`bconv2d_affine`)."""
     mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
     return _run_stem(x, w, stride, padding, mode, scale, bias, rprelu)
-
-
-def bind_stem_affine(
-    x_shape: tuple[int, int, int, int],
-    w: PreparedStem,
-    scale: object,
-    bias: object,
-    *,
-    stride: int = 1,
-    padding: int = 0,
-    rprelu: tuple[object, object, object] | None = None,
-    fma: bool = False,
-    pack: tuple[np.ndarray, np.ndarray, int] | None = None,
-) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """:func:`stem_conv_affine` for a fixed input shape, checked once: returns
-    ``run(x, out) -> result`` (``out`` float32 (N, Ho, Wo, O), or a new array when the fast
-    path does not apply). Internal (the executor's hot path): the caller guarantees that every
-    call passes a C-contiguous uint8 array of shape ``x_shape``. With one thread, bit-planes on
-    the fast path run with workspaces allocated here (so ``run`` is not reentrant).
-    ``pack=(bias, bits, p)``: each call also packs sign(result + bias) into the interior of
-    ``bits``, as :func:`bind_conv_affine`."""
-    mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
-    n, c, h, wd = (int(d) for d in x_shape)
-    _run_stem(np.zeros((n, c, h, wd), np.uint8), w, stride, padding, mode, scale, bias, rprelu)
-    ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
-    o = w.out_channels
-    _check_pack(pack, n, ho, wo, o)
-    sc, bi = _vec(scale, o, "scale"), _vec(bias, o, "bias")
-    has_rp = rprelu is not None
-    rp: tuple[np.ndarray, np.ndarray, np.ndarray] = (_F0, _F0, _F0)
-    if rprelu is not None:
-        rp = (
-            _vec(rprelu[0], o, "rprelu"),
-            _vec(rprelu[1], o, "rprelu"),
-            _vec(rprelu[2], o, "rprelu"),
-        )
-    stride, padding = int(stride), int(padding)
-    g_ = w.plane_bits.shape[0]
-    cp = np.zeros((g_, n, h + 2 * padding, wd + 2 * padding), np.uint8)
-    patch = np.empty((g_, n * ho * wo), np.uint64)
-    cg = w.image_channels * w.group_planes
-    fast = _fast_stem(w)
-    get_threads = _threads.get_num_threads
-    pk = pack if pack is not None else (_F0, np.zeros((0, 0, 0, 0), np.uint64), 0)
-
-    def run(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        if not fast or get_threads() != 1:
-            y = _run_stem(x, w, stride, padding, mode, sc, bi, rp if has_rp else None)
-            if pack is not None:
-                _pack_rows_padded(y, pack[0], pack[1], pack[2])
-            return y
-        _stem_fast_pack(
-            x, w.plane_bits, cg, w.kh, w.kw, stride, padding, ho, wo, w.blocks, w.shifts,
-            w.const, o, mode, _I00, out.reshape(n * ho * wo, o), sc, bi, rp[0], rp[1], rp[2],
-            has_rp, cp, patch, out, pk[0], pk[1], pk[2], pack is not None,
-        )  # fmt: skip
-        return out
-
-    return run

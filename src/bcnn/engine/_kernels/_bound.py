@@ -1,0 +1,254 @@
+"""Executor-internal bound entry points (see docs/kernels.md): each checks its shapes once and
+returns a closure that, with one thread, calls the compiled serial kernel directly, without the
+per-call checks, conversions and allocations of the public wrappers (which keep validating
+every call). The caller guarantees that later calls pass C-contiguous arrays of exactly the
+validated shapes and dtypes; the closures hold workspaces and are not reentrant."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from numba import njit
+
+from .. import _threads
+from ._conv import (
+    _B0,
+    _F0,
+    _F00,
+    _I00,
+    _MB,
+    _MODE_AFFINE,
+    _MODE_AFFINE_FMA,
+    _U00,
+    _conv_serial,
+    _out_hw,
+    _run_conv,
+)
+from ._llvm import MR
+from ._packing import _pack_rows_padded
+from ._pool import _avgpool2
+from ._stem import _fast_stem, _run_stem, _stem_fast_into
+from ._weights import PreparedStem, PreparedWeights, _vec, _words
+
+
+@njit(cache=True, boundscheck=False)
+def _conv_serial_pack(  # type: ignore[no-untyped-def]
+    ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+    out4, pk_bias, pk_out, pk_pad,
+):  # fmt: skip
+    """:func:`_conv_serial`, then the signs of its float output (``out4``, the same array
+    as ``out_f``) packed into the interior of ``pk_out`` (one call: the binarize that
+    follows a block)."""
+    _conv_serial(
+        ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+        out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+    )  # fmt: skip
+    _pack_rows_padded(out4, pk_bias, pk_out, pk_pad)
+
+
+def _check_pack(
+    pack: tuple[np.ndarray, np.ndarray, int] | None, n: int, ho: int, wo: int, o: int
+) -> None:
+    """pack = (bias float32 (O,), bits uint64 (N, Ho + 2p, Wo + 2p, Cw) C-contiguous, p)."""
+    if pack is None:
+        return
+    b, bits, p = pack
+    if (
+        not isinstance(bits, np.ndarray)
+        or bits.dtype != np.uint64
+        or not bits.flags.c_contiguous
+        or bits.shape != (n, ho + 2 * p, wo + 2 * p, _words(o))
+        or p < 0
+        or _vec(b, o, "pack bias") is not b
+    ):
+        raise ValueError(f"pack must be (float32 ({o},), uint64 ({n}, Ho+2p, Wo+2p, Cw), p)")
+
+
+def bind_conv_affine(
+    x_shape: tuple[int, ...],
+    w: PreparedWeights,
+    scale: object,
+    bias: object,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    rprelu: tuple[object, object, object] | None = None,
+    residual_channels: int | None = None,
+    fma: bool = False,
+    pack: tuple[np.ndarray, np.ndarray, int] | None = None,
+) -> Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.ndarray]:
+    """:func:`bconv2d_affine` for a fixed input shape, checked once: returns
+    ``run(x, residual, out) -> out``. Internal (the executor's hot path): the caller
+    guarantees that every call passes C-contiguous arrays of exactly the shapes and dtypes
+    validated here (x uint64 ``x_shape``; residual None on every call or on none, else float32
+    (N, Ho, Wo, residual_channels), possibly ``out`` itself; out float32 (N, Ho, Wo, O)). With
+    one thread it calls the compiled serial kernel without the per-call checks; otherwise it
+    runs the checked :func:`bconv2d_affine`. ``pack=(bias, bits, p)``: each call also packs
+    sign(out + bias) (as :func:`pack_sign`) into the interior of ``bits`` (uint64
+    (N, Ho + 2p, Wo + 2p, Cw), zero border kept), in the same compiled call."""
+    mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
+    n, h, wd, _ = x_shape
+    ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
+    o = w.out_channels
+    sc, bi = _vec(scale, o, "scale"), _vec(bias, o, "bias")
+    rp = (_F0, _F0, _F0) if rprelu is None else tuple(_vec(v, o, "rprelu") for v in rprelu)
+    has_rp = rprelu is not None
+    cr = 1 if residual_channels is None else int(residual_channels)
+    # the full check (and compilation) once, on zero inputs of these shapes
+    _run_conv(
+        np.zeros(x_shape, np.uint64), w, stride, padding, mode, scale=sc, bias=bi,
+        rprelu=rp if rprelu is not None else None,  # type: ignore[arg-type]
+        residual=None if residual_channels is None else np.zeros((n, ho, wo, cr), np.float32),
+        out=np.zeros((n, ho, wo, o), np.float32),
+    )  # fmt: skip
+    _check_pack(pack, n, ho, wo, o)
+    m = n * ho * wo
+    ntiles = -(-m // (MR * _MB))
+    nbits = w.kh * w.kw * w.in_channels
+    blocks, kh, kw, stride, padding = w.blocks, w.kh, w.kw, int(stride), int(padding)
+    g, s, z = rp
+    get_threads = _threads.get_num_threads
+
+    def run(x: np.ndarray, residual: np.ndarray | None, out: np.ndarray) -> np.ndarray:
+        if get_threads() != 1:
+            _run_conv(
+                x, w, stride, padding, mode, scale=sc, bias=bi,
+                rprelu=rp if has_rp else None,  # type: ignore[arg-type]
+                residual=residual, out=out,
+            )  # fmt: skip
+            if pack is not None:
+                _pack_rows_padded(out, pack[0], pack[1], pack[2])
+            return out
+        if pack is None:
+            _conv_serial(
+                ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
+                _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp,
+                _F00 if residual is None else residual.reshape(m, cr), residual is not None,
+                _F0, _B0,
+            )  # fmt: skip
+            return out
+        _conv_serial_pack(
+            ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
+            _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp,
+            _F00 if residual is None else residual.reshape(m, cr), residual is not None,
+            _F0, _B0, out, pack[0], pack[1], pack[2],
+        )  # fmt: skip
+        return out
+
+    return run
+
+
+@njit(cache=True, boundscheck=False)
+def _stem_fast_pack(  # type: ignore[no-untyped-def]
+    x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
+    out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
+    out4, pk_bias, pk_out, pk_pad, do_pack,
+):  # fmt: skip
+    """:func:`_stem_fast_into`, then (``do_pack``) the signs of its float output ``out4``
+    (the same array as ``out_f``) packed into the interior of ``pk_out``."""
+    _stem_fast_into(
+        x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
+        out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
+    )  # fmt: skip
+    if do_pack:
+        _pack_rows_padded(out4, pk_bias, pk_out, pk_pad)
+
+
+def bind_stem_affine(
+    x_shape: tuple[int, int, int, int],
+    w: PreparedStem,
+    scale: object,
+    bias: object,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    rprelu: tuple[object, object, object] | None = None,
+    fma: bool = False,
+    pack: tuple[np.ndarray, np.ndarray, int] | None = None,
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """:func:`stem_conv_affine` for a fixed input shape, checked once: returns
+    ``run(x, out) -> result`` (``out`` float32 (N, Ho, Wo, O), or a new array when the fast
+    path does not apply). Internal (the executor's hot path): the caller guarantees that every
+    call passes a C-contiguous uint8 array of shape ``x_shape``. With one thread, bit-planes on
+    the fast path run with workspaces allocated here (so ``run`` is not reentrant).
+    ``pack=(bias, bits, p)``: each call also packs sign(result + bias) into the interior of
+    ``bits``, as :func:`bind_conv_affine`."""
+    mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
+    n, c, h, wd = (int(d) for d in x_shape)
+    _run_stem(np.zeros((n, c, h, wd), np.uint8), w, stride, padding, mode, scale, bias, rprelu)
+    ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
+    o = w.out_channels
+    _check_pack(pack, n, ho, wo, o)
+    sc, bi = _vec(scale, o, "scale"), _vec(bias, o, "bias")
+    has_rp = rprelu is not None
+    rp: tuple[np.ndarray, np.ndarray, np.ndarray] = (_F0, _F0, _F0)
+    if rprelu is not None:
+        rp = (
+            _vec(rprelu[0], o, "rprelu"),
+            _vec(rprelu[1], o, "rprelu"),
+            _vec(rprelu[2], o, "rprelu"),
+        )
+    stride, padding = int(stride), int(padding)
+    g_ = w.plane_bits.shape[0]
+    cp = np.zeros((g_, n, h + 2 * padding, wd + 2 * padding), np.uint8)
+    patch = np.empty((g_, n * ho * wo), np.uint64)
+    cg = w.image_channels * w.group_planes
+    fast = _fast_stem(w)
+    get_threads = _threads.get_num_threads
+    pk = pack if pack is not None else (_F0, np.zeros((0, 0, 0, 0), np.uint64), 0)
+
+    def run(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        if not fast or get_threads() != 1:
+            y = _run_stem(x, w, stride, padding, mode, sc, bi, rp if has_rp else None)
+            if pack is not None:
+                _pack_rows_padded(y, pack[0], pack[1], pack[2])
+            return y
+        _stem_fast_pack(
+            x, w.plane_bits, cg, w.kh, w.kw, stride, padding, ho, wo, w.blocks, w.shifts,
+            w.const, o, mode, _I00, out.reshape(n * ho * wo, o), sc, bi, rp[0], rp[1], rp[2],
+            has_rp, cp, patch, out, pk[0], pk[1], pk[2], pack is not None,
+        )  # fmt: skip
+        return out
+
+    return run
+
+
+def bind_pack_sign_padded(
+    x_shape: tuple[int, int, int, int], bias: object, pad: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`pack_sign` of float32 (N, H, W, C) for a fixed shape, into a zero-bordered
+    buffer: returns ``run(x) -> out`` with out uint64 (N, H + 2*pad, W + 2*pad, Cw) (the same
+    array on every call: its interior is rewritten, its border stays 0 = one-padding), ready
+    for a convolution with padding 0. Internal (the executor's hot path): the caller
+    guarantees that every call passes a C-contiguous float32 array of shape ``x_shape``."""
+    n, h, w, c = (int(d) for d in x_shape)
+    if min(n, h, w, c) < 1 or pad < 0:
+        raise ValueError(f"bad shape {x_shape} or padding {pad}")
+    b = _vec(bias, c, "bias")
+    out = np.zeros((n, h + 2 * pad, w + 2 * pad, _words(c)), np.uint64)
+    _pack_rows_padded(np.zeros((n, h, w, c), np.float32), b, out, pad)  # compile, check
+
+    def run(x: np.ndarray) -> np.ndarray:
+        _pack_rows_padded(x, b, out, pad)
+        return out
+
+    return run
+
+
+def bind_avgpool2x2(shape: tuple[int, int, int, int]) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`avgpool2x2` for a fixed input shape into one output buffer: returns
+    ``run(h) -> out`` (the same array on every call). Internal (the executor's hot path): the
+    caller guarantees that every call passes a C-contiguous float32 array of ``shape``."""
+    n, hh, ww, c = (int(d) for d in shape)
+    if min(n, hh, ww, c) < 1:
+        raise ValueError(f"cannot pool a stream of shape {shape}")
+    out = np.empty((n, -(-hh // 2), -(-ww // 2), c), np.float32)
+    _avgpool2(np.zeros((n, hh, ww, c), np.float32), out)
+
+    def run(h: np.ndarray) -> np.ndarray:
+        _avgpool2(h, out)
+        return out
+
+    return run
