@@ -439,53 +439,68 @@ def _pre_fn(steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> tuple[Any,
     return (lambda x: epi(x, None)), None
 
 
-def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
-    from ._executor import _Epilogue
+def _emitter(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
+    """emit(acc float32): the op's epilogue into its output buffer; the fused numba epilogue
+    (same arithmetic) when the steps fit it, else the numpy one."""
+    from ._executor import _Epilogue, _FusedEpilogue
 
+    kinds = [st["kind"] for st in op["epilogue"]]
+    fe = (
+        _FusedEpilogue.build(op["epilogue"], t) if set(kinds) <= set(_FusedEpilogue.ORDER) else None
+    )
+    if fe is None:
+        epi = _Epilogue(op["epilogue"], t)
+        return lambda acc: plan._emit(op, acc, epi)
+    out = plan.bufs[op["output"]]
+    res = plan.bufs[op["inputs"][1]] if len(op["inputs"]) == 2 else None
+
+    def emit(acc: np.ndarray) -> None:
+        fe(acc, None if res is None else res.array, out.array)
+
+    return emit
+
+
+def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     layer = BitSerialConv(
         t[op["weight"]], op["in_channels"], op["act_bits"], op["act_signed"],
         op["stride"][0], op["pad"][0],
     )  # fmt: skip
     pre, bias = _pre_fn(op["pre"], t)
     step = float(t[op["act_step"]][0])
-    epi = _Epilogue(op["epilogue"], t)
+    emit = _emitter(plan, op, t)
     src = plan.bufs[op["inputs"][0]]
     precision = plan.precision
 
     def run(x: np.ndarray) -> None:
         a = src.array if pre is None else pre(src.array)
-        plan._emit(op, layer(a, step, bias, precision.get("weight_bits")), epi)
+        emit(layer(a, step, bias, precision.get("weight_bits")))
 
     return run
 
 
 def bind_qlinear(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
-    from ._executor import _Epilogue
-
     layer = BitSerialLinear(t[op["weight"]], op["in_features"], op["act_bits"], op["act_signed"])
     pre, bias = _pre_fn(op["pre"], t)
     step = float(t[op["act_step"]][0])
-    epi = _Epilogue(op["epilogue"], t)
+    emit = _emitter(plan, op, t)
     src = plan.bufs[op["inputs"][0]]
     precision = plan.precision
 
     def run(x: np.ndarray) -> None:
         a = src.array if pre is None else pre(src.array)
-        plan._emit(op, layer(a, step, bias, precision.get("weight_bits")), epi)
+        emit(layer(a, step, bias, precision.get("weight_bits")))
 
     return run
 
 
 def bind_qstem(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
-    from ._executor import _Epilogue
-
     layer = BitSerialStem(
         t[op["weight"]], op["in_channels"], op["planes"], op["stride"][0], op["pad"][0]
     )
-    epi = _Epilogue(op["epilogue"], t)
+    emit = _emitter(plan, op, t)
     precision = plan.precision
 
     def run(x: np.ndarray) -> None:
-        plan._emit(op, layer(x, precision.get("weight_bits")), epi)
+        emit(layer(x, precision.get("weight_bits")))
 
     return run
