@@ -758,7 +758,18 @@ class _FastPlan:
             return None
         src, name = op["inputs"][0], op["output"]
         sb = self.ref.bufs[src]
-        pool = self.K.bind_avgpool2x2((self._shape[0], sb.h, sb.w, sb.channels))
+        nxt = self._pack_next(name, sb.channels)
+        pool = self.K.bind_avgpool2x2(
+            (self._shape[0], sb.h, sb.w, sb.channels), pack=nxt[0] if nxt is not None else None
+        )
+        if nxt is not None:
+            bits, bname = nxt[0][1], nxt[1]
+
+            def run_pack(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                v[name] = pool(v[src])
+                v[bname] = bits
+
+            return run_pack
 
         def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
             v[name] = pool(v[src])

@@ -237,18 +237,32 @@ def bind_pack_sign_padded(
     return run
 
 
-def bind_avgpool2x2(shape: tuple[int, int, int, int]) -> Callable[[np.ndarray], np.ndarray]:
+@njit(cache=True, boundscheck=False)
+def _avgpool_pack(h, out, pk_bias, pk_out, pk_pad, do_pack):  # type: ignore[no-untyped-def]
+    _avgpool2(h, out)
+    if do_pack:
+        _pack_rows_padded(out, pk_bias, pk_out, pk_pad)
+
+
+def bind_avgpool2x2(
+    shape: tuple[int, int, int, int], *, pack: tuple[np.ndarray, np.ndarray, int] | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
     """:func:`avgpool2x2` for a fixed input shape into one output buffer: returns
     ``run(h) -> out`` (the same array on every call). Internal (the executor's hot path): the
-    caller guarantees that every call passes a C-contiguous float32 array of ``shape``."""
+    caller guarantees that every call passes a C-contiguous float32 array of ``shape``.
+    ``pack``: as :func:`bind_conv_affine` (the signs of the pooled stream, same call)."""
     n, hh, ww, c = (int(d) for d in shape)
     if min(n, hh, ww, c) < 1:
         raise ValueError(f"cannot pool a stream of shape {shape}")
-    out = np.empty((n, -(-hh // 2), -(-ww // 2), c), np.float32)
-    _avgpool2(np.zeros((n, hh, ww, c), np.float32), out)
+    ho, wo = -(-hh // 2), -(-ww // 2)
+    _check_pack(pack, n, ho, wo, c)
+    out = np.empty((n, ho, wo, c), np.float32)
+    pk = pack if pack is not None else (_F0, np.zeros((0, 0, 0, 0), np.uint64), 0)
+    do_pack = pack is not None
+    _avgpool_pack(np.zeros((n, hh, ww, c), np.float32), out, pk[0], pk[1], pk[2], do_pack)
 
     def run(h: np.ndarray) -> np.ndarray:
-        _avgpool2(h, out)
+        _avgpool_pack(h, out, pk[0], pk[1], pk[2], do_pack)
         return out
 
     return run
