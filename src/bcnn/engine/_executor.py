@@ -449,6 +449,7 @@ class _FastPlan:
             step = f(op) if f is not None else None
             self.steps.append(step if step is not None else self._fallback(op, ref_step))
             self._root.setdefault(op["output"], op["output"])
+        self._hot = [s for i, s in enumerate(self.steps) if i not in self._skip]
 
     def _fallback(self, op: dict[str, Any], ref_step: Any) -> Any:
         """Run one op with the reference code: copy inputs into its buffers, run, read out."""
@@ -862,7 +863,7 @@ class _FastPlan:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         v: dict[str, np.ndarray] = {}
-        for step in self.steps:
+        for step in self._hot:  # the steps less those done by an earlier fused step
             step(v, x)
         return np.array(v[self.output], dtype=np.float32, copy=True)
 
