@@ -271,3 +271,33 @@ def test_bench_layer_bitserial_json(wa, stride, capsys) -> None:  # type: ignore
         assert res[key] > 0
     assert main(["bench", "--layer", "linear", "--wbits", "2"]) == 2
     assert main(["bench", "--layer", "conv3x3", "--wbits", "9"]) == 2
+
+
+def test_set_precision_equals_torch_with_dropped_planes() -> None:
+    """set_precision(weight_bits=k) == the torch model whose k-bit weight integers keep only
+    their k highest planes (sum_{i >= W-k} 2^i s_i), with unchanged steps."""
+    m = _model(4, 2)
+    p = pack(m)
+    p.set_precision(weight_bits=2)
+    x = _images(7, 32, 11)
+    out = p(x.numpy())
+
+    def dropped(q: UniformQuantizer, keep: int) -> None:
+        orig = q.integer
+
+        def integer(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            xi, step = orig(w)
+            neg = planes_from_integers(xi.detach().numpy(), q.bits, True)
+            s = 1 - 2 * neg.astype(np.int64)
+            kept = sum(2**i * s[i] for i in range(q.bits - keep, q.bits))
+            return torch.from_numpy(np.asarray(kept, np.float32)), step
+
+        q.integer = integer  # type: ignore[method-assign]
+
+    for mod in m.modules():
+        if isinstance(mod, UniformQuantizer) and mod.channels:  # the weight quantizers
+            dropped(mod, 2)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3)
+    assert np.array_equal(out.argmax(1), ref.argmax(1))
