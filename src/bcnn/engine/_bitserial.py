@@ -442,7 +442,8 @@ def _pre_fn(steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> tuple[Any,
 def _emitter(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     """emit(acc float32): the op's epilogue into its output buffer; the fused numba epilogue
     (same arithmetic) when the steps fit it, else the numpy one."""
-    from ._executor import _Epilogue, _FusedEpilogue
+    from ._executor import _Epilogue
+    from ._fastplan import _FusedEpilogue
 
     kinds = [st["kind"] for st in op["epilogue"]]
     fe = (

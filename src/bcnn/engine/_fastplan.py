@@ -1,0 +1,514 @@
+"""The numba fast path of the executor: a plan per input shape whose steps call the kernels'
+checked-once entry points, with sign/pack folded into the producing kernel where possible and
+fused epilogues (ops the kernels do not cover run :class:`_executor._Plan`'s numpy code).
+Bit-exact with :class:`_executor._Plan` and with torch (tests/test_engine_exact.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._executor import _E32, _E64, _ER, _Epilogue, _Plan
+from ._format import words
+
+if TYPE_CHECKING:
+    from ._executor import PackedModel
+
+
+class _FusedEpilogue:
+    """[scale] [bias] [bn] [rprelu] [add] in this order, or None (use :class:`_Epilogue`)."""
+
+    ORDER = ("scale", "bias", "bn", "rprelu", "add")
+
+    @classmethod
+    def build(cls, steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> Any:
+        kinds = [s["kind"] for s in steps]
+        pos = [cls.ORDER.index(k) for k in kinds]
+        if pos != sorted(set(pos)):
+            return None
+        return cls(steps, t)
+
+    def __init__(self, steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> None:
+        d = {s["kind"]: s for s in steps}
+        self.pre = t[d["scale"]["scale"]] if "scale" in d else _E32
+        self.cb = t[d["bias"]["bias"]] if "bias" in d else _E32
+        if "bn" in d:
+            self.al = t[d["bn"]["alpha"]].astype(np.float64)
+            self.be = t[d["bn"]["beta"]].astype(np.float64)
+        else:
+            self.al = self.be = _E64
+        rp = d.get("rprelu")
+        self.rp = tuple(t[rp[k]] for k in ("gamma", "slope", "zeta")) if rp else (_E32,) * 3
+        self.flags = ("scale" in d, "bias" in d, "bn" in d, rp is not None, "add" in d)
+        from ._fused import fused_epilogue
+
+        self.fn = fused_epilogue
+
+    def __call__(self, acc: np.ndarray, res: np.ndarray | None, out: np.ndarray) -> None:
+        o = acc.shape[-1]
+        r = _ER if res is None else res.reshape(-1, res.shape[-1])
+        hp, hc, hb, hr, ha = self.flags
+        g, sl, z = self.rp
+        self.fn(
+            acc.reshape(-1, o), self.pre, hp, self.cb, hc, self.al, self.be, hb,
+            g, sl, z, hr, r, ha, out.reshape(-1, o),
+        )  # fmt: skip
+
+
+class _FastPlan:
+    """Runs the graph with the numba kernels of ``_kernels`` (ops they do not cover, e.g.
+    non-square strides, run the numpy reference code of :class:`_Plan`)."""
+
+    def __init__(self, model: PackedModel, shape: tuple[int, int, int, int]) -> None:
+        from . import _kernels as K
+
+        self.K = K
+        self.ref = _Plan(model, shape)  # shapes, checks, and the fallback
+        self.t = model.tensors
+        self.steps: list[Callable[[dict[str, np.ndarray], np.ndarray], None]] = []
+        ops = model.graph["ops"]
+        self.output = model.graph["output"]
+        # liveness, for in-place residual updates: the last op reading each value (the graph
+        # output counts as read after the last op); values sharing storage form groups
+        self._last_use: dict[str, int] = {}
+        for i, op in enumerate(ops):
+            for name in op["inputs"]:
+                self._last_use[name] = i
+        self._last_use[self.output] = len(ops)
+        self._root: dict[str, str] = {}
+        self._ops = ops
+        self._shape = shape
+        # bits values written by pack-sign steps straight into a zero-bordered buffer sized
+        # for their consumers (which then convolve with padding 0): name -> border
+        self._prepad: dict[str, int] = {}
+        self._skip: set[int] = set()  # ops computed by an earlier fused step
+        for i, (op, ref_step) in enumerate(zip(ops, self.ref.steps, strict=True)):
+            self._index = i
+            f = getattr(self, "_op_" + op["op"], None)
+            if i in self._skip:
+                f = self._op_done
+            step = f(op) if f is not None else None
+            self.steps.append(step if step is not None else self._fallback(op, ref_step))
+            self._root.setdefault(op["output"], op["output"])
+        self._hot = [s for i, s in enumerate(self.steps) if i not in self._skip]
+
+    def _fallback(self, op: dict[str, Any], ref_step: Any) -> Any:
+        """Run one op with the reference code: copy inputs into its buffers, run, read out."""
+        ref = self.ref
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            for name in op["inputs"]:
+                if name == "input":
+                    continue
+                b = ref.bufs[name]
+                assert b.array is not None
+                if b.kind == "bits":
+                    ref._interior(b)[...] = v[name]
+                else:
+                    b.array[...] = v[name]
+            ref_step(x)
+            ob = ref.bufs[op["output"]]
+            arr = ref._interior(ob) if ob.kind == "bits" else ob.array
+            assert arr is not None
+            v[op["output"]] = arr.copy()
+
+        return run
+
+    @staticmethod
+    def _square(op: dict[str, Any]) -> tuple[int, int] | None:
+        (sh, sw), (ph, pw), (kh, kw) = op["stride"], op["pad"], op["kernel"]
+        if sh != sw or ph != pw or (ph and ph >= max(kh, kw)):
+            return None
+        return sh, ph
+
+    def _fusable(self, steps: list[dict[str, Any]], residual: bool) -> Any:
+        """(alpha, beta, rprelu | None) when the epilogue is exactly what the fused kernels
+        compute (fma batch norm [, RPReLU] [, residual add], torch's order), else None."""
+        kinds = [s["kind"] for s in steps]
+        want = ["bn"]
+        if "rprelu" in kinds:
+            want.append("rprelu")
+        if residual:
+            want.append("add")
+        if kinds != want:
+            return None
+        t = self.t
+        f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
+        al, be = f32(t[steps[0]["alpha"]]), f32(t[steps[0]["beta"]])
+        rp = None
+        if "rprelu" in kinds:
+            r = steps[1]
+            rp = (f32(t[r["gamma"]]), f32(t[r["slope"]]), f32(t[r["zeta"]]))
+        return al, be, rp
+
+    def _prepad_for(self, name: str) -> int | None:
+        """The border to pack ``name`` into when every consumer is a conv on the fused path
+        with one square padding (it then runs with padding 0 on the bordered buffer)."""
+        if name == self.output:
+            return None
+        pads = set()
+        for op in self._ops:
+            if name not in op["inputs"]:
+                continue
+            if op["op"] != "conv" or op["inputs"][0] != name or "threshold" in op:
+                return None
+            sq = self._square(op)
+            if sq is None or self._fusable(op["epilogue"], len(op["inputs"]) == 2) is None:
+                return None
+            pads.add(sq[1])
+        return pads.pop() if len(pads) == 1 else None
+
+    def _sign_thresholds(self, op: dict[str, Any]) -> np.ndarray | None:
+        """-threshold (float32) when a binarize op is a plain sign(x + b) (every channel mode
+        1, finite thresholds): bit = x < thr exactly as fl(x - thr) < 0, so pack_sign with
+        bias -thr."""
+        thr = self.t[op["threshold"]].astype(np.float32)
+        if not (np.all(self.t[op["mode"]] == 1) and np.all(np.isfinite(thr))):
+            return None
+        return np.ascontiguousarray(-thr, np.float32)
+
+    def _pack_next(self, name: str, channels: int) -> tuple[Any, str] | None:
+        """When the next op is a sign binarize of ``name`` whose bits only fused convs read:
+        ((bias, zero-bordered bits buffer, border), its output name) for the producing
+        kernel to pack in the same call; the binarize op is then skipped."""
+        i, ops = self._index, self._ops
+        if i + 1 >= len(ops):
+            return None
+        b = ops[i + 1]
+        if b["op"] != "binarize" or b["inputs"] != [name] or b["channels"] != channels:
+            return None
+        neg = self._sign_thresholds(b)
+        pre = self._prepad_for(b["output"])
+        if neg is None or pre is None or neg.shape != (channels,):
+            return None
+        ob = self.ref.bufs[name]
+        bits = np.zeros(
+            (self._shape[0], ob.h + 2 * pre, ob.w + 2 * pre, words(channels)), np.uint64
+        )
+        self._prepad[b["output"]] = pre
+        self._skip.add(i + 1)
+        return (neg, bits, pre), b["output"]
+
+    def _bits_shape(self, name: str) -> tuple[int, int, int, int]:
+        """Shape of the bits value ``name`` as the fast plan holds it (with its border)."""
+        b = self.ref.bufs[name]
+        p = self._prepad.get(name, 0)
+        return (self._shape[0], b.h + 2 * p, b.w + 2 * p, words(b.channels))
+
+    def _can_overwrite(self, name: str) -> bool:
+        """True when no later op (nor the graph output) reads ``name``'s storage."""
+        root = self._root.get(name)
+        if root is None:
+            return False
+        group = [k for k, r in self._root.items() if r == root]
+        return all(self._last_use.get(k, -1) <= self._index for k in group)
+
+    def _op_encode_conv(self, op: dict[str, Any]) -> Any:
+        K, t = self.K, self.t
+        sq = self._square(op)
+        pwts = t[op["plane_weights"]]
+        if sq is None:
+            return None
+        if op["encoder"] == "bitplane" and np.array_equal(
+            pwts, 2.0 ** np.arange(op["planes"], dtype=np.float32)
+        ):
+            fz = self._fusable(op["epilogue"], False)
+            if fz is not None:
+                al, be, rp = fz
+                wst = K.prepare_stem_weights(t[op["weight"]], op["in_channels"], op["planes"])
+                stride, pad = sq
+                name = op["output"]
+                nxt = self._pack_next(name, op["out_channels"])
+                stem_affine = K.bind_stem_affine(
+                    self._shape, wst, al, be, stride=stride, padding=pad, rprelu=rp, fma=True,
+                    pack=nxt[0] if nxt is not None else None,
+                )  # fmt: skip
+                ob = self.ref.bufs[name]
+                assert ob.array is not None
+                sbuf = np.empty(ob.array.shape, np.float32)
+                if nxt is not None:
+                    bits, bname = nxt[0][1], nxt[1]
+
+                    def run_fused_pack(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                        v[name] = stem_affine(x, sbuf)
+                        v[bname] = bits
+
+                    return run_fused_pack
+
+                def run_fused(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                    v[name] = stem_affine(x, sbuf)
+
+                return run_fused
+        if op["encoder"] == "bitplane":
+            if not np.array_equal(pwts, 2.0 ** np.arange(op["planes"], dtype=np.float32)):
+                return None
+            steps = op["epilogue"]
+            w = K.prepare_stem_weights(t[op["weight"]], op["in_channels"], op["planes"])
+        else:
+            if not np.all(pwts == pwts[0]):
+                return None
+            steps = [{"kind": "scale", "scale": "__step"}, *op["epilogue"]]
+            w = K.prepare_stem_weights(
+                t[op["weight"]], op["in_channels"], op["planes"], "thermometer",
+                t[op["plane_thresholds"]],
+            )  # fmt: skip
+        cout = op["out_channels"]
+        tt = dict(t)
+        tt["__step"] = np.full(cout, pwts[0], np.float32)
+        epi = _FusedEpilogue.build(steps, tt)
+        if epi is None or (steps and steps[0]["kind"] != "scale" and "__step" in str(steps)):
+            return None
+        stride, pad = sq
+        ob = self.ref.bufs[op["output"]]
+        out = np.empty((ob.array.shape if ob.array is not None else (0,)), np.float32)
+        name = op["output"]
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            acc = K.stem_conv(x, w, stride, pad)
+            epi(acc, None, out)
+            v[name] = out
+
+        return run
+
+    def _op_conv(self, op: dict[str, Any]) -> Any:
+        K, t = self.K, self.t
+        sq = self._square(op)
+        if sq is None:
+            return None
+        stride, pad = sq
+        w = K.prepare_conv_weights(t[op["weight"]], op["in_channels"])
+        src, name = op["inputs"][0], op["output"]
+        if "threshold" in op:
+            thr = t[op["threshold"]].astype(np.float32)
+            flip = np.zeros(op["out_channels"], bool)
+
+            def run_bits(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                v[name] = K.bconv2d_threshold(v[src], w, thr, flip, stride=stride, padding=pad)
+
+            return run_bits
+        res = op["inputs"][1] if len(op["inputs"]) == 2 else None
+        ob = self.ref.bufs[name]
+        assert ob.array is not None
+        fz = self._fusable(op["epilogue"], res is not None)
+        if fz is not None:
+            al, be, rp = fz
+            rb = self.ref.bufs[res] if res is not None else None
+            nxt = self._pack_next(name, op["out_channels"])
+            affine = K.bind_conv_affine(
+                self._bits_shape(src), w, al, be, stride=stride,
+                padding=0 if src in self._prepad else pad, rprelu=rp,
+                residual_channels=rb.channels if rb is not None else None, fma=True,
+                pack=nxt[0] if nxt is not None else None,
+            )  # fmt: skip
+            if nxt is not None:
+                bits, bname = nxt[0][1], nxt[1]
+                if res is not None and rb is not None and rb.channels == op["out_channels"]:
+                    inplace = self._can_overwrite(res)
+                else:
+                    inplace = False
+                if inplace:
+                    assert res is not None
+                    self._root[name] = self._root[res]  # h += ... in place
+
+                    def run_inplace_pack(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                        h = v[res]
+                        v[name] = affine(v[src], h, h)
+                        v[bname] = bits
+
+                    return run_inplace_pack
+                pbuf = np.empty(ob.array.shape, np.float32)
+
+                def run_pack(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                    v[name] = affine(v[src], v[res] if res is not None else None, pbuf)
+                    v[bname] = bits
+
+                return run_pack
+            if res is None:
+                buf = np.empty(ob.array.shape, np.float32)
+
+                def run_fused(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                    v[name] = affine(v[src], None, buf)
+
+                return run_fused
+            assert rb is not None
+            if rb.channels == op["out_channels"] and self._can_overwrite(res):
+                self._root[name] = self._root[res]  # h += ... in place
+
+                def run_inplace(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                    h = v[res]
+                    v[name] = affine(v[src], h, h)
+
+                return run_inplace
+            buf = np.empty(ob.array.shape, np.float32)
+
+            def run_res(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                v[name] = affine(v[src], v[res], buf)
+
+            return run_res
+        epi = _FusedEpilogue.build(op["epilogue"], t)
+        if epi is None:
+            return None
+        out = np.empty(ob.array.shape, np.float32)
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            acc = K.bconv2d(v[src], w, stride, pad)
+            epi(acc, v[res] if res is not None else None, out)
+            v[name] = out
+
+        return run
+
+    def _op_binarize(self, op: dict[str, Any]) -> Any:
+        K, t = self.K, self.t
+        thr = t[op["threshold"]].astype(np.float32).copy()
+        mode = t[op["mode"]]
+        flip = mode == -1
+        const = mode == 0
+        thr[const] = np.where(thr[const] >= 0, -np.inf, np.inf)
+        src, name = op["inputs"][0], op["output"]
+        if np.all(mode == 1) and np.all(np.isfinite(thr)):
+            # bit = x < thr exactly as fl(x - thr) < 0 (a float subtraction rounds to zero only
+            # when exact, and keeps the sign otherwise; NaN gives 0 both ways): pack_sign with
+            # bias = -thr, which skips pack_threshold's per-call flip preparation
+            neg = self._sign_thresholds(op)
+            assert neg is not None
+            sb = self.ref.bufs[src]
+            pre = self._prepad_for(name) if sb.kind == "stream" else None
+            if pre is not None:
+                self._prepad[name] = pre
+                packer = K.bind_pack_sign_padded(
+                    (self._shape[0], sb.h, sb.w, sb.channels), neg, pre
+                )
+
+                def run_padded(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                    v[name] = packer(v[src])
+
+                return run_padded
+            pack_sign = K.pack_sign
+
+            def run_sign(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                v[name] = pack_sign(v[src], neg)
+
+            return run_sign
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            v[name] = K.pack_threshold(v[src], thr, flip)
+
+        return run
+
+    def _op_avgpool(self, op: dict[str, Any]) -> Any:
+        if op["kernel"] != [2, 2] or op["stride"] != [2, 2] or not op["ceil_mode"]:
+            return None
+        src, name = op["inputs"][0], op["output"]
+        sb = self.ref.bufs[src]
+        nxt = self._pack_next(name, sb.channels)
+        pool = self.K.bind_avgpool2x2(
+            (self._shape[0], sb.h, sb.w, sb.channels), pack=nxt[0] if nxt is not None else None
+        )
+        if nxt is not None:
+            bits, bname = nxt[0][1], nxt[1]
+
+            def run_pack(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                v[name] = pool(v[src])
+                v[bname] = bits
+
+            return run_pack
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            v[name] = pool(v[src])
+
+        return run
+
+    @staticmethod
+    def _op_done(op: dict[str, Any]) -> Any:
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            pass
+
+        return run
+
+    def _readers(self, name: str) -> list[int]:
+        return [i for i, op in enumerate(self._ops) if name in op["inputs"]]
+
+    def _head(self, op: dict[str, Any]) -> Any:
+        """gap -> sign binarize -> binary linear + affine as one fused call, when those three
+        ops form a chain read by nothing else."""
+        i, ops, t = self._index, self._ops, self.t
+        name = op["output"]
+        if i + 2 >= len(ops) or self._readers(name) != [i + 1]:
+            return None
+        b, lin = ops[i + 1], ops[i + 2]
+        if b["op"] != "binarize" or lin["op"] != "linear" or name == self.output:
+            return None
+        if self._readers(b["output"]) != [i + 2] or b["output"] == self.output:
+            return None
+        steps = lin["epilogue"]
+        thr = t[b["threshold"]].astype(np.float32)
+        if [s["kind"] for s in steps] != ["affine"] or not (
+            np.all(t[b["mode"]] == 1) and np.all(np.isfinite(thr))
+        ):
+            return None
+        from ._fused import fused_head
+
+        sb = self.ref.bufs[op["inputs"][0]]
+        n, c = self._shape[0], sb.channels
+        wl = np.ascontiguousarray(t[lin["weight"]], np.uint64)
+        o, kw = wl.shape
+        if c != b["channels"] or c != lin["in_features"] or kw != words(c):
+            return None
+        neg = np.ascontiguousarray(-thr, np.float32)
+        sc = np.ascontiguousarray(t[steps[0]["weight"]], np.float32)
+        bi = np.ascontiguousarray(t[steps[0]["bias"]], np.float32)
+        if neg.shape != (c,) or sc.shape != (o,) or bi.shape != (o,):
+            return None
+        out = np.empty((n, o), np.float32)
+        bits = np.empty(kw, np.uint64)
+        acc = np.empty(c, np.float64)
+        src, hw, oname = op["inputs"][0], sb.h * sb.w, lin["output"]
+        self._skip.update((i + 1, i + 2))
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            fused_head(v[src].reshape(n, hw, c), neg, wl, c, sc, bi, out, bits, acc)
+            v[oname] = out
+
+        return run
+
+    def _op_gap(self, op: dict[str, Any]) -> Any:
+        K = self.K
+        src, name = op["inputs"][0], op["output"]
+        head = self._head(op)
+        if head is not None:
+            return head
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            v[name] = K.global_avgpool(v[src])
+
+        return run
+
+    def _op_linear(self, op: dict[str, Any]) -> Any:
+        K, t = self.K, self.t
+        w = K.prepare_dense_weights(t[op["weight"]], op["in_features"])
+        src, name = op["inputs"][0], op["output"]
+        steps = op["epilogue"]
+        if [s["kind"] for s in steps] == ["affine"]:
+            sc, bi = t[steps[0]["weight"]], t[steps[0]["bias"]]
+
+            def run_affine(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                v[name] = K.blinear_affine(v[src], w, sc, bi)
+
+            return run_affine
+        epi = _Epilogue(steps, t)
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            v[name] = epi(K.blinear(v[src], w).astype(np.float32), None)
+
+        return run
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        v: dict[str, np.ndarray] = {}
+        for step in self._hot:  # the steps less those done by an earlier fused step
+            step(v, x)
+        return np.array(v[self.output], dtype=np.float32, copy=True)
+
+
+# ------------------------------------------------------------------ the public object
