@@ -34,12 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_api() -> Any:
-    try:
-        import bcnn.engine as engine
-    except ImportError as e:
-        raise ImportError(f"the packed engine is not available ({e})") from None
-    if not hasattr(engine, "pack") or not hasattr(engine, "load"):
-        raise ImportError("the packed engine is not available (bcnn.engine has no pack/load)")
+    import bcnn.engine as engine
+
     return engine
 
 
@@ -55,41 +51,33 @@ def _engine_call(what: str, fn: Any, *a: Any, **kw: Any) -> Any:
 
 def _load(args: argparse.Namespace) -> tuple[str, Any, dict[str, Any]]:
     """(engine, model or packed model, meta)."""
+    from ..models import load_checkpoint, pretrained_checkpoint
+
     spec = args.model
     path = Path(spec)
     engine = args.engine
-    if path.suffix == ".bcnn" or (not path.exists() and path.suffix not in (".pt", ".pth")):
+    shipped = None if path.exists() else pretrained_checkpoint(spec)
+    if engine == "torch" and shipped is not None:  # a pretrained name with its torch checkpoint
+        path = shipped
+    elif path.suffix == ".bcnn" or (not path.exists() and path.suffix not in (".pt", ".pth")):
         # A packed file or a pretrained name: the engine's business.
         if engine == "torch":
             raise ValueError(f"{spec}: a packed model runs on --engine packed only")
         if path.suffix == ".bcnn" and not path.is_file():
             raise FileNotFoundError(f"packed model not found: {path}")
-        try:
-            eng = _engine_api()
-        except ImportError:
-            if path.suffix == ".bcnn":
-                raise
-            raise FileNotFoundError(
-                f"{spec!r}: no such checkpoint file (pretrained names need the packed engine)"
-            ) from None
-        if hasattr(eng, "load_any"):
-            packed = _engine_call(spec, eng.load_any, spec)
-        elif path.is_file():
-            packed = _engine_call(spec, eng.load, path)
-        else:
-            raise FileNotFoundError(f"{spec!r} is neither a file nor a pretrained model name")
+        packed = _engine_call(spec, _engine_api().load_any, spec)
         meta = dict(getattr(packed, "meta", None) or {})
         classes = getattr(packed, "classes", None)
         if classes and "classes" not in meta:
             meta["classes"] = list(classes)
         return "packed", packed, meta
-    from ..models import load_checkpoint
-
     model, meta = load_checkpoint(path)
     if engine == "packed":
         eng = _engine_api()
         classes = meta.get("classes")
-        kw = {"classes": list(classes)} if isinstance(classes, list | tuple) else {}
+        kw: dict[str, Any] = {"meta": meta}
+        if isinstance(classes, list | tuple):
+            kw["classes"] = list(classes)
         return "packed", _engine_call(f"packing {path}", eng.pack, model, **kw), meta
     return "torch", model, meta
 

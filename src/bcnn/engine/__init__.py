@@ -52,9 +52,11 @@ def pack(
 
 def pretrained_path(name: str) -> Path | None:
     """``src/bcnn/pretrained/<name>.bcnn`` if it ships with the package, else None."""
+    from ..models._checkpoint import PRETRAINED_DIR
+
     if not name or "/" in name or "\\" in name or name.startswith("."):
         return None
-    p = Path(__file__).resolve().parent.parent / "pretrained" / f"{name}.bcnn"
+    p = PRETRAINED_DIR / f"{name}.bcnn"
     return p if p.is_file() else None
 
 

@@ -9,12 +9,19 @@ torch.Size([2, 10])
 """
 
 from . import bcnn as _bcnn  # noqa: F401  (registers the family)
-from ._checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
+from ._checkpoint import (
+    PRETRAINED_DIR,
+    atomic_torch_save,
+    load_checkpoint,
+    pretrained_checkpoint,
+    save_checkpoint,
+)
 from ._registry import create_model, list_models, register_model
 from .bcnn import BCNN, BCNNBlock, BCNNDownsample, BCNNHead, BCNNStem
 
 __all__ = [
     "BCNN",
+    "PRETRAINED_DIR",
     "BCNNBlock",
     "BCNNDownsample",
     "BCNNHead",
@@ -23,6 +30,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_checkpoint",
+    "pretrained_checkpoint",
     "register_model",
     "save_checkpoint",
 ]

@@ -19,10 +19,27 @@ from torch import nn
 from .._io import atomic_write
 from ._registry import create_model
 
-__all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "PRETRAINED_DIR",
+    "atomic_torch_save",
+    "load_checkpoint",
+    "pretrained_checkpoint",
+    "save_checkpoint",
+]
 
 CHECKPOINT_FORMAT = "bcnn-checkpoint"
 CHECKPOINT_VERSION = 1
+# Pretrained models ship inside the package: <name>.bcnn (packed) and, if small, <name>.pt.
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def pretrained_checkpoint(name: str) -> Path | None:
+    """The torch checkpoint shipped for a pretrained name, or None."""
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        return None
+    p = PRETRAINED_DIR / f"{name}.pt"
+    return p if p.is_file() else None
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -1,0 +1,45 @@
+"""Pretrained names resolve offline to files shipped in the package (bcnn/pretrained/)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bcnn.models._checkpoint as ck
+from bcnn.cli import main
+from bcnn.engine import load, load_any
+from bcnn.models import create_model, pretrained_checkpoint, save_checkpoint
+
+
+@pytest.fixture
+def shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    model = create_model("bcnn_cifar", num_classes=10, in_chans=1, width=8, depth=1).eval()
+    meta = {"classes": [str(i) for i in range(10)], "data": "digits", "val_split": 0.1, "seed": 0}
+    save_checkpoint(tmp_path / "tiny_pre.pt", model, meta)
+    load_any(tmp_path / "tiny_pre.pt").save(tmp_path / "tiny_pre.bcnn")
+    monkeypatch.setattr(ck, "PRETRAINED_DIR", tmp_path)
+    return "tiny_pre"
+
+
+def test_pretrained_name_loads_both_engines(shipped: str, capsys) -> None:
+    assert pretrained_checkpoint(shipped) is not None
+    assert pretrained_checkpoint("no_such_model") is None
+    assert pretrained_checkpoint("../etc") is None
+    packed = load(shipped)
+    assert packed.classes == [str(i) for i in range(10)]
+    x = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 8), np.uint8)
+    assert packed(x).shape == (3, 10)
+    tops = {}
+    for engine in ("torch", "packed"):
+        assert main(["eval", shipped, "--engine", engine, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["engine"] == engine and out["data"] == "digits" and out["n"] == 180
+        tops[engine] = out["top1"]
+    assert tops["torch"] == tops["packed"]
+
+
+def test_unknown_pretrained_name_is_a_one_line_error(shipped: str, capsys) -> None:
+    assert main(["eval", "bcnn_nothing_here", "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bcnn_nothing_here" in err[0]
