@@ -165,3 +165,64 @@ def test_bcnn_at_k_bits(w: int, a: int) -> None:
     conv = m.blocks[0].conv
     assert conv.input_quantizer.bits == a
     assert getattr(conv.weight_quantizer, "bits", 1) == w
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, written out (torchvision is not a dependency)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x):
+        idt = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + idt)
+
+
+class _ResNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(_BasicBlock(16, 16, 1), _BasicBlock(16, 16, 1))
+        self.layer2 = nn.Sequential(_BasicBlock(16, 32, 2), _BasicBlock(32, 32, 1))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def test_quantize_torchvision_style_resnet_keeping_first_and_last_at_8_bits() -> None:
+    net = _ResNet()
+    quantize_(
+        net,
+        QuantConfig(
+            weight_bits=2,
+            act_bits=4,
+            overrides={"conv1": {"weight_bits": 8, "act_bits": 8}, "fc": {"weight_bits": 8}},
+        ),
+    )
+    convs = {n: m for n, m in net.named_modules() if isinstance(m, BinaryConv2d)}
+    assert len(convs) == 10  # every conv, the 1x1 shortcut projection included
+    assert convs["conv1"].weight_quantizer.bits == 8
+    assert convs["layer2.0.downsample.0"].weight_quantizer.bits == 2
+    assert net.fc.weight_quantizer.bits == 8 and net.fc.input_quantizer.bits == 8
+    y = net(torch.randn(2, 3, 32, 32))
+    F.cross_entropy(y, torch.tensor([1, 2])).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
