@@ -214,7 +214,10 @@ def test_quantize_torchvision_style_resnet_keeping_first_and_last_at_8_bits() ->
         QuantConfig(
             weight_bits=2,
             act_bits=4,
-            overrides={"conv1": {"weight_bits": 8, "act_bits": 8}, "fc": {"weight_bits": 8}},
+            overrides={
+                "conv1": {"weight_bits": 8, "act_bits": 8},
+                "fc": {"weight_bits": 8, "act_bits": 8},
+            },
         ),
     )
     convs = {n: m for n, m in net.named_modules() if isinstance(m, BinaryConv2d)}
