@@ -43,3 +43,29 @@ def test_unknown_pretrained_name_is_a_one_line_error(shipped: str, capsys) -> No
     assert main(["eval", "bcnn_nothing_here", "--json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bcnn_nothing_here" in err[0]
+
+
+def test_shipped_bcnn_cifar10_runs_offline_on_both_engines(tmp_path: Path, capsys) -> None:
+    """The packed model in the package and its torch checkpoint agree, with CIFAR-10 names."""
+    import torch
+    from PIL import Image
+
+    from bcnn.models import load_checkpoint
+
+    ckpt = pretrained_checkpoint("bcnn_cifar10")
+    assert ckpt is not None, "bcnn_cifar10.pt must ship in src/bcnn/pretrained"
+    packed = load("bcnn_cifar10")
+    model, meta = load_checkpoint(ckpt)
+    cifar = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship"]
+    assert packed.classes == [*cifar, "truck"] == meta["classes"]
+    x = np.random.default_rng(1).integers(0, 256, (7, 3, 32, 32), np.uint8)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    out = packed(x)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3)
+    assert (out.argmax(1) == ref.argmax(1)).all()
+    img = tmp_path / "img.png"
+    Image.fromarray(x[0].transpose(1, 2, 0)).save(img)
+    assert main(["predict", "bcnn_cifar10", str(img), "--json"]) == 0
+    text = capsys.readouterr().out
+    assert any(name in text for name in [*cifar, "truck"])
