@@ -73,7 +73,13 @@ def test_packed_kbit_matches_torch(w: int, a: int) -> None:
     assert "qconv" in kinds and "qlinear" in kinds
     assert ("qstem" in kinds) == (w > 1)
     for hw in (32, 33):
-        _check(m, p, hw)
+        full = _check(m, p, hw)
+    if w > 1:  # the run-time knob: one weight plane fewer runs and moves the logits
+        x = _images(7, 33, 33).numpy()  # the images _check used last
+        p.set_precision(weight_bits=w - 1)
+        assert not np.allclose(p(x), full)
+        p.set_precision(weight_bits=None)
+        assert np.array_equal(p(x), full)
 
 
 def test_mixed_and_unsigned_and_roundtrip(tmp_path) -> None:  # type: ignore[no-untyped-def]
