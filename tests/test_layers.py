@@ -171,3 +171,27 @@ def test_rsign_and_rprelu() -> None:
     torch.testing.assert_close(y, torch.tensor([[-0.5, 1.9], [2.0, 3.0]]))
     lb = LearnableBias(2)
     assert lb(torch.zeros(1, 2, 3, 3)).abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 65, 5, 3), (1, 1, 4, 4), (3, 63)])
+def test_prelu_fast_backward_matches_aten(shape, dtype) -> None:
+    """The hand-written PReLU backward against ATen's, bitwise: zeros in x (the x > 0 branch
+    boundary), negative and positive slopes, 2-D and 4-D inputs."""
+    from bcnn.nn._elementwise import prelu
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g).to(dtype)
+    x.view(-1)[::7] = 0.0
+    slope = (torch.rand(shape[1], generator=g) * 2 - 0.5).to(dtype)
+    grad = torch.randn(*shape, generator=g).to(dtype)
+    outs = []
+    for fn in (F.prelu, prelu):
+        xi, si = x.clone().requires_grad_(), slope.clone().requires_grad_()
+        y = fn(xi, si)
+        y.backward(grad)
+        outs.append((y, xi.grad, si.grad))
+    (y0, gx0, gs0), (y1, gx1, gs1) = outs
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}.get(dtype, 1e-12)  # sums in another order
+    torch.testing.assert_close(gs1.double(), gs0.double(), rtol=tol, atol=tol)

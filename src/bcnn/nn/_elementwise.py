@@ -45,6 +45,35 @@ class RSign(nn.Module):
         return x if self.quantizer is None else self.quantizer(x)
 
 
+class _PReLUFn(torch.autograd.Function):
+    """F.prelu with a hand-written backward: same forward, same gradients as PyTorch's
+    (x > 0 passes grad, else slope * grad; d slope = sum of x * grad where x <= 0), but a few
+    vectorised passes instead of ATen's CPU prelu backward, which is several times slower."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, slope: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, slope)
+        return F.prelu(x, slope)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        x, slope = ctx.saved_tensors
+        dims = [d for d in range(x.dim()) if d != 1]
+        acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+        d_slope = (x.clamp(max=0) * grad).sum(dim=dims, dtype=acc).to(slope.dtype)
+        s = _per_channel(slope, x)
+        pos = (x > 0).to(grad.dtype)
+        d_x = torch.addcmul(pos, 1 - pos, s).mul_(grad)  # exactly 1 or slope, times grad
+        return d_x, d_slope
+
+
+def prelu(x: Tensor, slope: Tensor) -> Tensor:
+    """Per-channel PReLU (dim 1), equal to ``F.prelu`` in value and gradient, faster backward."""
+    if x.dim() < 2 or slope.numel() != x.shape[1]:
+        return F.prelu(x, slope)
+    return _PReLUFn.apply(x, slope)  # type: ignore[no-any-return]
+
+
 class RPReLU(nn.Module):
     """RPReLU (ReActNet): y = PReLU(x - gamma) + zeta with per-channel gamma, slope and zeta."""
 
@@ -56,7 +85,7 @@ class RPReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x - _per_channel(self.gamma, x).to(x.dtype)
-        x = F.prelu(x, self.slope.to(x.dtype))  # x if x >= 0 else slope * x, per channel
+        x = prelu(x, self.slope.to(x.dtype))  # x if x >= 0 else slope * x, per channel
         return x + _per_channel(self.zeta, x).to(x.dtype)
 
 
