@@ -1,12 +1,13 @@
 """Turn a finished training run into a shipped pretrained model and its model card.
 
-    python scripts/make_pretrained.py RUN_DIR --name bcnn_cifar10 \
+    python scripts/make_pretrained.py RUN_DIR --name bcnn_cifar10 [--teacher TEACHER_RUN_DIR] \
         [--data imagefolder:~/.cache/bcnn/cifar10-jpeg/train] [--config configs/bcnn_cifar10.yaml]
 
 Writes src/bcnn/pretrained/NAME.bcnn (packed), src/bcnn/pretrained/NAME.pt (the torch weights,
 for --engine torch) and docs/models/NAME.md (the card). Every figure in the card is measured
-here: validation top-1 with both engines on the run's seeded split (they must agree exactly),
-the summary table, sizes, and batch-1 latency vs the float twin (bcnn bench, one thread).
+here: validation top-1 with both engines on the run's seeded split (they must agree exactly:
+identical logits), the teacher's top-1 on the same split, the summary table, sizes, and batch-1
+latency vs the float twin (bcnn bench, one thread). Wall times come from the runs' metrics.csv.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def main() -> int:
     ap.add_argument("--data", default="imagefolder:~/.cache/bcnn/cifar10-jpeg/train")
     ap.add_argument("--config", default="configs/bcnn_cifar10.yaml")
     ap.add_argument("--command", default=None, help="the training command, for the card")
+    ap.add_argument("--teacher", default=None, help="run dir of the distillation teacher")
+    ap.add_argument("--teacher-config", default="configs/bcnn_cifar10_teacher.yaml")
+    ap.add_argument("--teacher-command", default=None, help="the teacher's training command")
+    ap.add_argument("--machine-note", default="", help="e.g. 'shared with other jobs'")
     args = ap.parse_args()
 
     import bcnn
@@ -59,13 +64,24 @@ def main() -> int:
     packed = pack(model, classes=meta.get("classes"), meta=meta)
     out = np.concatenate([packed(x[i : i + 500]) for i in range(0, len(x), 500)])
     ref_np = ref.numpy()
-    exact = bool(np.allclose(out, ref_np, rtol=1e-4, atol=1e-3)) and bool(
-        (out.argmax(1) == ref_np.argmax(1)).all()
-    )
-    if not exact:
-        print("packed and torch logits disagree: not shipping", file=sys.stderr)
+    max_diff = float(np.abs(out - ref_np).max())
+    same_argmax = bool((out.argmax(1) == ref_np.argmax(1)).all())
+    exact = max_diff == 0.0 and same_argmax
+    if not same_argmax or max_diff > 1e-3:
+        print(f"packed and torch disagree (max |diff| {max_diff}): not shipping", file=sys.stderr)
         return 1
     top1 = float((out.argmax(1) == y).mean())
+    teacher_rows: list[dict[str, str]] = []
+    teacher_top1 = None
+    if args.teacher:
+        tmodel, _ = load_checkpoint(Path(args.teacher) / "final.pt")
+        with torch.no_grad():
+            t_out = torch.cat(
+                [tmodel(torch.from_numpy(x[i : i + 500])) for i in range(0, len(x), 500)]
+            )
+        teacher_top1 = float((t_out.argmax(1).numpy() == y).mean())
+        with open(Path(args.teacher) / "metrics.csv") as f:
+            teacher_rows = list(csv.DictReader(f))
 
     dest = ROOT / "src" / "bcnn" / "pretrained"
     bcnn_path, pt_path = dest / f"{args.name}.bcnn", dest / f"{args.name}.pt"
@@ -80,6 +96,10 @@ def main() -> int:
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     secs = sum(float(r["seconds"]) for r in rows)
+    t_secs = sum(float(r["seconds"]) for r in teacher_rows)
+    where = f"CPU only ({_machine()}, 2 cores, bf16 autocast)" + (
+        f", {args.machine_note}" if args.machine_note else ""
+    )
     per_step: dict[str, int] = {}
     for r in rows:
         per_step[r["step"]] = per_step.get(r["step"], 0) + 1
@@ -100,13 +120,17 @@ def main() -> int:
         ),
         (
             "packed == torch",
-            f"logits allclose (rtol 1e-4, atol 1e-3), identical argmax on all {len(y):,} images",
+            (
+                f"identical logits (max abs difference {max_diff:g}) on all {len(y):,} images"
+                if exact
+                else f"max abs logit difference {max_diff:.2g}, identical argmax on all "
+                f"{len(y):,} images"
+            ),
         ),
         (
             "training",
             f"two steps, {per_step.get('1', 0)} + {per_step.get('2', 0)} epochs, "
-            f"{secs / 60:.0f} min wall time, CPU only ({_machine()}, 2 cores, bf16 autocast), "
-            "shared with other jobs",
+            f"{secs / 60:.0f} min wall time, {where}",
         ),
         (
             "packed size",
@@ -119,7 +143,26 @@ def main() -> int:
             f"{speed['float_ms']:.3f} ms: {speed['speedup_vs_float']:.1f}x",
         ),
     ]
+    if args.teacher:
+        rows_md.insert(
+            4,
+            (
+                "distillation teacher",
+                f"the float twin (`{args.teacher_config}`): {len(teacher_rows)} epochs, "
+                f"{t_secs / 60:.0f} min wall time, same machine; "
+                f"**{100 * (teacher_top1 or 0):.2f}%** top-1 on the same split",
+            ),
+        )
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows_md)
+    teacher_cmd = teacher_cfg = ""
+    if args.teacher:
+        teacher_cmd = (args.teacher_command or f"bcnn train --config {args.teacher_config}") + (
+            "   # the float teacher, first\n"
+        )
+        t_cfg = (Path(args.teacher) / "config.yaml").read_text().strip()
+        teacher_cfg = (
+            f"\nResolved teacher config (`{args.teacher_config}`):\n\n```yaml\n{t_cfg}\n```\n"
+        )
     card = f"""# `{args.name}`: a fully binary CIFAR-10 BCNN
 
 Every matrix op of this network — the first convolution (over bit-planes of the uint8 image),
@@ -143,8 +186,10 @@ bcnn predict {args.name} img.jpg
 Extract `../shared/data/cifar10-train-jpeg.tar.gz` into `~/.cache/bcnn/`, then
 
 ```bash
-{args.command or "bcnn train --config " + args.config}
-python scripts/make_pretrained.py RUN_DIR --name {args.name}
+{teacher_cmd}{args.command or "bcnn train --config " + args.config}
+python scripts/make_pretrained.py RUN_DIR --name {args.name}{
+        " --teacher TEACHER_RUN_DIR" if args.teacher else ""
+    }
 ```
 
 Resolved training config (`{args.config}`):
@@ -152,7 +197,7 @@ Resolved training config (`{args.config}`):
 ```yaml
 {cfg.strip()}
 ```
-
+{teacher_cfg}
 ## Layers
 
 ```
@@ -161,7 +206,12 @@ Resolved training config (`{args.config}`):
 """
     (ROOT / "docs" / "models").mkdir(parents=True, exist_ok=True)
     (ROOT / "docs" / "models" / f"{args.name}.md").write_text(card)
-    print(json.dumps({"val_top1": top1, "n": len(y), "exact": exact, **speed}))
+    print(
+        json.dumps(
+            {"val_top1": top1, "teacher_top1": teacher_top1, "n": len(y), "max_diff": max_diff}
+            | speed
+        )
+    )
     return 0
 
 

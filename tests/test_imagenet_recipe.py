@@ -55,3 +55,33 @@ def test_imagenet_recipe_runs_on_a_tiny_folder(tmp_path: Path) -> None:
         assert (tmp_path / "bcnn" / step / "checkpoint.pt").is_file()
     logits = model(torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8))
     assert logits.shape == (1, 2) and torch.isfinite(logits).all()
+
+
+def test_cifar10_recipe_runs_on_a_tiny_folder(tmp_path: Path) -> None:
+    """configs/bcnn_cifar10{_teacher,}.yaml: the shipped model's recipe, same shrinking."""
+    rng = np.random.default_rng(1)
+    for cls in ("cat", "dog"):
+        d = tmp_path / "data" / cls
+        d.mkdir(parents=True)
+        for i in range(10):
+            img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(img).save(d / f"{i}.png")
+    data = f"imagefolder:{tmp_path / 'data'}"
+    teacher = _cfg("bcnn_cifar10_teacher.yaml", data=data, out=str(tmp_path / "teacher"))
+    assert teacher.model == "bcnn_cifar" and teacher.steps == "float"
+    train(teacher)
+    student = _cfg(
+        "bcnn_cifar10.yaml",
+        data=data,
+        out=str(tmp_path / "bcnn"),
+        teacher=str(tmp_path / "teacher" / "final.pt"),
+        epochs1=None,
+        epochs2=None,
+    )
+    assert student.steps == "1,2" and student.kd_alpha > 0
+    assert student.model_kw == teacher.model_kw  # the teacher is the student's float twin
+    train(student)
+    model, meta = load_checkpoint(tmp_path / "bcnn" / "final.pt")
+    assert model.bcnn_config["binary"] and meta["val_split"] == 0.1 and meta["seed"] == 0
+    logits = model(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
+    assert logits.shape == (3, 2) and torch.isfinite(logits).all()
