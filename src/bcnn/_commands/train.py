@@ -43,6 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bf16 autocast on CPU / AMP on CUDA (auto: CUDA only)",
     )
     p.add_argument("--workers", type=int, default=S, help="DataLoader workers (image files)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=S,
+        help="torch.compile the training forward (CPU: ~1.4x faster steps after ~1 min compiling)",
+    )
     p.add_argument("--save-every", type=int, default=S, help="also checkpoint every N iterations")
     p.add_argument("--init", default=S, help="checkpoint to start step 2 from")
     p.add_argument(

@@ -45,6 +45,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto | on | off (bf16 autocast on CPU, AMP on CUDA)
     workers: int = 2  # DataLoader workers for lazily decoded image folders
+    compile: bool = False  # torch.compile the training forward (eval and checkpoints: eager)
     save_every: int = 0  # also checkpoint every N iterations (0: at epoch ends only)
     init: str | None = None  # checkpoint to initialise step 2 from (default: DIR/step1)
     model_kw: dict[str, Any] = field(default_factory=dict)

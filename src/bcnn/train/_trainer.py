@@ -20,11 +20,12 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..data import Loader, load_splits
 from ..models import create_model, load_checkpoint, save_checkpoint
@@ -254,6 +255,12 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # torch.compile fuses the element-wise ops around the convolutions (same parameters);
+        # evaluation and checkpoints keep using the eager modules.
+        fwd: Callable[[Tensor], Tensor] = torch.compile(net) if cfg.compile else net
+        teacher = self.teacher
+        if teacher is not None and cfg.compile:
+            teacher = torch.compile(teacher)  # type: ignore[assignment]
 
         def save(epoch: int, batch: int, finished: bool) -> None:
             if not self.main:
@@ -306,11 +313,11 @@ class Trainer:
                 for b, (x, y) in enumerate(train_loader.iter_from(b0), start=b0):
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device)
                     with autocast_context(self.device, self.amp):
-                        logits = net(x)
+                        logits = fwd(x)
                         t_logits = None
-                        if self.teacher is not None:
+                        if teacher is not None:
                             with torch.no_grad():
-                                t_logits = self.teacher(x)
+                                t_logits = teacher(x)
                     loss = self.criterion(logits, y, t_logits)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
