@@ -4,6 +4,7 @@
         [--data imagefolder:~/.cache/bcnn/cifar10-jpeg/train] [--config configs/bcnn_cifar10.yaml]
 
 Writes src/bcnn/pretrained/NAME.bcnn (packed), src/bcnn/pretrained/NAME.pt (the torch weights,
+binary latent weights stored as their int8 signs: same outputs, 4x smaller;
 for --engine torch) and docs/models/NAME.md (the card). Every figure in the card is measured
 here: validation top-1 with both engines on the run's seeded split (they must agree exactly:
 identical logits), the teacher's top-1 on the same split, the summary table, sizes, and batch-1
@@ -88,7 +89,7 @@ def main() -> int:
     packed.save(bcnn_path)
     keep = {k: meta[k] for k in ("classes", "data", "val_split", "seed") if k in meta}
     keep["val_top1"] = top1
-    save_checkpoint(pt_path, model, keep)
+    save_checkpoint(pt_path, model, keep, sign_weights=True)  # serving weights: int8 signs
     s = bcnn.summary(model, (model.in_chans, 32, 32), name=args.name)
     sd_bytes = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
     speed = bench_model(str(run / "final.pt"), batch=1, threads=1, repeat=50)
@@ -135,7 +136,8 @@ def main() -> int:
         (
             "packed size",
             f"{size / 1024:.1f} KiB (`.bcnn`) vs {sd_bytes / 1024:.1f} KiB float32 weights: "
-            f"{sd_bytes / size:.1f}x smaller",
+            f"{sd_bytes / size:.1f}x smaller; the torch weights (`.pt`, binary weights as int8 "
+            f"signs) {pt_path.stat().st_size / 1024:.0f} KiB",
         ),
         (
             "batch-1 latency, 1 thread",

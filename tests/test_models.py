@@ -91,6 +91,38 @@ def test_checkpoint_round_trip(tmp_path) -> None:
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_sign_weights_checkpoint_is_smaller_with_the_same_outputs(tmp_path) -> None:
+    model = create_model("bcnn_cifar", num_classes=4, width=16, depth=1).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.blocks[0].conv.weight[0, 0, 0, 0] = 0.0  # sign(0) = +1
+        for m in model.modules():  # BN statistics of real inputs, so the logits vary
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = None
+        model.train()(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8))
+        model.eval()
+    save_checkpoint(tmp_path / "full.pt", model)
+    save_checkpoint(tmp_path / "signs.pt", model, sign_weights=True)
+    sd = torch.load(tmp_path / "signs.pt", weights_only=True)["state_dict"]
+    binary = [k for k in sd if sd[k].dtype == torch.int8]
+    assert "blocks.0.conv.weight" in binary and "head.fc.weight" in binary
+    assert "stem.conv.weight" in binary and "stem.bn.weight" not in binary
+    assert sd["blocks.0.conv.weight"][0, 0, 0, 0] == 1
+    assert all(set(sd[k].unique().tolist()) <= {-1, 1} for k in binary)
+    assert (tmp_path / "signs.pt").stat().st_size < 0.5 * (tmp_path / "full.pt").stat().st_size
+    loaded, _ = load_checkpoint(tmp_path / "signs.pt")
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(model(x), loaded(x)) and model(x).std(0).min() > 0
+    with torch.no_grad():  # negative control: a flipped sign moves the logits
+        loaded.blocks[0].conv.weight.neg_()
+    assert not torch.equal(model(x), loaded(x))
+    twin = create_model("bcnn_cifar", binary=False, width=8, depth=1)
+    save_checkpoint(tmp_path / "twin.pt", twin, sign_weights=True)  # float: nothing to sign
+    sd = torch.load(tmp_path / "twin.pt", weights_only=True)["state_dict"]
+    assert all(v.dtype != torch.int8 for v in sd.values())
+
+
 def test_summary_counts_match_closed_form() -> None:
     m = create_model("bcnn_cifar", num_classes=10, widths=(8,), depths=(1,), in_chans=1)
     s = bcnn.summary(m, (1, 5, 5))
