@@ -36,6 +36,13 @@ def _machine() -> str:
     return platform.processor() or platform.machine()
 
 
+def _out_of(config: str) -> str:
+    """The run directory a committed config writes to (its ``out`` key)."""
+    import yaml
+
+    return str(yaml.safe_load((ROOT / config).read_text()).get("out", "RUN_DIR"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
@@ -189,8 +196,8 @@ Extract `../shared/data/cifar10-train-jpeg.tar.gz` into `~/.cache/bcnn/`, then
 
 ```bash
 {teacher_cmd}{args.command or "bcnn train --config " + args.config}
-python scripts/make_pretrained.py RUN_DIR --name {args.name}{
-        " --teacher TEACHER_RUN_DIR" if args.teacher else ""
+python scripts/make_pretrained.py {_out_of(args.config)} --name {args.name}{
+        " --teacher " + _out_of(args.teacher_config) if args.teacher else ""
     }
 ```
 
