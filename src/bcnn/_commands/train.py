@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         default=S,
-        help="torch.compile the training forward (CPU: ~1.4x faster steps after ~1 min compiling)",
+        help="torch.compile the training forward (measure: scripts/bench_train.py --compile)",
     )
     p.add_argument("--save-every", type=int, default=S, help="also checkpoint every N iterations")
     p.add_argument("--init", default=S, help="checkpoint to start step 2 from")
