@@ -32,6 +32,32 @@ from ._weights import (
 # ------------------------------------------------------------------------------- first layer
 
 
+@njit(inline="always", cache=True, boundscheck=False)
+def _store_tile(  # type: ignore[no-untyped-def]
+    acc, rows, m0, o0, lmax, mode, const, out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+    fma,
+):  # fmt: skip
+    """Write a (rows, lmax) tile of XOR-popcount counts: mode 0 the integer dot products
+    const - 2 * count, else the float affine (+ RPReLU) of them."""
+    for r in range(rows):
+        m = m0 + r
+        base = r * LANES
+        if mode == 0:
+            for l in range(lmax):
+                out_i[m, o0 + l] = const - 2 * acc[base + l]
+        else:
+            for l in range(lmax):
+                o = o0 + l
+                xv = np.float32(const - 2 * acc[base + l])
+                y = _fma32(xv, scale[o], bias[o]) if fma else xv * scale[o] + bias[o]
+                if has_rp:
+                    y = y - rp_g[o]
+                    if y < 0:
+                        y = y * rp_s[o]
+                    y = y + rp_z[o]
+                out_f[m, o] = y
+
+
 @njit(cache=True, boundscheck=False)
 def _stem_codes(x, lutc, codes):  # type: ignore[no-untyped-def]
     """codes[n, y, x, g] = OR_c lutc[c, pixel[n, c, y, x], g]: each pixel's plane bits of
@@ -157,23 +183,8 @@ def _stem_range(  # type: ignore[no-untyped-def]
                                   ooffs, fma)  # fmt: skip
                 continue
             _mk_shift(patch, roffs, wt, wt, 1, blocks, boff, shifts, acc, 0)
-            for r in range(rows):
-                m = m0 + r
-                base = r * LANES
-                if mode == 0:
-                    for l in range(lmax):
-                        out_i[m, o0 + l] = const - 2 * acc[base + l]
-                else:
-                    for l in range(lmax):
-                        o = o0 + l
-                        xv = np.float32(const - 2 * acc[base + l])
-                        y = _fma32(xv, scale[o], bias[o]) if fma else xv * scale[o] + bias[o]
-                        if has_rp:
-                            y = y - rp_g[o]
-                            if y < 0:
-                                y = y * rp_s[o]
-                            y = y + rp_z[o]
-                        out_f[m, o] = y
+            _store_tile(acc, rows, m0, o0, lmax, mode, const, out_i, out_f, scale, bias,
+                        rp_g, rp_s, rp_z, has_rp, fma)  # fmt: skip
 
 
 @njit(cache=True, boundscheck=False)
@@ -304,23 +315,8 @@ def _stem_fast_range(  # type: ignore[no-untyped-def]
                                   ooffs, fma)  # fmt: skip
                 continue
             _mk_shift(patch, roffs, 1, m_, g_, blocks, boff, shifts, acc, 0)
-            for r in range(rows):
-                m = m0 + r
-                base = r * LANES
-                if mode == 0:
-                    for l in range(lmax):
-                        out_i[m, o0 + l] = const - 2 * acc[base + l]
-                else:
-                    for l in range(lmax):
-                        o = o0 + l
-                        xv = np.float32(const - 2 * acc[base + l])
-                        y = _fma32(xv, scale[o], bias[o]) if fma else xv * scale[o] + bias[o]
-                        if has_rp:
-                            y = y - rp_g[o]
-                            if y < 0:
-                                y = y * rp_s[o]
-                            y = y + rp_z[o]
-                        out_f[m, o] = y
+            _store_tile(acc, rows, m0, o0, lmax, mode, const, out_i, out_f, scale, bias,
+                        rp_g, rp_s, rp_z, has_rp, fma)  # fmt: skip
 
 
 @njit(cache=True, boundscheck=False)
