@@ -16,6 +16,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this process created the process group (and tears it down)
 
     @property
     def enabled(self) -> bool:
@@ -34,12 +35,22 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local)
+    return DistInfo(rank, world, local, owns)
+
+
+def close_distributed(info: DistInfo) -> None:
+    """Wait for every rank, then destroy the process group we created. Without it, a rank that
+    exits while another still tears gloo down can abort ("terminate called without an active
+    exception")."""
+    if info.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:

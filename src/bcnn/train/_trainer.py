@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..data import Loader, load_splits
 from ..models import create_model, load_checkpoint, save_checkpoint
 from ._config import TrainConfig
-from ._dist import DistInfo, all_reduce_sum, init_distributed
+from ._dist import DistInfo, all_reduce_sum, close_distributed, init_distributed
 from ._evaluate import autocast_context, evaluate
 from ._losses import DistillationLoss
 from ._metrics import plot_curves, write_metrics_csv
@@ -179,6 +179,7 @@ class Trainer:
             save_checkpoint(self.out / "final.pt", model, meta)
             if self.verbose:
                 print(f"saved {self.out / 'final.pt'}")
+        close_distributed(self.dist)
         return model
 
     def _step2_init(self) -> dict[str, torch.Tensor] | None:
