@@ -191,6 +191,20 @@ def test_float_twin_then_distillation(tmp_path: Path) -> None:
     assert all(torch.equal(sb[k], sc[k]) for k in sb)  # path and module teachers agree
 
 
+def test_init_continues_a_float_run(tmp_path: Path) -> None:
+    """--init starts the first step of any run (here the float twin) from a checkpoint."""
+    a = train(_cfg(tmp_path / "a", steps="float", epochs=1))
+    tiny = dict(steps="float", epochs=1, lr=1e-12, warmup=0.0)
+    b = train(_cfg(tmp_path / "b", init=str(tmp_path / "a" / "final.pt"), **tiny))
+    fresh = train(_cfg(tmp_path / "c", **tiny))  # negative control: no --init
+    pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, fresh))
+    assert all(torch.allclose(pa[k], pb[k], atol=1e-6) for k in pa)
+    assert any(not torch.allclose(pa[k], pc[k], atol=1e-3) for k in pa)
+    train(_cfg(tmp_path / "w", steps="1", epochs=1, model_kw={"width": 16, "depth": 1}))
+    with pytest.raises(ValueError, match="do not fit step float"):
+        train(_cfg(tmp_path / "d", init=str(tmp_path / "w" / "final.pt"), **tiny))
+
+
 def test_zero_val_split_and_bad_config(tmp_path: Path) -> None:
     train(_cfg(tmp_path / "z", val_split=0.0, epochs=1, steps="1"))
     _, meta = load_checkpoint(tmp_path / "z" / "final.pt")

@@ -50,7 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch.compile the training forward (measure: scripts/bench_train.py --compile)",
     )
     p.add_argument("--save-every", type=int, default=S, help="also checkpoint every N iterations")
-    p.add_argument("--init", default=S, help="checkpoint to start step 2 from")
+    p.add_argument(
+        "--init",
+        default=S,
+        help="checkpoint to start the first step from (continue a run; step 2 alone: DIR/step1)",
+    )
     p.add_argument(
         "--model-kw",
         nargs="+",

@@ -47,7 +47,7 @@ class TrainConfig:
     workers: int = 2  # DataLoader workers for lazily decoded image folders
     compile: bool = False  # torch.compile the training forward (eval and checkpoints: eager)
     save_every: int = 0  # also checkpoint every N iterations (0: at epoch ends only)
-    init: str | None = None  # checkpoint to initialise step 2 from (default: DIR/step1)
+    init: str | None = None  # checkpoint to start the first step from (step 2 alone: DIR/step1)
     model_kw: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
     resume: bool = False

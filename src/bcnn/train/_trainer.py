@@ -166,6 +166,8 @@ class Trainer:
         init_state: dict[str, torch.Tensor] | None = None
         if steps == ["2"]:
             init_state = self._step2_init()
+        elif self.cfg.init:
+            init_state = self._load_init(Path(self.cfg.init), steps[0])
         model: nn.Module | None = None
         for step in steps:
             model = self.run_step(step, init_state)
@@ -187,13 +189,19 @@ class Trainer:
             return None  # resuming step 2 itself
         src = Path(self.cfg.init) if self.cfg.init else self.out / "step1" / CHECKPOINT
         if src.exists() or self.cfg.init:
-            m, _ = load_checkpoint(src)
-            if self.verbose:
-                print(f"step 2: initialised from {src}")
-            return m.state_dict()
+            return self._load_init(src, "2")
         if self.verbose:
             print("step 2: no step-1 weights (--init or DIR/step1): starting from scratch")
         return None
+
+    def _load_init(self, src: Path, step: str) -> dict[str, torch.Tensor]:
+        m, _ = load_checkpoint(src)
+        shapes = {k: tuple(v.shape) for k, v in self.build_model(step).state_dict().items()}
+        if {k: tuple(v.shape) for k, v in m.state_dict().items()} != shapes:
+            raise ValueError(f"{src}: its weights do not fit step {step} of {self.cfg.model}")
+        if self.verbose:
+            print(f"step {step}: initialised from {src}")
+        return m.state_dict()
 
     def run_step(self, step: str, init_state: dict[str, torch.Tensor] | None) -> nn.Module:
         cfg = self.cfg
