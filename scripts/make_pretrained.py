@@ -1,14 +1,19 @@
 """Turn a finished training run into a shipped pretrained model and its model card.
 
-    python scripts/make_pretrained.py RUN_DIR --name bcnn_cifar10 [--teacher TEACHER_RUN_DIR] \
-        [--data imagefolder:~/.cache/bcnn/cifar10-jpeg/train] [--config configs/bcnn_cifar10.yaml]
+    python scripts/make_pretrained.py RUN_DIR --name bcnn_cifar10 [--config CONFIG] \
+        [--teacher TEACHER_RUN_DIR --teacher-config CONFIG] [--before CONFIG=RUN_DIR ...] \
+        [--data imagefolder:~/.cache/bcnn/cifar10-jpeg/train]
+
+A recipe may run in stages (a run continued with ``init:``); ``--before`` names each earlier
+stage, in order, as the committed config and the run dir it ran in.
 
 Writes src/bcnn/pretrained/NAME.bcnn (packed), src/bcnn/pretrained/NAME.pt (the torch weights,
 binary latent weights stored as their int8 signs: same outputs, 4x smaller;
 for --engine torch) and docs/models/NAME.md (the card). Every figure in the card is measured
 here: validation top-1 with both engines on the run's seeded split (they must agree exactly:
-identical logits), the teacher's top-1 on the same split, the summary table, sizes, and batch-1
-latency vs the float twin (bcnn bench, one thread). Wall times come from the runs' metrics.csv.
+identical logits), every stage's and the teacher's top-1 on the same split (float32), the
+summary table, sizes, and batch-1 latency vs the float twin (bcnn bench, one thread). Epochs and
+wall times come from the runs' metrics.csv.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,10 +55,15 @@ def main() -> int:
     ap.add_argument("--name", default="bcnn_cifar10")
     ap.add_argument("--data", default="imagefolder:~/.cache/bcnn/cifar10-jpeg/train")
     ap.add_argument("--config", default="configs/bcnn_cifar10.yaml")
-    ap.add_argument("--command", default=None, help="the training command, for the card")
     ap.add_argument("--teacher", default=None, help="run dir of the distillation teacher")
     ap.add_argument("--teacher-config", default="configs/bcnn_cifar10_teacher.yaml")
-    ap.add_argument("--teacher-command", default=None, help="the teacher's training command")
+    ap.add_argument(
+        "--before",
+        action="append",
+        default=[],
+        metavar="CONFIG=RUN_DIR",
+        help="an earlier stage of the recipe, in order (repeat)",
+    )
     ap.add_argument("--machine-note", default="", help="e.g. 'shared with other jobs'")
     args = ap.parse_args()
 
@@ -67,11 +78,16 @@ def main() -> int:
     meta = {**meta, "data": args.data}
     ds = load_dataset(args.data, "val", val_split=meta["val_split"], seed=meta["seed"])
     x, y = ds.images.numpy(), ds.labels.numpy()
-    with torch.no_grad():
-        ref = torch.cat([model(torch.from_numpy(x[i : i + 500])) for i in range(0, len(x), 500)])
+
+    def logits(m: torch.nn.Module) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat(
+                [m(torch.from_numpy(x[i : i + 500])) for i in range(0, len(x), 500)]
+            ).numpy()
+
+    ref_np = logits(model)
     packed = pack(model, classes=meta.get("classes"), meta=meta)
     out = np.concatenate([packed(x[i : i + 500]) for i in range(0, len(x), 500)])
-    ref_np = ref.numpy()
     max_diff = float(np.abs(out - ref_np).max())
     same_argmax = bool((out.argmax(1) == ref_np.argmax(1)).all())
     exact = max_diff == 0.0 and same_argmax
@@ -79,17 +95,23 @@ def main() -> int:
         print(f"packed and torch disagree (max |diff| {max_diff}): not shipping", file=sys.stderr)
         return 1
     top1 = float((out.argmax(1) == y).mean())
-    teacher_rows: list[dict[str, str]] = []
-    teacher_top1 = None
+
+    # Every stage of the recipe, in training order: float teachers first, then the binary runs.
+    stages = [_stage(*b.split("=", 1)) for b in args.before]
     if args.teacher:
-        tmodel, _ = load_checkpoint(Path(args.teacher) / "final.pt")
-        with torch.no_grad():
-            t_out = torch.cat(
-                [tmodel(torch.from_numpy(x[i : i + 500])) for i in range(0, len(x), 500)]
+        stages.append(_stage(args.teacher_config, args.teacher))
+    stages.append(_stage(args.config, args.run))
+    stages.sort(key=lambda st: not st["float"])  # stable: keeps the order within each kind
+    for st in stages:
+        st["top1"] = (
+            top1
+            if Path(st["run"]) == run
+            else float(
+                (logits(load_checkpoint(Path(st["run"]) / "final.pt")[0]).argmax(1) == y).mean()
             )
-        teacher_top1 = float((t_out.argmax(1).numpy() == y).mean())
-        with open(Path(args.teacher) / "metrics.csv") as f:
-            teacher_rows = list(csv.DictReader(f))
+        )
+    teachers = [st for st in stages if st["float"]]
+    students = [st for st in stages if not st["float"]]
 
     dest = ROOT / "src" / "bcnn" / "pretrained"
     bcnn_path, pt_path = dest / f"{args.name}.bcnn", dest / f"{args.name}.pt"
@@ -101,18 +123,14 @@ def main() -> int:
     sd_bytes = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
     speed = bench_model(str(run / "final.pt"), batch=1, threads=1, repeat=50)
 
-    with open(run / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    secs = sum(float(r["seconds"]) for r in rows)
-    t_secs = sum(float(r["seconds"]) for r in teacher_rows)
     where = f"CPU only ({_machine()}, 2 cores, bf16 autocast)" + (
         f", {args.machine_note}" if args.machine_note else ""
     )
-    per_step: dict[str, int] = {}
-    for r in rows:
-        per_step[r["step"]] = per_step.get(r["step"], 0) + 1
-    cfg_file = run / "config.yaml"
-    cfg = cfg_file.read_text() if cfg_file.is_file() else json.dumps(meta.get("config"), indent=1)
+
+    def epochs(sts: list[dict[str, Any]], step: str) -> str:
+        return " + ".join(str(st["epochs"][step]) for st in sts if st["epochs"].get(step))
+
+    mins = lambda sts: sum(st["secs"] for st in sts) / 60  # noqa: E731
     d = s.to_dict()
     size = bcnn_path.stat().st_size
     rows_md = [
@@ -137,8 +155,8 @@ def main() -> int:
         ),
         (
             "training",
-            f"two steps, {per_step.get('1', 0)} + {per_step.get('2', 0)} epochs, "
-            f"{secs / 60:.0f} min wall time, {where}",
+            f"two steps: step 1 {epochs(students, '1') or 0} epochs, step 2 "
+            f"{epochs(students, '2') or 0} epochs; {mins(students):.0f} min wall time, {where}",
         ),
         (
             "packed size",
@@ -152,26 +170,37 @@ def main() -> int:
             f"{speed['float_ms']:.3f} ms: {speed['speedup_vs_float']:.1f}x",
         ),
     ]
-    if args.teacher:
+    if teachers:
         rows_md.insert(
             4,
             (
                 "distillation teacher",
-                f"the float twin (`{args.teacher_config}`): {len(teacher_rows)} epochs, "
-                f"{t_secs / 60:.0f} min wall time, same machine; "
-                f"**{100 * (teacher_top1 or 0):.2f}%** top-1 on the same split",
+                f"the float twin: {epochs(teachers, 'float')} epochs, {mins(teachers):.0f} min "
+                f"wall time, same machine; **{100 * teachers[-1]['top1']:.2f}%** top-1 on the "
+                "same split",
             ),
         )
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows_md)
-    teacher_cmd = teacher_cfg = ""
+    stage_md = "| # | config | trains | epochs | wall time | top-1 on the split |\n"
+    stage_md += "|---|---|---|---|---|---|\n" + "\n".join(
+        f"| {i} | `{st['config']}` | "
+        + ("float twin (teacher)" if st["float"] else f"binary, step {'+'.join(st['epochs'])}")
+        + ("" if not st["init"] else ", continued")
+        + f" | {sum(st['epochs'].values())} | {st['secs'] / 60:.0f} min | {100 * st['top1']:.2f}% |"
+        for i, st in enumerate(stages, 1)
+    )
+    commands = "\n".join(f"bcnn train --config {st['config']}" for st in stages)
+    script = f"python scripts/make_pretrained.py {_out_of(args.config)} --name {args.name}"
+    script += f" \\\n    --config {args.config}"
     if args.teacher:
-        teacher_cmd = (args.teacher_command or f"bcnn train --config {args.teacher_config}") + (
-            "   # the float teacher, first\n"
-        )
-        t_cfg = (Path(args.teacher) / "config.yaml").read_text().strip()
-        teacher_cfg = (
-            f"\nResolved teacher config (`{args.teacher_config}`):\n\n```yaml\n{t_cfg}\n```\n"
-        )
+        script += f" --teacher {_out_of(args.teacher_config)}"
+        script += f" --teacher-config {args.teacher_config}"
+    for b in args.before:
+        c = b.split("=", 1)[0]
+        script += f" \\\n    --before {c}={_out_of(c)}"
+    resolved = "\n".join(
+        f"\n`{st['config']}` (resolved, as run):\n\n```yaml\n{st['cfg']}\n```" for st in stages
+    )
     card = f"""# `{args.name}`: a fully binary CIFAR-10 BCNN
 
 Every matrix op of this network — the first convolution (over bit-planes of the uint8 image),
@@ -191,22 +220,22 @@ bcnn predict {args.name} img.jpg
 
 {table}
 
+## Recipe
+The stages, in training order (a "continued" stage starts from the previous stage's weights,
+`init:` in its config, with a fresh schedule). Top-1 is the float32 evaluation of each stage's
+final weights on the same {len(y):,}-image split, measured by the script that wrote this card.
+
+{stage_md}
+
 ## Reproduce
 Extract `../shared/data/cifar10-train-jpeg.tar.gz` into `~/.cache/bcnn/`, then
 
 ```bash
-{teacher_cmd}{args.command or "bcnn train --config " + args.config}
-python scripts/make_pretrained.py {_out_of(args.config)} --name {args.name}{
-        " --teacher " + _out_of(args.teacher_config) if args.teacher else ""
-    }
+{commands}
+{script}
 ```
+{resolved}
 
-Resolved training config (`{args.config}`):
-
-```yaml
-{cfg.strip()}
-```
-{teacher_cfg}
 ## Layers
 
 ```
@@ -215,13 +244,32 @@ Resolved training config (`{args.config}`):
 """
     (ROOT / "docs" / "models").mkdir(parents=True, exist_ok=True)
     (ROOT / "docs" / "models" / f"{args.name}.md").write_text(card)
-    print(
-        json.dumps(
-            {"val_top1": top1, "teacher_top1": teacher_top1, "n": len(y), "max_diff": max_diff}
-            | speed
-        )
-    )
+    summary = {"val_top1": top1, "n": len(y), "max_diff": max_diff}
+    summary["stages"] = {st["config"]: st["top1"] for st in stages}
+    print(json.dumps(summary | speed))
     return 0
+
+
+def _stage(config: str, run: str) -> dict[str, Any]:
+    """One training stage: its committed config, the run dir it ran in, and its metrics."""
+    import yaml
+
+    d = Path(run).expanduser()
+    cfg = (d / "config.yaml").read_text().strip()
+    with open(d / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    per_step: dict[str, int] = {}
+    for r in rows:
+        per_step[r["step"]] = per_step.get(r["step"], 0) + 1
+    return {
+        "config": config,
+        "run": str(d),
+        "cfg": cfg,
+        "float": list(per_step) == ["float"],
+        "init": bool(yaml.safe_load(cfg).get("init")),
+        "epochs": per_step,
+        "secs": sum(float(r["seconds"]) for r in rows),
+    }
 
 
 if __name__ == "__main__":
