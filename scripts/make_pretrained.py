@@ -66,6 +66,9 @@ def main() -> int:
     )
     ap.add_argument("--machine-note", default="", help="e.g. 'shared with other jobs'")
     args = ap.parse_args()
+    for b in args.before:
+        if "=" not in b or not (Path(b.split("=", 1)[1]).expanduser() / "metrics.csv").is_file():
+            ap.error(f"--before {b}: expected CONFIG=RUN_DIR of a finished run")
 
     import bcnn
     from bcnn._commands._bench_model import bench_model

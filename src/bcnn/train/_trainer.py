@@ -166,7 +166,9 @@ class Trainer:
         init_state: dict[str, torch.Tensor] | None = None
         if steps == ["2"]:
             init_state = self._step2_init()
-        elif self.cfg.init:
+        elif self.cfg.init and not (
+            self.cfg.resume and (self.out / _step_dir(steps[0]) / CHECKPOINT).exists()
+        ):  # a resumed run continues from its own checkpoint instead
             init_state = self._load_init(Path(self.cfg.init), steps[0])
         model: nn.Module | None = None
         for step in steps:
