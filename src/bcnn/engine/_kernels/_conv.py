@@ -39,6 +39,18 @@ from ._weights import (
 _MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD, _MODE_AFFINE_FMA = 0, 1, 2, 3
 
 
+@njit(inline="always", cache=True, boundscheck=False)
+def _affine_rp(x, o, scale, bias, rp_g, rp_s, rp_z, has_rp, fma):  # type: ignore[no-untyped-def]
+    """One channel's scalar float epilogue: x * scale + bias (one rounding with fma), then
+    RPReLU when has_rp. Shared by the conv and stem kernels' partial tiles."""
+    y = _fma32(x, scale[o], bias[o]) if fma else x * scale[o] + bias[o]
+    if has_rp:
+        y = y - rp_g[o]
+        y = y * rp_s[o] if y < 0 else y
+        y = y + rp_z[o]
+    return y
+
+
 @njit(cache=True, boundscheck=False)
 def _epilogue(  # type: ignore[no-untyped-def]
     acc, rows, m0, o0, lmax, nbits, mode, out_i, out_f, out_b, ob,
@@ -80,11 +92,7 @@ def _epilogue(  # type: ignore[no-untyped-def]
                 for l in range(lmax):
                     o = o0 + l
                     x = np.float32(nbits - 2 * acc[base + l])
-                    y = _fma32(x, scale[o], bias[o]) if fma else x * scale[o] + bias[o]
-                    if has_rp:
-                        y = y - rp_g[o]
-                        y = y * rp_s[o] if y < 0 else y
-                        y = y + rp_z[o]
+                    y = _affine_rp(x, o, scale, bias, rp_g, rp_s, rp_z, has_rp, fma)
                     if has_res:
                         y = res[m, o % cr] + y
                     out_f[m, o] = y

@@ -14,10 +14,11 @@ from ._conv import (
     _MODE_AFFINE,
     _MODE_AFFINE_FMA,
     _MODE_INT,
+    _affine_rp,
     _chunks,
     _out_hw,
 )
-from ._llvm import LANES, MR, _fma32, _mk_shift, _mkf_shift_affine, _mkf_shift_int, _mkf_shift_rp
+from ._llvm import LANES, MR, _mk_shift, _mkf_shift_affine, _mkf_shift_int, _mkf_shift_rp
 from ._weights import (
     PreparedStem,
     _blocks_from_rows,
@@ -47,15 +48,10 @@ def _store_tile(  # type: ignore[no-untyped-def]
                 out_i[m, o0 + l] = const - 2 * acc[base + l]
         else:
             for l in range(lmax):
-                o = o0 + l
                 xv = np.float32(const - 2 * acc[base + l])
-                y = _fma32(xv, scale[o], bias[o]) if fma else xv * scale[o] + bias[o]
-                if has_rp:
-                    y = y - rp_g[o]
-                    if y < 0:
-                        y = y * rp_s[o]
-                    y = y + rp_z[o]
-                out_f[m, o] = y
+                out_f[m, o0 + l] = _affine_rp(
+                    xv, o0 + l, scale, bias, rp_g, rp_s, rp_z, has_rp, fma
+                )
 
 
 @njit(cache=True, boundscheck=False)
