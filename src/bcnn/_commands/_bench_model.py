@@ -32,9 +32,12 @@ def bench_model(
     repeat: int = 30,
     warmup: int = 5,
     size: tuple[int, int] | None = None,
+    concurrency: int | None = None,
 ) -> dict[str, Any]:
     """spec: a registered model name (random weights), a checkpoint, or a .bcnn file (then
-    only the packed engine is timed unless its source config names a registered model)."""
+    only the packed engine is timed unless its source config names a registered model).
+    ``concurrency``: also the calls/s of that many threads sharing the packed model, next to
+    one thread's (:func:`._bench_concurrency.bench_concurrency`)."""
     from pathlib import Path
 
     import numpy as np
@@ -45,6 +48,8 @@ def bench_model(
 
     if batch < 1 or threads < 1 or repeat < 1:
         raise ValueError("batch, threads and repeat must be >= 1")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
     binary: Any = None
     config: dict[str, Any]
     if spec in list_models():
@@ -55,14 +60,17 @@ def bench_model(
         packed = load_any(spec)
         config = packed.graph.get("source") or {}
         if Path(spec).suffix != ".bcnn":
-            from ..models import load_checkpoint
+            from ..models import load_checkpoint, pretrained_checkpoint
 
-            binary, _ = load_checkpoint(spec)
+            # a pretrained name times its shipped torch checkpoint too, when there is one
+            ckpt = spec if Path(spec).exists() else pretrained_checkpoint(spec)
+            if ckpt is not None:
+                binary, _ = load_checkpoint(ckpt)
     h, w = size or packed.input_size or (32, 32)
     x = np.random.default_rng(0).integers(0, 256, (batch, packed.in_channels, h, w), np.uint8)
     prev_torch = torch.get_num_threads()
     torch.set_num_threads(threads)
-    set_num_threads(threads)
+    prev_engine = set_num_threads(threads)
     try:
         res: dict[str, Any] = {
             "model": spec,
@@ -94,6 +102,11 @@ def bench_model(
         for k in ("packed_ms", "float_ms", "torch_binary_ms"):
             if k in res:
                 res[k] = round(res[k], 4)
+        if concurrency is not None:
+            from ._bench_concurrency import bench_concurrency
+
+            res.update(bench_concurrency(packed, x, concurrency))
     finally:
         torch.set_num_threads(prev_torch)
+        set_num_threads(prev_engine)
     return res

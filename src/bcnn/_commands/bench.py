@@ -1,4 +1,4 @@
-"""bcnn bench MODEL [--batch N] [--threads T] [--json]
+"""bcnn bench MODEL [--batch N] [--threads T] [--concurrency T] [--json]
 bcnn bench --layer conv3x3|conv1x1|linear --channels C --size S [--batch N] [--threads T]
            [--wbits W --abits A] [--json]"""
 
@@ -18,6 +18,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="threads for both engines (default 1)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="T",
+        help="also report calls/s of T threads sharing the packed model next to one thread's "
+        "(same run; keep --threads 1, see docs/serving.md)",
+    )
     p.add_argument("--repeat", type=int, default=30, help="timed runs (median reported)")
     p.add_argument(
         "--size", type=int, nargs="+", metavar="N", help="input size: H W (or S for S x S)"
@@ -68,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.layer is not None:
         if args.model is not None:
             raise ValueError("give either MODEL or --layer, not both")
+        if args.concurrency is not None:
+            raise ValueError("--concurrency times a whole MODEL, not a --layer")
         return _run_layer(args)
     if args.model is None:
         raise ValueError("give a MODEL to benchmark, or --layer")
@@ -82,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         repeat=args.repeat,
         size=(args.size[0], args.size[-1]) if args.size else None,
+        concurrency=args.concurrency,
     )
     if args.json:
         print_json(res)

@@ -119,7 +119,7 @@ def reference_conv(
 
 
 # ------------------------------------------------------------------ numba kernels
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _code(v, lo, hi, signed, hint):  # type: ignore[no-untyped-def]
     """Plane code of v = (x + b) / step (float32): clamp, round as torch, -> int64."""
     if v < lo:
@@ -134,7 +134,7 @@ def _code(v, lo, hi, signed, hint):  # type: ignore[no-untyped-def]
     return c if v == v else np.int64(0)  # NaN: no grid point -> code 0
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _codes_cl(x, bias, step, lo, hi, signed, hint, codes):  # type: ignore[no-untyped-def]
     """x float32 (N, P, C) channels-last -> codes uint8 (N, P, Cpad)."""
     n, p, c = x.shape
@@ -145,7 +145,7 @@ def _codes_cl(x, bias, step, lo, hi, signed, hint, codes):  # type: ignore[no-un
                 codes[b, i, ch] = np.uint8(_code(v, lo, hi, signed, hint))
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _qpack_cf(x, bias, step, lo, hi, signed, hint, bits, tmp, out):  # type: ignore[no-untyped-def]
     """x float32 (N, C, P) channels-first -> out uint64 (bits*N, P, Cw), through tmp uint64
     (bits, Cw, P): the inner loop runs over contiguous pixels (vectorized) for each channel."""
@@ -187,7 +187,7 @@ def _qpack_cf(x, bias, step, lo, hi, signed, hint, bits, tmp, out):  # type: ign
                     out[j * n + b, i, w] = tmp[j, w, i]
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _pack_codes(codes, bits, out):  # type: ignore[no-untyped-def]
     """codes uint8 (N, P, 64*Cw) -> out uint64 (bits*N, P, Cw): bit c of word w of plane j is
     bit j of codes[..., 64*w + c]."""
@@ -204,7 +204,7 @@ def _pack_codes(codes, bits, out):  # type: ignore[no-untyped-def]
                     out[j * n + b, i, w] = acc
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _combine(r, nact, n, nw, o, shift0, signed, amax, wsum, affine, scale, bias, out):  # type: ignore[no-untyped-def]
     """r int32 (nact*n, P, nw*o) -> out float32 (n, P, o):
     sum_j sum_i 2^(i + j + shift0) r[j*n + b, p, i*o + c]; unsigned: (amax*wsum[c] - s) / 2;

@@ -8,12 +8,16 @@ Float arithmetic follows torch's eval-mode order step by step (batch norm as
 fma(x, alpha, beta), computed in float64 then rounded once to float32), so that the residual
 stream matches the torch model closely and the signs that read it agree.
 
-A plan (buffers + bound steps) is built once per input shape and reused.
+A plan (buffers + bound steps) is built once per input shape and reused. Plans hold working
+buffers, so a plan serves one call at a time: concurrent calls on one model each check out a plan
+of their own from the model's pool (see :meth:`PackedModel.__call__` and docs/serving.md).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -195,7 +199,8 @@ class _Plan:
             else:
                 b.array = np.zeros((n, b.channels), np.float32)
         self.bufs = bufs
-        self.precision = model._precision  # read at run time by the k-bit ops
+        # read at run time by the k-bit ops; the model copies its setting in before each call
+        self.precision: dict[str, int | None] = dict(model._precision)
         self.steps: list[Callable[[np.ndarray], None]] = [self._bind(op, t) for op in ops]
         self.output = bufs[g["output"]]
 
@@ -389,8 +394,17 @@ class PackedModel:
         self.graph = graph
         self.tensors = tensors
         self.backend = backend
-        self._plans: dict[tuple[int, ...], Any] = {}
+        # idle plans per input shape (most recently used last); a call checks one out and
+        # returns it, so concurrent calls never share working buffers
+        self._plans: OrderedDict[tuple[int, ...], list[Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        # replaced as a whole (never mutated) so that a call reads one consistent setting
         self._precision: dict[str, int | None] = {"weight_bits": None}
+
+    # at most this many input shapes keep plans, and this many idle plans per shape (one per
+    # thread that called concurrently; more are dropped when returned)
+    MAX_SHAPES = 4
+    MAX_IDLE_PLANS = 8
 
     def set_precision(self, *, weight_bits: int | None = None) -> int | None:
         """Run k-bit weight layers with only their ``weight_bits`` highest bit-planes (the
@@ -398,7 +412,8 @@ class PackedModel:
         d = k - weight_bits lowest planes: W' = sum_{i >= d} 2^i s_i (the dropped part is in
         [-(2^d - 1), 2^d - 1]) with the same output scale step_x * step_w; layers of at most
         weight_bits bits are unchanged. ``None`` restores full precision. Returns the previous
-        setting."""
+        setting. Safe while other threads call the model: a call runs entirely at the setting
+        it started with."""
         if weight_bits is not None and (
             isinstance(weight_bits, bool) or not isinstance(weight_bits, int)
         ):
@@ -406,7 +421,7 @@ class PackedModel:
         if weight_bits is not None and not 1 <= weight_bits <= 8:
             raise ValueError(f"weight_bits must be in 1..8 or None, got {weight_bits}")
         prev = self._precision["weight_bits"]
-        self._precision["weight_bits"] = weight_bits
+        self._precision = {"weight_bits": weight_bits}
         return prev
 
     @property
@@ -456,19 +471,38 @@ class PackedModel:
         if x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"empty images: shape {x.shape}")
         key = tuple(int(d) for d in x.shape)
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) >= 4:
-                self._plans.clear()
-            shape = (key[0], key[1], key[2], key[3])
-            if self.backend == "numba":
-                from ._fastplan import _FastPlan
+        plan = self._checkout(key)
+        try:
+            plan.precision.update(self._precision)
+            return plan(np.ascontiguousarray(x))  # type: ignore[no-any-return]
+        finally:
+            self._checkin(key, plan)
 
-                plan = _FastPlan(self, shape)
+    def _checkout(self, key: tuple[int, ...]) -> Any:
+        """An idle plan for this input shape, or a new one (built outside the lock)."""
+        with self._lock:
+            idle = self._plans.get(key)
+            if idle:
+                self._plans.move_to_end(key)
+                return idle.pop()
+        shape = (key[0], key[1], key[2], key[3])
+        if self.backend == "numba":
+            from ._fastplan import _FastPlan
+
+            return _FastPlan(self, shape)
+        return _Plan(self, shape)
+
+    def _checkin(self, key: tuple[int, ...], plan: Any) -> None:
+        with self._lock:
+            idle = self._plans.get(key)
+            if idle is None:
+                while len(self._plans) >= self.MAX_SHAPES:
+                    self._plans.popitem(last=False)
+                idle = self._plans[key] = []
             else:
-                plan = _Plan(self, shape)
-            self._plans[key] = plan
-        return plan(np.ascontiguousarray(x))
+                self._plans.move_to_end(key)
+            if len(idle) < self.MAX_IDLE_PLANS:
+                idle.append(plan)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a .bcnn file atomically (see docs/format.md)."""

@@ -66,6 +66,7 @@ class _FastPlan:
 
         self.K = K
         self.ref = _Plan(model, shape)  # shapes, checks, and the fallback
+        self.precision = self.ref.precision  # the k-bit fallback ops read it at run time
         self.t = model.tensors
         self.steps: list[Callable[[dict[str, np.ndarray], np.ndarray], None]] = []
         ops = model.graph["ops"]

@@ -16,7 +16,7 @@ from numba import njit
 __all__ = ["fused_epilogue", "fused_head"]
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def fused_epilogue(
     acc, pre, has_pre, cb, has_cb, al, be, has_bn, g, sl, z, has_rp, res, has_res, out
 ):  # type: ignore[no-untyped-def]
@@ -50,7 +50,7 @@ def fused_epilogue(
                     y[o0 + c] = r[c] + y[o0 + c]
 
 
-@njit(cache=True, boundscheck=False, inline="always")
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
 def _popcount64(v):  # type: ignore[no-untyped-def]
     v = v - ((v >> np.uint64(1)) & np.uint64(0x5555555555555555))
     v = (v & np.uint64(0x3333333333333333)) + ((v >> np.uint64(2)) & np.uint64(0x3333333333333333))
@@ -58,7 +58,7 @@ def _popcount64(v):  # type: ignore[no-untyped-def]
     return np.int64((v * np.uint64(0x0101010101010101)) >> np.uint64(56))
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def fused_head(h, neg, w, nbits, scale, bias, out, bits, acc):  # type: ignore[no-untyped-def]
     """The classifier head in one call: h float32 (N, P, C) -> out float32 (N, O).
 

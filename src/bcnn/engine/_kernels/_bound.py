@@ -32,7 +32,7 @@ from ._stem import _fast_stem, _run_stem, _stem_fast_into
 from ._weights import PreparedStem, PreparedWeights, _vec, _words
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _conv_serial_pack(  # type: ignore[no-untyped-def]
     ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
@@ -140,7 +140,7 @@ def bind_conv_affine(
     return run
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _stem_fast_pack(  # type: ignore[no-untyped-def]
     x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
@@ -237,7 +237,7 @@ def bind_pack_sign_padded(
     return run
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _avgpool_pack(h, out, pk_bias, pk_out, pk_pad, do_pack):  # type: ignore[no-untyped-def]
     _avgpool2(h, out)
     if do_pack:

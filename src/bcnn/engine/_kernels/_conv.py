@@ -39,7 +39,7 @@ from ._weights import (
 _MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD, _MODE_AFFINE_FMA = 0, 1, 2, 3
 
 
-@njit(inline="always", cache=True, boundscheck=False)
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _affine_rp(x, o, scale, bias, rp_g, rp_s, rp_z, has_rp, fma):  # type: ignore[no-untyped-def]
     """One channel's scalar float epilogue: x * scale + bias (one rounding with fma), then
     RPReLU when has_rp. Shared by the conv and stem kernels' partial tiles."""
@@ -51,7 +51,7 @@ def _affine_rp(x, o, scale, bias, rp_g, rp_s, rp_z, has_rp, fma):  # type: ignor
     return y
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _epilogue(  # type: ignore[no-untyped-def]
     acc, rows, m0, o0, lmax, nbits, mode, out_i, out_f, out_b, ob,
     scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
@@ -106,7 +106,7 @@ def _epilogue(  # type: ignore[no-untyped-def]
             out_b[m, ob] = np.uint32(word)
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _conv_range(  # type: ignore[no-untyped-def]
     t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
@@ -194,7 +194,7 @@ def _conv_range(  # type: ignore[no-untyped-def]
                 )  # fmt: skip
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _pad_bits(x, pad):  # type: ignore[no-untyped-def]
     """One-padding of packed bits: a zero border (bit 0 = +1)."""
     if pad == 0:
@@ -209,7 +209,7 @@ def _pad_bits(x, pad):  # type: ignore[no-untyped-def]
     return xp
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _conv_serial(  # type: ignore[no-untyped-def]
     ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
@@ -221,7 +221,7 @@ def _conv_serial(  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
-@njit(cache=True, boundscheck=False, parallel=True)
+@njit(nogil=True, cache=True, boundscheck=False, parallel=True)
 def _conv_parallel(  # type: ignore[no-untyped-def]
     nchunks, ntiles, nsplit, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
@@ -381,11 +381,12 @@ def _run_conv(
     nsplit = _split(ntiles, nob)
     chunks = _chunks(ntiles * nsplit, ntiles * _MB * nob * wk)
     if chunks:
-        prev = numba.set_parallel_chunksize(1)  # dynamic: an idle thread takes the next chunk
-        try:
-            _conv_parallel(chunks, ntiles, nsplit, *args)
-        finally:
-            numba.set_parallel_chunksize(prev)
+        with _threads.parallel_launch():  # one parallel region at a time
+            prev = numba.set_parallel_chunksize(1)  # dynamic: an idle thread takes the next chunk
+            try:
+                _conv_parallel(chunks, ntiles, nsplit, *args)
+            finally:
+                numba.set_parallel_chunksize(prev)
     else:
         _conv_serial(ntiles, *args)
     if mode == _MODE_INT:

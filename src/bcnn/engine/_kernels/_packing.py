@@ -11,7 +11,7 @@ from ._weights import _pack_bool_rows, _unpack_bool_rows, _vec, _words
 # ---------------------------------------------------------------------------- packing kernels
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _pack_rows(x, bias, out):  # type: ignore[no-untyped-def]
     """out[m, j] bit i = (x[m, 64j+i] + bias[64j+i]) < 0 (float32)."""
     m_, c_ = x.shape
@@ -29,7 +29,7 @@ def _pack_rows(x, bias, out):  # type: ignore[no-untyped-def]
             out[m, full] = w
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _pack_nchw(x, bias, out):  # type: ignore[no-untyped-def]
     """x (N, C, P) float32 -> out (N, P, Cw): bit = x + bias[c] < 0, by blocks of pixels
     (vector loads along the pixels of each channel, 64 or 16 pixels per block), scalar for
@@ -57,7 +57,7 @@ def _pack_nchw(x, bias, out):  # type: ignore[no-untyped-def]
                 out[n, p, j] = w
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _pack_thr_rows(x, thr, flip, fwords, out):  # type: ignore[no-untyped-def]
     """bit = (x > thr[c]) if flip[c] else (x < thr[c]); fwords: flip packed as bits."""
     m_, c_ = x.shape
@@ -77,7 +77,7 @@ def _pack_thr_rows(x, thr, flip, fwords, out):  # type: ignore[no-untyped-def]
             out[m, full] = w
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _pack_rows_padded(x, bias, out, pad):  # type: ignore[no-untyped-def]
     """x (N, H, W, C) float32 -> the interior of out (N, H + 2*pad, W + 2*pad, Cw), bits as
     :func:`_pack_rows`; the border of ``out`` is left as it is (zero: one-padding)."""

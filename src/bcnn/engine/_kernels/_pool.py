@@ -11,7 +11,7 @@ from ._weights import _check_packed
 # ----------------------------------------------------------------------------------- pooling
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _maxpool_bits(x, k, stride, pad, out):  # type: ignore[no-untyped-def]
     n_, h, w, cw = x.shape
     _, ho, wo, _ = out.shape
@@ -50,7 +50,7 @@ def maxpool_packed(
     return out
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _avgpool2(h, out):  # type: ignore[no-untyped-def]
     n_, hh, ww, c_ = h.shape
     _, ho, wo, _ = out.shape
@@ -88,7 +88,7 @@ def avgpool2x2(h: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _gap(h, out):  # type: ignore[no-untyped-def]
     n_, p_, c_ = h.shape
     acc = np.empty(c_, np.float64)

@@ -33,7 +33,7 @@ from ._weights import (
 # ------------------------------------------------------------------------------- first layer
 
 
-@njit(inline="always", cache=True, boundscheck=False)
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _store_tile(  # type: ignore[no-untyped-def]
     acc, rows, m0, o0, lmax, mode, const, out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
     fma,
@@ -54,7 +54,7 @@ def _store_tile(  # type: ignore[no-untyped-def]
                 )
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _stem_codes(x, lutc, codes):  # type: ignore[no-untyped-def]
     """codes[n, y, x, g] = OR_c lutc[c, pixel[n, c, y, x], g]: each pixel's plane bits of
     group g, channel-major (bit c*gp + p; lutc holds lut[g, v] << (c*gp))."""
@@ -73,7 +73,7 @@ def _stem_codes(x, lutc, codes):  # type: ignore[no-untyped-def]
                         row[g] |= lc[g]
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _stem_rows(codes, cg, kw, stride, pad, wo, rows):  # type: ignore[no-untyped-def]
     """rows[n, y, ox, g] = OR_kx codes[n, y, ox*stride - pad + kx, g] << (kx * cg): the bits
     of one kernel row of the patch of output column ox (needs kw * cg <= 64)."""
@@ -91,7 +91,7 @@ def _stem_rows(codes, cg, kw, stride, pad, wo, rows):  # type: ignore[no-untyped
                             rows[n, y, ox, g] |= codes[n, y, ix, g] << sh
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _put_bits(patch, r, k, off, v, nbits):  # type: ignore[no-untyped-def]
     """OR the low nbits of v into patch row r at word k, bit offset off (may cross a word)."""
     patch[r, k] |= v << np.uint64(off)
@@ -99,7 +99,7 @@ def _put_bits(patch, r, k, off, v, nbits):  # type: ignore[no-untyped-def]
         patch[r, k + 1] |= v >> np.uint64(64 - off)
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _stem_range(  # type: ignore[no-untyped-def]
     t0, t1, codes, rowc, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const, o_, mode,
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
@@ -183,7 +183,7 @@ def _stem_range(  # type: ignore[no-untyped-def]
                         rp_g, rp_s, rp_z, has_rp, fma)  # fmt: skip
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _stem_serial(  # type: ignore[no-untyped-def]
     ntiles, codes, rowc, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts, const,
     o_, mode, out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
@@ -194,7 +194,7 @@ def _stem_serial(  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
-@njit(cache=True, boundscheck=False, parallel=True)
+@njit(nogil=True, cache=True, boundscheck=False, parallel=True)
 def _stem_parallel(  # type: ignore[no-untyped-def]
     nchunks, ntiles, codes, rowc, cg, kh, kw, stride, pad, ho, wo, blocks, wg, shifts,
     const, o_, mode, out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
@@ -207,7 +207,7 @@ def _stem_parallel(  # type: ignore[no-untyped-def]
         )  # fmt: skip
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _stem_planes(x, bit, pad, cp):  # type: ignore[no-untyped-def]
     """Bit-planes, one byte per pixel: cp[g, n, y + pad, x + pad] = OR_c ((pixel[n, c, y, x]
     >> bit[g]) & 1) << c (uint8; C <= 8). The interior is overwritten, the border (the
@@ -229,7 +229,7 @@ def _stem_planes(x, bit, pad, cp):  # type: ignore[no-untyped-def]
                         row[i] |= ((src[i] >> b) & np.uint8(1)) << sh
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-untyped-def]
     """patch[g, m] = the dense KH*KW*cg-bit patch of group g at output pixel m (one word):
     OR over taps of cp[g, n, oy*stride + ky, ox*stride + kx] << ((ky*KW + kx) * cg)."""
@@ -272,7 +272,7 @@ def _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-unt
                             prow[ox] |= np.uint64(src[ox * stride + kx]) << sh
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _stem_fast_range(  # type: ignore[no-untyped-def]
     t0, t1, patch, blocks, shifts, const, o_, mode, out_i, out_f, scale, bias, rp_g, rp_s,
     rp_z, has_rp,
@@ -315,7 +315,7 @@ def _stem_fast_range(  # type: ignore[no-untyped-def]
                         rp_g, rp_s, rp_z, has_rp, fma)  # fmt: skip
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _stem_fast_into(  # type: ignore[no-untyped-def]
     x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
@@ -331,7 +331,7 @@ def _stem_fast_into(  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
-@njit(cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _stem_fast_serial(  # type: ignore[no-untyped-def]
     x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
@@ -500,11 +500,12 @@ def _run_stem(
     )  # fmt: skip
     chunks = _chunks(ntiles, ntiles * nob * (wt + 8))
     if chunks:
-        prev = numba.set_parallel_chunksize(1)
-        try:
-            _stem_parallel(chunks, ntiles, *args)
-        finally:
-            numba.set_parallel_chunksize(prev)
+        with _threads.parallel_launch():  # one parallel region at a time
+            prev = numba.set_parallel_chunksize(1)
+            try:
+                _stem_parallel(chunks, ntiles, *args)
+            finally:
+                numba.set_parallel_chunksize(prev)
     else:
         _stem_serial(ntiles, *args)
     return result.reshape(n, ho, wo, o)
