@@ -1,7 +1,8 @@
 """bcnn: fully binary CNNs in PyTorch, with bit-exact XOR-popcount CPU inference.
 
 Subpackages: ``bcnn.quant`` (quantizers), ``bcnn.nn`` (binary layers, encoders),
-``bcnn.models`` (registry, BCNN family), ``bcnn.data``, ``bcnn.train``, ``bcnn.engine``.
+``bcnn.models`` (registry, BCNN family), ``bcnn.data``, ``bcnn.train``, ``bcnn.engine``,
+``bcnn.export`` (ONNX / QONNX).
 The import of ``bcnn`` itself is light: subpackages load on first use.
 """
 
@@ -16,7 +17,7 @@ __all__ = ["__version__", "summary"]
 if TYPE_CHECKING:
     from ._summary import summary
 
-_SUBMODULES = {"quant", "nn", "models", "data", "train", "engine"}
+_SUBMODULES = {"quant", "nn", "models", "data", "train", "engine", "export"}
 
 
 def __getattr__(name: str) -> Any:
