@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "pack": "bcnn._commands.pack",
     "predict": "bcnn._commands.predict",
     "bench": "bcnn._commands.bench",
+    "export": "bcnn._commands.export",
 }
 
 

@@ -59,7 +59,7 @@ class Graph:
         from onnx import numpy_helper
 
         name = self.unique(base)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self.inits.append(numpy_helper.from_array(np.array(arr, order="C"), name))  # keeps 0-d
         return name
 
     def const(self, value: Any, dtype: Any = np.float32) -> str:
