@@ -124,6 +124,15 @@ def test_onnx_odd_spatial_size(tmp_path: Path) -> None:
     _assert_same(_ort(path, x), _torch(model, x))
 
 
+@pytest.mark.parametrize("opset", [13, 18, 21])
+def test_onnx_opsets(tmp_path: Path, opset: int) -> None:
+    model = _bcnn(weight_bits=2, act_bits=2)
+    x = _images(2)
+    path = to_onnx(model, tmp_path / "m.onnx", batch=2, opset=opset)
+    assert onnx.load(str(path)).opset_import[0].version == opset
+    _assert_same(_ort(path, x), _torch(model, x))
+
+
 def test_onnx_nodes_and_weights(tmp_path: Path) -> None:
     """Standard opset only; no ONNX Sign (Sign(0) = 0); binary weights stored as int8."""
     proto = build(_bcnn(), format="onnx")
