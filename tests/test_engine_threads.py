@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -144,9 +143,18 @@ class _OnePlan(PackedModel):
     """The engine as it was before the fix: one plan (one set of buffers) per input shape,
     shared by every calling thread."""
 
-    def _thread_plans(self) -> Any:
-        shared = self.__dict__.setdefault("_shared", OrderedDict())
-        return shared
+    def _checkout(self, key: tuple[int, ...]) -> Any:
+        with self._lock:
+            idle = self._plans.get(key)
+            if idle:
+                return idle[0]
+        plan = super()._checkout(key)
+        with self._lock:
+            self._plans[key] = [plan]
+        return plan
+
+    def _checkin(self, key: tuple[int, ...], plan: Any) -> None:
+        pass
 
 
 def test_negative_control_a_shared_plan_gives_wrong_logits() -> None:
@@ -248,28 +256,15 @@ def test_num_threads_context_is_per_thread() -> None:
     assert seen["own_after"] == 1
 
 
-def test_plans_are_per_thread_reused_and_bounded() -> None:
-    """Serial calls reuse one plan per shape; at most MAX_SHAPES shapes keep plans; another
-    thread builds plans of its own."""
+def test_plans_are_reused_and_bounded() -> None:
+    """Serial calls reuse one plan per shape; at most MAX_SHAPES shapes keep plans."""
     model = pack(create_model("bcnn_cifar", width=8, depth=1).eval())
     for _ in range(3):
         model(np.zeros((1, 3, 16, 16), np.uint8))
-    mine = model._thread_plans()
-    assert list(mine) == [(1, 3, 16, 16)]
+    assert [len(v) for v in model._plans.values()] == [1]
     for s in range(16, 16 + PackedModel.MAX_SHAPES + 2):
         model(np.zeros((1, 3, s, s), np.uint8))
-    assert len(mine) == PackedModel.MAX_SHAPES
-    theirs: list[Any] = []
-
-    def other() -> None:
-        model(np.zeros((1, 3, 16, 16), np.uint8))
-        theirs.append(model._thread_plans()[(1, 3, 16, 16)])
-
-    t = threading.Thread(target=other)
-    t.start()
-    t.join()
-    model(np.zeros((1, 3, 16, 16), np.uint8))
-    assert theirs[0] is not mine[(1, 3, 16, 16)]
+    assert len(model._plans) == PackedModel.MAX_SHAPES
 
 
 @pytest.mark.parametrize("callers", [1, 2])

@@ -9,8 +9,8 @@ fma(x, alpha, beta), computed in float64 then rounded once to float32), so that 
 stream matches the torch model closely and the signs that read it agree.
 
 A plan (buffers + bound steps) is built once per input shape and reused. Plans hold working
-buffers, so a plan serves one call at a time: each thread that calls a model gets plans of its
-own (thread-local), so that concurrent calls never share buffers (docs/serving.md).
+buffers, so a plan serves one call at a time: concurrent calls on one model each check out a plan
+of their own from the model's pool (see :meth:`PackedModel.__call__` and docs/serving.md).
 """
 
 from __future__ import annotations
@@ -394,15 +394,17 @@ class PackedModel:
         self.graph = graph
         self.tensors = tensors
         self.backend = backend
-        # each calling thread has its own plans (one per input shape, most recently used
-        # last): concurrent calls never share working buffers, and a thread's buffers stay in
-        # its core's caches
-        self._local = threading.local()
+        # idle plans per input shape (most recently used last); a call checks one out and
+        # returns it, so concurrent calls never share working buffers
+        self._plans: OrderedDict[tuple[int, ...], list[Any]] = OrderedDict()
+        self._lock = threading.Lock()
         # replaced as a whole (never mutated) so that a call reads one consistent setting
         self._precision: dict[str, int | None] = {"weight_bits": None}
 
-    # each thread keeps plans for at most this many input shapes (least recently used goes)
+    # at most this many input shapes keep plans, and this many idle plans per shape (one per
+    # thread that called concurrently; more are dropped when returned)
     MAX_SHAPES = 4
+    MAX_IDLE_PLANS = 8
 
     def set_precision(self, *, weight_bits: int | None = None) -> int | None:
         """Run k-bit weight layers with only their ``weight_bits`` highest bit-planes (the
@@ -469,35 +471,38 @@ class PackedModel:
         if x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"empty images: shape {x.shape}")
         key = tuple(int(d) for d in x.shape)
-        plan = self._plan_for(key)
-        plan.precision.update(self._precision)
-        return plan(np.ascontiguousarray(x))  # type: ignore[no-any-return]
+        plan = self._checkout(key)
+        try:
+            plan.precision.update(self._precision)
+            return plan(np.ascontiguousarray(x))  # type: ignore[no-any-return]
+        finally:
+            self._checkin(key, plan)
 
-    def _thread_plans(self) -> OrderedDict[tuple[int, ...], Any]:
-        """The calling thread's plans of this model, by input shape."""
-        plans: OrderedDict[tuple[int, ...], Any] | None = getattr(self._local, "plans", None)
-        if plans is None:
-            plans = self._local.plans = OrderedDict()
-        return plans
-
-    def _plan_for(self, key: tuple[int, ...]) -> Any:
-        """The calling thread's plan for this input shape (built on first use)."""
-        plans = self._thread_plans()
-        plan = plans.get(key)
-        if plan is not None:
-            plans.move_to_end(key)
-            return plan
+    def _checkout(self, key: tuple[int, ...]) -> Any:
+        """An idle plan for this input shape, or a new one (built outside the lock)."""
+        with self._lock:
+            idle = self._plans.get(key)
+            if idle:
+                self._plans.move_to_end(key)
+                return idle.pop()
         shape = (key[0], key[1], key[2], key[3])
         if self.backend == "numba":
             from ._fastplan import _FastPlan
 
-            plan = _FastPlan(self, shape)
-        else:
-            plan = _Plan(self, shape)
-        while len(plans) >= self.MAX_SHAPES:
-            plans.popitem(last=False)
-        plans[key] = plan
-        return plan
+            return _FastPlan(self, shape)
+        return _Plan(self, shape)
+
+    def _checkin(self, key: tuple[int, ...], plan: Any) -> None:
+        with self._lock:
+            idle = self._plans.get(key)
+            if idle is None:
+                while len(self._plans) >= self.MAX_SHAPES:
+                    self._plans.popitem(last=False)
+                idle = self._plans[key] = []
+            else:
+                self._plans.move_to_end(key)
+            if len(idle) < self.MAX_IDLE_PLANS:
+                idle.append(plan)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a .bcnn file atomically (see docs/format.md)."""
