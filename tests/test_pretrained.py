@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import bcnn.models._checkpoint as ck
+import bcnn._pretrained as pre
 from bcnn.cli import main
 from bcnn.engine import load, load_any
 from bcnn.models import create_model, pretrained_checkpoint, save_checkpoint
@@ -18,7 +18,7 @@ def shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     meta = {"classes": [str(i) for i in range(10)], "data": "digits", "val_split": 0.1, "seed": 0}
     save_checkpoint(tmp_path / "tiny_pre.pt", model, meta)
     load_any(tmp_path / "tiny_pre.pt").save(tmp_path / "tiny_pre.bcnn")
-    monkeypatch.setattr(ck, "PRETRAINED_DIR", tmp_path)
+    monkeypatch.setattr(pre, "PRETRAINED_DIR", tmp_path)
     return "tiny_pre"
 
 
@@ -69,3 +69,35 @@ def test_shipped_bcnn_cifar10_runs_offline_on_both_engines(tmp_path: Path, capsy
     assert main(["predict", "bcnn_cifar10", str(img), "--json"]) == 0
     text = capsys.readouterr().out
     assert any(name in text for name in [*cifar, "truck"])
+
+
+def test_running_a_pretrained_packed_model_does_not_import_torch() -> None:
+    """load(name) + a call stay on the torch-free path (fast start, no torch needed)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from bcnn.engine import load; "
+        "m = load('bcnn_cifar10'); y = m(np.zeros((1, 3, 32, 32), np.uint8)); "
+        "print(y.shape, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(1, 10) False"
+
+
+def test_predict_on_a_packed_model_does_not_import_torch(tmp_path: Path) -> None:
+    """`bcnn predict NAME img` reads the image and runs the packed engine without torch."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(img)  # resized to 32x32
+    code = (
+        "import sys; from bcnn.cli import main; "
+        f"rc = main(['predict', 'bcnn_cifar10', {str(img)!r}, '--json']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "0 False"

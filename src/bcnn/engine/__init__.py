@@ -52,12 +52,9 @@ def pack(
 
 def pretrained_path(name: str) -> Path | None:
     """``src/bcnn/pretrained/<name>.bcnn`` if it ships with the package, else None."""
-    from ..models._checkpoint import PRETRAINED_DIR
+    from .._pretrained import pretrained_file  # torch-free
 
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        return None
-    p = PRETRAINED_DIR / f"{name}.bcnn"
-    return p if p.is_file() else None
+    return pretrained_file(name, ".bcnn")
 
 
 def load(path_or_name: str | os.PathLike[str]) -> PackedModel:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
+from .._pretrained import PRETRAINED_DIR, pretrained_file
 from ._registry import create_model
 
 __all__ = [
@@ -30,16 +31,11 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "bcnn-checkpoint"
 CHECKPOINT_VERSION = 1
-# Pretrained models ship inside the package: <name>.bcnn (packed) and, if small, <name>.pt.
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 
 
 def pretrained_checkpoint(name: str) -> Path | None:
     """The torch checkpoint shipped for a pretrained name, or None."""
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
-        return None
-    p = PRETRAINED_DIR / f"{name}.pt"
-    return p if p.is_file() else None
+    return pretrained_file(name, ".pt")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
