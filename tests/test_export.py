@@ -24,7 +24,7 @@ from bcnn.cli import main
 from bcnn.export import build, to_onnx, to_qonnx
 from bcnn.models import create_model, save_checkpoint
 from bcnn.nn import BinaryConv2d, BinaryLinear, EncodedConv2d, LearnableBias, RPReLU, Scale
-from bcnn.quant import SteSign
+from bcnn.quant import SteSign, UniformQuantizer
 
 RTOL = ATOL = 1e-4
 
@@ -177,6 +177,27 @@ def test_negative_control_flipped_weight_changes_logits(tmp_path: Path) -> None:
 
 def _chain(bits: int = 1) -> nn.Sequential:
     torch.manual_seed(0)
+    if bits == 3:  # unsigned 3-bit activations (zero-padded), per-channel 3-bit weights
+        return _perturb(
+            nn.Sequential(
+                EncodedConv2d(3, 16, 3, padding=1),
+                nn.BatchNorm2d(16),
+                BinaryConv2d(
+                    16,
+                    16,
+                    3,
+                    padding=1,
+                    bias=False,
+                    input_quantizer=UniformQuantizer(3, signed=False),
+                    weight_quantizer=UniformQuantizer(3, channels=16),
+                ),
+                nn.BatchNorm2d(16),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                BinaryLinear(16, 10, bias=False),
+                Scale(10),
+            )
+        )  # type: ignore[return-value]
     if bits > 1:  # the k-bit BCNN's own modules, as a chain
         m = create_model("bcnn_cifar", width=8, depth=1, weight_bits=bits, act_bits=bits)
         seq = nn.Sequential(m.stem, *m.blocks, m.head)
@@ -203,7 +224,7 @@ def _chain(bits: int = 1) -> nn.Sequential:
     return _perturb(seq)  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize("bits", [1, 2], ids=["w1a1", "w2a2"])
+@pytest.mark.parametrize("bits", [1, 2, 3], ids=["w1a1", "w2a2", "w3a3-unsigned"])
 def test_sequential_chain(tmp_path: Path, bits: int) -> None:
     seq = _chain(bits)
     x = _images(5)
