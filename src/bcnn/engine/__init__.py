@@ -27,6 +27,7 @@ __all__ = [
     "load_any",
     "num_threads",
     "pack",
+    "pbatch",
     "pretrained_path",
     "set_num_threads",
 ]
@@ -48,6 +49,24 @@ def pack(
     kept = {k: meta[k] for k in META_KEYS if meta and meta.get(k) is not None}
     graph, tensors = pack_model(model, classes=classes, meta=kept)
     return PackedModel(graph, tensors)
+
+
+def pbatch(
+    model: Any,
+    weight_bits: int = 8,
+    act_bits: int = 8,
+    layers: Any = None,
+    skip: Any = (),
+) -> Any:
+    """PrecisionBatching for any torch model: swap its ``nn.Linear``, ``nn.Conv2d``,
+    ``nn.LSTM`` and ``nn.GRU`` layers (or those in ``layers``) for bit-serial CPU modules,
+    post-training, no calibration data; ``bcnn.quant.set_precision(model, weight_bits=k)`` then
+    keeps the top k weight planes at run time. See docs/pbatch.md and :mod:`._pbatch`."""
+    from ._pbatch import pbatch as _pbatch
+
+    if layers is None:
+        return _pbatch(model, weight_bits, act_bits, skip=skip)
+    return _pbatch(model, weight_bits, act_bits, layers, skip)
 
 
 def pretrained_path(name: str) -> Path | None:

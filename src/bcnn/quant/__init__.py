@@ -7,6 +7,13 @@
 [-1.0, 1.0, 1.0]
 """
 
+from ._precision import (
+    PrecisionSwitchable,
+    precision,
+    set_precision,
+    switchable_layers,
+    tune_precision,
+)
 from ._qat import QuantConfig, make_act_quantizer, make_weight_quantizer, quantize_
 from ._registry import QuantizerLike, get_quantizer, list_quantizers, register_quantizer
 from ._sign import (
@@ -25,6 +32,7 @@ from ._uniform import UniformQuantizer, grid_limits, quantize_to_grid
 __all__ = [
     "ApproxSign",
     "MagnitudeAwareSign",
+    "PrecisionSwitchable",
     "QuantConfig",
     "QuantizerLike",
     "SteSign",
@@ -37,12 +45,16 @@ __all__ = [
     "magnitude_aware_sign",
     "make_act_quantizer",
     "make_weight_quantizer",
+    "precision",
     "quantize_",
     "quantize_to_grid",
     "register_quantizer",
+    "set_precision",
     "sign",
     "ste_sign",
     "swish_sign",
+    "switchable_layers",
+    "tune_precision",
 ]
 
 

@@ -1,0 +1,203 @@
+"""Bit-serial GEMV/GEMM kernels of post-training PrecisionBatching (numpy + numba, no torch).
+
+PrecisionBatching (Lam, Yedidia, Banbury, Reddi; arXiv 2003.00822) splits weights into
+bit-layers accumulated with 1-bit operations while activations keep a higher precision; the
+number of bit-layers is a run-time knob. Here (see docs/pbatch.md):
+
+* **Weights**: per output row o a scale, and B = 8 signed planes on our odd grid,
+  ``W[o, k] = sum_i 2^i s_i[o, k]``, ``s_i = +-1`` (packed: bit 1 = -1, along k into uint64
+  words, tail bits 0). Keeping the top ``kb`` planes (drop d = B - kb) is the nearest point of
+  the kb-bit odd grid with step ``2^d``: ``W_d = sum_{i >= d} 2^i s_i``. Each row stores one
+  least-squares rescale per kb, ``alpha[kb, o] = <w, W_d> / <W_d, W_d>``, so a truncated row
+  is as close to the float row as its integers allow.
+* **Activations**: per input vector a dynamic scale, round to nearest (ties to even),
+  saturate: unsigned ``0 .. 2^A - 1`` when the vector has no negative value, else signed
+  two's complement ``-(2^(A-1) - 1) .. 2^(A-1) - 1``. Bit-planes ``b_j`` in {0, 1} (packed,
+  bit 1 = 1) with place values ``p_j = 2^j`` (the top plane ``-2^(A-1)`` when signed).
+* **The dot product**: ``sum_k s_i[k] a[k] = S - 2 C_i`` with ``S = sum_k a[k]`` and
+  ``C_i = sum_{k: s_i[k] = -1} a[k] = sum_j p_j popcount(b_j AND neg_i)``: AND-popcounts
+  of plane pairs, combined exactly in int64. Then
+  ``y[n, o] = alpha[kb, o] * scale[n] * (sum_{i>=d} 2^i (S - 2 C_i)) + bias[o]`` in float64.
+
+Everything here is exact integer arithmetic up to that last line, and
+:func:`reference_dot` (numpy int64 matmul of the same integers) checks it bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = [
+    "WEIGHT_PLANES",
+    "QuantizedActs",
+    "QuantizedWeights",
+    "masked_sums",
+    "quantize_acts",
+    "quantize_weights",
+    "reference_dot",
+]
+
+WEIGHT_PLANES = 8  # B: weights are stored at 8 bits; any 1..8 top planes run
+
+
+@intrinsic
+def _popc(typingctx, x):  # type: ignore[no-untyped-def]
+    """llvm.ctpop.i64 (the loop vectorizer turns it into VPOPCNTQ where the CPU has it)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        i64 = ir.IntType(64)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64"
+        )
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _and_count(a, w):  # type: ignore[no-untyped-def]
+    """sum_w popcount(a[w] & w[w]) over two uint64 rows."""
+    s = np.uint64(0)
+    for k in range(a.shape[0]):
+        s += _popc(a[k] & w[k])
+    return np.int64(s)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _masked_sums(wp, d, ap, place, out):  # type: ignore[no-untyped-def]
+    """out[n, o] = sum_{i >= d} 2^i * C_i[n, o], C_i = sum_j place[j] * popcount(ap[j, n] &
+    wp[i, o]). wp uint64 (B, O, Kw); ap uint64 (A, N, Kw); place int64 (A,); out int64
+    (N, O). Rows outer, so each weight row is read once for all N vectors."""
+    nb, no, _ = wp.shape
+    na, nn, _ = ap.shape
+    for o in range(no):
+        for n in range(nn):
+            out[n, o] = 0
+        for i in range(d, nb):
+            wrow = wp[i, o]
+            for n in range(nn):
+                c = np.int64(0)
+                for j in range(na):
+                    c += place[j] * _and_count(ap[j, n], wrow)
+                out[n, o] += c << np.int64(i)
+
+
+def _words(k: int) -> int:
+    return (k + 63) // 64
+
+
+def _pack_rows(bits: np.ndarray) -> np.ndarray:
+    """bool (..., K) -> uint64 (..., ceil(K/64)), bit t of word w = element 64*w + t."""
+    k = bits.shape[-1]
+    kw = _words(k)
+    full = np.zeros((*bits.shape[:-1], kw * 64), np.uint8)
+    full[..., :k] = bits
+    by = np.packbits(full, axis=-1, bitorder="little")
+    return np.ascontiguousarray(by).view("<u8").reshape(*bits.shape[:-1], kw)
+
+
+class QuantizedWeights:
+    """A float (O, K) matrix as 8 odd-grid planes per row, with per-row rescales per kb.
+
+    ``planes`` uint64 (8, O, Kw); ``ints`` int64 (O, K) the 8-bit odd integers;
+    ``alpha`` float64 (9, O): ``alpha[kb]`` the least-squares scale of the top-kb view
+    (``alpha[0]`` unused); ``colsum[kb]`` is ``sum_{i >= 8-kb} 2^i`` (the S coefficient)."""
+
+    def __init__(self, w: np.ndarray, clip_search: bool = True) -> None:
+        w = np.asarray(w, np.float64)
+        if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+            raise ValueError(f"weights must be a non-empty (out, in) matrix, got {w.shape}")
+        if not np.all(np.isfinite(w)):
+            raise ValueError("weights contain NaN or inf")
+        b = WEIGHT_PLANES
+        top = float((1 << b) - 1)
+        amax = np.abs(w).max(axis=1)
+        amax[amax == 0] = 1.0
+        best_q, best_err = None, None
+        for c in np.linspace(1.0, 0.5, 11) if clip_search else (1.0,):
+            s = c * amax / top  # (O,)
+            v = np.clip(w / s[:, None], -top, top)
+            q = 2.0 * np.floor(v / 2.0) + 1.0  # the nearest odd integer
+            q = np.clip(q, -top, top)
+            err = ((w - q * s[:, None]) ** 2).sum(axis=1)
+            if best_q is None:
+                best_q, best_err = q, err
+            else:
+                better = err < best_err
+                best_q[better] = q[better]
+                best_err = np.where(better, err, best_err)
+        assert best_q is not None
+        self.ints = best_q.astype(np.int64)
+        self.out_features, self.in_features = w.shape
+        code = (((1 << b) - 1) - self.ints) // 2  # bit i of the code: plane i is -1
+        self.planes = np.stack([_pack_rows(((code >> i) & 1).astype(bool)) for i in range(b)])
+        self.alpha = np.zeros((b + 1, w.shape[0]), np.float64)
+        for kb in range(1, b + 1):
+            wd = self.view(kb).astype(np.float64)
+            den = (wd * wd).sum(axis=1)
+            self.alpha[kb] = (w * wd).sum(axis=1) / den
+        self.nbytes = int(self.planes.nbytes)
+
+    def view(self, kb: int) -> np.ndarray:
+        """The integers of the top-kb planes, sum_{i >= 8-kb} 2^i s_i (int64 (O, K))."""
+        d = WEIGHT_PLANES - kb
+        return ((self.ints >> d) | 1) << d  # floor to the odd grid of step 2^d: exact
+
+
+class QuantizedActs:
+    """Dynamic per-vector quantization of float (N, K) activations to ``bits`` bits.
+
+    ``ints`` int64 (N, K); ``scale`` float64 (N,); ``planes`` uint64 (bits, N, Kw) with bit 1
+    where the code bit is 1; ``place`` int64 (bits,); ``sums`` int64 (N,) = sum_k ints."""
+
+    def __init__(
+        self, x: np.ndarray, bits: int, amax: np.ndarray | None = None, signed: bool | None = None
+    ) -> None:
+        """``amax`` (N,): the value that maps to the largest code, per vector (default: each
+        vector's max |x|); ``signed``: the grid (default: signed iff x has a negative)."""
+        x = np.asarray(x, np.float32)
+        if signed is None:
+            signed = bool(np.any(x < 0))
+        qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+        if amax is None:
+            amax = np.abs(x).max(axis=1)
+        amax = np.asarray(amax, np.float64)
+        scale = np.where(amax > 0, amax / qmax, 1.0)
+        q = np.clip(np.rint(x / scale[:, None]), -qmax if signed else 0, qmax)
+        self.ints = q.astype(np.int64)
+        self.scale = scale
+        self.signed = signed
+        code = self.ints & ((1 << bits) - 1)  # two's complement when signed
+        self.planes = np.stack([_pack_rows(((code >> j) & 1).astype(bool)) for j in range(bits)])
+        self.place = (1 << np.arange(bits, dtype=np.int64)).astype(np.int64)
+        if signed:
+            self.place[-1] = -(1 << (bits - 1))
+        self.sums = self.ints.sum(axis=1)
+
+
+def masked_sums(w: QuantizedWeights, kb: int, a: QuantizedActs) -> np.ndarray:
+    """int64 (N, O): the exact integer dot products of the top-kb weight view with the
+    activation integers, computed from AND-popcounts of plane pairs."""
+    d = WEIGHT_PLANES - kb
+    c = np.empty((a.planes.shape[1], w.out_features), np.int64)
+    _masked_sums(w.planes, d, a.planes, a.place, c)
+    colsum = sum(1 << i for i in range(d, WEIGHT_PLANES))
+    return colsum * a.sums[:, None] - 2 * c
+
+
+def reference_dot(w: QuantizedWeights, kb: int, a: QuantizedActs) -> np.ndarray:
+    """The same integers by a plain int64 matmul (the test oracle of :func:`masked_sums`)."""
+    return a.ints @ w.view(kb).T
+
+
+def quantize_weights(w: np.ndarray) -> QuantizedWeights:
+    return QuantizedWeights(w)
+
+
+def quantize_acts(x: np.ndarray, bits: int) -> QuantizedActs:
+    return QuantizedActs(x, bits)
