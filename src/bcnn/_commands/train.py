@@ -62,22 +62,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K=V",
         help="model keywords, e.g. width=32 depth=1 (values parsed as YAML)",
     )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp8", "fp8-hybrid"],
+        default=S,
+        help="fp32 (default) | fp8 (E5M2, stochastic rounding, FP16 master, loss scaling) | "
+        "fp8-hybrid (E4M3 forward): emulated FP8 training, see docs/fp8.md",
+    )
+    p.add_argument(
+        "--fp8",
+        nargs="+",
+        default=S,
+        metavar="K=V",
+        help="FP8 recipe fields, e.g. loss_scaling=none stochastic_rounding=false master=fp32",
+    )
     p.add_argument("--resume", action="store_true", default=S, help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", default=S, help="no progress output")
 
 
-def parse_model_kw(items: list[str]) -> dict[str, Any]:
+def parse_model_kw(items: list[str], flag: str = "--model-kw") -> dict[str, Any]:
     import yaml
 
     out: dict[str, Any] = {}
     for it in items:
         k, eq, v = it.partition("=")
         if not eq or not k:
-            raise ValueError(f"--model-kw expects KEY=VALUE, got {it!r}")
+            raise ValueError(f"{flag} expects KEY=VALUE, got {it!r}")
         try:
             out[k.strip().replace("-", "_")] = yaml.safe_load(v)
         except yaml.YAMLError:
-            raise ValueError(f"--model-kw {k}: cannot parse value {v!r}") from None
+            raise ValueError(f"{flag} {k}: cannot parse value {v!r}") from None
     return out
 
 
@@ -96,6 +110,8 @@ def resolve_config(args: argparse.Namespace) -> Any:
         flags["steps"] = "float"
     if "model_kw" in flags:
         flags["model_kw"] = parse_model_kw(flags["model_kw"])
+    if "fp8" in flags:
+        flags["fp8"] = parse_model_kw(flags["fp8"], "--fp8")
     base: dict[str, Any] = {}
     if cfg_file:
         base = load_config_file(cfg_file)
@@ -105,8 +121,9 @@ def resolve_config(args: argparse.Namespace) -> Any:
         if saved.is_file():
             base = load_config_file(saved)
     base.pop("resume", None)
-    if "model_kw" in flags and isinstance(base.get("model_kw"), dict):
-        flags["model_kw"] = {**base["model_kw"], **flags["model_kw"]}
+    for key in ("model_kw", "fp8"):
+        if key in flags and isinstance(base.get(key), dict):
+            flags[key] = {**base[key], **flags[key]}
     cfg = TrainConfig.from_dict({**base, **flags})
     cfg.validate()
     return cfg

@@ -49,6 +49,8 @@ class TrainConfig:
     save_every: int = 0  # also checkpoint every N iterations (0: at epoch ends only)
     init: str | None = None  # checkpoint to start the first step from (step 2 alone: DIR/step1)
     model_kw: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # fp32 | fp8 | fp8-hybrid (emulated FP8 training, docs/fp8.md)
+    fp8: dict[str, Any] = field(default_factory=dict)  # bcnn.fp8.Recipe fields overridden
     quiet: bool = False
     resume: bool = False
 
@@ -83,6 +85,11 @@ class TrainConfig:
             raise ValueError("kd_alpha must be in [0, 1] and kd_temperature > 0")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        from ._precision import check_precision
+
+        check_precision(self.precision, self.fp8)
+        if self.precision != "fp32" and (self.amp == "on" or self.compile):
+            raise ValueError(f"--precision {self.precision} runs without --amp on and --compile")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

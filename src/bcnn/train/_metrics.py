@@ -23,6 +23,8 @@ METRIC_COLUMNS = [
     "lr",
     "seconds",
     "images_per_s",
+    "loss_scale",
+    "overflows",
 ]
 
 
@@ -56,8 +58,10 @@ def plot_curves(
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2))
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    scaled = [r for r in rows if r.get("loss_scale") is not None]  # FP8 runs
+    fig = Figure(figsize=(16 if scaled else 11, 4.2))
+    axes = fig.subplots(1, 3 if scaled else 2)
+    ax_loss, ax_acc = axes[0], axes[1]
     offset = 0
     offsets: dict[str, int] = {}
     for step, pts in iters:
@@ -97,6 +101,8 @@ def plot_curves(
                 ms=3,
                 label=f"step {step} val top-1",
             )
+    if scaled:
+        _plot_loss_scale(axes[2], scaled, offsets)
     ax_loss.set(title="loss", xlabel="iteration")
     ax_acc.set(title="accuracy", xlabel="iteration", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
@@ -105,3 +111,14 @@ def plot_curves(
             ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, dpi=90, format="png"))
+
+
+def _plot_loss_scale(ax: Any, rows: list[dict[str, Any]], offsets: dict[str, int]) -> None:
+    """FP8 runs: the loss scale (log scale) and the overflow count at each epoch's end."""
+    xs = [offsets.get(str(r["step"]), 0) + r["iteration"] for r in rows]
+    ax.semilogy(xs, [r["loss_scale"] for r in rows], "o-", ms=3, base=2, label="loss scale")
+    ax.set(title="FP8 loss scale / overflows", xlabel="iteration")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r.get("overflows") or 0 for r in rows], "x--", ms=3, color="C3")
+    ax2.set_ylabel("overflows (total)", color="C3")
+    ax.grid(alpha=0.3)

@@ -35,6 +35,7 @@ from ._evaluate import autocast_context, evaluate
 from ._losses import DistillationLoss
 from ._metrics import plot_curves, write_metrics_csv
 from ._optim import binarised_weight_names, clip_latent_weights, lr_lambda, make_optimizer
+from ._precision import make_precision
 from ._state import get_rng_state, seed_everything, set_rng_state
 
 __all__ = ["Trainer", "TrainingInterrupted", "resolve_device", "train"]
@@ -89,7 +90,9 @@ class Trainer:
         if device.type == "cuda" and self.dist.enabled:
             device = torch.device("cuda", self.dist.local_rank)
         self.device = device
-        self.amp = config.amp == "on" or (config.amp == "auto" and device.type == "cuda")
+        self.amp = config.precision == "fp32" and (
+            config.amp == "on" or (config.amp == "auto" and device.type == "cuda")
+        )
         self.main = self.dist.is_main
         self.verbose = self.main and not config.quiet
         self.train_set, self.val_set = load_splits(
@@ -250,12 +253,16 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(total, round(cfg.warmup * total), cfg.schedule)
         )
+        prec = make_precision(  # FP8: swaps layers in place, master weights on opt
+            cfg.precision, cfg.fp8, model, opt, total, log=None if self.main else _quiet
+        )
         start_epoch, start_batch, iteration = 0, 0, 0
         accum = [0.0, 0.0, 0.0, 0.0]  # loss sum, correct, count, seconds of this epoch
         if state is not None:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
+            prec.load_state_dict(state.get("precision", {}))
             start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
             iteration = int(state["iteration"])
             accum = [float(a) for a in state["accum"]]
@@ -291,6 +298,7 @@ class Trainer:
                     "scheduler": sched.state_dict(),
                     "rng": get_rng_state(),
                     "accum": list(accum),
+                    "precision": prec.state_dict(),
                 },
             )
             save_checkpoint(ckpt, model, meta)
@@ -306,7 +314,7 @@ class Trainer:
                 f"{len(self.train_set)} train / {len(self.val_set)} val images, "
                 f"device {self.device}{', amp' if self.amp else ''}"
                 f"{f', {self.dist.world_size} processes' if self.dist.enabled else ''}"
-                f"{', distillation' if self.teacher is not None else ''}"
+                f"{', distillation' if self.teacher is not None else ''}{prec.describe()}"
             )
         if self.main:
             sdir.mkdir(parents=True, exist_ok=True)
@@ -331,8 +339,7 @@ class Trainer:
                                 t_logits = teacher(x)
                     loss = self.criterion(logits, y, t_logits)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    prec.step(loss, opt, iteration)
                     sched.step()
                     if clip:
                         clip_latent_weights(clip_params)
@@ -368,6 +375,7 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 row = self._epoch_row(step, epoch, iteration, accum, opt, net, val_loader)
+                row.update(prec.metrics())
                 self.histories[step][0].append(row)
                 save(epoch + 1, 0, epoch + 1 == epochs)
                 self._write_reports(step)
@@ -376,6 +384,7 @@ class Trainer:
             if epochs == 0 or start_epoch >= epochs:
                 save(epochs, 0, True)
                 self._write_reports(step)
+        prec.close()
         model.eval()
         return model
 
@@ -482,6 +491,10 @@ class Trainer:
                     signal.signal(s, h)
 
         return _Ctx()
+
+
+def _quiet(msg: str) -> None:
+    pass
 
 
 def _is_main_thread() -> bool:
