@@ -108,11 +108,15 @@ def test_onnx_logits_equal_torch(tmp_path: Path, bits: int) -> None:
         else:
             y = _ort(path, x)
         _assert_same(y, ref)
-    # The pooled features are continuous (the logits, after binary signs, are not): the whole
-    # stream (stem, one-padding, batch norms, RPReLUs, shortcuts, pooling) must match too.
+    # The stream is continuous (the logits, after binary signs, are not): the stream before
+    # global pooling (stem, one-padding, batch norms, RPReLUs, shortcuts, 2x2 pooling) is equal
+    # to torch's bit for bit; the pooled features (float64 mean) within an ulp.
     with torch.no_grad():
-        feats = model.blocks(model.stem(x)).mean(dim=(2, 3)).numpy()
-    np.testing.assert_allclose(_ort_value(path, x, "head.pool"), feats, rtol=1e-5, atol=1e-6)
+        h = model.blocks(model.stem(x))
+    last = f"blocks.{len(model.blocks) - 1}"
+    np.testing.assert_array_equal(_ort_value(path, x, last), h.numpy())
+    feats = h.mean(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(_ort_value(path, x, "head.pool"), feats, rtol=1e-6, atol=1e-7)
 
 
 def test_onnx_odd_spatial_size(tmp_path: Path) -> None:
@@ -141,7 +145,8 @@ def test_onnx_nodes_and_weights(tmp_path: Path) -> None:
     assert "Sign" not in ops and {"BitShift", "Conv", "Pad", "Where", "MatMul"} <= ops
     conv_w = [i for i in proto.graph.initializer if i.name.endswith(("conv.weight", "fc.weight"))]
     assert conv_w and all(i.data_type == onnx.TensorProto.INT8 for i in conv_w)
-    pads = [n for n in proto.graph.node if n.op_type == "Pad"]
+    conv_in = {n.input[0] for n in proto.graph.node if n.op_type == "Conv"}
+    pads = [n for n in proto.graph.node if n.op_type == "Pad" and n.output[0] in conv_in]
     consts = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     assert pads and all(float(consts[p.input[2]]) == 1.0 for p in pads)  # one-padding
 

@@ -44,6 +44,33 @@ def _input_channels(model: Any) -> int:
     raise UnsupportedError(f"{name}: the first layer must be an encoder convolution")
 
 
+def _pool_input_sizes(model: Any, c: int, hw: list[int]) -> dict[int, tuple[int, int]]:
+    """Input (H, W) of every AvgPool2d for a static image size, from one torch forward pass on
+    a blank image (skipped if a k-bit quantizer is not initialised: the pass would do it)."""
+    import torch
+    from torch import nn
+
+    if any(not bool(getattr(m, "initialized", True)) for m in model.modules()):
+        return {}
+    sizes: dict[int, tuple[int, int]] = {}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda mod, args: sizes.__setitem__(id(mod), tuple(args[0].shape[-2:]))
+        )
+        for m in model.modules()
+        if isinstance(m, nn.AvgPool2d)
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, c, *hw), dtype=torch.uint8))
+    except Exception:  # the walker reports what does not fit
+        return {}
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return sizes
+
+
 def build(
     model: Any,
     *,
@@ -76,21 +103,19 @@ def build(
     was_training = model.training
     model.eval()
     try:
-        g = Graph(opset, qonnx=format == "qonnx")
-        e = LayerEmitter(g)
-        if isinstance(model, BCNN):
-            c = int(model.in_chans)
-            g.kinds["input"] = ("image", c)
-            out = emit_bcnn(e, model, "input")
-        elif isinstance(model, nn.Sequential):
-            c = _input_channels(model)
-            g.kinds["input"] = ("image", c)
-            out = emit_sequential(e, model, "input")
-        else:
+        if not isinstance(model, BCNN | nn.Sequential):
             raise UnsupportedError(
                 f"cannot export a {type(model).__name__}: supported are the BCNN family and "
                 "nn.Sequential chains of bcnn layers"
             )
+        c = int(model.in_chans) if isinstance(model, BCNN) else _input_channels(model)
+        g = Graph(opset, qonnx=format == "qonnx")
+        g.kinds["input"] = ("image", c)
+        e = LayerEmitter(g)
+        if isinstance(hw[0], int) and isinstance(hw[1], int):
+            e.pool_sizes = _pool_input_sizes(model, c, [hw[0], hw[1]])
+        walk = emit_bcnn if isinstance(model, BCNN) else emit_sequential
+        out = walk(e, model, "input")
     except UnsupportedError as err:
         raise ValueError(f"export: {err}") from None
     finally:

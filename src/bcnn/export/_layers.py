@@ -86,13 +86,20 @@ class LayerEmitter(Emitter):
     def _scale_bias(
         self, y: str, sx: np.ndarray | None, sw: np.ndarray | None, bias: Any, what: str
     ) -> str:
-        """torch's epilogue of a quantized layer: y * (step_x * step_w[o]) (float32), + bias."""
+        """torch's epilogue of a quantized layer: y * (step_x * step_w[o]) (float32), + bias.
+
+        The product is taken in float64 and rounded once to float32: the same value as torch's
+        float32 product of the integer y, and a Conv -> Mul pattern that onnxruntime would
+        fold into the weights (non-integer sums, another rounding) does not appear."""
+        g = self.g
         if sx is not None or sw is not None:
-            if sw is None:
-                y = self.binop("Mul", y, self.g.const(np.float32(sx)), f"{what}.scale")
-            else:
-                s = sw if sx is None else (np.float32(sx) * sw).astype(np.float32)
-                y = self.binop("Mul", y, self._vec(f"{what}.scale", s, y), f"{what}.scale")
+            kind = self._out(y)
+            s = sw if sx is None else np.float32(sx) * (sw if sw is not None else np.float32(1.0))
+            s = np.asarray(s, np.float32).astype(np.float64)
+            yd = g.node("Cast", [y], f"{what}.f64", to=self.onnx.TensorProto.DOUBLE, kind=kind)
+            sc = g.const(s) if s.ndim == 0 else self._vec(f"{what}.scale", s, y, np.float64)
+            yd = self.binop("Mul", yd, sc, f"{what}.scale")
+            y = g.node("Cast", [yd], f"{what}.scaled", to=self.onnx.TensorProto.FLOAT, kind=kind)
         if bias is not None:
             y = self.binop("Add", y, self._vec(f"{what}.bias", _np(bias), y), f"{what}.bias")
         return y
@@ -199,6 +206,71 @@ class LayerEmitter(Emitter):
         w = g.node("Mul", [w, g.init(f"{what}.plane_weights", pw)], f"{what}.w_planes")
         y = self._conv(layer, p, w, 1.0, layer.out_channels, what)
         return self._scale_bias(y, None, sw, layer.bias, what)
+
+    def window_mean(
+        self, src: str, k: list[int], ceil: bool, hw: tuple[int, int] | None, what: str
+    ) -> str:
+        """Mean over non-overlapping k[0] x k[1] windows as torch's CPU kernel computes it: the
+        taps summed in row-major order, divided by the number of valid taps (partial windows
+        at the bottom / right edge with ``ceil``; cut off without). ``hw``: the input's size
+        if static (constant pads and counts, as FINN / qonnx's shape inference want), else
+        computed from its shape in the graph."""
+        g = self.g
+        i64 = np.int64
+        kind = self.kind(src)
+        kk = g.const(k, i64)
+        axes, end = g.const([2, 3], i64), g.const([2**62, 2**62], i64)
+
+        def window_sum(x: str, base: str) -> str:
+            total = ""
+            for i in range(k[0]):
+                for j in range(k[1]):
+                    start = g.const([i, j], i64)
+                    tap = g.node("Slice", [x, start, end, axes, kk], f"{base}.tap{i}{j}")
+                    total = tap if not total else g.node("Add", [total, tap], f"{base}.sum")
+            return total
+
+        if hw is not None:
+            h, w = hw
+            fill = [(-h) % k[0], (-w) % k[1]] if ceil else [-(h % k[0]), -(w % k[1])]
+            x = src
+            if any(fill):  # zero rows / columns (adding 0 is exact), or the remainder cut off
+                pads = g.const([0, 0, 0, 0, 0, 0, *fill], i64)
+                x = g.node("Pad", [x, pads, g.const(0.0)], f"{what}.tiles", mode="constant")
+            valid = np.pad(
+                np.ones((h, w), np.float32), [(0, max(fill[0], 0)), (0, max(fill[1], 0))]
+            )
+            hh, ww = valid.shape[0] // k[0] * k[0], valid.shape[1] // k[1] * k[1]
+            counts = valid[:hh, :ww].reshape(hh // k[0], k[0], ww // k[1], k[1]).sum((1, 3))
+            c = (
+                g.const(counts[0, 0])
+                if np.all(counts == counts[0, 0])
+                else g.const(counts[None, None])
+            )
+            return g.node("Div", [window_sum(x, what), c], what, kind=kind)
+        shape = g.node("Shape", [src], f"{what}.shape")
+        dyn_hw = g.node("Slice", [shape, g.const([2], i64), g.const([4], i64)], f"{what}.hw")
+
+        def tiled(x: str, base: str) -> str:
+            if ceil:
+                short = g.node(
+                    "Sub", [kk, g.node("Mod", [dyn_hw, kk], f"{base}.rem")], f"{base}.short"
+                )
+                rem = g.node("Mod", [short, kk], f"{base}.fill")
+                pads = g.node("Concat", [g.const([0] * 6, i64), rem], f"{base}.pads", axis=0)
+                return g.node("Pad", [x, pads, g.const(0.0)], f"{base}.tiles", mode="constant")
+            ends = g.node("Mul", [g.node("Div", [dyn_hw, kk], f"{base}.n"), kk], f"{base}.ends")
+            return g.node("Slice", [x, g.const([0, 0], i64), ends, axes], f"{base}.tiles")
+
+        s = window_sum(tiled(src, what), what)
+        if ceil:
+            one = self.onnx.helper.make_tensor("one", self.onnx.TensorProto.FLOAT, [1], [1.0])
+            ones_shape = g.node("Concat", [g.const([1, 1], i64), dyn_hw], f"{what}.ones", axis=0)
+            ones = g.node("ConstantOfShape", [ones_shape], f"{what}.ones", value=one)
+            count = window_sum(tiled(ones, f"{what}.count"), f"{what}.count")
+        else:
+            count = g.const(float(k[0] * k[1]))
+        return g.node("Div", [s, count], what, kind=kind)
 
     def _check_width(self, src: str, c: int, what: str) -> None:
         if self.kind(src)[1] != c:

@@ -36,6 +36,7 @@ class Emitter:
 
     def __init__(self, g: Graph) -> None:
         self.g = g
+        self.pool_sizes: dict[int, tuple[int, int]] = {}  # id(AvgPool2d) -> static input (H, W)
         self.q = g.qonnx
         self.onnx = g.onnx
 

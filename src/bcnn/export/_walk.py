@@ -53,6 +53,11 @@ def _head(e: LayerEmitter, head: Any, h: str, what: str) -> str:
 
 
 def _avgpool(e: LayerEmitter, pool: Any, src: str, what: str) -> str:
+    """AvgPool2d. Non-overlapping windows without padding (BCNN's 2x2 / 2, partial windows at
+    odd sizes): sums of strided slices in torch's order, ((a + b) + c) + d, then one division
+    by the window's count; onnxruntime's AveragePool kernels sum in another order (an ulp
+    apart on ~1/3 of the outputs). Other settings: ONNX AveragePool."""
+
     def pair(v: Any) -> list[int]:
         return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
 
@@ -60,11 +65,13 @@ def _avgpool(e: LayerEmitter, pool: Any, src: str, what: str) -> str:
         raise UnsupportedError(f"{what}: average pooling must read a float stream")
     if getattr(pool, "divisor_override", None):
         raise UnsupportedError(f"{what}: AvgPool2d with divisor_override")
+    k = pair(pool.kernel_size)
+    st = pair(pool.stride if pool.stride is not None else pool.kernel_size)
     ph, pw = pair(pool.padding)
+    if k == st and ph == pw == 0:
+        return e.window_mean(src, k, bool(pool.ceil_mode), e.pool_sizes.get(id(pool)), what)
     return e.g.node(
-        "AveragePool", [src], what, kind=e.kind(src),
-        kernel_shape=pair(pool.kernel_size),
-        strides=pair(pool.stride if pool.stride is not None else pool.kernel_size),
+        "AveragePool", [src], what, kind=e.kind(src), kernel_shape=k, strides=st,
         pads=[ph, pw, ph, pw], ceil_mode=int(pool.ceil_mode),
         count_include_pad=int(pool.count_include_pad),
     )  # fmt: skip
