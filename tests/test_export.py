@@ -282,6 +282,23 @@ def test_unsupported_module_one_line_error() -> None:
         build(_bcnn(), batch=0)
 
 
+def test_missing_extra_one_line_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from bcnn.export import _graph
+
+    real = importlib.import_module
+
+    def fake(name: str, *a: object) -> object:
+        if name.split(".")[0] in ("onnx", "qonnx"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_graph.importlib, "import_module", fake)
+    with pytest.raises(ImportError, match=r"^exporting needs the 'onnx' package: pip install "):
+        build(_bcnn())
+
+
 def test_cli_export_checkpoint(tmp_path: Path) -> None:
     model = _bcnn()
     ckpt = tmp_path / "m.pt"
