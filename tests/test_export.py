@@ -137,6 +137,18 @@ def test_onnx_opsets(tmp_path: Path, opset: int) -> None:
     _assert_same(_ort(path, x), _torch(model, x))
 
 
+def test_bcnn_imagenet_mixed_bits_odd_size(tmp_path: Path) -> None:
+    """Stride-2 stem, four stages, W3A2, 45x45 images (partial pooling windows)."""
+    torch.manual_seed(0)
+    m = create_model("bcnn_imagenet", width=8, depth=1, num_classes=20, weight_bits=3, act_bits=2)
+    model = _perturb(m, 45, 45)
+    x = _images(3, 45, 45)
+    path = to_onnx(model, tmp_path / "inet.onnx", batch=3, input_size=(45, 45))
+    _assert_same(_ort(path, x), _torch(model, x))
+    qpath = to_qonnx(model, tmp_path / "inet.qonnx.onnx", batch=3, input_size=(45, 45))
+    _assert_same(_qonnx_run(ModelWrapper(str(qpath)), x), _torch(model, x))
+
+
 def test_onnx_nodes_and_weights(tmp_path: Path) -> None:
     """Standard opset only; no ONNX Sign (Sign(0) = 0); binary weights stored as int8."""
     proto = build(_bcnn(), format="onnx")
