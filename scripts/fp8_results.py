@@ -123,7 +123,7 @@ def flush_fractions(d: Path, batches: int = 4) -> dict[str, dict[str, float]]:
     rows = read_rows(d)
     model, _ = load_checkpoint(d / "final.pt")
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    recipe = get_recipe(cfg["precision"], **(cfg.get("fp8") or {}), master="fp32")
+    recipe = get_recipe(cfg["precision"], **{**(cfg.get("fp8") or {}), "master": "fp32"})
     fp8 = FP8Training(model, opt, recipe)
     scale = float(rows[-1]["loss_scale"]) if rows and rows[-1].get("loss_scale") else 1.0
     train, _ = load_splits(cfg["data"], cfg["val_split"], cfg["seed"])

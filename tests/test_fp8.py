@@ -445,3 +445,16 @@ def test_config_errors() -> None:
         _cfg(Path("x"), fp8={"sr": True}).validate()
     with pytest.raises(ValueError, match="without --amp on and --compile"):
         _cfg(Path("x"), amp="on").validate()
+
+
+def test_cli_flags_reach_the_config() -> None:
+    from bcnn._commands.train import resolve_config
+    from bcnn.cli import build_parser
+
+    argv = ["train", "--precision", "fp8-hybrid", "--fp8", "loss_scaling=none", "master=bf16"]
+    cfg = resolve_config(build_parser().parse_args(argv))
+    assert cfg.precision == "fp8-hybrid" and cfg.fp8 == {"loss_scaling": "none", "master": "bf16"}
+    with pytest.raises(ValueError, match="unknown master 'fp8'"):
+        resolve_config(
+            build_parser().parse_args(["train", "--precision", "fp8", "--fp8", "master=fp8"])
+        )
