@@ -14,10 +14,12 @@ number of bit-layers is a run-time knob. Here (see docs/pbatch.md):
   saturate: unsigned ``0 .. 2^A - 1`` when the vector has no negative value, else signed
   two's complement ``-(2^(A-1) - 1) .. 2^(A-1) - 1``. Bit-planes ``b_j`` in {0, 1} (packed,
   bit 1 = 1) with place values ``p_j = 2^j`` (the top plane ``-2^(A-1)`` when signed).
-* **The dot product**: ``sum_k s_i[k] a[k] = S - 2 C_i`` with ``S = sum_k a[k]`` and
-  ``C_i = sum_{k: s_i[k] = -1} a[k] = sum_j p_j popcount(b_j AND neg_i)``: AND-popcounts
-  of plane pairs, combined exactly in int64. Then
-  ``y[n, o] = alpha[kb, o] * scale[n] * (sum_{i>=d} 2^i (S - 2 C_i)) + bias[o]`` in float64.
+* **The dot product**: with the activation plane's bits read as ``t_j = 1 - 2 b_j`` (+-1),
+  the engine's binary GEMM gives ``D_ij = sum_k t_j s_i``, so
+  ``sum_k b_j s_i = (R_i - D_ij) / 2`` (``R_i = sum_k s_i``, per row) and
+  ``W_d . a = sum_{i >= d} 2^i sum_j p_j (R_i - D_ij) / 2``: all planes in one XOR-popcount
+  GEMM (activation planes as rows, kept weight planes stacked as outputs), combined exactly
+  in int64. Then ``y[n, o] = alpha[kb, o] * scale[n] * (W_d . a) + bias[o]`` in float64.
 
 Everything here is exact integer arithmetic up to that last line, and
 :func:`reference_dot` (numpy int64 matmul of the same integers) checks it bit for bit.
@@ -26,10 +28,7 @@ Everything here is exact integer arithmetic up to that last line, and
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
 __all__ = [
     "WEIGHT_PLANES",
@@ -44,47 +43,27 @@ __all__ = [
 WEIGHT_PLANES = 8  # B: weights are stored at 8 bits; any 1..8 top planes run
 
 
-@intrinsic
-def _popc(typingctx, x):  # type: ignore[no-untyped-def]
-    """llvm.ctpop.i64 (the loop vectorizer turns it into VPOPCNTQ where the CPU has it)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        i64 = ir.IntType(64)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64"
-        )
-        return builder.call(fn, args)
-
-    return sig, codegen
-
-
 @njit(nogil=True, cache=True, boundscheck=False)
-def _and_count(a, w):  # type: ignore[no-untyped-def]
-    """sum_w popcount(a[w] & w[w]) over two uint64 rows."""
-    s = np.uint64(0)
-    for k in range(a.shape[0]):
-        s += _popc(a[k] & w[k])
-    return np.int64(s)
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def _masked_sums(wp, d, ap, place, out):  # type: ignore[no-untyped-def]
-    """out[n, o] = sum_{i >= d} 2^i * C_i[n, o], C_i = sum_j place[j] * popcount(ap[j, n] &
-    wp[i, o]). wp uint64 (B, O, Kw); ap uint64 (A, N, Kw); place int64 (A,); out int64
-    (N, O). Rows outer, so each weight row is read once for all N vectors."""
-    nb, no, _ = wp.shape
-    na, nn, _ = ap.shape
-    for o in range(no):
-        for n in range(nn):
-            out[n, o] = 0
-        for i in range(d, nb):
-            wrow = wp[i, o]
-            for n in range(nn):
-                c = np.int64(0)
-                for j in range(na):
-                    c += place[j] * _and_count(ap[j, n], wrow)
-                out[n, o] += c << np.int64(i)
+def _combine(dots, n, d, rowsum, place, out):  # type: ignore[no-untyped-def]
+    """dots int32 (A*n, kb*O): the binary GEMM of activation planes (bit 1 read as -1) with
+    the kept weight planes; rowsum int64 (B, O) = sum_k s_i[o, k]; place int64 (A,).
+    out int64 (n, O) = sum_{i >= d} 2^i sum_j place[j] (rowsum[i] - dots[j, i]) / 2, the
+    exact integer dot products (each difference is 2 sum_k b_j s_i, even)."""
+    nb, no = rowsum.shape
+    na = place.shape[0]
+    acc = np.zeros(no, np.int64)
+    for b in range(n):
+        out[b, :] = 0
+        for ii in range(nb - d):
+            i = ii + d
+            acc[:] = 0
+            for j in range(na):
+                p = place[j]
+                row = dots[j * n + b]
+                for c in range(no):
+                    acc[c] += p * (rowsum[i, c] - np.int64(row[ii * no + c]))
+            for c in range(no):
+                out[b, c] += (acc[c] >> np.int64(1)) << np.int64(i)
 
 
 def _words(k: int) -> int:
@@ -106,7 +85,7 @@ class QuantizedWeights:
 
     ``planes`` uint64 (8, O, Kw); ``ints`` int64 (O, K) the 8-bit odd integers;
     ``alpha`` float64 (9, O): ``alpha[kb]`` the least-squares scale of the top-kb view
-    (``alpha[0]`` unused); ``colsum[kb]`` is ``sum_{i >= 8-kb} 2^i`` (the S coefficient)."""
+    (``alpha[0]`` unused); ``rowsum`` int64 (8, O) = sum_k s_i[o, k]."""
 
     def __init__(self, w: np.ndarray, clip_search: bool = True) -> None:
         w = np.asarray(w, np.float64)
@@ -142,6 +121,20 @@ class QuantizedWeights:
             den = (wd * wd).sum(axis=1)
             self.alpha[kb] = (w * wd).sum(axis=1) / den
         self.nbytes = int(self.planes.nbytes)
+        self.rowsum = np.asarray(w.shape[1] - 2 * np.bitwise_count(self.planes).sum(-1), np.int64)
+        self._prepared: dict[int, object] = {}
+
+    def prepared(self, kb: int) -> object:
+        """The top-kb planes stacked (plane-major, kb*O rows) in the binary GEMM kernel's
+        layout (prepared on first use per kb, then cached)."""
+        p = self._prepared.get(kb)
+        if p is None:
+            from ._kernels import prepare_dense_weights
+
+            top = self.planes[WEIGHT_PLANES - kb :]
+            stacked = np.ascontiguousarray(top.reshape(kb * self.out_features, -1))
+            p = self._prepared[kb] = prepare_dense_weights(stacked, self.in_features)
+        return p
 
     def view(self, kb: int) -> np.ndarray:
         """The integers of the top-kb planes, sum_{i >= 8-kb} 2^i s_i (int64 (O, K))."""
@@ -168,26 +161,49 @@ class QuantizedActs:
             amax = np.abs(x).max(axis=1)
         amax = np.asarray(amax, np.float64)
         scale = np.where(amax > 0, amax / qmax, 1.0)
-        q = np.clip(np.rint(x / scale[:, None]), -qmax if signed else 0, qmax)
-        self.ints = q.astype(np.int64)
+        n, k = x.shape
+        self.ints = np.empty((n, k), np.int64)
+        self.planes = np.zeros((bits, n, _words(k)), np.uint64)
+        _quantize_pack(x, scale, qmax, signed, self.ints, self.planes)
         self.scale = scale
         self.signed = signed
-        code = self.ints & ((1 << bits) - 1)  # two's complement when signed
-        self.planes = np.stack([_pack_rows(((code >> j) & 1).astype(bool)) for j in range(bits)])
         self.place = (1 << np.arange(bits, dtype=np.int64)).astype(np.int64)
         if signed:
             self.place[-1] = -(1 << (bits - 1))
-        self.sums = self.ints.sum(axis=1)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _quantize_pack(x, scale, qmax, signed, ints, planes):  # type: ignore[no-untyped-def]
+    """ints[n, k] = clip(rint(x / scale[n]), lo, qmax) (float64 division, ties to even);
+    bit k of plane j, row n = bit j of the code (two's complement when signed)."""
+    n_, k_ = x.shape
+    bits = planes.shape[0]
+    lo = -qmax if signed else 0
+    mask = (np.int64(1) << np.int64(bits)) - 1
+    for n in range(n_):
+        s = scale[n]
+        for k in range(k_):
+            q = np.int64(min(max(np.rint(np.float64(x[n, k]) / s), lo), qmax))
+            ints[n, k] = q
+            code = q & mask
+            word = k >> 6
+            bit = np.uint64(1) << np.uint64(k & 63)
+            for j in range(bits):
+                if (code >> j) & 1:
+                    planes[j, n, word] |= bit
 
 
 def masked_sums(w: QuantizedWeights, kb: int, a: QuantizedActs) -> np.ndarray:
     """int64 (N, O): the exact integer dot products of the top-kb weight view with the
-    activation integers, computed from AND-popcounts of plane pairs."""
-    d = WEIGHT_PLANES - kb
-    c = np.empty((a.planes.shape[1], w.out_features), np.int64)
-    _masked_sums(w.planes, d, a.planes, a.place, c)
-    colsum = sum(1 << i for i in range(d, WEIGHT_PLANES))
-    return colsum * a.sums[:, None] - 2 * c
+    activation integers: one binary GEMM (XOR-popcount, the engine's kernel) of the
+    activation planes against the kept weight planes, then :func:`_combine`."""
+    from ._kernels import blinear
+
+    n = a.planes.shape[1]
+    dots = blinear(a.planes.reshape(-1, a.planes.shape[2]), w.prepared(kb))  # type: ignore[arg-type]
+    out = np.empty((n, w.out_features), np.int64)
+    _combine(dots, n, WEIGHT_PLANES - kb, w.rowsum, a.place, out)
+    return out
 
 
 def reference_dot(w: QuantizedWeights, kb: int, a: QuantizedActs) -> np.ndarray:
