@@ -158,13 +158,18 @@ class Emitter:
         kind = self._out(src)
         v = g.node("Div", [src, g.const(step)], f"{what}.v", kind=kind)
         if self.q:
-            sc, zp, bw = g.const(2.0 if q.signed else 1.0), g.const(0.0), g.const(float(q.bits))
+            # signed: the odd grid value 2m + 1 of the k-bit integer m = floor(clip(v / 2))
+            u = self.binop("Div", v, g.const(2.0), f"{what}.half") if q.signed else v
             x = g.node(
-                "Quant", [v, sc, zp, bw], f"{what}.q", domain=QONNX_DOMAIN, kind=kind,
-                signed=int(q.signed), narrow=0,
+                "Quant", [u, g.const(1.0), g.const(0.0), g.const(float(q.bits))], f"{what}.q",
+                domain=QONNX_DOMAIN, kind=kind, signed=int(q.signed), narrow=0,
                 rounding_mode="FLOOR" if q.signed else "HALF_UP",
             )  # fmt: skip
-            return (self.binop("Add", x, g.const(1.0), what) if q.signed else x), step
+            if not q.signed:
+                return x, step
+            return self.binop(
+                "Add", self.binop("Mul", x, g.const(2.0), what), g.const(1.0), what
+            ), step
         v = g.node("Clip", [v, g.const(float(lo)), g.const(float(hi))], f"{what}.clip", kind=kind)
         if q.signed:  # 2 * floor(v / 2) + 1
             f = g.node("Floor", [self.binop("Div", v, g.const(2.0), f"{what}.half")], f"{what}.f")
