@@ -2,6 +2,8 @@
 PyTorch float vs PyTorch int8 x86/fbgemm, float in / float out), at 1 and 2 threads.
 
     python scripts/bench_kernels.py [--repeat R] [--threads 1 2] [--json]
+    python scripts/bench_kernels.py --lut     # lookup-table GEMM vs the popcount GEMM
+    NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES= python scripts/bench_kernels.py --lut  # AVX2
 
 All figures are medians of repeated runs; the implementations of one layer are timed in the
 same run (interleaved), so compare ratios, not absolute times, on a shared machine. With more
@@ -127,17 +129,69 @@ def bench_chain(repeat: int = 100) -> dict[str, float]:
             "speedup": ms["float_twin"] / ms["chain"]}  # fmt: skip
 
 
+def bench_lut(repeat: int) -> list[dict[str, float]]:
+    """The lookup-table binary GEMM (the ``lut`` path in progress, _kernels/_lut.py) vs the
+    popcount GEMM on the same operands, 1 thread, interleaved medians, exactness checked."""
+    import time
+
+    import numpy as np
+
+    from bcnn.engine import _kernels as K
+    from bcnn.engine._kernels._lut import lut_bgemm, prepare_lut_weights
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for m, n, k in GEMMS:
+        a = rng.integers(0, 2**63, (m, k // 64), dtype=np.uint64)
+        w = rng.integers(0, 2**63, (n, k // 64), dtype=np.uint64)
+        pw, lw = K.prepare_dense_weights(w, k), prepare_lut_weights(w, k)
+        exact = bool(np.array_equal(K.bgemm(a, pw), lut_bgemm(a, lw)))
+        ts: dict[str, list[float]] = {"popcount": [], "lut": []}
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            K.bgemm(a, pw)
+            t1 = time.perf_counter()
+            lut_bgemm(a, lw)
+            t2 = time.perf_counter()
+            ts["popcount"].append(t1 - t0)
+            ts["lut"].append(t2 - t1)
+        med = {name: float(np.median(v)) for name, v in ts.items()}
+        rows.append(
+            {
+                "m": m, "n": n, "k": k, "exact": exact,
+                "popcount_gmacs": m * n * k / med["popcount"] / 1e9,
+                "lut_gmacs": m * n * k / med["lut"] / 1e9,
+                "lut_vs_popcount": med["popcount"] / med["lut"],
+            }
+        )  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--asm", action="store_true", help="only check the micro-kernel's asm")
+    ap.add_argument("--lut", action="store_true", help="only the lookup-table GEMM vs popcount")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import llvmlite.binding as llvm
 
-    print(f"# cpu: {llvm.get_host_cpu_name()}; load average: {os.getloadavg()}")
+    target = os.environ.get("NUMBA_CPU_NAME") or "host"
+    print(f"# cpu: {llvm.get_host_cpu_name()}; compile target: {target}; "
+          f"load average: {os.getloadavg()}")  # fmt: skip
+    if args.lut:
+        for r in bench_lut(args.repeat * 2):
+            if args.json:
+                print(json.dumps({"bench": "lut_gemm", "target": target, **r}))
+            else:
+                print(
+                    f"gemm  M={r['m']:5d} N={r['n']:4d} K={r['k']:5d}: popcount "
+                    f"{r['popcount_gmacs']:6.0f} G/s  lut {r['lut_gmacs']:6.0f} G/s  "
+                    f"x{r['lut_vs_popcount']:.2f}  exact={r['exact']}"
+                )
+        return
     print(f"# micro-kernel machine code (zmm instructions): {check_asm()}")
     if args.asm:
         return
