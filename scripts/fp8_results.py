@@ -195,6 +195,56 @@ def report(out: Path, bench: bool) -> dict[str, Any]:
     return res
 
 
+def markdown(res: dict[str, Any]) -> str:
+    """The results as Markdown tables (docs/fp8.md)."""
+    r = res["runs"]
+    lines = ["| config | seed 0 | seed 1 | mean | overflows (s0) | final loss scale (s0) |"]
+    lines.append("|---|---|---|---|---|---|")
+    for row in res["table"]:
+        s0 = r.get(f"cifar-{row['config']}-s0", {})
+        accs = " | ".join(f"{100 * a:.2f}" for a in row["top1"])
+        if len(row["top1"]) == 1:
+            accs += " | -"
+        lines.append(
+            f"| {row['label']} | {accs} | **{100 * row['mean']:.2f}** | "
+            f"{s0.get('overflows') or '-'} | {s0.get('loss_scale') or '-'} |"
+        )
+    out = ["\n".join(lines)]
+    other = [k for k in r if not k.startswith("cifar-")]
+    if other:
+        t = ["| run | epochs | val top-1 | train seconds | overflows | final loss scale |"]
+        t.append("|---|---|---|---|---|---|")
+        for k in other:
+            v = r[k]
+            t.append(
+                f"| {k} | {v['epochs']} | {100 * v['val_top1']:.2f} | {v['seconds']:.0f} | "
+                f"{v['overflows'] or '-'} | {v['loss_scale'] or '-'} |"
+            )
+        out.append("\n".join(t))
+    if res["flush"]:
+        names = sorted({n for f in res["flush"].values() for n in f})
+        t = ["| layer | " + " | ".join(res["flush"]) + " |"]
+        t.append("|---" * (len(res["flush"]) + 1) + "|")
+        for n in names:
+            cells = []
+            for f in res["flush"].values():
+                v = f.get(n)
+                cells.append(f"{100 * v['error']:.2f} / {100 * v['wgrad']:.2f}" if v else "-")
+            t.append(f"| {n} | " + " | ".join(cells) + " |")
+        out.append("\n".join(t))
+    if res["bench"]:
+        t = ["| model | recipe | FP32 ms/step | FP8 ms/step | overhead |", "|---|---|---|---|---|"]
+        for b in res["bench"]:
+            rec = next(k[:-3] for k in b if k.endswith("_ms") and k != "fp32_ms")
+            kind = "BCNN step 2" if b["binary"] else "float twin"
+            t.append(
+                f"| {kind} width {b['width']}, batch {b['batch']} | {rec} | {b['fp32_ms']:.0f} | "
+                f"{b[rec + '_ms']:.0f} | {b['overhead']:.2f}x |"
+            )
+        out.append("\n".join(t))
+    return "\n\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["run", "report"])
@@ -209,10 +259,9 @@ def main() -> None:
         run_all(out, a.only)
         return
     res = report(out, a.bench)
-    text = json.dumps(res, indent=1)
     if a.json:
-        Path(a.json).write_text(text)
-    print(text)
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    print(markdown(res))
 
 
 if __name__ == "__main__":
