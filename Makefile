@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" || \
 	  $(BIN)/python -m pip install -q "$(TORCH_SPEC)" --index-url $(TORCH_INDEX)
 	$(BIN)/python -m pip install -q -e ".[test,export]"
+	$(BIN)/python -m bcnn.engine._warm  # compile the shipped model's kernels once (numba cache)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -35,7 +36,7 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_all.py
+	$(BIN)/python scripts/bench_kernels.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info src/*.egg-info
