@@ -18,6 +18,7 @@ import json
 import os
 import warnings
 
+import bcnn.engine  # noqa: F401  (first: applies BCNN_KERNEL_PATH before numba is imported)
 from bcnn._commands._bench_layer import bench_gemm, bench_layer
 
 GEMMS = [(196, 256, 2304), (784, 128, 1152), (3136, 64, 576), (49, 512, 4608)]

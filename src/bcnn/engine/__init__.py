@@ -10,6 +10,7 @@
 Weights are stored as sign bits (bit 1 = -1), channels-last, packed along the reduction axis
 into uint64 words; batch norm + sign fold into per-channel thresholds; see docs/format.md.
 Importing this package does not import torch (only :func:`pack` does) nor compile kernels.
+:func:`kernel_path` names the kernels' instruction-set path (``BCNN_KERNEL_PATH`` forces one).
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from ._executor import PackedModel
+from ._paths import apply_kernel_path_env, kernel_path
+
+apply_kernel_path_env()  # BCNN_KERNEL_PATH, before numba compiles anything
 
 __all__ = [
     "PackedModel",
     "get_num_threads",
+    "kernel_path",
     "load",
     "load_any",
     "num_threads",

@@ -1,0 +1,97 @@
+"""Kernel paths (bcnn.engine.kernel_path, BCNN_KERNEL_PATH): every path this machine can run
+gives the same bits as the numpy reference and a whole packed model the same logits as
+torch; a path the CPU cannot run is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bcnn.engine import kernel_path
+from bcnn.engine._paths import PATHS, target_features
+
+# run in a fresh interpreter on a given path: binary GEMMs at awkward sizes, then a
+# randomized bcnn_cifar packed vs torch at 33 px, batch 1 and 7
+_PROBE = r"""
+import json, sys
+import numpy as np
+import bcnn.engine as E
+from bcnn.engine import _kernels as K
+sys.path.insert(0, sys.argv[1])
+from test_engine_exact import assert_exact, randomize, images, torch_logits
+from bcnn.models import create_model
+rng = np.random.default_rng(0)
+out = {"path": E.kernel_path(), "gemm": True, "logits": True}
+for m, n, k in [(1, 1, 1), (7, 63, 65), (3, 65, 130), (5, 130, 64)]:
+    kw = (k + 63) // 64
+    def rows(r):
+        bits = rng.integers(0, 2, (r, k)).astype(bool)
+        full = np.zeros((r, 64 * kw), bool); full[:, :k] = bits
+        return np.packbits(full, axis=-1, bitorder="little").view("<u8").reshape(r, kw)
+    a, w = rows(m), rows(n)
+    ref = k - 2 * np.bitwise_count(a[:, None, :] ^ w[None]).sum(-1, dtype=np.int64)
+    out["gemm"] &= bool(np.array_equal(K.bgemm(a, w, k), ref))
+model = randomize(create_model("bcnn_cifar", width=8, depth=1), in_size=33)
+packed = E.pack(model)
+for n in (1, 7):
+    x = images(n, 3, 33, 33, seed=n)
+    assert_exact(packed(x), torch_logits(model, x))  # raises (the test fails) if not
+print(json.dumps(out))
+"""
+
+
+def _run(env: dict[str, str], code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
+
+
+def test_kernel_path_names_the_target() -> None:
+    assert kernel_path() in PATHS
+    assert (kernel_path() == "vpopcnt") == ("avx512vpopcntdq" in target_features())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
+def test_every_runnable_path_is_exact(path: str) -> None:
+    """The default path, and generic forced on a VPOPCNTDQ machine (compiled anew)."""
+    if path == "vpopcnt" and kernel_path() != "vpopcnt":
+        pytest.skip("this CPU has no AVX-512 VPOPCNTDQ")
+    r = _run({"BCNN_KERNEL_PATH": path}, _PROBE, str(Path(__file__).parent))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res == {"path": path, "gemm": True, "logits": True}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BCNN_KERNEL_PATH": "lut"}, "BCNN_KERNEL_PATH='lut': unknown kernel path"),
+        (
+            {"BCNN_KERNEL_PATH": "vpopcnt", "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""},
+            "the compile target has no AVX-512 VPOPCNTDQ",
+        ),
+    ],
+)
+def test_a_path_the_target_cannot_run_is_a_one_line_error(
+    env: dict[str, str], message: str, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    code = "import sys; from bcnn.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = _run(env, code, "predict", "bcnn_cifar10", str(img))
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
