@@ -95,3 +95,14 @@ def test_a_path_the_target_cannot_run_is_a_one_line_error(
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.slow
+def test_bench_isa_avx2_measures_the_avx2_profile() -> None:
+    """`bcnn bench --isa avx2` re-runs in the AVX2 profile and says so next to its figures."""
+    code = "import sys; from bcnn.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["bench", "--layer", "conv3x3", "--channels", "8", "--size", "5", "--repeat", "1"]
+    r = _run({}, code, *args, "--json", "--isa", "avx2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["kernel_path"] == "generic" and res["isa"] == "AVX2" and res["binary_exact"]

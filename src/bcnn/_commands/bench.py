@@ -1,10 +1,13 @@
-"""bcnn bench MODEL [--batch N] [--threads T] [--concurrency T] [--json]
+"""bcnn bench MODEL [--batch N] [--threads T] [--concurrency T] [--isa native|avx2] [--json]
 bcnn bench --layer conv3x3|conv1x1|linear --channels C --size S [--batch N] [--threads T]
            [--wbits W --abits A] [--json]"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 HELP = (
     "time a whole model (packed engine vs its float twin and the binary model in PyTorch), "
@@ -31,6 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--size", type=int, nargs="+", metavar="N", help="input size: H W (or S for S x S)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="avx2: measure the AVX2 profile on any x86 CPU (the engine compiled for haswell, "
+        "PyTorch's oneDNN limited to AVX2), in a subprocess",
+    )
     _add_layer_arguments(p)
 
 
@@ -64,6 +74,7 @@ def _run_layer(args: argparse.Namespace) -> int:
         wbits=args.wbits,
         abits=args.abits,
     )
+    res.update(_context())
     if args.json:
         print_json(res)
     else:
@@ -72,7 +83,43 @@ def _run_layer(args: argparse.Namespace) -> int:
     return 0
 
 
+# the environment of the AVX2 profile: numba compiles for haswell without the host's extra
+# features (the name alone keeps them), oneDNN (PyTorch's float/int8 baseline) stops at AVX2
+AVX2_PROFILE = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def _in_profile(env: dict[str, str]) -> bool:
+    return all(os.environ.get(k) == v for k, v in env.items())
+
+
+def _rerun(argv: list[str], env: dict[str, str]) -> int:
+    """The same bench command in a fresh interpreter with ``env`` (numba fixes its compile
+    target at import, so a profile needs a new process)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--isa":
+            skip = True
+        elif not a.startswith("--isa="):
+            out.append(a)
+    return subprocess.run(
+        [sys.executable, "-m", "bcnn", *out], env={**os.environ, **env}
+    ).returncode
+
+
+def _context() -> dict[str, str]:
+    """What every figure is measured on: the kernel path, the compile target's ISA, the CPU."""
+    from llvmlite import binding as llvm
+
+    from ..engine._paths import isa, kernel_path
+
+    return {"kernel_path": kernel_path(), "isa": isa(), "cpu": llvm.get_host_cpu_name()}
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.isa == "avx2" and not _in_profile(AVX2_PROFILE):
+        return _rerun(getattr(args, "_argv", sys.argv[1:]), AVX2_PROFILE)
     if args.layer is not None:
         if args.model is not None:
             raise ValueError("give either MODEL or --layer, not both")
@@ -94,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         size=(args.size[0], args.size[-1]) if args.size else None,
         concurrency=args.concurrency,
     )
+    res.update(_context())
     if args.json:
         print_json(res)
     else:
