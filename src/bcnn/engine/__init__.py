@@ -49,7 +49,7 @@ def pack(
     layers) into a :class:`PackedModel`. The model is read in eval mode; unsupported modules
     raise ``ValueError`` naming them. ``classes``: class names stored with the model;
     ``meta``: a checkpoint's meta, of which the entries in ``META_KEYS`` are kept."""
-    from ._pack import pack_model
+    from ._pack_models import pack_model
 
     kept = {k: meta[k] for k in META_KEYS if meta and meta.get(k) is not None}
     graph, tensors = pack_model(model, classes=classes, meta=kept)

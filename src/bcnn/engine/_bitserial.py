@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from ._epilogue import _Epilogue, _FusedEpilogue
+
 __all__ = [
     "BitSerialConv",
     "BitSerialLinear",
@@ -433,8 +435,6 @@ def _pre_fn(steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> tuple[Any,
         return None, None
     if len(steps) == 1 and steps[0]["kind"] == "bias":
         return None, np.ascontiguousarray(t[steps[0]["bias"]], np.float32)
-    from ._executor import _Epilogue
-
     epi = _Epilogue(steps, t)
     return (lambda x: epi(x, None)), None
 
@@ -442,9 +442,6 @@ def _pre_fn(steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> tuple[Any,
 def _emitter(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     """emit(acc float32): the op's epilogue into its output buffer; the fused numba epilogue
     (same arithmetic) when the steps fit it, else the numpy one."""
-    from ._executor import _Epilogue
-    from ._fastplan import _FusedEpilogue
-
     kinds = [st["kind"] for st in op["epilogue"]]
     fe = (
         _FusedEpilogue.build(op["epilogue"], t) if set(kinds) <= set(_FusedEpilogue.ORDER) else None

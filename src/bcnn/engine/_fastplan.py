@@ -1,67 +1,26 @@
 """The numba fast path of the executor: a plan per input shape whose steps call the kernels'
 checked-once entry points, with sign/pack folded into the producing kernel where possible and
-fused epilogues (ops the kernels do not cover run :class:`_executor._Plan`'s numpy code).
-Bit-exact with :class:`_executor._Plan` and with torch (tests/test_engine_exact.py)."""
+fused epilogues (ops the kernels do not cover run :class:`_plan._Plan`'s numpy code).
+Bit-exact with :class:`_plan._Plan` and with torch (tests/test_engine_exact.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ._executor import _E32, _E64, _ER, _Epilogue, _Plan
+from ._epilogue import _Epilogue, _FusedEpilogue
 from ._format import words
-
-if TYPE_CHECKING:
-    from ._executor import PackedModel
-
-
-class _FusedEpilogue:
-    """[scale] [bias] [bn] [rprelu] [add] in this order, or None (use :class:`_Epilogue`)."""
-
-    ORDER = ("scale", "bias", "bn", "rprelu", "add")
-
-    @classmethod
-    def build(cls, steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> Any:
-        kinds = [s["kind"] for s in steps]
-        pos = [cls.ORDER.index(k) for k in kinds]
-        if pos != sorted(set(pos)):
-            return None
-        return cls(steps, t)
-
-    def __init__(self, steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> None:
-        d = {s["kind"]: s for s in steps}
-        self.pre = t[d["scale"]["scale"]] if "scale" in d else _E32
-        self.cb = t[d["bias"]["bias"]] if "bias" in d else _E32
-        if "bn" in d:
-            self.al = t[d["bn"]["alpha"]].astype(np.float64)
-            self.be = t[d["bn"]["beta"]].astype(np.float64)
-        else:
-            self.al = self.be = _E64
-        rp = d.get("rprelu")
-        self.rp = tuple(t[rp[k]] for k in ("gamma", "slope", "zeta")) if rp else (_E32,) * 3
-        self.flags = ("scale" in d, "bias" in d, "bn" in d, rp is not None, "add" in d)
-        from ._fused import fused_epilogue
-
-        self.fn = fused_epilogue
-
-    def __call__(self, acc: np.ndarray, res: np.ndarray | None, out: np.ndarray) -> None:
-        o = acc.shape[-1]
-        r = _ER if res is None else res.reshape(-1, res.shape[-1])
-        hp, hc, hb, hr, ha = self.flags
-        g, sl, z = self.rp
-        self.fn(
-            acc.reshape(-1, o), self.pre, hp, self.cb, hc, self.al, self.be, hb,
-            g, sl, z, hr, r, ha, out.reshape(-1, o),
-        )  # fmt: skip
+from ._plan import _Plan
 
 
 class _FastPlan:
     """Runs the graph with the numba kernels of ``_kernels`` (ops they do not cover, e.g.
     non-square strides, run the numpy reference code of :class:`_Plan`)."""
 
-    def __init__(self, model: PackedModel, shape: tuple[int, int, int, int]) -> None:
+    def __init__(self, model: Any, shape: tuple[int, int, int, int]) -> None:
+        """model: a :class:`~bcnn.engine.PackedModel` (its graph, tensors and precision)."""
         from . import _kernels as K
 
         self.K = K

@@ -1,4 +1,4 @@
-"""torch model -> graph IR + packed tensors (the only engine module that imports torch).
+"""The graph builder of ``pack`` (the model walkers and ``pack_model`` are in _pack_models.py).
 
 The IR is described in docs/format.md. In short: a list of ops over named values; a value is
 an image (uint8 NCHW, only ``input``), a float stream (float32 NHWC), a float vector (float32
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["pack_model", "pack_signs"]
+__all__ = ["pack_signs"]
 
 FORMAT_VERSION = 1
 
@@ -495,58 +495,3 @@ def _call_bn(bn: Any, x: np.ndarray) -> np.ndarray:
         if isinstance(bn, torch.nn.BatchNorm2d):
             return bn(t.view(1, -1, 1, 1)).view(-1).numpy()
         return bn(t).view(-1).numpy()
-
-
-def pack_model(
-    model: Any,
-    *,
-    classes: list[str] | None = None,
-    meta: dict[str, Any] | None = None,
-    input_size: tuple[int, int, int] | None = None,
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Return (graph, tensors) for a supported torch model (see docs/format.md)."""
-    from torch import nn
-
-    from ..models.bcnn import BCNN
-    from ._pack_models import _build_bcnn, _build_sequential
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"pack() expects a torch.nn.Module, got {type(model).__name__}")
-    was_training = model.training
-    model.eval()
-    try:
-        b = _Builder()
-        if isinstance(model, BCNN):
-            out = _build_bcnn(b, model)
-            in_chans = model.in_chans
-        elif isinstance(model, nn.Sequential):
-            out = _build_sequential(b, model)
-            first = b.ops[0]
-            in_chans = int(first["in_channels"])
-        else:
-            raise _Unsupported(
-                f"cannot pack a {type(model).__name__}: supported are the BCNN family and "
-                "nn.Sequential chains of bcnn binary layers"
-            )
-    except _Unsupported as e:
-        raise ValueError(f"pack: {e}") from None
-    finally:
-        model.train(was_training)
-    size = input_size or getattr(model, "default_input_size", None)
-    num_classes = b.kinds[out][1]
-    if classes is not None and len(classes) != num_classes:
-        classes = None
-    graph: dict[str, Any] = {
-        "input": {
-            "channels": int(in_chans),
-            "size": [int(size[1]), int(size[2])] if size is not None else None,
-        },
-        "num_classes": int(num_classes),
-        "classes": list(classes) if classes is not None else None,
-        "ops": b.ops,
-        "output": out,
-        "source": dict(getattr(model, "bcnn_config", None) or {}),
-    }
-    if meta:
-        graph["meta"] = dict(meta)
-    return graph, b.tensors

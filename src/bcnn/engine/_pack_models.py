@@ -1,12 +1,17 @@
-"""Model walkers of :func:`_pack.pack_model`: the BCNN family and ``nn.Sequential`` chains of
-bcnn layers, each emitting graph ops through a :class:`_pack._Builder`."""
+"""``pack_model``: a torch model -> graph IR + packed tensors, through the model walkers here
+(the BCNN family and ``nn.Sequential`` chains of bcnn layers), each emitting graph ops through a
+:class:`_pack._Builder` (1-bit layers) and :mod:`._bitserial_pack` (k-bit layers)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import _bitserial_pack as BS
 from ._pack import _Builder, _pair, _Unsupported
+
+__all__ = ["pack_model"]
 
 
 def _build_bcnn(b: _Builder, model: Any) -> str:
@@ -191,3 +196,57 @@ def _build_sequential(b: _Builder, model: Any) -> str:
     if b.kinds[cur][0] != "vector" or pending_shift is not None:
         raise _Unsupported("the model must end with a binary linear classifier")
     return cur
+
+
+def pack_model(
+    model: Any,
+    *,
+    classes: list[str] | None = None,
+    meta: dict[str, Any] | None = None,
+    input_size: tuple[int, int, int] | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Return (graph, tensors) for a supported torch model (see docs/format.md)."""
+    from torch import nn
+
+    from ..models.bcnn import BCNN
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pack() expects a torch.nn.Module, got {type(model).__name__}")
+    was_training = model.training
+    model.eval()
+    try:
+        b = _Builder()
+        if isinstance(model, BCNN):
+            out = _build_bcnn(b, model)
+            in_chans = model.in_chans
+        elif isinstance(model, nn.Sequential):
+            out = _build_sequential(b, model)
+            first = b.ops[0]
+            in_chans = int(first["in_channels"])
+        else:
+            raise _Unsupported(
+                f"cannot pack a {type(model).__name__}: supported are the BCNN family and "
+                "nn.Sequential chains of bcnn binary layers"
+            )
+    except _Unsupported as e:
+        raise ValueError(f"pack: {e}") from None
+    finally:
+        model.train(was_training)
+    size = input_size or getattr(model, "default_input_size", None)
+    num_classes = b.kinds[out][1]
+    if classes is not None and len(classes) != num_classes:
+        classes = None
+    graph: dict[str, Any] = {
+        "input": {
+            "channels": int(in_chans),
+            "size": [int(size[1]), int(size[2])] if size is not None else None,
+        },
+        "num_classes": int(num_classes),
+        "classes": list(classes) if classes is not None else None,
+        "ops": b.ops,
+        "output": out,
+        "source": dict(getattr(model, "bcnn_config", None) or {}),
+    }
+    if meta:
+        graph["meta"] = dict(meta)
+    return graph, b.tensors

@@ -34,7 +34,9 @@ _NAMED = {
         "sapphirerapids", "znver1", "znver2", "znver3", "znver4", "znver5", "x86-64-v3",
         "x86-64-v4",
     },
-    _VPOPCNT: {"icelake-client", "icelake-server", "tigerlake", "sapphirerapids", "znver4", "znver5"},
+    _VPOPCNT: {
+        "icelake-client", "icelake-server", "tigerlake", "sapphirerapids", "znver4", "znver5",
+    },
 }  # fmt: skip
 
 
