@@ -15,7 +15,9 @@ from bcnn.quant import QuantConfig, UniformQuantizer, grid_limits, quantize_
 
 vals = st.lists(
     st.one_of(
-        st.floats(-20, 20, allow_nan=False, width=32),
+        # no subnormals: v / 2 of the smallest ones underflows to -0.0 in float32, where the
+        # float64 closed form still sees a negative value (hypothesis found -1.4e-45)
+        st.floats(-20, 20, allow_nan=False, allow_subnormal=False, width=32),
         st.sampled_from([0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 15.0, -15.0, 16.0, 3.0]),
     ),
     min_size=1,

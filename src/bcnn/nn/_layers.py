@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant import QuantizerLike, get_quantizer
+from ..quant._registry import QuantizerLike, get_quantizer  # submodule, see quant.__init__
 
 __all__ = ["BinaryConv2d", "BinaryLinear"]
 

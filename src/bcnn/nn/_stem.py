@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant import QuantizerLike
+from ..quant._registry import QuantizerLike  # the submodule: bcnn.quant forwards transforms
 from ._encoders import BitPlaneEncoder, ThermometerEncoder
 from ._layers import BinaryConv2d, _quantize
 

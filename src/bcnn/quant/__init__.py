@@ -7,6 +7,7 @@
 [-1.0, 1.0, 1.0]
 """
 
+from ._factory import make_act_quantizer, make_weight_quantizer
 from ._precision import (
     PrecisionSwitchable,
     precision,
@@ -14,7 +15,6 @@ from ._precision import (
     switchable_layers,
     tune_precision,
 )
-from ._qat import QuantConfig, make_act_quantizer, make_weight_quantizer, quantize_
 from ._registry import QuantizerLike, get_quantizer, list_quantizers, register_quantizer
 from ._sign import (
     ApproxSign,
@@ -33,7 +33,7 @@ __all__ = [
     "ApproxSign",
     "MagnitudeAwareSign",
     "PrecisionSwitchable",
-    "QuantConfig",
+    "QuantConfig",  # forwarded from bcnn.transforms
     "QuantizerLike",
     "SteSign",
     "SwishSign",
@@ -46,7 +46,7 @@ __all__ = [
     "make_act_quantizer",
     "make_weight_quantizer",
     "precision",
-    "quantize_",
+    "quantize_",  # forwarded from bcnn.transforms
     "quantize_to_grid",
     "register_quantizer",
     "set_precision",
@@ -64,3 +64,14 @@ def is_binary_quantizer(q: object) -> bool:
 
 
 __all__ += ["is_binary_quantizer"]
+
+
+_FORWARDED = {"QuantConfig", "quantize_"}  # model-level transforms that live above bcnn.nn
+
+
+def __getattr__(name: str) -> object:
+    if name in _FORWARDED:
+        import importlib
+
+        return getattr(importlib.import_module("bcnn.transforms"), name)
+    raise AttributeError(f"module 'bcnn.quant' has no attribute {name!r}")

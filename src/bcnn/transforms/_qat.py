@@ -1,4 +1,6 @@
-"""Quantization-aware training as a configuration applied to an existing torch model.
+"""Quantization-aware training as a configuration applied to an existing torch model
+(``quantize_`` swaps layers for ``bcnn.nn`` ones, so it sits above ``bcnn.nn``; ``bcnn.quant``
+forwards its names lazily).
 
 >>> import torch
 >>> from torch import nn
@@ -20,24 +22,10 @@ from typing import Any
 
 from torch import nn
 
-from ._registry import QuantizerLike
-from ._uniform import UniformQuantizer
+from ..quant._factory import make_act_quantizer, make_weight_quantizer
+from ..quant._registry import QuantizerLike
 
-__all__ = ["QuantConfig", "make_act_quantizer", "make_weight_quantizer", "quantize_"]
-
-
-def make_weight_quantizer(bits: int, out_channels: int, per_channel: bool = True) -> nn.Module:
-    """k-bit signed weight quantizer (LSQ step per output channel); k = 1: ``ste_sign``."""
-    if bits == 1 and not per_channel:
-        from ._sign import SteSign
-
-        return SteSign()
-    return UniformQuantizer(bits, signed=True, channels=out_channels if per_channel else 0)
-
-
-def make_act_quantizer(bits: int, signed: bool | None = None) -> nn.Module:
-    """k-bit activation quantizer (one learned step); ``signed=None`` decides on the first batch."""
-    return UniformQuantizer(bits, signed=signed)
+__all__ = ["QuantConfig", "quantize_"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +63,7 @@ class QuantConfig:
 
 
 def _build(cfg: QuantConfig, out_channels: int) -> tuple[QuantizerLike, QuantizerLike]:
-    from ._registry import get_quantizer
+    from ..quant._registry import get_quantizer
 
     iq: QuantizerLike
     wq: QuantizerLike
@@ -95,7 +83,7 @@ def _build(cfg: QuantConfig, out_channels: int) -> tuple[QuantizerLike, Quantize
 
 
 def _convert(module: nn.Module, cfg: QuantConfig) -> nn.Module:
-    from ..nn import BinaryConv2d, BinaryLinear
+    from ..nn import BinaryConv2d, BinaryLinear  # above nn: no import circle
 
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
