@@ -1,6 +1,7 @@
 """bcnn: fully binary CNNs in PyTorch, with bit-exact XOR-popcount CPU inference.
 
-Subpackages: ``bcnn.quant`` (quantizers), ``bcnn.nn`` (binary layers, encoders),
+Subpackages: ``bcnn.quant`` (quantizers, set_precision), ``bcnn.nn`` (binary layers, encoders),
+``bcnn.transforms`` (quantize_),
 ``bcnn.models`` (registry, BCNN family), ``bcnn.data``, ``bcnn.train``, ``bcnn.engine``,
 ``bcnn.export`` (ONNX / QONNX), ``bcnn.fp8`` (emulated FP8 training).
 The import of ``bcnn`` itself is light: subpackages load on first use.
@@ -17,7 +18,7 @@ __all__ = ["__version__", "summary"]
 if TYPE_CHECKING:
     from ._summary import summary
 
-_SUBMODULES = {"quant", "nn", "models", "data", "train", "engine", "export", "fp8"}
+_SUBMODULES = {"quant", "nn", "transforms", "models", "data", "train", "engine", "export", "fp8"}
 
 
 def __getattr__(name: str) -> Any:
