@@ -164,6 +164,8 @@ def fp8_conv2d(
             if padding != "same" or any((di * (ki - 1)) % 2 for di, ki in zip(d, k)):
                 raise ValueError(f"fp8_conv2d: padding={padding!r} needs an odd kernel")
             padding = tuple(di * (ki - 1) // 2 for di, ki in zip(d, k))
+    if x.dim() == 3:  # unbatched (C, H, W), as F.conv2d accepts
+        return fp8_conv2d(x[None], weight, bias, stride, padding, dilation, groups, spec)[0]
     out = _FP8Conv2d.apply(
         x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), int(groups), spec
     )
