@@ -226,3 +226,17 @@ def test_checkpoint_meta_travels_into_the_file(tmp_path: Path) -> None:
     graph["meta"] = {"data": ["not", "a", "scalar"]}
     with pytest.raises(ValueError, match="meta"):
         validate_graph(graph, load(out).tensors)
+
+
+def test_saved_files_get_the_usual_mode(tmp_path: Path) -> None:
+    """Atomic writes go through mkstemp (mode 0600); the result follows the umask instead."""
+    import os
+
+    from bcnn._io import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
