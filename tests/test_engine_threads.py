@@ -278,3 +278,40 @@ def test_bench_concurrency_reports_both_rates(callers: int) -> None:
     assert res["concurrency_speedup"] == pytest.approx(
         res["concurrent_calls_per_s"] / res["serial_calls_per_s"], rel=1e-2
     )
+
+
+@pytest.mark.parametrize("model_name", ["bcnn_cifar10", "random"])
+def test_the_compiled_runner_gives_the_step_by_step_bits(model_name: str) -> None:
+    """A plan's runner (one nogil call for the hot steps, used once calls overlap) makes the
+    same kernel calls as its step-by-step path: identical logits, batch 1 and 7."""
+    model = load("bcnn_cifar10") if model_name == "bcnn_cifar10" else pack(_binary_model())
+    size = 32 if model_name == "bcnn_cifar10" else 24
+    from bcnn.engine._fastplan import _FastPlan
+
+    for n in (1, 7):
+        plan = _FastPlan(model, (n, 3, size, size))
+        assert plan._runnable, "this model's hot steps should all have a compiled record"
+        xs = _inputs((n, 3, size, size), 3, seed=n)
+        steps = [plan(x) for x in xs]
+        plan.use_runner()
+        assert plan._runner is not None
+        ran = [plan(x) for x in xs]
+        for a, b in zip(steps, ran, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(ran[0], ran[1])  # the inputs are told apart
+
+
+def test_overlapping_calls_switch_plans_to_the_runner() -> None:
+    model = load("bcnn_cifar10")
+    x = np.zeros((1, 3, 32, 32), np.uint8)
+    model(x)
+    assert not model._concurrent
+    (plan,) = model._plans[(1, 3, 32, 32)]
+    assert plan._runner is None  # single-threaded use stays step by step
+    for _ in range(5):  # until two calls overlap (near-certain on the first try)
+        wrong, _ = _mismatches(model, [(2, 50, _inputs((1, 3, 32, 32), 4))])
+        assert wrong == 0
+        if model._concurrent:
+            break
+    assert model._concurrent
+    assert any(p._runner is not None for p in model._plans[(1, 3, 32, 32)])

@@ -12,30 +12,39 @@ import numpy as np
 __all__ = ["bench_concurrency"]
 
 
-def _calls_per_s(model: Any, xs: list[np.ndarray], callers: int, calls: int) -> float:
-    """callers threads, each making ``calls`` calls on the shared model, started together."""
+def _calls_per_s(model: Any, xs: list[np.ndarray], callers: int, seconds: float) -> float:
+    """``callers`` threads calling the shared model back to back for ``seconds`` (a steady
+    load, as a server sees it: no thread waits for a straggler); calls per second."""
     start = threading.Barrier(callers + 1)
+    stop = threading.Event()
+    counts = [0] * callers
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
         start.wait()
         try:
-            for j in range(calls):
+            j = 0
+            while not stop.is_set():
                 model(xs[(i + j) % len(xs)])
+                j += 1
+            counts[i] = j
         except BaseException as e:  # reported below, in the calling thread
             errors.append(e)
+            stop.set()
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(callers)]
     for t in threads:
         t.start()
     start.wait()
     t0 = time.perf_counter()
+    stop.wait(seconds)
+    stop.set()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return callers * calls / elapsed
+    return sum(counts) / elapsed
 
 
 def bench_concurrency(
@@ -47,23 +56,18 @@ def bench_concurrency(
     rounds: int = 5,
 ) -> dict[str, Any]:
     """Calls/s of ``callers`` threads sharing ``model`` vs one thread, in ``rounds`` interleaved
-    rounds of about ``seconds`` each (medians). Kernel threads: whatever the caller set (use 1
-    with several callers: see docs/serving.md)."""
+    rounds of ``seconds`` each (medians). Kernel threads: whatever the caller set (use 1 with
+    several callers: see docs/serving.md)."""
     if callers < 1 or rounds < 1 or seconds <= 0:
         raise ValueError("concurrency and rounds must be >= 1, seconds > 0")
     rng = np.random.default_rng(1)
     xs = [x] + [rng.integers(0, 256, x.shape, np.uint8) for _ in range(3)]
-    for _ in range(2):  # warm: every caller thread builds its plan
-        _calls_per_s(model, xs, callers, 3)
-    t0 = time.perf_counter()
-    _calls_per_s(model, xs, 1, 20)
-    per_call = (time.perf_counter() - t0) / 20
-    calls = max(5, int(seconds / per_call))
+    _calls_per_s(model, xs, callers, 0.2)  # warm: every caller thread's plan exists
     serial: list[float] = []
     shared: list[float] = []
     for _ in range(rounds):
-        serial.append(_calls_per_s(model, xs, 1, calls))
-        shared.append(_calls_per_s(model, xs, callers, max(1, calls // callers)))
+        serial.append(_calls_per_s(model, xs, 1, seconds))
+        shared.append(_calls_per_s(model, xs, callers, seconds))
     s, c = float(np.median(serial)), float(np.median(shared))
     return {
         "concurrency": callers,

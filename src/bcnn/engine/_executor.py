@@ -47,6 +47,9 @@ class PackedModel:
         # returns it, so concurrent calls never share working buffers
         self._plans: OrderedDict[tuple[int, ...], list[Any]] = OrderedDict()
         self._lock = threading.Lock()
+        # set when two calls of one shape overlapped: plans then run through their compiled
+        # runner (bcnn.engine._runner), which fewer GIL hand-offs make scale across threads
+        self._concurrent = False
         # replaced as a whole (never mutated) so that a call reads one consistent setting
         self._precision: dict[str, int | None] = {"weight_bits": None}
 
@@ -122,6 +125,8 @@ class PackedModel:
         key = tuple(int(d) for d in x.shape)
         plan = self._checkout(key)
         try:
+            if self._concurrent:
+                plan.use_runner()  # one nogil call per image once calls overlap
             plan.precision.update(self._precision)
             return plan(np.ascontiguousarray(x))  # type: ignore[no-any-return]
         finally:
@@ -134,6 +139,8 @@ class PackedModel:
             if idle:
                 self._plans.move_to_end(key)
                 return idle.pop()
+            if idle is not None:  # this shape has plans, all busy: calls overlap
+                self._concurrent = True
         shape = (key[0], key[1], key[2], key[3])
         if self.backend == "numba":
             from ._fastplan import _FastPlan

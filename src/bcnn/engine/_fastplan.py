@@ -12,6 +12,7 @@ import numpy as np
 
 from ._epilogue import _Epilogue, _FusedEpilogue
 from ._format import words
+from ._kernels._bound import Record
 from ._plan import _Plan
 
 
@@ -44,8 +45,13 @@ class _FastPlan:
         # for their consumers (which then convolve with padding 0): name -> border
         self._prepad: dict[str, int] = {}
         self._skip: set[int] = set()  # ops computed by an earlier fused step
+        # for the plan runner: each step's serial kernel call on fixed arrays (None: the step
+        # has none), and the fixed array each value lives in when its producer has one
+        self._records: list[Record | None] = []
+        self._fixed: dict[str, np.ndarray] = {}
         for i, (op, ref_step) in enumerate(zip(ops, self.ref.steps, strict=True)):
             self._index = i
+            self._records.append(None)
             f = getattr(self, "_op_" + op["op"], None)
             if i in self._skip:
                 f = self._op_done
@@ -53,6 +59,36 @@ class _FastPlan:
             self.steps.append(step if step is not None else self._fallback(op, ref_step))
             self._root.setdefault(op["output"], op["output"])
         self._hot = [s for i, s in enumerate(self.steps) if i not in self._skip]
+        hot_records = [r for i, r in enumerate(self._records) if i not in self._skip]
+        self._runner: Callable[[np.ndarray], None] | None = None
+        self._runnable = self.output in self._fixed and all(r is not None for r in hot_records)
+        self._hot_records = hot_records if self._runnable else []
+        self._runner_out = self._fixed.get(self.output)
+        from ._threads import get_num_threads
+
+        self._threads = get_num_threads
+
+    def use_runner(self) -> None:
+        """From now on, run the hot steps as one compiled call (:mod:`._runner`) when they all
+        have one (same kernels, same order, same arrays: the same bits). Enabled by the model
+        once calls overlap; single-threaded use keeps the step-by-step calls, whose kernels load
+        faster from the cache (the runner's compiled code holds its own copy of them)."""
+        if self._runnable and self._runner is None:
+            from ._runner import build_runner
+
+            self._runner = build_runner(self._hot_records)  # type: ignore[arg-type]
+            self._runnable = self._runner is not None
+
+    def _record(self, rec: Record | None, outputs: dict[str, np.ndarray]) -> None:
+        """The current step's kernel call (None: it has none) and the fixed arrays it
+        writes its values into."""
+        self._records[self._index] = rec
+        if rec is not None:
+            self._fixed.update(outputs)
+
+    def _fixed_in(self, *names: str | None) -> bool:
+        """Whether every named input (None: absent) lives in a fixed array."""
+        return all(n is None or n in self._fixed for n in names)
 
     def _fallback(self, op: dict[str, Any], ref_step: Any) -> Any:
         """Run one op with the reference code: copy inputs into its buffers, run, read out."""
@@ -188,6 +224,8 @@ class _FastPlan:
                 ob = self.ref.bufs[name]
                 assert ob.array is not None
                 sbuf = np.empty(ob.array.shape, np.float32)
+                rec = stem_affine.record(sbuf)  # type: ignore[attr-defined]
+                self._record(rec, {name: sbuf} | ({nxt[1]: nxt[0][1]} if nxt else {}))
                 if nxt is not None:
                     bits, bname = nxt[0][1], nxt[1]
 
@@ -271,6 +309,10 @@ class _FastPlan:
                 if inplace:
                     assert res is not None
                     self._root[name] = self._root[res]  # h += ... in place
+                    if self._fixed_in(src, res):
+                        h0 = self._fixed[res]
+                        rec = affine.record(self._fixed[src], h0, h0)  # type: ignore[attr-defined]
+                        self._record(rec, {name: h0, bname: bits})
 
                     def run_inplace_pack(v: dict[str, np.ndarray], x: np.ndarray) -> None:
                         h = v[res]
@@ -279,6 +321,10 @@ class _FastPlan:
 
                     return run_inplace_pack
                 pbuf = np.empty(ob.array.shape, np.float32)
+                if self._fixed_in(src, res):
+                    r0 = self._fixed[res] if res is not None else None
+                    rec = affine.record(self._fixed[src], r0, pbuf)  # type: ignore[attr-defined]
+                    self._record(rec, {name: pbuf, bname: bits})
 
                 def run_pack(v: dict[str, np.ndarray], x: np.ndarray) -> None:
                     v[name] = affine(v[src], v[res] if res is not None else None, pbuf)
@@ -287,6 +333,9 @@ class _FastPlan:
                 return run_pack
             if res is None:
                 buf = np.empty(ob.array.shape, np.float32)
+                if self._fixed_in(src):
+                    rec = affine.record(self._fixed[src], None, buf)  # type: ignore[attr-defined]
+                    self._record(rec, {name: buf})
 
                 def run_fused(v: dict[str, np.ndarray], x: np.ndarray) -> None:
                     v[name] = affine(v[src], None, buf)
@@ -295,6 +344,10 @@ class _FastPlan:
             assert rb is not None
             if rb.channels == op["out_channels"] and self._can_overwrite(res):
                 self._root[name] = self._root[res]  # h += ... in place
+                if self._fixed_in(src, res):
+                    h0 = self._fixed[res]
+                    rec = affine.record(self._fixed[src], h0, h0)  # type: ignore[attr-defined]
+                    self._record(rec, {name: h0})
 
                 def run_inplace(v: dict[str, np.ndarray], x: np.ndarray) -> None:
                     h = v[res]
@@ -302,6 +355,10 @@ class _FastPlan:
 
                 return run_inplace
             buf = np.empty(ob.array.shape, np.float32)
+            if self._fixed_in(src, res):
+                fx = self._fixed
+                rec = affine.record(fx[src], fx[res], buf)  # type: ignore[attr-defined]
+                self._record(rec, {name: buf})
 
             def run_res(v: dict[str, np.ndarray], x: np.ndarray) -> None:
                 v[name] = affine(v[src], v[res], buf)
@@ -340,6 +397,9 @@ class _FastPlan:
                 packer = K.bind_pack_sign_padded(
                     (self._shape[0], sb.h, sb.w, sb.channels), neg, pre
                 )
+                if self._fixed_in(src):
+                    rec = packer.record(self._fixed[src])  # type: ignore[attr-defined]
+                    self._record(rec, {name: rec[1][2]})
 
                 def run_padded(v: dict[str, np.ndarray], x: np.ndarray) -> None:
                     v[name] = packer(v[src])
@@ -366,6 +426,9 @@ class _FastPlan:
         pool = self.K.bind_avgpool2x2(
             (self._shape[0], sb.h, sb.w, sb.channels), pack=nxt[0] if nxt is not None else None
         )
+        if self._fixed_in(src):
+            rec = pool.record(self._fixed[src])  # type: ignore[attr-defined]
+            self._record(rec, {name: rec[1][1]} | ({nxt[1]: nxt[0][1]} if nxt else {}))
         if nxt is not None:
             bits, bname = nxt[0][1], nxt[1]
 
@@ -426,6 +489,9 @@ class _FastPlan:
         acc = np.empty(c, np.float64)
         src, hw, oname = op["inputs"][0], sb.h * sb.w, lin["output"]
         self._skip.update((i + 1, i + 2))
+        if self._fixed_in(src):
+            h3 = self._fixed[src].reshape(n, hw, c)
+            self._record(("head", (h3, neg, wl, c, sc, bi, out, bits, acc)), {oname: out})
 
         def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
             fused_head(v[src].reshape(n, hw, c), neg, wl, c, sc, bi, out, bits, acc)
@@ -465,6 +531,9 @@ class _FastPlan:
         return run
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._runner is not None and self._threads() == 1:
+            self._runner(x)  # the hot steps' serial calls, in one compiled call
+            return np.array(self._runner_out, dtype=np.float32, copy=True)
         v: dict[str, np.ndarray] = {}
         for step in self._hot:  # the steps less those done by an earlier fused step
             step(v, x)

@@ -314,6 +314,9 @@ class _Plan:
 
         return bind_qstem(self, op, t)
 
+    def use_runner(self) -> None:
+        """The reference plan has no compiled runner (see _fastplan._FastPlan.use_runner)."""
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         for step in self.steps:
             step(x)

@@ -1,5 +1,6 @@
 """Compile (or load from numba's cache) the kernel specialisations of the shipped pretrained
-models, so that the first ``bcnn predict`` after an install starts in about a second:
+models, and their plan runners (used once calls from several threads overlap), so that the
+first ``bcnn predict`` after an install starts in about a second:
 ``python -m bcnn.engine._warm`` (the Makefile's venv step runs it). Never imports torch."""
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ def warm(batches: tuple[int, ...] = (1,)) -> list[str]:
         model = load(path)
         h, w = model.input_size or (32, 32)
         for n in batches:
-            model(np.zeros((n, model.in_channels, h, w), np.uint8))
+            x = np.zeros((n, model.in_channels, h, w), np.uint8)
+            model(x)  # the step-by-step kernels (single-threaded use)
+            from ._fastplan import _FastPlan
+
+            plan = _FastPlan(model, x.shape)
+            plan.use_runner()  # the compiled runner (calls from several threads)
+            plan(x)
         names.append(path.stem)
     return names
 

@@ -2,7 +2,9 @@
 returns a closure that, with one thread, calls the compiled serial kernel directly, without the
 per-call checks, conversions and allocations of the public wrappers (which keep validating
 every call). The caller guarantees that later calls pass C-contiguous arrays of exactly the
-validated shapes and dtypes; the closures hold workspaces and are not reentrant."""
+validated shapes and dtypes; the closures hold workspaces and are not reentrant. Each closure
+also has ``record(...)`` (same arguments): the (group, arguments) of the serial kernel call it
+makes, which the executor's plan runner replays (``bcnn.engine._runner``)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ from ._packing import _pack_rows_padded
 from ._pool import _avgpool2
 from ._stem import _fast_stem, _run_stem, _stem_fast_into
 from ._weights import PreparedStem, PreparedWeights, _vec, _words
+
+# (group, arguments) of the serial kernel call a bound closure makes on fixed arrays: what the
+# executor's plan runner (bcnn.engine._runner) replays in one compiled call
+Record = tuple[str, tuple[object, ...]]
+# the pack arguments when a kernel packs nothing (never read)
+_NO_PACK: tuple[np.ndarray, np.ndarray, int] = (_F0, np.zeros((0, 0, 0, 0), np.uint64), 0)
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -137,6 +145,18 @@ def bind_conv_affine(
         )  # fmt: skip
         return out
 
+    pk = pack if pack is not None else _NO_PACK
+
+    def record(x: np.ndarray, residual: np.ndarray | None, out: np.ndarray) -> Record:
+        """The serial call ``run`` makes on these arrays, for the plan runner."""
+        res = _F00 if residual is None else residual.reshape(m, cr)
+        return "conv", (
+            ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
+            _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp, res, residual is not None,
+            _F0, _B0, out, pk[0], pk[1], pk[2], pack is not None,
+        )  # fmt: skip
+
+    run.record = record  # type: ignore[attr-defined]
     return run
 
 
@@ -197,7 +217,7 @@ def bind_stem_affine(
     cg = w.image_channels * w.group_planes
     fast = _fast_stem(w)
     get_threads = _threads.get_num_threads
-    pk = pack if pack is not None else (_F0, np.zeros((0, 0, 0, 0), np.uint64), 0)
+    pk = pack if pack is not None else _NO_PACK
 
     def run(x: np.ndarray, out: np.ndarray) -> np.ndarray:
         if not fast or get_threads() != 1:
@@ -212,6 +232,17 @@ def bind_stem_affine(
         )  # fmt: skip
         return out
 
+    def record(out: np.ndarray) -> Record | None:
+        """The serial call ``run`` makes (less its image argument), for the plan runner."""
+        if not fast:
+            return None
+        return "stem", (
+            w.plane_bits, cg, w.kh, w.kw, stride, padding, ho, wo, w.blocks, w.shifts,
+            w.const, o, mode, _I00, out.reshape(n * ho * wo, o), sc, bi, rp[0], rp[1], rp[2],
+            has_rp, cp, patch, out, pk[0], pk[1], pk[2], pack is not None,
+        )  # fmt: skip
+
+    run.record = record  # type: ignore[attr-defined]
     return run
 
 
@@ -234,6 +265,7 @@ def bind_pack_sign_padded(
         _pack_rows_padded(x, b, out, pad)
         return out
 
+    run.record = lambda x: ("pack", (x, b, out, int(pad)))  # type: ignore[attr-defined]
     return run
 
 
@@ -257,7 +289,7 @@ def bind_avgpool2x2(
     ho, wo = -(-hh // 2), -(-ww // 2)
     _check_pack(pack, n, ho, wo, c)
     out = np.empty((n, ho, wo, c), np.float32)
-    pk = pack if pack is not None else (_F0, np.zeros((0, 0, 0, 0), np.uint64), 0)
+    pk = pack if pack is not None else _NO_PACK
     do_pack = pack is not None
     _avgpool_pack(np.zeros((n, hh, ww, c), np.float32), out, pk[0], pk[1], pk[2], do_pack)
 
@@ -265,4 +297,8 @@ def bind_avgpool2x2(
         _avgpool_pack(h, out, pk[0], pk[1], pk[2], do_pack)
         return out
 
+    def record(h: np.ndarray) -> Record:
+        return "pool", (h, out, pk[0], pk[1], pk[2], do_pack)
+
+    run.record = record  # type: ignore[attr-defined]
     return run
