@@ -24,6 +24,21 @@ def _is_c_array(t: types.Type, dtype: types.Type) -> bool:
     return isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C"
 
 
+def _arg_readers(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    """For an intrinsic's codegen: ``ptr(k, elt)``, argument k (an array) as a pointer to its
+    data typed ``elt`` (default i64), and ``idx(k)``, argument k (an integer) as an i64."""
+    st = signature.args
+
+    def ptr(k, elt=None):  # type: ignore[no-untyped-def]
+        arr = context.make_array(st[k])(context, builder, args[k])
+        return builder.bitcast(arr.data, (elt or ir.IntType(64)).as_pointer())
+
+    def idx(k):  # type: ignore[no-untyped-def]
+        return context.cast(builder, args[k], st[k], types.int64)
+
+    return ptr, idx
+
+
 _EPI_KINDS = ("int", "affine", "affine_rp", "affine_res", "affine_rp_res")
 
 
@@ -133,17 +148,11 @@ def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: igno
             return sig, _codegen
 
     def _codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        st = signature.args
         i64 = ir.IntType(64)
         i32 = ir.IntType(32)
         vty = ir.VectorType(i64, _VL)
 
-        def data(k, elt=i64):  # type: ignore[no-untyped-def]
-            arr = context.make_array(st[k])(context, builder, args[k])
-            return builder.bitcast(arr.data, elt.as_pointer())
-
-        def idx(k):  # type: ignore[no-untyped-def]
-            return context.cast(builder, args[k], st[k], types.int64)
+        data, idx = _arg_readers(context, builder, signature, args)
 
         ap, rp, bp, shp = data(0), data(1), data(5), data(7)
         seg_words, seg_stride, nseg, b_off = idx(2), idx(3), idx(4), idx(6)
@@ -305,16 +314,10 @@ def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
         return sig, codegen
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        st = signature.args
         i64, f32 = ir.IntType(64), ir.FloatType()
         v64 = ir.VectorType(i64, _VL)
 
-        def ptr(k, elt):  # type: ignore[no-untyped-def]
-            arr = context.make_array(st[k])(context, builder, args[k])
-            return builder.bitcast(arr.data, elt.as_pointer())
-
-        def idx(k):  # type: ignore[no-untyped-def]
-            return context.cast(builder, args[k], st[k], types.int64)
+        ptr, idx = _arg_readers(context, builder, signature, args)
 
         acc_p, acc_off, nbits = ptr(0, i64), idx(1), idx(2)
         nb_v = builder.insert_element(
@@ -459,17 +462,11 @@ def _make_pack_nchw(nvec: int):  # type: ignore[no-untyped-def]
         return types.void(x, x_off, pstride, c0, nc, bias, out, o_off, ostride), codegen
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        st = signature.args
         i64, f32 = ir.IntType(64), ir.FloatType()
         vf = ir.VectorType(f32, 16)
         v64 = ir.VectorType(i64, 16)
 
-        def ptr(k, elt):  # type: ignore[no-untyped-def]
-            arr = context.make_array(st[k])(context, builder, args[k])
-            return builder.bitcast(arr.data, elt.as_pointer())
-
-        def idx(k):  # type: ignore[no-untyped-def]
-            return context.cast(builder, args[k], st[k], types.int64)
+        ptr, idx = _arg_readers(context, builder, signature, args)
 
         xp, bp, op = ptr(0, f32), ptr(5, f32), ptr(6, i64)
         x_off, pstride, c0, nc, o_off, ostride = idx(1), idx(2), idx(3), idx(4), idx(7), idx(8)

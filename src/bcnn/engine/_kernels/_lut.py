@@ -26,7 +26,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._llvm import _is_c_array
+from ._llvm import _arg_readers, _is_c_array
 
 __all__ = ["MRL", "NBL", "LutWeights", "lut_bgemm", "lut_supported", "prepare_lut_weights"]
 
@@ -79,17 +79,11 @@ def _lut_mk(typingctx, nib, n_off, nq, q0, q1, tab, wl, w_off, w_stride, acc):  
     sig = types.void(nib, n_off, nq, q0, q1, tab, wl, w_off, w_stride, acc)
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        st = signature.args
         i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
         v8 = ir.VectorType(i8, 32)
         v32 = ir.VectorType(i32, 32)
 
-        def data(k, elt):  # type: ignore[no-untyped-def]
-            arr = context.make_array(st[k])(context, builder, args[k])
-            return builder.bitcast(arr.data, elt.as_pointer())
-
-        def idx(k):  # type: ignore[no-untyped-def]
-            return context.cast(builder, args[k], st[k], types.int64)
+        data, idx = _arg_readers(context, builder, signature, args)
 
         nibp, tabp, wlp, accp = data(0, i8), data(5, i8), data(6, i8), data(9, i32)
         n_off_, nq_, q0_, q1_, w_off_, w_stride_ = (idx(k) for k in (1, 2, 3, 4, 7, 8))
