@@ -106,3 +106,19 @@ def test_bench_isa_avx2_measures_the_avx2_profile() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["kernel_path"] == "generic" and res["isa"] == "AVX2" and res["binary_exact"]
+
+
+@pytest.mark.slow
+def test_bench_compares_kernel_paths_in_one_run() -> None:
+    code = "import sys; from bcnn.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["bench", "--layer", "conv3x3", "--channels", "8", "--size", "5", "--repeat", "1"]
+    r = _run({}, code, *args, "--json", "--paths", "all")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    want = ["vpopcnt", "generic"] if kernel_path() == "vpopcnt" else ["generic"]
+    assert list(res["paths"]) == want
+    for p in want:
+        assert res["paths"][p]["kernel_path"] == p and res["paths"][p]["binary_exact"]
+    assert res[f"speed_vs_{want[0]}"][want[0]] == 1.0
+    bad = _run({}, code, *args, "--paths", "lut")
+    assert bad.returncode != 0 and "not a kernel path this CPU runs" in bad.stderr

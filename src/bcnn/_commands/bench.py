@@ -5,6 +5,7 @@ bcnn bench --layer conv3x3|conv1x1|linear --channels C --size S [--batch N] [--t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="native",
         help="avx2: measure the AVX2 profile on any x86 CPU (the engine compiled for haswell, "
         "PyTorch's oneDNN limited to AVX2), in a subprocess",
+    )
+    p.add_argument(
+        "--paths",
+        default=None,
+        metavar="P[,P]",
+        help="time the same command on several kernel paths (vpopcnt, generic; 'all': every "
+        "path this CPU runs), one subprocess each, and report them side by side",
     )
     _add_layer_arguments(p)
 
@@ -92,20 +100,57 @@ def _in_profile(env: dict[str, str]) -> bool:
     return all(os.environ.get(k) == v for k, v in env.items())
 
 
-def _rerun(argv: list[str], env: dict[str, str]) -> int:
-    """The same bench command in a fresh interpreter with ``env`` (numba fixes its compile
-    target at import, so a profile needs a new process)."""
+def _without(argv: list[str], flag: str) -> list[str]:
+    """argv less ``flag VALUE`` / ``flag=VALUE``."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--isa":
+        elif a == flag:
             skip = True
-        elif not a.startswith("--isa="):
+        elif not a.startswith(flag + "="):
             out.append(a)
-    return subprocess.run(
-        [sys.executable, "-m", "bcnn", *out], env={**os.environ, **env}
-    ).returncode
+    return out
+
+
+def _rerun(argv: list[str], env: dict[str, str]) -> int:
+    """The same bench command in a fresh interpreter with ``env`` (numba fixes its compile
+    target at import, so a profile needs a new process)."""
+    cmd = [sys.executable, "-m", "bcnn", *_without(argv, "--isa")]
+    return subprocess.run(cmd, env={**os.environ, **env}).returncode
+
+
+def _compare_paths(argv: list[str], spec: str, as_json: bool) -> int:
+    """Run the command once per kernel path (BCNN_KERNEL_PATH, one process each, in turn) and
+    report the results side by side, with each path's time relative to the first's."""
+    from ..engine._paths import PATHS, kernel_path
+
+    native = kernel_path()
+    runnable = [p for p in PATHS if p == "generic" or p == native]
+    paths = runnable if spec == "all" else [p.strip() for p in spec.split(",") if p.strip()]
+    for p in paths:
+        if p not in runnable:
+            raise ValueError(f"--paths: {p!r} is not a kernel path this CPU runs ({runnable})")
+    base = [*_without(argv, "--paths"), *([] if "--json" in argv else ["--json"])]
+    results: dict[str, dict[str, object]] = {}
+    for p in paths:
+        env = {**os.environ, "BCNN_KERNEL_PATH": p}
+        r = subprocess.run([sys.executable, "-m", "bcnn", *base], env=env, capture_output=True,
+                           text=True)  # fmt: skip
+        if r.returncode != 0:
+            sys.stderr.write(r.stderr)
+            return r.returncode
+        results[p] = json.loads(r.stdout.strip().splitlines()[-1])
+    key = "packed_ms" if "packed_ms" in results[paths[0]] else "binary_ms"
+    first = float(results[paths[0]][key])  # type: ignore[arg-type]
+    summary = {p: round(first / float(res[key]), 3) for p, res in results.items()}  # type: ignore[arg-type]
+    out = {"paths": results, "figure": key, f"speed_vs_{paths[0]}": summary}
+    if as_json:
+        print(json.dumps(out))
+    else:
+        for p, res in results.items():
+            print(f"{p:>8}: {key} {float(res[key]):.4f}  x{summary[p]:.2f} vs {paths[0]}")  # type: ignore[arg-type]
+    return 0
 
 
 def _context() -> dict[str, str]:
@@ -118,8 +163,13 @@ def _context() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    argv = getattr(args, "_argv", sys.argv[1:])
+    if args.paths is not None:
+        if args.isa != "native":
+            raise ValueError("--paths and --isa are separate ways to pick kernels: give one")
+        return _compare_paths(argv, args.paths, args.json)
     if args.isa == "avx2" and not _in_profile(AVX2_PROFILE):
-        return _rerun(getattr(args, "_argv", sys.argv[1:]), AVX2_PROFILE)
+        return _rerun(argv, AVX2_PROFILE)
     if args.layer is not None:
         if args.model is not None:
             raise ValueError("give either MODEL or --layer, not both")
