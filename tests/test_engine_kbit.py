@@ -307,3 +307,47 @@ def test_set_precision_equals_torch_with_dropped_planes() -> None:
         ref = m(x).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3)
     assert np.array_equal(out.argmax(1), ref.argmax(1))
+
+
+def test_set_precision_means_the_same_on_both_engines() -> None:
+    """bcnn.quant.set_precision on the torch k-bit model == PackedModel.set_precision on its
+    packed twin, for every kept plane count; None (or a cap at or above the trained bits)
+    restores the trained model exactly."""
+    from bcnn.quant import precision, set_precision, switchable_layers
+
+    m = _model(4, 2)
+    p = pack(m)
+    x = _images(7, 32, 12)
+    with torch.no_grad():
+        full = m(x).numpy()
+    layers = switchable_layers(m)
+    assert layers and all(lay.default_precision[0] == 4 for lay in layers.values())
+    for k in (3, 2, 1):
+        set_precision(m, weight_bits=k)
+        p.set_precision(weight_bits=k)
+        with torch.no_grad():
+            ref = m(x).numpy()
+        out = p(x.numpy())
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3)
+        assert np.array_equal(out.argmax(1), ref.argmax(1))
+        assert not np.allclose(ref, full)  # the knob moves the logits
+    set_precision(m, weight_bits=8)  # a cap above the trained 4 bits: the full model
+    with torch.no_grad():
+        np.testing.assert_array_equal(m(x).numpy(), full)
+    with precision(m, weight_bits=1):
+        pass
+    set_precision(m)
+    with torch.no_grad():
+        np.testing.assert_array_equal(m(x).numpy(), full)
+    # 1-bit layers have no knob
+    assert not switchable_layers(create_model("bcnn_cifar", width=8, depth=1))
+
+
+def test_pack_after_set_precision_packs_the_trained_planes() -> None:
+    from bcnn.quant import set_precision
+
+    m = _model(4, 2)
+    x = _images(3, 32, 13).numpy()
+    full = pack(m)(x)
+    set_precision(m, weight_bits=2)
+    np.testing.assert_array_equal(pack(m)(x), full)  # the knob is the packed model's own

@@ -36,8 +36,14 @@ def _weight_planes(b: Any, layer: Any, what: str, err: type) -> tuple[np.ndarray
             raise err(f"{what}: k-bit weights must use the signed grid")
         if not bool(q.initialized):
             raise err(f"{what}: the weight quantizer is not initialised (run one forward first)")
-        with torch.no_grad():
-            x, sw = q.integer(layer.weight.detach().float())
+        # the trained planes, whatever set_precision chose for the torch model: the packed
+        # model has its own knob (PackedModel.set_precision)
+        keep, q.keep_bits = getattr(q, "keep_bits", None), None
+        try:
+            with torch.no_grad():
+                x, sw = q.integer(layer.weight.detach().float())
+        finally:
+            q.keep_bits = keep
         neg = planes_from_integers(x.cpu().numpy(), q.bits, True)
         return neg, int(q.bits), sw.detach().float().reshape(-1)
     neg, scale = b.binary_weight(layer, what)

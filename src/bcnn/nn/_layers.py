@@ -15,6 +15,8 @@ binary one-padding; 0 on unsigned ones).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,7 +47,47 @@ def _output_scale(sx: Tensor | None, sw: Tensor | None) -> Tensor | None:
     return s if w is None else s * w
 
 
-class BinaryConv2d(nn.Conv2d):
+class _PlaneKnob:
+    """The :class:`bcnn.quant.PrecisionSwitchable` protocol for a layer with k-bit (LSQ)
+    weights: ``set_precision(w, a)`` keeps the top ``min(w, k)`` weight planes (the same knob
+    as ``PackedModel.set_precision``); activations keep their trained bits. Layers with other
+    weight quantizers do not have the protocol (the properties raise AttributeError)."""
+
+    weight_quantizer: Any
+    input_quantizer: Any
+
+    def _kbit(self) -> Any:
+        from ..quant._uniform import UniformQuantizer
+
+        q = self.weight_quantizer
+        if not isinstance(q, UniformQuantizer) or not q.signed:
+            raise AttributeError("precision: not a layer with k-bit weights")
+        return q
+
+    def _act_bits(self) -> int:
+        a = self.input_quantizer
+        return int(getattr(a, "bits", 1 if a is not None else 32))
+
+    @property
+    def precision(self) -> tuple[int, int]:
+        q = self._kbit()
+        return (q.keep_bits or q.bits, self._act_bits())
+
+    @property
+    def default_precision(self) -> tuple[int, int]:
+        return (self._kbit().bits, self._act_bits())
+
+    @property
+    def allowed_precision(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        self._kbit()
+        return tuple(range(1, 9)), (self._act_bits(),)
+
+    def set_precision(self, weight_bits: int, act_bits: int) -> None:
+        q = self._kbit()
+        q.keep_bits = None if weight_bits >= q.bits else int(weight_bits)
+
+
+class BinaryConv2d(_PlaneKnob, nn.Conv2d):
     """``nn.Conv2d`` whose input and weights pass through quantizers.
 
     Args:
@@ -129,7 +171,7 @@ class BinaryConv2d(nn.Conv2d):
         return super().extra_repr() + f", pad_value={self.pad_value:g}"
 
 
-class BinaryLinear(nn.Linear):
+class BinaryLinear(_PlaneKnob, nn.Linear):
     """``nn.Linear`` whose input and weights pass through quantizers (see :class:`BinaryConv2d`)."""
 
     def __init__(

@@ -80,6 +80,8 @@ class UniformQuantizer(nn.Module):
         if not 1 <= int(bits) <= 8:
             raise ValueError(f"bits must be in 1..8, got {bits}")
         self.bits = int(bits)
+        # run-time weight-plane knob (bcnn.quant.set_precision): keep only the top planes
+        self.keep_bits: int | None = None
         self.auto_sign = signed is None
         self.channels = int(channels)
         self.learned = learned
@@ -130,6 +132,13 @@ class UniformQuantizer(nn.Module):
         step = self._view(step, x).to(x.dtype)
         v = (x / step).clamp(lo, hi)
         g = 2.0 * torch.floor(v / 2.0) + 1.0 if self.signed else torch.floor(v + 0.5)
+        keep = self.keep_bits
+        if keep is not None and keep < self.bits and self.signed:
+            # the top `keep` planes: sum_{i >= d} 2^i s_i = ((X >> d) | 1) << d, the nearest
+            # point of the keep-bit odd grid of step 2^d (the run-time knob; no retraining)
+            p = float(2 ** (self.bits - keep))
+            t = torch.floor(g / p)
+            g = (t + 1.0 - torch.remainder(t, 2.0)) * p
         X = v + (g - v).detach()  # round with a straight-through gradient
         return X, step
 
