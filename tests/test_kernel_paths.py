@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,6 +57,17 @@ def _run(env: dict[str, str], code: str, *args: str) -> subprocess.CompletedProc
     )
 
 
+_CLI = "import sys; from bcnn.cli import main; sys.exit(main(sys.argv[1:]))"
+# a tiny layer benchmark: compiles little, runs in a second
+_TINY_BENCH = ["bench", "--layer", "conv3x3", "--channels", "8", "--size", "5", "--repeat", "1"]
+
+
+def _json_out(r: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    assert r.returncode == 0, r.stderr[-2000:]
+    out: dict[str, object] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
 def test_kernel_path_names_the_target() -> None:
     assert kernel_path() in PATHS
     assert (kernel_path() == "vpopcnt") == ("avx512vpopcntdq" in target_features())
@@ -90,8 +102,7 @@ def test_a_path_the_target_cannot_run_is_a_one_line_error(
 
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
-    code = "import sys; from bcnn.cli import main; sys.exit(main(sys.argv[1:]))"
-    r = _run(env, code, "predict", "bcnn_cifar10", str(img))
+    r = _run(env, _CLI, "predict", "bcnn_cifar10", str(img))
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
@@ -100,25 +111,17 @@ def test_a_path_the_target_cannot_run_is_a_one_line_error(
 @pytest.mark.slow
 def test_bench_isa_avx2_measures_the_avx2_profile() -> None:
     """`bcnn bench --isa avx2` re-runs in the AVX2 profile and says so next to its figures."""
-    code = "import sys; from bcnn.cli import main; sys.exit(main(sys.argv[1:]))"
-    args = ["bench", "--layer", "conv3x3", "--channels", "8", "--size", "5", "--repeat", "1"]
-    r = _run({}, code, *args, "--json", "--isa", "avx2")
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = _json_out(_run({}, _CLI, *_TINY_BENCH, "--json", "--isa", "avx2"))
     assert res["kernel_path"] == "generic" and res["isa"] == "AVX2" and res["binary_exact"]
 
 
 @pytest.mark.slow
 def test_bench_compares_kernel_paths_in_one_run() -> None:
-    code = "import sys; from bcnn.cli import main; sys.exit(main(sys.argv[1:]))"
-    args = ["bench", "--layer", "conv3x3", "--channels", "8", "--size", "5", "--repeat", "1"]
-    r = _run({}, code, *args, "--json", "--paths", "all")
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res: dict[str, Any] = _json_out(_run({}, _CLI, *_TINY_BENCH, "--json", "--paths", "all"))
     want = ["vpopcnt", "generic"] if kernel_path() == "vpopcnt" else ["generic"]
     assert list(res["paths"]) == want
     for p in want:
         assert res["paths"][p]["kernel_path"] == p and res["paths"][p]["binary_exact"]
     assert res[f"speed_vs_{want[0]}"][want[0]] == 1.0
-    bad = _run({}, code, *args, "--paths", "lut")
+    bad = _run({}, _CLI, *_TINY_BENCH, "--paths", "lut")
     assert bad.returncode != 0 and "not a kernel path this CPU runs" in bad.stderr
