@@ -16,11 +16,12 @@ updates; enhanced (floored dynamic) loss scaling. First conv, last FC and all no
 See ``docs/fp8.md``. ``bcnn train --precision fp8|fp8-hybrid`` uses this package.
 """
 
-from ._formats import FORMATS, Format, is_representable, round_to_format
+from ._formats import FORMATS, Format, is_representable
 from ._functional import FlushStats, FP8Spec, fp8_conv2d, fp8_linear
 from ._master import MasterWeights
 from ._quantize import quantize_fp8
 from ._recipe import RECIPES, Recipe, get_recipe
+from ._round import round_to_format
 from ._scaler import LossScaler
 from ._session import FP8Divergence, FP8Training
 from ._swap import eligible_layers, fp8_layers, fp8_training, remove_fp8

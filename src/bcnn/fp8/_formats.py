@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FORMATS", "FP8_FORMATS", "Format", "get_format", "round_reference", "round_to_format"]
+__all__ = ["FORMATS", "FP8_FORMATS", "Format", "get_format", "round_reference"]
 
 
 @dataclass(frozen=True)
@@ -88,31 +88,6 @@ _TORCH_DTYPES = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
-
-
-def round_to_format(
-    x: Tensor,
-    fmt: str | Format,
-    rounding: str = "nearest",
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Round ``x`` (float32/float16/bfloat16) onto the grid of ``fmt``; same dtype and shape.
-
-    The fast paths: ``nearest`` is torch's cast (``x.to(float8_e5m2).to(x.dtype)``...),
-    ``stochastic`` a one-pass numba kernel on CPU (``_sr.py``). Both are tested against
-    :func:`round_reference`, the arithmetic definition:
-    """
-    f = get_format(fmt)
-    check_rounding(rounding)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"expected a float32, float16 or bfloat16 tensor, got {x.dtype}")
-    if rounding == "nearest":
-        return x.detach().to(_TORCH_DTYPES[f.name]).to(x.dtype)
-    if x.device.type == "cpu":
-        from ._sr import stochastic_round_fast
-
-        return stochastic_round_fast(x, f, generator)
-    return round_reference(x, f, rounding, generator)
 
 
 def round_reference(

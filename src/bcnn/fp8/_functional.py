@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._formats import FP8_FORMATS, check_rounding, get_format, round_to_format
+from ._formats import FP8_FORMATS, check_rounding, get_format
+from ._round import round_to_format
 
 __all__ = ["FP8Spec", "FlushStats", "fp8_conv2d", "fp8_linear"]
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ._formats import check_rounding, get_format, round_to_format
+from ._formats import check_rounding, get_format
+from ._round import round_to_format
 
 __all__ = ["MasterWeights"]
 

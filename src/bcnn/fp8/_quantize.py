@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._formats import FP8_FORMATS, check_rounding, get_format, round_to_format
+from ._formats import FP8_FORMATS, check_rounding, get_format
+from ._round import round_to_format
 
 __all__ = ["quantize_fp8"]
 
