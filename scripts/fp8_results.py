@@ -83,6 +83,8 @@ def runs() -> list[tuple[str, list[str]]]:
     out.append(("bcnn-fp8-s0", [*BCNN, "--precision", "fp8", "--seed", "0"]))
     for name in ("rne", "hybrid", "sr", "enh", "const"):
         out.append((f"cifar-{name}-s1", [*TWIN, *CONFIGS[name][1], "--seed", "1"]))
+    for prec in ("fp32", "fp8"):  # the BCNN's second seed last
+        out.append((f"bcnn-{prec}-s1", [*BCNN, "--precision", prec, "--seed", "1"]))
     return out
 
 
