@@ -16,7 +16,7 @@ from bcnn.engine._pbatch_kernels import (
     WEIGHT_PLANES,
     QuantizedActs,
     QuantizedWeights,
-    masked_sums,
+    plane_dot,
     reference_dot,
 )
 from bcnn.quant import precision, set_precision, switchable_layers, tune_precision
@@ -37,7 +37,7 @@ def test_kernel_equals_integer_reference(k: int, m: int, signed: bool) -> None:
         a = QuantizedActs(x, bits)
         assert a.signed == signed
         for kb in range(1, WEIGHT_PLANES + 1):
-            np.testing.assert_array_equal(masked_sums(w, kb, a), reference_dot(w, kb, a))
+            np.testing.assert_array_equal(plane_dot(w, kb, a), reference_dot(w, kb, a))
 
 
 def test_weight_planes_round_trip_and_truncation_is_the_coarser_grid() -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._pbatch_kernels import WEIGHT_PLANES, QuantizedActs, QuantizedWeights, masked_sums
+from ._pbatch_kernels import WEIGHT_PLANES, QuantizedActs, QuantizedWeights, plane_dot
 
 __all__ = ["PBGRU", "PBLSTM", "PBConv2d", "PBLinear", "bit_serial_matmul", "pbatch"]
 
@@ -44,7 +44,7 @@ def bit_serial_matmul(
     if not np.all(np.isfinite(x)):
         raise ValueError(f"layer {where!r}: input contains NaN or inf")
     a = QuantizedActs(x, act_bits, amax=amax)
-    dot = masked_sums(w, weight_bits, a)
+    dot = plane_dot(w, weight_bits, a)
     return w.alpha[weight_bits][None, :] * a.scale[:, None] * dot
 
 
@@ -168,7 +168,7 @@ class _PBRNN(_Switchable):
     """Shared by PBLSTM / PBGRU: per layer, the input and hidden gate GEMVs run bit-serially
     (each with its own dynamic activation scale), the cell arithmetic in float."""
 
-    gates = 4
+    gates: int  # 4 (LSTM: returns (h, c)) or 3 (GRU: returns h)
 
     def __init__(self, m: nn.LSTM | nn.GRU, weight_bits: int, act_bits: int, name: str) -> None:
         super().__init__()

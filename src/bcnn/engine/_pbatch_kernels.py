@@ -34,9 +34,7 @@ __all__ = [
     "WEIGHT_PLANES",
     "QuantizedActs",
     "QuantizedWeights",
-    "masked_sums",
-    "quantize_acts",
-    "quantize_weights",
+    "plane_dot",
     "reference_dot",
 ]
 
@@ -87,7 +85,7 @@ class QuantizedWeights:
     ``alpha`` float64 (9, O): ``alpha[kb]`` the least-squares scale of the top-kb view
     (``alpha[0]`` unused); ``rowsum`` int64 (8, O) = sum_k s_i[o, k]."""
 
-    def __init__(self, w: np.ndarray, clip_search: bool = True) -> None:
+    def __init__(self, w: np.ndarray) -> None:
         w = np.asarray(w, np.float64)
         if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
             raise ValueError(f"weights must be a non-empty (out, in) matrix, got {w.shape}")
@@ -98,7 +96,7 @@ class QuantizedWeights:
         amax = np.abs(w).max(axis=1)
         amax[amax == 0] = 1.0
         best_q, best_err = None, None
-        for c in np.linspace(1.0, 0.5, 11) if clip_search else (1.0,):
+        for c in np.linspace(1.0, 0.5, 11):  # the clip search: 11 ratios of max |w|
             s = c * amax / top  # (O,)
             v = np.clip(w / s[:, None], -top, top)
             q = 2.0 * np.floor(v / 2.0) + 1.0  # the nearest odd integer
@@ -120,7 +118,6 @@ class QuantizedWeights:
             wd = self.view(kb).astype(np.float64)
             den = (wd * wd).sum(axis=1)
             self.alpha[kb] = (w * wd).sum(axis=1) / den
-        self.nbytes = int(self.planes.nbytes)
         self.rowsum = np.asarray(w.shape[1] - 2 * np.bitwise_count(self.planes).sum(-1), np.int64)
         self._prepared: dict[int, object] = {}
 
@@ -146,7 +143,7 @@ class QuantizedActs:
     """Dynamic per-vector quantization of float (N, K) activations to ``bits`` bits.
 
     ``ints`` int64 (N, K); ``scale`` float64 (N,); ``planes`` uint64 (bits, N, Kw) with bit 1
-    where the code bit is 1; ``place`` int64 (bits,); ``sums`` int64 (N,) = sum_k ints."""
+    where the code bit is 1; ``place`` int64 (bits,): each plane's place value."""
 
     def __init__(
         self, x: np.ndarray, bits: int, amax: np.ndarray | None = None, signed: bool | None = None
@@ -193,7 +190,7 @@ def _quantize_pack(x, scale, qmax, signed, ints, planes):  # type: ignore[no-unt
                     planes[j, n, word] |= bit
 
 
-def masked_sums(w: QuantizedWeights, kb: int, a: QuantizedActs) -> np.ndarray:
+def plane_dot(w: QuantizedWeights, kb: int, a: QuantizedActs) -> np.ndarray:
     """int64 (N, O): the exact integer dot products of the top-kb weight view with the
     activation integers: one binary GEMM (XOR-popcount, the engine's kernel) of the
     activation planes against the kept weight planes, then :func:`_combine`."""
@@ -207,13 +204,5 @@ def masked_sums(w: QuantizedWeights, kb: int, a: QuantizedActs) -> np.ndarray:
 
 
 def reference_dot(w: QuantizedWeights, kb: int, a: QuantizedActs) -> np.ndarray:
-    """The same integers by a plain int64 matmul (the test oracle of :func:`masked_sums`)."""
+    """The same integers by a plain int64 matmul (the test oracle of :func:`plane_dot`)."""
     return a.ints @ w.view(kb).T
-
-
-def quantize_weights(w: np.ndarray) -> QuantizedWeights:
-    return QuantizedWeights(w)
-
-
-def quantize_acts(x: np.ndarray, bits: int) -> QuantizedActs:
-    return QuantizedActs(x, bits)

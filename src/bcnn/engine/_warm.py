@@ -17,6 +17,7 @@ __all__ = ["warm"]
 def warm(batches: tuple[int, ...] = (1,)) -> list[str]:
     """Run every shipped ``.bcnn`` once per batch size on zero images; returns their names."""
     from . import load
+    from ._fastplan import _FastPlan
 
     names = []
     for path in sorted(PRETRAINED_DIR.glob("*.bcnn")):
@@ -25,8 +26,6 @@ def warm(batches: tuple[int, ...] = (1,)) -> list[str]:
         for n in batches:
             x = np.zeros((n, model.in_channels, h, w), np.uint8)
             model(x)  # the step-by-step kernels (single-threaded use)
-            from ._fastplan import _FastPlan
-
             plan = _FastPlan(model, x.shape)
             plan.use_runner()  # the compiled runner (calls from several threads)
             plan(x)
