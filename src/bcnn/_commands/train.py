@@ -76,6 +76,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K=V",
         help="FP8 recipe fields, e.g. loss_scaling=none stochastic_rounding=false master=fp32",
     )
+    p.add_argument(
+        "--bsq-alpha",
+        type=float,
+        default=S,
+        help="BSQ: learn each layer's weight bits in step 2 with this group-Lasso weight "
+        "(docs/bsq.md)",
+    )
+    p.add_argument("--bsq-bits", type=int, default=S, help="BSQ starting precision (default 8)")
+    p.add_argument(
+        "--bsq-interval", type=int, default=S, help="BSQ: re-quantize every N epochs (default 1)"
+    )
+    p.add_argument(
+        "--bsq-finetune", type=int, default=S, help="BSQ: fine-tuning epochs, scheme frozen (0)"
+    )
     p.add_argument("--resume", action="store_true", default=S, help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", default=S, help="no progress output")
 

@@ -236,6 +236,41 @@ def _combine(r, nact, n, nw, o, shift0, signed, amax, wsum, affine, scale, bias,
                     dst[c] = np.float32(tmp[c])
 
 
+@njit(nogil=True, cache=True)
+def _combine_zero(r, nact, n, nw, o, signed, amax, wsum, ntaps, affine, scale, bias, out):  # type: ignore[no-untyped-def]
+    """Zero-grid weights W = (X - 1) / 2 (``weight_zero``): r int32 (nact*n, P, nw*o + 1),
+    the last channel the all-(+1) plane -> out float32 (n, P, o) = conv(A, W)
+    = (conv(A, X) - conv(A, 1)) / 2, each conv combined as in :func:`_combine` (exact: the
+    difference is even)."""
+    npx = r.shape[1]
+    tmp = np.zeros(o, np.int64)
+    ones = nw * o
+    for b in range(n):
+        for q in range(npx):
+            for c in range(o):
+                tmp[c] = 0
+            corr = np.int64(0)
+            for j in range(nact):
+                row = r[j * n + b, q]
+                corr += np.int64(row[ones]) << j
+                for i in range(nw):
+                    sh = i + j
+                    base = i * o
+                    for c in range(o):
+                        tmp[c] += np.int64(row[base + c]) << sh
+            if not signed:
+                corr = (amax * ntaps - corr) >> 1
+                for c in range(o):
+                    tmp[c] = (amax * wsum[c] - tmp[c]) >> 1
+            dst = out[b, q]
+            if affine:
+                for c in range(o):
+                    dst[c] = np.float32((tmp[c] - corr) >> 1) * scale[c] + bias[c]
+            else:
+                for c in range(o):
+                    dst[c] = np.float32((tmp[c] - corr) >> 1)
+
+
 _E32 = np.zeros(0, np.float32)
 
 
@@ -283,19 +318,29 @@ def quantize_pack(
 
 # ------------------------------------------------------------------ layers
 class _Planes:
-    """Weight planes (Wb, O, ...) uint64 with the prepared layout cached per dropped count."""
+    """Weight planes (Wb, O, ...) uint64 with the prepared layout cached per dropped count.
+    ``zero``: zero-grid weights W = (X - 1) / 2 (the planes hold X; see ``_combine_zero``):
+    one all-(+1) row rides after the planes, and the run-time plane knob does not apply."""
 
-    def __init__(self, planes: np.ndarray, nbits_per_row: int, act_bits: int, act_signed: bool):
+    def __init__(
+        self,
+        planes: np.ndarray,
+        nbits_per_row: int,
+        act_bits: int,
+        act_signed: bool,
+        zero: bool = False,
+    ):
         self.planes = np.ascontiguousarray(planes, np.uint64)
         self.bits = int(planes.shape[0])
         self.out = int(planes.shape[1])
         self.nbits = nbits_per_row  # bits per output channel row (taps * channels)
         self.act_bits = act_bits
         self.act_signed = act_signed
+        self.zero = bool(zero)
         self._cache: dict[int, tuple[Any, np.ndarray]] = {}
 
     def drop_for(self, weight_bits: int | None) -> int:
-        if weight_bits is None or weight_bits >= self.bits:
+        if self.zero or weight_bits is None or weight_bits >= self.bits:
             return 0
         return self.bits - weight_bits
 
@@ -312,6 +357,8 @@ class _Planes:
         if hit is None:
             kept = self.planes[d:]
             stacked = kept.reshape((self.bits - d) * self.out, *kept.shape[2:])
+            if self.zero:  # the all-(+1) row: packed bits 0
+                stacked = np.concatenate([stacked, np.zeros_like(stacked[:1])])
             hit = (prepare(stacked), self._wsum(d))
             self._cache[d] = hit
         return hit
@@ -328,6 +375,13 @@ class _Planes:
         amax = np.int64((1 << self.act_bits) - 1)
         sc, bi = affine if affine is not None else (_E32, _E32)
         m, ho, wo, cc = r.shape
+        if self.zero:
+            _combine_zero(
+                r.reshape(m, ho * wo, cc), self.act_bits, n, self.bits, self.out,
+                self.act_signed, amax, wsum, np.int64(self.nbits), affine is not None, sc, bi,
+                out.reshape(n, ho * wo, self.out),
+            )  # fmt: skip
+            return out
         _combine(
             r.reshape(m, ho * wo, cc), self.act_bits, n, self.bits - d, self.out, d,
             self.act_signed, amax, wsum, affine is not None, sc, bi,
@@ -348,10 +402,11 @@ class BitSerialConv:
         act_signed: bool,
         stride: int = 1,
         padding: int = 0,
+        zero: bool = False,
     ) -> None:
         _, _, kh, kw, _ = planes.shape
         self.cin = int(in_channels)
-        self.w = _Planes(planes, kh * kw * self.cin, act_bits, act_signed)
+        self.w = _Planes(planes, kh * kw * self.cin, act_bits, act_signed, zero)
         self.stride, self.padding = int(stride), int(padding)
 
     def conv_planes(
@@ -385,9 +440,16 @@ class BitSerialConv:
 class BitSerialLinear:
     """k-bit dense layer: ``planes`` uint64 (Wb, O, ceil(K/64)); float32 (N, K) in."""
 
-    def __init__(self, planes: np.ndarray, in_features: int, act_bits: int, act_signed: bool):
+    def __init__(
+        self,
+        planes: np.ndarray,
+        in_features: int,
+        act_bits: int,
+        act_signed: bool,
+        zero: bool = False,
+    ):
         self.k = int(in_features)
-        self.w = _Planes(planes, self.k, act_bits, act_signed)
+        self.w = _Planes(planes, self.k, act_bits, act_signed, zero)
 
     def __call__(
         self,
@@ -411,11 +473,17 @@ class BitSerialStem:
     plane-channels c*P + p; uint8 NCHW in -> float32 sum_i 2^i stem_conv(x, w_i)."""
 
     def __init__(
-        self, planes: np.ndarray, image_channels: int, pixel_planes: int, stride: int, padding: int
+        self,
+        planes: np.ndarray,
+        image_channels: int,
+        pixel_planes: int,
+        stride: int,
+        padding: int,
+        zero: bool = False,
     ) -> None:
         _, _, kh, kw, _ = planes.shape
         self.c, self.p = int(image_channels), int(pixel_planes)
-        self.w = _Planes(planes, kh * kw * self.c * self.p, 1, True)
+        self.w = _Planes(planes, kh * kw * self.c * self.p, 1, True, zero)
         self.stride, self.padding = int(stride), int(padding)
 
     def __call__(self, x: np.ndarray, weight_bits: int | None = None) -> np.ndarray:
@@ -461,7 +529,7 @@ def _emitter(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
 def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     layer = BitSerialConv(
         t[op["weight"]], op["in_channels"], op["act_bits"], op["act_signed"],
-        op["stride"][0], op["pad"][0],
+        op["stride"][0], op["pad"][0], bool(op.get("weight_zero", False)),
     )  # fmt: skip
     pre, bias = _pre_fn(op["pre"], t)
     step = float(t[op["act_step"]][0])
@@ -477,7 +545,10 @@ def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
 
 
 def bind_qlinear(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
-    layer = BitSerialLinear(t[op["weight"]], op["in_features"], op["act_bits"], op["act_signed"])
+    layer = BitSerialLinear(
+        t[op["weight"]], op["in_features"], op["act_bits"], op["act_signed"],
+        bool(op.get("weight_zero", False)),
+    )  # fmt: skip
     pre, bias = _pre_fn(op["pre"], t)
     step = float(t[op["act_step"]][0])
     emit = _emitter(plan, op, t)
@@ -493,8 +564,9 @@ def bind_qlinear(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any
 
 def bind_qstem(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     layer = BitSerialStem(
-        t[op["weight"]], op["in_channels"], op["planes"], op["stride"][0], op["pad"][0]
-    )
+        t[op["weight"]], op["in_channels"], op["planes"], op["stride"][0], op["pad"][0],
+        bool(op.get("weight_zero", False)),
+    )  # fmt: skip
     emit = _emitter(plan, op, t)
     precision = plan.precision
 

@@ -26,11 +26,25 @@ def layer_is_kbit(layer: Any) -> bool:
     return is_kbit(getattr(layer, "input_quantizer", None)) or is_kbit(layer.weight_quantizer)
 
 
-def _weight_planes(b: Any, layer: Any, what: str, err: type) -> tuple[np.ndarray, int, Any]:
-    """(neg planes bool (Wb, *torch weight shape), Wb, step_w tensor (O,) or None)."""
+def _weight_planes(b: Any, layer: Any, what: str, err: type) -> tuple[np.ndarray, int, Any, bool]:
+    """(neg planes bool (Wb, *torch weight shape), Wb, step_w tensor (O,) or None, zero grid).
+
+    Zero-grid weights (BSQ's sign-magnitude integers W, 0 included) are stored as the odd-grid
+    integers X = 2W + 1 on N + 1 planes (N: the fewest bits holding max |W|; 0 for an all-zero
+    layer), with ``weight_zero``: the engine computes conv(A, W) = (conv(A, X) - conv(A, 1)) / 2.
+    """
     import torch
 
     q = layer.weight_quantizer
+    if is_kbit(q) and getattr(q, "zero_grid", False):
+        with torch.no_grad():
+            w, sw = q.integer(None)
+        wi = w.detach().cpu().numpy().astype(np.int64)
+        n = int(np.abs(wi).max()).bit_length() if wi.size else 0
+        if n > 8:
+            raise err(f"{what}: BSQ weights need {n} bits (at most 8): re-quantize first")
+        neg = planes_from_integers(2 * wi + 1, n + 1, True)
+        return neg, n + 1, sw.detach().float().reshape(-1), True
     if is_kbit(q):
         if not q.signed:
             raise err(f"{what}: k-bit weights must use the signed grid")
@@ -45,11 +59,11 @@ def _weight_planes(b: Any, layer: Any, what: str, err: type) -> tuple[np.ndarray
         finally:
             q.keep_bits = keep
         neg = planes_from_integers(x.cpu().numpy(), q.bits, True)
-        return neg, int(q.bits), sw.detach().float().reshape(-1)
+        return neg, int(q.bits), sw.detach().float().reshape(-1), False
     neg, scale = b.binary_weight(layer, what)
     if scale is not None:
         raise err(f"{what}: scaled binary weights cannot be mixed with k-bit activations")
-    return neg[None], 1, None
+    return neg[None], 1, None, False
 
 
 def _act_quant(b: Any, layer: Any, what: str, err: type) -> tuple[int, bool, np.ndarray, Any]:
@@ -114,7 +128,7 @@ def build_qconv(
     if sh != sw_ or ph != pw or ph >= min(kh, kw):
         raise err(f"{what}: k-bit convolutions need square strides and padding < kernel")
     abits, asigned, step, sx = _act_quant(b, layer, what, err)
-    neg, wbits, swt = _weight_planes(b, layer, what, err)
+    neg, wbits, swt, zero = _weight_planes(b, layer, what, err)
     cout = layer.out_channels
     op = b.name("qconv")
     planes = np.stack([pack_signs(p.transpose(0, 2, 3, 1)) for p in neg])
@@ -138,6 +152,7 @@ def build_qconv(
             "act_step": b.tensor(op, "act_step", step),
             "weight": b.tensor(op, "weight", planes),
             "epilogue": epi,
+            **({"weight_zero": True} if zero else {}),
         }
     )  # fmt: skip
     b.kinds[out] = ("stream", cout)
@@ -155,7 +170,7 @@ def build_qlinear(
     if kind != "vector" or k != layer.in_features:
         raise err(f"{what}: a k-bit linear layer must read {layer.in_features} float features")
     abits, asigned, step, sx = _act_quant(b, layer, what, err)
-    neg, wbits, swt = _weight_planes(b, layer, what, err)
+    neg, wbits, swt, zero = _weight_planes(b, layer, what, err)
     cout = layer.out_features
     op = b.name("qlinear")
     planes = np.stack([pack_signs(p) for p in neg])
@@ -171,6 +186,7 @@ def build_qlinear(
             "act_step": b.tensor(op, "act_step", step),
             "weight": b.tensor(op, "weight", planes),
             "epilogue": epi,
+            **({"weight_zero": True} if zero else {}),
         }
     )  # fmt: skip
     b.kinds[out] = ("vector", cout)
@@ -194,7 +210,7 @@ def build_qstem(b: Any, stem: Any, post: list[Any], err: type, what: str = "stem
     pwts = enc.plane_weights.cpu().numpy().astype(np.float32).reshape(c_img, planes_px)
     if not np.all(pwts == 2.0 ** np.arange(planes_px, dtype=np.float32)):
         raise err(f"{what}: plane weights must be the place values 2^p")
-    neg, wbits, swt = _weight_planes(b, stem, what, err)
+    neg, wbits, swt, zero = _weight_planes(b, stem, what, err)
     cout = stem.out_channels
     op = b.name("qstem")
     planes = np.stack([pack_signs(p.transpose(0, 2, 3, 1)) for p in neg])
@@ -208,6 +224,7 @@ def build_qstem(b: Any, stem: Any, post: list[Any], err: type, what: str = "stem
             "kernel": [kh, kw], "stride": [sh, sh], "pad": [ph, ph], "weight_bits": wbits,
             "weight": b.tensor(op, "weight", planes),
             "epilogue": epi,
+            **({"weight_zero": True} if zero else {}),
         }
     )  # fmt: skip
     b.kinds[out] = ("stream", cout)

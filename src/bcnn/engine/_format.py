@@ -17,10 +17,19 @@ import numpy as np
 
 from .._io import atomic_write
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "read_bcnn", "validate_graph", "write_bcnn"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "READS",
+    "graph_version",
+    "read_bcnn",
+    "validate_graph",
+    "write_bcnn",
+]
 
 MAGIC = "bcnn"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest; files are written at the lowest version that holds them
+READS = (1, 2)
 MAX_CHANNELS = 1 << 16
 MAX_KERNEL = 15
 MAX_STRIDE = 16
@@ -77,6 +86,7 @@ class _Checker:
     def __init__(self, graph: Any, tensors: dict[str, np.ndarray]) -> None:
         self.graph = graph
         self.tensors = tensors
+        self.version = FORMAT_VERSION
         self.used: set[str] = set()
         # value name -> (kind, channels); kinds: image, stream, bits, vbits, vector
         self.kinds: dict[str, tuple[str, int]] = {}
@@ -288,8 +298,15 @@ class _KbitChecker(_Checker):
         return _int(op, key, 1, 8, where)
 
     def _planes(self, op: dict[str, Any], shape: tuple[int, ...], nbits: int, where: str) -> None:
-        """``weight``: uint64 (weight_bits, *shape, words(nbits)) with zero tail bits."""
-        wb = self._bits(op, "weight_bits", where)
+        """``weight``: uint64 (weight_bits, *shape, words(nbits)) with zero tail bits;
+        ``weight_zero`` (version 2, BSQ's zero grid): Wb = N + 1 planes, N in 0..8."""
+        zero = op.get("weight_zero", False)
+        if "weight_zero" in op and (zero is not True or self.version < 2):
+            raise _Invalid(
+                f"{where}: 'weight_zero' must be true, in a version-2 file (got {zero!r:.20}, "
+                f"version {self.version})"
+            )
+        wb = _int(op, "weight_bits", 1, 9 if zero else 8, where)
         t = self.tensor(op, "weight", np.uint64, (wb, *shape, words(nbits)), where)
         tail = words(nbits) * 64 - nbits
         if tail:
@@ -361,10 +378,21 @@ class _KbitChecker(_Checker):
         return ("vector", fout)
 
 
-def validate_graph(graph: Any, tensors: dict[str, np.ndarray]) -> None:
-    """Raise ``ValueError`` naming the first problem of a graph + tensors pair."""
+def graph_version(graph: dict[str, Any]) -> int:
+    """The lowest format version that holds ``graph`` (2 only for ``weight_zero`` ops)."""
+    ops = graph.get("ops", []) if isinstance(graph, dict) else []
+    return 2 if any(isinstance(o, dict) and "weight_zero" in o for o in ops) else 1
+
+
+def validate_graph(
+    graph: Any, tensors: dict[str, np.ndarray], version: int = FORMAT_VERSION
+) -> None:
+    """Raise ``ValueError`` naming the first problem of a graph + tensors pair (as a file of
+    format ``version``)."""
     try:
-        _KbitChecker(graph, tensors).run()
+        checker = _KbitChecker(graph, tensors)
+        checker.version = int(version)
+        checker.run()
     except _Invalid as e:
         raise ValueError(f"invalid bcnn model: {e}") from None
     except (KeyError, TypeError, AttributeError, IndexError) as e:  # defensive: never crash
@@ -379,7 +407,7 @@ def write_bcnn(
 
     meta = {
         "format": MAGIC,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(graph_version(graph)),
         "graph": json.dumps(graph, separators=(",", ":"), allow_nan=False),
     }
     data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
@@ -410,10 +438,10 @@ def read_bcnn(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, n
     if not isinstance(meta, dict) or meta.get("format") != MAGIC:
         raise ValueError(f"{where}: not a .bcnn file (no 'bcnn' magic in the metadata)")
     version = meta.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in [str(v) for v in READS]:
         raise ValueError(
             f"{where}: unsupported .bcnn format version {version!r:.20} "
-            f"(this bcnn reads version {FORMAT_VERSION})"
+            f"(this bcnn reads versions {', '.join(map(str, READS))})"
         )
     try:
         graph = json.loads(meta.get("graph", ""), parse_constant=_reject_constant)
@@ -431,7 +459,7 @@ def read_bcnn(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, n
         if v.dtype.byteorder == ">":
             tensors[k] = v.astype(v.dtype.newbyteorder("="))
     try:
-        validate_graph(graph, tensors)
+        validate_graph(graph, tensors, int(version))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     return graph, tensors

@@ -16,8 +16,6 @@ import numpy as np
 
 __all__ = ["pack_signs"]
 
-FORMAT_VERSION = 1
-
 
 class _Unsupported(ValueError):
     pass

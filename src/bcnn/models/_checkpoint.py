@@ -112,10 +112,21 @@ def load_checkpoint(
     model = create_model(
         cfg["name"], num_classes=cfg["num_classes"], binary=cfg["binary"], **cfg["kwargs"]
     )
+    if cfg.get("bsq"):  # BSQ bit variables (bcnn.bsq): the structure, then the state
+        from ..bsq import bsq_
+
+        bsq_(model, init=False)
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"{path}: weights do not fit model {cfg['name']!r}: {first}") from None
+    if cfg.get("bsq"):
+        from ..bsq import check_
+
+        try:
+            check_(model)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     model.eval()
     return model, dict(obj.get("meta", {}))

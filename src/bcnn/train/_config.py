@@ -51,18 +51,29 @@ class TrainConfig:
     model_kw: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # fp32 | fp8 | fp8-hybrid (emulated FP8 training, docs/fp8.md)
     fp8: dict[str, Any] = field(default_factory=dict)  # bcnn.fp8.Recipe fields overridden
+    # BSQ (docs/bsq.md): step 2 learns each layer's weight bits; then `bsq_finetune` epochs
+    bsq_alpha: float | None = None  # weight of the bit-level group Lasso (None: no BSQ)
+    bsq_bits: int = 8  # starting precision N of every layer
+    bsq_interval: int = 1  # re-quantize (adjust precisions) every N epochs of step 2
+    bsq_finetune: int = 0  # epochs of the fine-tuning step `ft` (scheme frozen)
+    bsq_lr: float | None = None  # peak lr of the bit variables (default: 10x the step's lr)
     quiet: bool = False
     resume: bool = False
 
     def step_list(self) -> list[str]:
-        return parse_steps(self.steps)
+        steps = parse_steps(self.steps)
+        if self.bsq_alpha is not None and self.bsq_finetune > 0:
+            steps.append("ft")
+        return steps
 
     def epochs_for(self, step: str) -> int:
+        if step == "ft":
+            return self.bsq_finetune
         e = {"1": self.epochs1, "2": self.epochs2}.get(step)
         return self.epochs if e is None else e
 
     def lr_for(self, step: str) -> float:
-        return self.lr2 if step == "2" and self.lr2 is not None else self.lr
+        return self.lr2 if step in ("2", "ft") and self.lr2 is not None else self.lr
 
     def validate(self) -> None:
         self.step_list()
@@ -85,11 +96,31 @@ class TrainConfig:
             raise ValueError("kd_alpha must be in [0, 1] and kd_temperature > 0")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        self._validate_bsq()
         from ._precision import check_precision
 
         check_precision(self.precision, self.fp8)
         if self.precision != "fp32" and (self.amp == "on" or self.compile):
             raise ValueError(f"--precision {self.precision} runs without --amp on and --compile")
+
+    def _validate_bsq(self) -> None:
+        a = self.bsq_alpha
+        if a is None:
+            return
+        if isinstance(a, bool) or not isinstance(a, int | float) or not a >= 0:
+            raise ValueError(f"bsq_alpha must be a number >= 0, got {a!r}")
+        if isinstance(self.bsq_bits, bool) or self.bsq_bits not in range(1, 9):
+            raise ValueError(f"bsq_bits must be in 1..8, got {self.bsq_bits!r}")
+        if self.bsq_interval < 1:
+            raise ValueError(f"bsq_interval must be >= 1 epoch, got {self.bsq_interval}")
+        if self.bsq_lr is not None and not self.bsq_lr > 0:
+            raise ValueError(f"bsq_lr must be > 0, got {self.bsq_lr}")
+        if self.bsq_finetune < 0:
+            raise ValueError(f"bsq_finetune must be >= 0 epochs, got {self.bsq_finetune}")
+        if "2" not in parse_steps(self.steps):
+            raise ValueError(f"BSQ trains in step 2: --steps 2 or 1,2, got {self.steps!r}")
+        if self.precision != "fp32":
+            raise ValueError(f"BSQ runs in fp32, not --precision {self.precision}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,6 +25,8 @@ METRIC_COLUMNS = [
     "images_per_s",
     "loss_scale",
     "overflows",
+    "avg_weight_bits",
+    "bsq_reg",
 ]
 
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..data import Loader, load_splits
 from ..models import create_model, load_checkpoint, save_checkpoint
+from ._bsq import make_bsq_stage
 from ._config import TrainConfig
 from ._dist import DistInfo, all_reduce_sum, close_distributed, init_distributed
 from ._evaluate import autocast_context, evaluate
@@ -69,7 +70,7 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def _step_dir(step: str) -> str:
-    return "float" if step == "float" else f"step{step}"
+    return {"float": "float", "ft": "finetune"}.get(step, f"step{step}")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -115,6 +116,14 @@ class Trainer:
         )
         self.histories: dict[str, tuple[list[dict[str, Any]], list[list[float]]]] = {}
         self._stop: int | None = None
+        if config.bsq_alpha is not None:  # fail before any output: nothing for BSQ to learn
+            from ..bsq._transform import _quantizable
+
+            if not _quantizable(self.build_model("2")):
+                raise ValueError(
+                    f"--bsq-alpha: {config.model} {config.model_kw or ''} has no quantizable "
+                    "layer (a conv or linear layer with a weight quantizer)"
+                )
 
     # ----------------------------------------------------------------- setup
     def build_model(self, step: str) -> nn.Module:
@@ -212,11 +221,14 @@ class Trainer:
         cfg = self.cfg
         sdir = self.out / _step_dir(step)
         ckpt = sdir / CHECKPOINT
-        seed_everything(cfg.seed + {"1": 0, "2": 1, "float": 2}[step])
+        seed_everything(cfg.seed + {"1": 0, "2": 1, "float": 2, "ft": 3}[step])
         model = self.build_model(step)
+        bsq = make_bsq_stage(cfg, step)
         state: dict[str, Any] | None = None
         if cfg.resume and ckpt.exists():
             saved, meta = load_checkpoint(ckpt)
+            if bsq is not None:
+                bsq.structure(model)
             model.load_state_dict(saved.state_dict())
             state = meta.get("train_state")
             if state is None:
@@ -227,9 +239,17 @@ class Trainer:
                     print(f"step {step}: already finished ({ckpt})")
                 return model
         elif init_state is not None:
+            if bsq is not None and step == "ft":
+                bsq.structure(model)
             model.load_state_dict(init_state)
+            if bsq is not None and step == "2":
+                bsq.convert(model)  # BSQ starts from the trained weights
+        elif bsq is not None:
+            bsq.convert(model)
         self.histories[step] = self.histories.get(step, ([], []))
         model.to(self.device)
+        if bsq is not None:
+            bsq.start(model)
 
         bin_model = model if step == "2" else None
         if step == "1":
@@ -240,12 +260,16 @@ class Trainer:
         else:
             names = set()
         clip_params = [p for n, p in model.named_parameters() if n in names]
-        clip = cfg.clip_latent and bool(clip_params)
+        clip = cfg.clip_latent and bool(clip_params) and bsq is None
         if clip:
             clip_latent_weights(clip_params)
 
-        wd = 0.0 if step == "2" else cfg.weight_decay
-        opt = make_optimizer(model, cfg.lr_for(step), wd)
+        wd = 0.0 if step in ("2", "ft") else cfg.weight_decay
+        if bsq is None:
+            opt = make_optimizer(model, cfg.lr_for(step), wd)
+        else:
+            lr = cfg.lr_for(step)
+            opt = bsq.optimizer(model, lr, cfg.bsq_lr if cfg.bsq_lr is not None else 10 * lr)
         train_loader, val_loader = self.loaders()
         epochs = cfg.epochs_for(step)
         per_epoch = len(train_loader)
@@ -306,8 +330,9 @@ class Trainer:
         if self.verbose:
             kind = {
                 "1": "binary activations, real weights",
-                "2": "binary weights and activations",
+                "2": "binary weights and activations" if bsq is None else "BSQ bit-level",
                 "float": "float twin",
+                "ft": "BSQ fine-tuning",
             }[step]
             print(
                 f"step {step} ({kind}): {epochs} epochs x {per_epoch} iterations, "
@@ -315,6 +340,7 @@ class Trainer:
                 f"device {self.device}{', amp' if self.amp else ''}"
                 f"{f', {self.dist.world_size} processes' if self.dist.enabled else ''}"
                 f"{', distillation' if self.teacher is not None else ''}{prec.describe()}"
+                f"{bsq.describe() if bsq is not None else ''}"
             )
         if self.main:
             sdir.mkdir(parents=True, exist_ok=True)
@@ -326,6 +352,8 @@ class Trainer:
                 b0 = start_batch if epoch == start_epoch else 0
                 if b0 == 0:
                     accum = [0.0, 0.0, 0.0, 0.0]
+                    if bsq is not None:  # periodic re-quantization, at epoch starts
+                        bsq.epoch_start(model, epoch, opt)
                 window = [0.0, 0.0, 0.0]
                 bar = self._bar(step, epoch, epochs, per_epoch, b0)
                 t0 = time.perf_counter() - accum[3]
@@ -337,14 +365,19 @@ class Trainer:
                         if teacher is not None:
                             with torch.no_grad():
                                 t_logits = teacher(x)
-                    loss = self.criterion(logits, y, t_logits)
+                    task = loss = self.criterion(logits, y, t_logits)
+                    penalty = bsq.penalty(model) if bsq is not None else None
+                    if penalty is not None:
+                        loss = task + penalty
                     opt.zero_grad(set_to_none=True)
                     prec.step(loss, opt, iteration)
                     sched.step()
                     if clip:
                         clip_latent_weights(clip_params)
+                    if bsq is not None:
+                        bsq.after_step(model)
                     iteration += 1
-                    lv = float(loss.detach())
+                    lv = float(task.detach())
                     corr = float((logits.detach().argmax(1) == y).sum())
                     accum[0] += lv * len(y)
                     accum[1] += corr
@@ -374,8 +407,12 @@ class Trainer:
                         raise TrainingInterrupted(stop, ckpt if self.main else None)
                 if bar is not None:
                     bar.close()
+                if bsq is not None and epoch + 1 == epochs:
+                    bsq.requantize(model, opt)  # the stage ends on canonical bits
                 row = self._epoch_row(step, epoch, iteration, accum, opt, net, val_loader)
                 row.update(prec.metrics())
+                if bsq is not None:
+                    row.update(bsq.metrics(model))
                 self.histories[step][0].append(row)
                 save(epoch + 1, 0, epoch + 1 == epochs)
                 self._write_reports(step)
@@ -425,7 +462,7 @@ class Trainer:
         rows, iters = self.histories[step]
         sdir = self.out / _step_dir(step)
         write_metrics_csv(sdir / "metrics.csv", rows)
-        order = [s for s in ("float", "1", "2") if s in self.histories]
+        order = [s for s in ("float", "1", "2", "ft") if s in self.histories]
         all_rows = [r for s in order for r in self.histories[s][0]]
         write_metrics_csv(self.out / "metrics.csv", all_rows)
         try:
@@ -444,7 +481,7 @@ class Trainer:
         )
         print(
             f"step {r['step']} epoch {r['epoch']}/{epochs}: train loss {r['train_loss']:.4f} "
-            f"acc {r['train_acc']:.4f}{val} | lr {r['lr']:.2e} | {r['seconds']:.1f}s "
+            f"acc {r['train_acc']:.4f}{val} | lr {r['lr']:.2e}{_bits(r)} | {r['seconds']:.1f}s "
             f"({r['images_per_s']:.0f} img/s)",
             flush=True,
         )
@@ -491,6 +528,12 @@ class Trainer:
                     signal.signal(s, h)
 
         return _Ctx()
+
+
+def _bits(r: dict[str, Any]) -> str:
+    if r.get("avg_weight_bits") is None:
+        return ""
+    return f" | avg weight bits {r['avg_weight_bits']:.2f}"
 
 
 def _quiet(msg: str) -> None:
