@@ -20,7 +20,8 @@ def quantizer_bits(q: object) -> int:
 
     if is_binary_quantizer(q):
         return 1
-    return int(getattr(q, "bits", 32))
+    stored = getattr(q, "storage_bits", None)  # BSQ: sign + N magnitude bits
+    return int(stored if stored is not None else getattr(q, "bits", 32))
 
 
 @dataclass
@@ -35,6 +36,8 @@ class LayerRow:
     binary_macs: int = 0
     float_macs: int = 0
     packed_bytes: int = 0
+    bsq_bits: int | None = None  # BSQ layers: the learned precision N (magnitude bits)
+    weight_params: int = 0  # the layer's weight count (conv/linear)
 
 
 @dataclass
@@ -72,6 +75,16 @@ class ModelSummary:
     def float32_bytes(self) -> int:
         return 4 * (self.binary_params + self.float_params)
 
+    def _quantized_rows(self) -> list[LayerRow]:
+        return [r for r in self.rows if r.weight_bits is not None and r.weight_bits < 32]
+
+    @property
+    def avg_weight_bits(self) -> float | None:
+        """Bits per weight of the quantized conv/linear layers, weighted by their weights."""
+        rows = self._quantized_rows()
+        n = sum(r.weight_params for r in rows)
+        return sum(r.weight_params * (r.weight_bits or 0) for r in rows) / n if n else None
+
     def to_dict(self) -> dict[str, Any]:
         total_macs = self.binary_macs + self.float_macs
         return {
@@ -85,6 +98,10 @@ class ModelSummary:
             "packed_bytes": self.packed_bytes,
             "float32_bytes": self.float32_bytes,
             "compression": self.float32_bytes / self.packed_bytes if self.packed_bytes else 0.0,
+            "avg_weight_bits": self.avg_weight_bits,
+            "weight_compression": (
+                32.0 / self.avg_weight_bits if self.avg_weight_bits else None
+            ),  # quantized layers' weights vs float32
             "layers": [asdict(r) for r in self.rows],
         }
 
@@ -114,6 +131,12 @@ class ModelSummary:
             f"packed size      {_fmt_bytes(d['packed_bytes'])}   float-32 equivalent "
             f"{_fmt_bytes(d['float32_bytes'])}   compression {d['compression']:.1f}x",
         ]
+        if d["avg_weight_bits"] is not None:
+            wc = d["weight_compression"]
+            out.append(
+                f"weight bits      {d['avg_weight_bits']:.2f} per weight (quantized layers, "
+                f"weighted by weights)   vs float32 {f'{wc:.1f}x' if wc else 'inf'}"
+            )
         return "\n".join(out)
 
 
@@ -165,6 +188,10 @@ def summary(
             else:
                 ib = wb = 32
             row.input_bits, row.weight_bits = ib, wb
+            row.weight_params = mod.weight.numel()
+            wq: Any = getattr(mod, "weight_quantizer", None)
+            if getattr(wq, "zero_grid", False):
+                row.bsq_bits = int(wq.bits)
             out_per_sample = math.prod(out_shape)
             if isinstance(mod, nn.Conv2d):
                 k = math.prod(mod.kernel_size) * mod.in_channels // mod.groups
@@ -191,6 +218,8 @@ def summary(
 
     names: dict[nn.Module, str] = {}
     for n, m in model.named_modules():
+        if getattr(m, "zero_grid", False):  # BSQ bit variables: the layer's weight counts
+            continue
         if not list(m.children()) or _own_params(m):
             names[m] = n or type(m).__name__
             hooks.append(m.register_forward_hook(hook))

@@ -93,6 +93,13 @@ class BitQuantizer(nn.Module):
         return int(self.nbits)
 
     @property
+    def storage_bits(self) -> int:
+        """Bits per weight as stored and computed: the sign and N magnitude bits (N + 1
+        planes of X = 2W + 1 in the engine); 0 for an all-zero layer."""
+        n = self.bits
+        return n + 1 if n else 0
+
+    @property
     def numel(self) -> int:
         return int(self.pos[0].numel())
 
@@ -134,8 +141,8 @@ class BitQuantizer(nn.Module):
         n = int(self.nbits)
         if not 0 <= n <= MAX_BITS:
             raise ValueError(f"BSQ precision {n} is not in 0..{MAX_BITS}")
-        for what, t in (("positive", self.pos), ("negative", self.neg)):
-            t = t.detach()
+        for what, param in (("positive", self.pos), ("negative", self.neg)):
+            t = param.detach()
             if not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or bool((t > 2).any()):
                 raise ValueError(f"BSQ {what} bit variables outside [0, 2]")
             if bool((t[n:] != 0).any()):
@@ -186,8 +193,7 @@ class BitQuantizer(nn.Module):
         exactly), except that a frozen or 8-bit layer clips W to its range.
         Returns {"before": N, "after": N', "overflow": bool}."""
         before = self.bits
-        w, _ = self.integer()
-        w = w.detach()
+        w: Tensor = self.integer()[0].detach()
         m = int(w.abs().max()) if w.numel() else 0
         n = before
         overflow = m > 2**n - 1

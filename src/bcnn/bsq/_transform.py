@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-def bsq_layers(model: nn.Module) -> dict[str, nn.Module]:
+def bsq_layers(model: nn.Module) -> dict[str, Any]:
     """The layers of ``model`` whose weights are BSQ bits, by qualified name."""
     return {
         n: m
@@ -39,7 +39,7 @@ def bsq_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
+def _quantizable(model: nn.Module) -> dict[str, Any]:
     """Layers with a weight quantizer (binary or k-bit) and a weight of >= 2 dimensions."""
     out = {}
     for n, m in model.named_modules():
@@ -51,7 +51,7 @@ def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def _sync_weight(layer: nn.Module) -> None:
+def _sync_weight(layer: Any) -> None:
     """Keep the layer's (frozen) float weight equal to step * W, for anything reading it."""
     q = layer.weight_quantizer
     layer.weight.copy_(q().to(layer.weight.dtype))
@@ -88,12 +88,12 @@ def bsq_(model: nn.Module, bits: int = 8, *, init: bool = True) -> nn.Module:
         _sync_weight(layer)
     cfg = getattr(model, "bcnn_config", None)
     if isinstance(cfg, dict):
-        model.bcnn_config = {**cfg, "bsq": True}
+        setattr(model, "bcnn_config", {**cfg, "bsq": True})  # noqa: B010 (an nn.Module attr)
     return model
 
 
 def _quantizers(model: nn.Module) -> list[BitQuantizer]:
-    qs = [m.weight_quantizer for m in bsq_layers(model).values()]
+    qs: list[BitQuantizer] = [m.weight_quantizer for m in bsq_layers(model).values()]
     if not qs:
         raise ValueError(f"{type(model).__name__} has no BSQ layer (convert it with bsq_ first)")
     return qs
@@ -153,8 +153,12 @@ def layer_bits(model: nn.Module) -> dict[str, int]:
     return {n: m.weight_quantizer.bits for n, m in bsq_layers(model).items()}
 
 
-def avg_weight_bits(model: nn.Module) -> float:
-    """Average weight precision of the BSQ layers, weighted by their weight counts."""
+def avg_weight_bits(model: nn.Module, stored: bool = True) -> float:
+    """Average bits per weight of the BSQ layers, weighted by their weight counts: as stored
+    (``stored``: sign + N magnitude bits, 0 for an all-zero layer; what the packed model holds
+    and computes) or BSQ's precision N alone (``stored=False``, the paper's count)."""
     qs = _quantizers(model)
     n = sum(q.numel for q in qs)
-    return sum(q.numel * q.bits for q in qs) / n if n else math.nan
+    if not n:
+        return math.nan
+    return sum(q.numel * (q.storage_bits if stored else q.bits) for q in qs) / n
