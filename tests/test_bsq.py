@@ -429,7 +429,7 @@ def _cfg(out: Path, **kw: Any) -> Any:
     base: dict[str, Any] = dict(
         model="bcnn_cifar", data=DATA, out=str(out), steps="1,2", epochs=2, batch_size=32,
         val_split=0.2, seed=3, model_kw={"width": 8, "depth": 1, "act_bits": 4}, quiet=True,
-        workers=0, bsq_alpha=0.5, bsq_bits=4, bsq_finetune=1, bsq_lr=0.05,
+        workers=0, bsq_alpha=0.5, bsq_bits=4, bsq_finetune=1, bsq_lr=0.05, bsq_interval=0.5,
     )  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
@@ -457,19 +457,25 @@ def test_bsq_run_learns_bits_and_packs_exactly(bsq_run: Path) -> None:
     rows = (bsq_run / "metrics.csv").read_text().splitlines()
     head = rows[0].split(",")
     bits = [float(r.split(",")[head.index("avg_weight_bits")]) for r in rows[3:]]
-    assert bits[0] <= 5.0 and bits[-1] == bits[-2]  # starts at 4 bits + sign; frozen in ft
+    assert (
+        bits[0] <= 6.0 and bits[-1] == bits[-2]
+    )  # from 4 bits + sign (+1 on overflow); frozen in ft
     assert all(0 <= b <= 8 for b in bsq.layer_bits(m).values())
     x = _images(3, 8, 0)[:, :1]
     p = pack(m)
     assert np.array_equal(p(x.numpy()), _logits(m, x).numpy())
 
 
-# 4 iterations per epoch: 14 is mid step 2's second epoch (after a re-quantization), 18 mid ft
-@pytest.mark.parametrize("at", [14, 18])
+# 4 iterations per epoch, re-quantization every 2: 14 is mid step 2's second epoch (after
+# re-quantizations), 18 mid ft; "crash" resumes from the epoch end, "sigterm" mid-epoch
+@pytest.mark.parametrize(("at", "mode"), [(14, "crash"), (14, "sigterm"), (18, "crash")])
 def test_bsq_run_resumes_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bsq_run: Path, at: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bsq_run: Path, at: int, mode: str
 ) -> None:
-    from bcnn.train import Trainer, train
+    import os
+    import signal
+
+    from bcnn.train import Trainer, TrainingInterrupted, train
 
     torch.set_num_threads(1)
     out = tmp_path / "r"
@@ -482,12 +488,14 @@ def test_bsq_run_resumes_exactly(
     def stop(self: Trainer) -> int:
         calls["n"] += 1
         if calls["n"] == at:
-            raise Crash
+            if mode == "crash":
+                raise Crash
+            os.kill(os.getpid(), signal.SIGTERM)
         return orig(self)
 
     with monkeypatch.context() as mp:
         mp.setattr(Trainer, "_should_stop", stop)
-        with pytest.raises(Crash):
+        with pytest.raises(Crash if mode == "crash" else TrainingInterrupted):
             train(_cfg(out))
     train(_cfg(out, resume=True))
     a, b = _state(out / "final.pt"), _state(bsq_run / "final.pt")

@@ -85,7 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--bsq-bits", type=int, default=S, help="BSQ starting precision (default 8)")
     p.add_argument(
-        "--bsq-interval", type=int, default=S, help="BSQ: re-quantize every N epochs (default 1)"
+        "--bsq-interval",
+        type=float,
+        default=S,
+        help="BSQ: re-quantize every N epochs, fractions allowed (default 1)",
     )
     p.add_argument(
         "--bsq-finetune", type=int, default=S, help="BSQ: fine-tuning epochs, scheme frozen (0)"

@@ -3,8 +3,9 @@
 * step ``2`` is the BSQ stage: the model is converted to bit variables (:func:`bcnn.bsq.bsq_`,
   at ``bsq_bits``) from the weights it starts with (``init``, or step 1's), the loss gains
   ``bsq_alpha * bit_group_lasso``, the bits are clamped to [0, 2] after every step, and every
-  ``bsq_interval`` epochs (at the start of the epoch) the model is re-quantized with precision
-  adjustment; a last re-quantization ends the stage.
+  ``bsq_interval`` epochs (rounded to whole iterations, before the batch that starts the
+  interval) the model is re-quantized with precision adjustment; a last re-quantization ends
+  the stage.
 * step ``ft`` (``bsq_finetune`` epochs) fine-tunes with the scheme frozen: no regularizer,
   no precision change, weights clipped to each layer's range.
 
@@ -24,10 +25,11 @@ __all__ = ["BsqStage", "make_bsq_stage"]
 
 
 class BsqStage:
-    def __init__(self, alpha: float, bits: int, interval: int, finetune: bool) -> None:
+    def __init__(self, alpha: float, bits: int, interval: float, finetune: bool) -> None:
         self.alpha = float(alpha)
         self.bits = int(bits)
-        self.interval = int(interval)
+        self.interval = float(interval)
+        self.every = 0  # iterations between re-quantizations (set by ``start``)
         self.finetune = finetune
         self.model: nn.Module | None = None
         self._last_reg = 0.0
@@ -46,10 +48,11 @@ class BsqStage:
         bsq_(model, self.bits, init=True)
         self.model = model
 
-    def start(self, model: nn.Module) -> None:
+    def start(self, model: nn.Module, per_epoch: int) -> None:
         from ..bsq import freeze_
 
         self.model = model
+        self.every = max(1, round(self.interval * per_epoch))
         freeze_(model, self.finetune)
 
     def penalty(self, model: nn.Module) -> Tensor | None:
@@ -66,8 +69,9 @@ class BsqStage:
 
         clamp_(model)
 
-    def epoch_start(self, model: nn.Module, epoch: int, opt: torch.optim.Optimizer) -> None:
-        if self.finetune or epoch == 0 or epoch % self.interval:
+    def before_batch(self, model: nn.Module, iteration: int, opt: torch.optim.Optimizer) -> None:
+        """Re-quantize before the batch of step ``iteration`` when an interval starts there."""
+        if self.finetune or iteration == 0 or iteration % self.every:
             return
         self.requantize(model, opt)
 
@@ -107,7 +111,7 @@ class BsqStage:
         if self.finetune:
             return ", BSQ fine-tuning (scheme frozen)"
         return (
-            f", BSQ alpha {self.alpha:g} from {self.bits} bits, re-quantize every {self.interval}"
+            f", BSQ alpha {self.alpha:g} from {self.bits} bits, re-quantize every {self.every} it"
         )
 
 

@@ -54,7 +54,7 @@ class TrainConfig:
     # BSQ (docs/bsq.md): step 2 learns each layer's weight bits; then `bsq_finetune` epochs
     bsq_alpha: float | None = None  # weight of the bit-level group Lasso (None: no BSQ)
     bsq_bits: int = 8  # starting precision N of every layer
-    bsq_interval: int = 1  # re-quantize (adjust precisions) every N epochs of step 2
+    bsq_interval: float = 1.0  # re-quantize (adjust precisions) every N epochs (0.25: 4x each)
     bsq_finetune: int = 0  # epochs of the fine-tuning step `ft` (scheme frozen)
     bsq_lr: float | None = None  # peak lr of the bit variables (default: 10x the step's lr)
     quiet: bool = False
@@ -111,8 +111,8 @@ class TrainConfig:
             raise ValueError(f"bsq_alpha must be a number >= 0, got {a!r}")
         if isinstance(self.bsq_bits, bool) or self.bsq_bits not in range(1, 9):
             raise ValueError(f"bsq_bits must be in 1..8, got {self.bsq_bits!r}")
-        if self.bsq_interval < 1:
-            raise ValueError(f"bsq_interval must be >= 1 epoch, got {self.bsq_interval}")
+        if not self.bsq_interval > 0:
+            raise ValueError(f"bsq_interval must be > 0 epochs, got {self.bsq_interval}")
         if self.bsq_lr is not None and not self.bsq_lr > 0:
             raise ValueError(f"bsq_lr must be > 0, got {self.bsq_lr}")
         if self.bsq_finetune < 0:

@@ -248,8 +248,6 @@ class Trainer:
             bsq.convert(model)
         self.histories[step] = self.histories.get(step, ([], []))
         model.to(self.device)
-        if bsq is not None:
-            bsq.start(model)
 
         bin_model = model if step == "2" else None
         if step == "1":
@@ -273,6 +271,8 @@ class Trainer:
         train_loader, val_loader = self.loaders()
         epochs = cfg.epochs_for(step)
         per_epoch = len(train_loader)
+        if bsq is not None:
+            bsq.start(model, per_epoch)
         total = epochs * per_epoch
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(total, round(cfg.warmup * total), cfg.schedule)
@@ -352,12 +352,12 @@ class Trainer:
                 b0 = start_batch if epoch == start_epoch else 0
                 if b0 == 0:
                     accum = [0.0, 0.0, 0.0, 0.0]
-                    if bsq is not None:  # periodic re-quantization, at epoch starts
-                        bsq.epoch_start(model, epoch, opt)
                 window = [0.0, 0.0, 0.0]
                 bar = self._bar(step, epoch, epochs, per_epoch, b0)
                 t0 = time.perf_counter() - accum[3]
                 for b, (x, y) in enumerate(train_loader.iter_from(b0), start=b0):
+                    if bsq is not None:  # periodic re-quantization
+                        bsq.before_batch(model, iteration, opt)
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device)
                     with autocast_context(self.device, self.amp):
                         logits = fwd(x)
