@@ -93,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bsq-finetune", type=int, default=S, help="BSQ: fine-tuning epochs, scheme frozen (0)"
     )
+    p.add_argument(
+        "--bsq-lr", type=float, default=S, help="BSQ: peak SGD lr of the bit variables (0.1)"
+    )
     p.add_argument("--resume", action="store_true", default=S, help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", default=S, help="no progress output")
 

@@ -25,13 +25,24 @@ __all__ = ["BsqStage", "make_bsq_stage"]
 
 
 class BsqStage:
-    def __init__(self, alpha: float, bits: int, interval: float, finetune: bool) -> None:
+    """One BSQ stage of a run (step ``2``: free scheme; ``ft``: frozen). The bit variables
+    are updated by SGD with momentum 0.9 at ``bits_lr`` (as the official code trains them;
+    with Adam, whose steps ignore the gradient's size, ``alpha`` would barely matter), on the
+    step's learning-rate schedule; every other parameter stays with the trainer's Adam."""
+
+    MOMENTUM = 0.9
+
+    def __init__(
+        self, alpha: float, bits: int, interval: float, bits_lr: float, finetune: bool
+    ) -> None:
         self.alpha = float(alpha)
         self.bits = int(bits)
         self.interval = float(interval)
+        self.bits_lr = float(bits_lr)
         self.every = 0  # iterations between re-quantizations (set by ``start``)
         self.finetune = finetune
-        self.model: nn.Module | None = None
+        self.base_lr = 1.0
+        self._momentum: dict[str, Tensor] = {}
         self._last_reg = 0.0
 
     def structure(self, model: nn.Module) -> None:
@@ -39,21 +50,35 @@ class BsqStage:
         from ..bsq import bsq_
 
         bsq_(model, self.bits, init=False)
-        self.model = model
 
     def convert(self, model: nn.Module) -> None:
         """Convert a model holding trained weights (the start of the BSQ stage)."""
         from ..bsq import bsq_
 
         bsq_(model, self.bits, init=True)
-        self.model = model
 
     def start(self, model: nn.Module, per_epoch: int) -> None:
         from ..bsq import freeze_
 
-        self.model = model
         self.every = max(1, round(self.interval * per_epoch))
         freeze_(model, self.finetune)
+
+    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Adam:
+        """Adam (no weight decay) over everything but the bit variables."""
+        bits = {id(p) for p in self._bit_params(model).values()}
+        params = [p for p in model.parameters() if p.requires_grad and id(p) not in bits]
+        self.base_lr = lr
+        return torch.optim.Adam(params, lr=lr, weight_decay=0.0)
+
+    @staticmethod
+    def _bit_params(model: nn.Module) -> dict[str, nn.Parameter]:
+        from ..bsq import bsq_layers
+
+        out = {}
+        for name, layer in bsq_layers(model).items():
+            q = layer.weight_quantizer
+            out[f"{name}.pos"], out[f"{name}.neg"] = q.pos, q.neg
+        return out
 
     def penalty(self, model: nn.Module) -> Tensor | None:
         if self.finetune or self.alpha == 0.0:
@@ -64,26 +89,43 @@ class BsqStage:
         self._last_reg = float(reg.detach())
         return self.alpha * reg
 
-    def after_step(self, model: nn.Module) -> None:
+    @torch.no_grad()
+    def step_bits(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        """SGD-momentum step of the bit variables at the lr the optimizer just used (call
+        before the scheduler steps), then the clamp into [0, 2]."""
         from ..bsq import clamp_
 
+        lr = self.bits_lr * float(opt.param_groups[0]["lr"]) / self.base_lr
+        for key, p in self._bit_params(model).items():
+            if p.grad is None:
+                continue
+            buf = self._momentum.get(key)
+            if buf is None:
+                buf = self._momentum[key] = p.grad.detach().clone()
+            else:
+                buf.mul_(self.MOMENTUM).add_(p.grad)
+            p.add_(buf, alpha=-lr)
         clamp_(model)
 
-    def before_batch(self, model: nn.Module, iteration: int, opt: torch.optim.Optimizer) -> None:
+    def before_batch(self, model: nn.Module, iteration: int) -> None:
         """Re-quantize before the batch of step ``iteration`` when an interval starts there."""
         if self.finetune or iteration == 0 or iteration % self.every:
             return
-        self.requantize(model, opt)
+        self.requantize(model)
 
-    def requantize(self, model: nn.Module, opt: torch.optim.Optimizer | None) -> None:
-        from ..bsq import bsq_layers, requantize_
+    def requantize(self, model: nn.Module) -> None:
+        """Re-quantize (adjusting precisions unless frozen); the bits' momentum restarts (the
+        official code re-creates its optimizer)."""
+        from ..bsq import requantize_
 
         requantize_(model, adjust=not self.finetune)
-        if opt is None:
-            return
-        for layer in bsq_layers(model).values():
-            for p in layer.weight_quantizer.parameters():
-                opt.state.pop(p, None)
+        self._momentum.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"momentum": {k: v.detach().cpu().clone() for k, v in self._momentum.items()}}
+
+    def load_state_dict(self, d: dict[str, Any], device: torch.device) -> None:
+        self._momentum = {k: v.to(device) for k, v in d.get("momentum", {}).items()}
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
         from ..bsq import avg_weight_bits
@@ -93,25 +135,12 @@ class BsqStage:
             out["bsq_reg"] = self._last_reg
         return out
 
-    def optimizer(self, model: nn.Module, lr: float, bits_lr: float) -> torch.optim.Adam:
-        """Adam without weight decay; the bit variables at their own peak lr ``bits_lr``
-        (they live in [0, 2]: at the weights' lr they would barely move)."""
-        from ..bsq import bsq_layers
-
-        bits = {id(p) for m in bsq_layers(model).values() for p in (m.weight_quantizer.pos,
-                m.weight_quantizer.neg)}  # fmt: skip
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [  # the weights' group first: the trainer logs param_groups[0]'s lr
-            {"params": [p for p in params if id(p) not in bits], "lr": lr},
-            {"params": [p for p in params if id(p) in bits], "lr": bits_lr},
-        ]
-        return torch.optim.Adam(groups, lr=lr, weight_decay=0.0)
-
     def describe(self) -> str:
         if self.finetune:
-            return ", BSQ fine-tuning (scheme frozen)"
+            return f", BSQ fine-tuning (scheme frozen, bits lr {self.bits_lr:g})"
         return (
-            f", BSQ alpha {self.alpha:g} from {self.bits} bits, re-quantize every {self.every} it"
+            f", BSQ alpha {self.alpha:g} from {self.bits} bits, bits lr {self.bits_lr:g}, "
+            f"re-quantize every {self.every} it"
         )
 
 
@@ -119,4 +148,7 @@ def make_bsq_stage(cfg: Any, step: str) -> BsqStage | None:
     """The BSQ stage of ``step`` (None when the run or the step has none)."""
     if cfg.bsq_alpha is None or step not in ("2", "ft"):
         return None
-    return BsqStage(cfg.bsq_alpha, cfg.bsq_bits, cfg.bsq_interval, finetune=step == "ft")
+    ft = step == "ft"  # fine-tuning: a tenth of the lr, for the bits as for the rest
+    return BsqStage(
+        cfg.bsq_alpha, cfg.bsq_bits, cfg.bsq_interval, cfg.bsq_lr * (0.1 if ft else 1.0), ft
+    )

@@ -55,8 +55,8 @@ class TrainConfig:
     bsq_alpha: float | None = None  # weight of the bit-level group Lasso (None: no BSQ)
     bsq_bits: int = 8  # starting precision N of every layer
     bsq_interval: float = 1.0  # re-quantize (adjust precisions) every N epochs (0.25: 4x each)
-    bsq_finetune: int = 0  # epochs of the fine-tuning step `ft` (scheme frozen)
-    bsq_lr: float | None = None  # peak lr of the bit variables (default: 10x the step's lr)
+    bsq_finetune: int = 0  # epochs of the fine-tuning step `ft` (scheme frozen, lr / 10)
+    bsq_lr: float = 0.1  # peak lr of the bit variables (SGD, momentum 0.9, as the official code)
     quiet: bool = False
     resume: bool = False
 
@@ -73,7 +73,9 @@ class TrainConfig:
         return self.epochs if e is None else e
 
     def lr_for(self, step: str) -> float:
-        return self.lr2 if step in ("2", "ft") and self.lr2 is not None else self.lr
+        if step == "ft":  # BSQ fine-tuning: a tenth of step 2's peak lr
+            return 0.1 * self.lr_for("2")
+        return self.lr2 if step == "2" and self.lr2 is not None else self.lr
 
     def validate(self) -> None:
         self.step_list()
@@ -113,7 +115,7 @@ class TrainConfig:
             raise ValueError(f"bsq_bits must be in 1..8, got {self.bsq_bits!r}")
         if not self.bsq_interval > 0:
             raise ValueError(f"bsq_interval must be > 0 epochs, got {self.bsq_interval}")
-        if self.bsq_lr is not None and not self.bsq_lr > 0:
+        if not self.bsq_lr > 0:
             raise ValueError(f"bsq_lr must be > 0, got {self.bsq_lr}")
         if self.bsq_finetune < 0:
             raise ValueError(f"bsq_finetune must be >= 0 epochs, got {self.bsq_finetune}")

@@ -266,8 +266,7 @@ class Trainer:
         if bsq is None:
             opt = make_optimizer(model, cfg.lr_for(step), wd)
         else:
-            lr = cfg.lr_for(step)
-            opt = bsq.optimizer(model, lr, cfg.bsq_lr if cfg.bsq_lr is not None else 10 * lr)
+            opt = bsq.optimizer(model, cfg.lr_for(step))
         train_loader, val_loader = self.loaders()
         epochs = cfg.epochs_for(step)
         per_epoch = len(train_loader)
@@ -287,6 +286,8 @@ class Trainer:
             sched.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
             prec.load_state_dict(state.get("precision", {}))
+            if bsq is not None:
+                bsq.load_state_dict(state.get("bsq", {}), self.device)
             start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
             iteration = int(state["iteration"])
             accum = [float(a) for a in state["accum"]]
@@ -323,6 +324,7 @@ class Trainer:
                     "rng": get_rng_state(),
                     "accum": list(accum),
                     "precision": prec.state_dict(),
+                    "bsq": bsq.state_dict() if bsq is not None else {},
                 },
             )
             save_checkpoint(ckpt, model, meta)
@@ -357,7 +359,7 @@ class Trainer:
                 t0 = time.perf_counter() - accum[3]
                 for b, (x, y) in enumerate(train_loader.iter_from(b0), start=b0):
                     if bsq is not None:  # periodic re-quantization
-                        bsq.before_batch(model, iteration, opt)
+                        bsq.before_batch(model, iteration)
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device)
                     with autocast_context(self.device, self.amp):
                         logits = fwd(x)
@@ -371,11 +373,11 @@ class Trainer:
                         loss = task + penalty
                     opt.zero_grad(set_to_none=True)
                     prec.step(loss, opt, iteration)
+                    if bsq is not None:
+                        bsq.step_bits(model, opt)
                     sched.step()
                     if clip:
                         clip_latent_weights(clip_params)
-                    if bsq is not None:
-                        bsq.after_step(model)
                     iteration += 1
                     lv = float(task.detach())
                     corr = float((logits.detach().argmax(1) == y).sum())
@@ -408,7 +410,7 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 if bsq is not None and epoch + 1 == epochs:
-                    bsq.requantize(model, opt)  # the stage ends on canonical bits
+                    bsq.requantize(model)  # the stage ends on canonical bits
                 row = self._epoch_row(step, epoch, iteration, accum, opt, net, val_loader)
                 row.update(prec.metrics())
                 if bsq is not None:
