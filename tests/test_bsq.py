@@ -525,3 +525,32 @@ def test_bsq_on_a_model_without_quantizable_layers(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no quantizable layer"):
         Trainer(cfg)
     assert not (tmp_path / "x").exists()
+
+
+def test_bit_variables_take_sgd_momentum_steps_and_fresh_gradients() -> None:
+    from bcnn.train._bsq import BsqStage
+
+    m = bsq.bsq_(_Two(), bits=2)
+    q = m.conv.weight_quantizer
+    with torch.no_grad():
+        q.pos.fill_(1.0)
+        q.neg.fill_(0.5)
+        q.pos[2:] = 0.0
+        q.neg[2:] = 0.0
+    stage = BsqStage(alpha=0.0, bits=2, interval=1.0, bits_lr=0.1, finetune=False)
+    opt = stage.optimizer(m, lr=1e-3)
+    assert not any(p is q.pos or p is q.neg for g in opt.param_groups for p in g["params"])
+    p0 = q.pos.detach().clone()
+    g1, g2 = torch.full_like(p0, 0.2), torch.full_like(p0, -0.1)
+    q.pos.grad = g1.clone()
+    stage.step_bits(m, opt)
+    assert q.pos.grad is None  # not accumulated into the next step's gradient
+    mask = torch.zeros_like(p0)
+    mask[:2] = 1.0  # planes >= N stay 0
+    torch.testing.assert_close(q.pos.detach(), (p0 - 0.1 * g1) * mask)
+    p1 = q.pos.detach().clone()
+    q.pos.grad = g2.clone()
+    stage.step_bits(m, opt)
+    torch.testing.assert_close(q.pos.detach(), (p1 - 0.1 * (0.9 * g1 + g2)) * mask)
+    stage.requantize(m)  # re-quantization restarts the momentum
+    assert stage.state_dict() == {"momentum": {}}

@@ -105,6 +105,7 @@ class BsqStage:
             else:
                 buf.mul_(self.MOMENTUM).add_(p.grad)
             p.add_(buf, alpha=-lr)
+            p.grad = None  # the trainer's zero_grad only covers its optimizer's parameters
         clamp_(model)
 
     def before_batch(self, model: nn.Module, iteration: int) -> None:

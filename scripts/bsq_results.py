@@ -1,0 +1,218 @@
+"""Issue 12's results: BSQ at several alphas vs uniform-precision models, same budget.
+
+    python scripts/bsq_results.py --data imagefolder:DIR [--width 16] [--epochs 6] [--out DIR]
+        [--alphas 0.3 1 3] [--uniform 2 3 4] [--bsq-bits 4] [--plot docs/results/bsq.png]
+
+Every model is ``bcnn_cifar`` (--width/--depth) with 4-bit activations (--act-bits), trained
+for --epochs epochs in total on the run's fixed seeded validation split:
+
+* uniform WkA4: k-bit LSQ weights, two steps of epochs/2 (as scripts/kbit_results.py);
+* BSQ alpha: step 1 (epochs/2, float weights, 4-bit activations), then the BSQ stage
+  (epochs/2 - 1, from --bsq-bits bits) and one epoch of fine-tuning with the scheme frozen.
+
+For each: validation top-1 (float32 torch; the packed model is checked to give the same
+logits), average weight bits as stored (BSQ: sign + N magnitude bits per weight; uniform: k),
+each layer's bits, and the packed engine's batch-1 latency (one thread, median of --repeat;
+all models timed in the same run, after training). Writes OUT/bsq_results.json, prints the
+tables, and draws accuracy vs bits and vs latency (--plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _val(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    from bcnn.data import load_dataset
+
+    ds = load_dataset(args.data, "val", val_split=args.val_split, seed=args.seed)
+    return ds.images.numpy(), ds.labels.numpy()
+
+
+def _config(args: argparse.Namespace, out: Path, **kw: Any) -> Any:
+    from bcnn.train import TrainConfig
+
+    base: dict[str, Any] = dict(
+        model="bcnn_cifar", data=args.data, out=str(out), batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, val_split=args.val_split, amp=args.amp, quiet=True,
+        resume=out.exists(),
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _train(args: argparse.Namespace, name: str, cfg: Any) -> float:
+    from bcnn.train import train
+
+    final = Path(cfg.out) / "final.pt"
+    t0 = time.perf_counter()
+    if not final.is_file():
+        print(f"training {name} -> {cfg.out}", flush=True)
+        train(cfg)
+    return round(time.perf_counter() - t0, 1)
+
+
+def _measure(args: argparse.Namespace, name: str, final: Path) -> dict[str, Any]:
+    from bcnn import summary
+    from bcnn.engine import pack
+    from bcnn.models import load_checkpoint
+
+    model, meta = load_checkpoint(final)
+    x, y = _val(args)
+    with torch.no_grad():  # float32, no autocast: the graph the packed engine reproduces
+        logits = torch.cat([model(torch.from_numpy(x[i : i + 500])) for i in range(0, len(x), 500)])
+    packed = pack(model)
+    plog = np.concatenate([packed(x[i : i + 500]) for i in range(0, len(x), 500)])
+    s = summary(model).to_dict()
+    layers = {r["name"]: r["weight_bits"] for r in s["layers"] if r["weight_bits"] is not None}
+    return {
+        "model": name,
+        "val_top1": float((logits.argmax(1).numpy() == y).mean()),
+        "packed_equals_torch": bool(np.array_equal(plog, logits.numpy())),
+        "max_abs_diff": float(np.abs(plog - logits.numpy()).max()),
+        "avg_weight_bits": s["avg_weight_bits"],
+        "layer_weight_bits": layers,
+        "bsq_bits": {r["name"]: r["bsq_bits"] for r in s["layers"] if r["bsq_bits"] is not None},
+        "packed": packed,
+        "epochs": [r.get("epoch") for r in meta.get("history", [])],
+    }
+
+
+def _latency(packed: Any, x: np.ndarray, repeat: int) -> float:
+    from bcnn.engine import num_threads
+
+    one = x[:1]
+    with num_threads(1):
+        for _ in range(5):
+            packed(one)
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            packed(one)
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ts))
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in (
+        (axes[0], "avg_weight_bits", "average weight bits (stored)"),
+        (axes[1], "batch1_ms", "packed batch-1 latency, 1 thread (ms)"),
+    ):
+        for kind, marker in (("uniform", "s"), ("bsq", "o")):
+            pts = sorted(
+                (r[key], 100 * r["val_top1"], r["model"]) for r in rows if r["kind"] == kind
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=kind)
+            for px, py, name in pts:
+                ax.annotate(name, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--data", required=True, help="e.g. imagefolder:~/.cache/bcnn/cifar10-jpeg/train"
+    )
+    ap.add_argument("--out", default="runs/bsq")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=1)
+    ap.add_argument("--act-bits", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6, help="total per model")
+    ap.add_argument("--uniform", type=int, nargs="*", default=[2, 3, 4], help="weight bits")
+    ap.add_argument("--alphas", type=float, nargs="*", default=[0.3, 1.0, 3.0])
+    ap.add_argument("--bsq-bits", type=int, default=4, help="BSQ starting precision N")
+    ap.add_argument("--bsq-lr", type=float, default=0.01)
+    ap.add_argument("--bsq-interval", type=float, default=0.25)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-split", type=float, default=0.1)
+    ap.add_argument("--amp", default="on", help="bf16 autocast on CPU (on|off)")
+    ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--plot", default=None, help="write the figure here (PNG)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    if args.epochs < 4 or args.epochs % 2:
+        ap.error("--epochs must be even and >= 4 (two halves; BSQ: 1 epoch of fine-tuning)")
+
+    root = Path(args.out)
+    kw = {"width": args.width, "depth": args.depth, "act_bits": args.act_bits}
+    half = args.epochs // 2
+    runs: list[tuple[str, str, Any]] = []
+    for k in args.uniform:
+        out = root / f"W{k}A{args.act_bits}"
+        cfg = _config(args, out, steps="1,2", epochs=half, model_kw={**kw, "weight_bits": k})
+        runs.append((f"W{k}A{args.act_bits}", "uniform", cfg))
+    for a in args.alphas:
+        out = root / f"bsq_{a:g}"
+        cfg = _config(
+            args, out, steps="1,2", epochs1=half, epochs2=half - 1, model_kw=kw,
+            bsq_alpha=a, bsq_bits=args.bsq_bits, bsq_lr=args.bsq_lr,
+            bsq_interval=args.bsq_interval, bsq_finetune=1,
+        )  # fmt: skip
+        runs.append((f"BSQ a={a:g}", "bsq", cfg))
+
+    rows = []
+    for name, kind, cfg in runs:
+        secs = _train(args, name, cfg)
+        r = _measure(args, name, Path(cfg.out) / "final.pt")
+        r.update(kind=kind, train_seconds=secs)
+        rows.append(r)
+    x, _ = _val(args)
+    for r in rows:  # timed after all training, one after the other
+        r["batch1_ms"] = _latency(r.pop("packed"), x, args.repeat)
+
+    res = {
+        "args": vars(args),
+        "machine": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(res, indent=1)
+    (root / "bsq_results.json").write_text(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    if args.plot:
+        _plot(rows, Path(args.plot))
+
+    print(
+        f"bcnn_cifar width={args.width} depth={args.depth}, A{args.act_bits}, {args.epochs} "
+        f"epochs each; top-1 on the seeded {args.val_split:.0%} validation split of {args.data}"
+    )
+    print("| model | val top-1 | avg weight bits | batch-1 ms | packed == torch | train s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {100 * r['val_top1']:.2f}% | {r['avg_weight_bits']:.2f} | "
+            f"{r['batch1_ms']:.3f} | {r['packed_equals_torch']} | {r['train_seconds']} |"
+        )
+    print("\nlearned precisions (BSQ N per layer; stored bits = N + 1, 0 for N = 0)")
+    for r in rows:
+        if r["kind"] == "bsq":
+            print(f"{r['model']}: {r['bsq_bits']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
