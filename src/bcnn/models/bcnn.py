@@ -175,7 +175,10 @@ class BCNNHead(nn.Module):
         self.scale = Scale(num_classes, init_scale=1.0 / channels**0.5 if binary else 1.0)
 
     def forward(self, h: Tensor) -> Tensor:
-        f = h.mean(dim=(2, 3))
+        # the mean summed in float64 and rounded once, as the packed engine and the ONNX export
+        # compute it: torch's float32 reduction order depends on the CPU's vector width, and
+        # a 1-ulp difference can flip a quantized activation of the classifier's input
+        f = h.double().mean(dim=(2, 3)).to(h.dtype)
         return self.scale(self.fc(self.norm(f)))
 
 
