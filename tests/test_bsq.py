@@ -511,6 +511,7 @@ def test_bsq_run_resumes_exactly(
         ({"bsq_interval": 0}, "bsq_interval"),
         ({"steps": "float"}, "BSQ trains in step 2"),
         ({"precision": "fp8"}, "BSQ runs in fp32"),
+        ({"bsq_optimizer": "lamb"}, "bsq_optimizer must be sgd or adam"),
     ],
 )
 def test_bad_bsq_options(tmp_path: Path, kw: dict[str, Any], match: str) -> None:
@@ -554,3 +555,53 @@ def test_bit_variables_take_sgd_momentum_steps_and_fresh_gradients() -> None:
     torch.testing.assert_close(q.pos.detach(), (p1 - 0.1 * (0.9 * g1 + g2)) * mask)
     stage.requantize(m)  # re-quantization restarts the momentum
     assert stage.state_dict() == {"momentum": {}}
+
+
+def test_adam_mode_applies_the_group_lasso_decoupled() -> None:
+    from bcnn.train._bsq import BsqStage
+
+    m = bsq.bsq_(_Two(), bits=2)
+    q = m.fc.weight_quantizer
+    with torch.no_grad():
+        for p in (q.pos, q.neg):
+            p[:2] = torch.rand(p[:2].shape, generator=torch.Generator().manual_seed(1)) * 2
+    stage = BsqStage(alpha=0.5, bits=2, interval=1.0, bits_lr=0.02, finetune=False, kind="adam")
+    opt = stage.optimizer(m, lr=1e-3)
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.02
+    assert stage.penalty(m) is None  # not added to the loss
+    before = {k: p.detach().clone() for k, p in stage._bit_params(m).items()}
+    params = list(stage._bit_params(m).values())
+    grads = torch.autograd.grad(bsq.bit_group_lasso(m), params)
+    stage.step_bits(m, opt)  # no task gradient: only the decoupled step, lr 0.02 * alpha 0.5
+    for (k, p), g in zip(stage._bit_params(m).items(), grads, strict=True):
+        want = (before[k] - 0.01 * g).clamp(0, 2)
+        torch.testing.assert_close(p.detach(), want)
+    with pytest.raises(ValueError, match="sgd or adam"):
+        BsqStage(0.1, 2, 1.0, 0.1, False, kind="lamb")
+
+
+def test_adam_mode_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bcnn.train import Trainer, train
+
+    torch.set_num_threads(1)
+    kw = dict(bsq_optimizer="adam", bsq_lr=0.02, bsq_alpha=1.0)
+    train(_cfg(tmp_path / "a", **kw))
+    calls = {"n": 0}
+    orig = Trainer._should_stop
+
+    class Crash(Exception):
+        pass
+
+    def stop(self: Trainer) -> int:
+        calls["n"] += 1
+        if calls["n"] == 14:
+            raise Crash
+        return orig(self)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Trainer, "_should_stop", stop)
+        with pytest.raises(Crash):
+            train(_cfg(tmp_path / "b", **kw))
+    train(_cfg(tmp_path / "b", resume=True, **kw))
+    a, b = _state(tmp_path / "a" / "final.pt"), _state(tmp_path / "b" / "final.pt")
+    assert not [k for k in a if not torch.equal(a[k], b[k])]

@@ -94,7 +94,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bsq-finetune", type=int, default=S, help="BSQ: fine-tuning epochs, scheme frozen (0)"
     )
     p.add_argument(
-        "--bsq-lr", type=float, default=S, help="BSQ: peak SGD lr of the bit variables (0.1)"
+        "--bsq-lr", type=float, default=S, help="BSQ: peak lr of the bit variables (0.1)"
+    )
+    p.add_argument(
+        "--bsq-optimizer",
+        choices=["sgd", "adam"],
+        default=S,
+        help="BSQ: bit variables by SGD on loss + alpha R (official) or Adam, R decoupled",
     )
     p.add_argument("--resume", action="store_true", default=S, help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", default=S, help="no progress output")

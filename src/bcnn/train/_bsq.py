@@ -25,16 +25,32 @@ __all__ = ["BsqStage", "make_bsq_stage"]
 
 
 class BsqStage:
-    """One BSQ stage of a run (step ``2``: free scheme; ``ft``: frozen). The bit variables
-    are updated by SGD with momentum 0.9 at ``bits_lr`` (as the official code trains them;
-    with Adam, whose steps ignore the gradient's size, ``alpha`` would barely matter), on the
-    step's learning-rate schedule; every other parameter stays with the trainer's Adam."""
+    """One BSQ stage of a run (step ``2``: free scheme; ``ft``: frozen), on the step's
+    learning-rate schedule; every parameter but the bit variables stays with the trainer's
+    Adam. The bit variables (``kind``):
+
+    * ``"sgd"``: SGD with momentum 0.9 at ``bits_lr`` on task loss + alpha * R, as the
+      official code trains them;
+    * ``"adam"``: Adam at ``bits_lr`` on the task loss, and the group Lasso applied decoupled
+      (``p -= lr * alpha * dR/dp`` after each step, as AdamW decouples weight decay): Adam's
+      steps ignore the gradient's size, so added to the loss ``alpha`` would barely matter.
+    """
 
     MOMENTUM = 0.9
 
     def __init__(
-        self, alpha: float, bits: int, interval: float, bits_lr: float, finetune: bool
+        self,
+        alpha: float,
+        bits: int,
+        interval: float,
+        bits_lr: float,
+        finetune: bool,
+        kind: str = "sgd",
     ) -> None:
+        if kind not in ("sgd", "adam"):
+            raise ValueError(f"BSQ optimizer must be sgd or adam, got {kind!r}")
+        self.kind = kind
+        self._opt: torch.optim.Optimizer | None = None
         self.alpha = float(alpha)
         self.bits = int(bits)
         self.interval = float(interval)
@@ -64,11 +80,16 @@ class BsqStage:
         freeze_(model, self.finetune)
 
     def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Adam:
-        """Adam (no weight decay) over everything but the bit variables."""
+        """Adam (no weight decay) over everything but the bit variables (``"adam"``: them
+        too, in a second group at ``bits_lr``)."""
         bits = {id(p) for p in self._bit_params(model).values()}
         params = [p for p in model.parameters() if p.requires_grad and id(p) not in bits]
         self.base_lr = lr
-        return torch.optim.Adam(params, lr=lr, weight_decay=0.0)
+        groups: list[dict[str, Any]] = [{"params": params, "lr": lr}]
+        if self.kind == "adam":
+            groups.append({"params": list(self._bit_params(model).values()), "lr": self.bits_lr})
+        self._opt = torch.optim.Adam(groups, lr=lr, weight_decay=0.0)
+        return self._opt
 
     @staticmethod
     def _bit_params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -81,7 +102,7 @@ class BsqStage:
         return out
 
     def penalty(self, model: nn.Module) -> Tensor | None:
-        if self.finetune or self.alpha == 0.0:
+        if self.finetune or self.alpha == 0.0 or self.kind == "adam":
             return None
         from ..bsq import bit_group_lasso
 
@@ -93,9 +114,20 @@ class BsqStage:
     def step_bits(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
         """SGD-momentum step of the bit variables at the lr the optimizer just used (call
         before the scheduler steps), then the clamp into [0, 2]."""
-        from ..bsq import clamp_
+        from ..bsq import bit_group_lasso, clamp_
 
         lr = self.bits_lr * float(opt.param_groups[0]["lr"]) / self.base_lr
+        if self.kind == "adam":  # Adam stepped them; now the decoupled group-Lasso step
+            if not self.finetune and self.alpha != 0.0:
+                params = list(self._bit_params(model).values())
+                with torch.enable_grad():
+                    reg = bit_group_lasso(model)
+                    grads = torch.autograd.grad(reg, params)
+                self._last_reg = float(reg.detach())
+                for p, g in zip(params, grads, strict=True):
+                    p.sub_(g, alpha=lr * self.alpha)
+            clamp_(model)
+            return
         for key, p in self._bit_params(model).items():
             if p.grad is None:
                 continue
@@ -121,6 +153,9 @@ class BsqStage:
 
         requantize_(model, adjust=not self.finetune)
         self._momentum.clear()
+        if self._opt is not None and self.kind == "adam":
+            for p in self._bit_params(model).values():
+                self._opt.state.pop(p, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"momentum": {k: v.detach().cpu().clone() for k, v in self._momentum.items()}}
@@ -151,5 +186,10 @@ def make_bsq_stage(cfg: Any, step: str) -> BsqStage | None:
         return None
     ft = step == "ft"  # fine-tuning: a tenth of the lr, for the bits as for the rest
     return BsqStage(
-        cfg.bsq_alpha, cfg.bsq_bits, cfg.bsq_interval, cfg.bsq_lr * (0.1 if ft else 1.0), ft
+        cfg.bsq_alpha,
+        cfg.bsq_bits,
+        cfg.bsq_interval,
+        cfg.bsq_lr * (0.1 if ft else 1.0),
+        ft,
+        cfg.bsq_optimizer,
     )

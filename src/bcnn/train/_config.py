@@ -57,6 +57,7 @@ class TrainConfig:
     bsq_interval: float = 1.0  # re-quantize (adjust precisions) every N epochs (0.25: 4x each)
     bsq_finetune: int = 0  # epochs of the fine-tuning step `ft` (scheme frozen, lr / 10)
     bsq_lr: float = 0.1  # peak lr of the bit variables (SGD, momentum 0.9, as the official code)
+    bsq_optimizer: str = "sgd"  # sgd (official) | adam (group Lasso decoupled, docs/bsq.md)
     quiet: bool = False
     resume: bool = False
 
@@ -115,6 +116,8 @@ class TrainConfig:
             raise ValueError(f"bsq_bits must be in 1..8, got {self.bsq_bits!r}")
         if not self.bsq_interval > 0:
             raise ValueError(f"bsq_interval must be > 0 epochs, got {self.bsq_interval}")
+        if self.bsq_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"bsq_optimizer must be sgd or adam, got {self.bsq_optimizer!r}")
         if not self.bsq_lr > 0:
             raise ValueError(f"bsq_lr must be > 0, got {self.bsq_lr}")
         if self.bsq_finetune < 0:
