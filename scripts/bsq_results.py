@@ -7,8 +7,9 @@ Every model is ``bcnn_cifar`` (--width/--depth) with 4-bit activations (--act-bi
 for --epochs epochs in total on the run's fixed seeded validation split:
 
 * uniform WkA4: k-bit LSQ weights, two steps of epochs/2 (as scripts/kbit_results.py);
-* BSQ alpha: step 1 (epochs/2, float weights, 4-bit activations), then the BSQ stage
-  (epochs/2 - 1, from --bsq-bits bits) and one epoch of fine-tuning with the scheme frozen.
+* BSQ alpha: step 1 (epochs/2, float weights, 4-bit activations; trained once, shared by
+  every alpha), then the BSQ stage (epochs/2 - 1, from --bsq-bits bits) and one epoch of
+  fine-tuning with the scheme frozen.
 
 For each: validation top-1 (float32 torch; the packed model is checked to give the same
 logits), average weight bits as stored (BSQ: sign + N magnitude bits per weight; uniform: k),
@@ -50,14 +51,18 @@ def _config(args: argparse.Namespace, out: Path, **kw: Any) -> Any:
 
 
 def _train(args: argparse.Namespace, name: str, cfg: Any) -> float:
+    """Train (unless done) -> the run's training seconds, summed from its metrics.csv (so a
+    cached run reports the time it took when it ran)."""
+    import csv
+
     from bcnn.train import train
 
     final = Path(cfg.out) / "final.pt"
-    t0 = time.perf_counter()
     if not final.is_file():
         print(f"training {name} -> {cfg.out}", flush=True)
         train(cfg)
-    return round(time.perf_counter() - t0, 1)
+    with open(Path(cfg.out) / "metrics.csv") as f:
+        return float(round(sum(float(r["seconds"]) for r in csv.DictReader(f))))
 
 
 def _measure(args: argparse.Namespace, name: str, final: Path) -> dict[str, Any]:
@@ -65,7 +70,7 @@ def _measure(args: argparse.Namespace, name: str, final: Path) -> dict[str, Any]
     from bcnn.engine import pack
     from bcnn.models import load_checkpoint
 
-    model, meta = load_checkpoint(final)
+    model, _ = load_checkpoint(final)
     x, y = _val(args)
     with torch.no_grad():  # float32, no autocast: the graph the packed engine reproduces
         logits = torch.cat([model(torch.from_numpy(x[i : i + 500])) for i in range(0, len(x), 500)])
@@ -82,23 +87,31 @@ def _measure(args: argparse.Namespace, name: str, final: Path) -> dict[str, Any]
         "layer_weight_bits": layers,
         "bsq_bits": {r["name"]: r["bsq_bits"] for r in s["layers"] if r["bsq_bits"] is not None},
         "packed": packed,
-        "epochs": [r.get("epoch") for r in meta.get("history", [])],
     }
 
 
-def _latency(packed: Any, x: np.ndarray, repeat: int) -> float:
+def _latencies(models: list[Any], x: np.ndarray, repeat: int, rounds: int = 5) -> list[float]:
+    """Batch-1 latency (ms, one thread) of each packed model: ``rounds`` round-robin rounds of
+    repeat/rounds calls each (so drifting host load hits every model alike), the median of
+    the round medians."""
     from bcnn.engine import num_threads
 
     one = x[:1]
+    per = max(1, repeat // rounds)
+    meds: list[list[float]] = [[] for _ in models]
     with num_threads(1):
-        for _ in range(5):
-            packed(one)
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            packed(one)
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(ts))
+        for m in models:
+            for _ in range(5):
+                m(one)
+        for _ in range(rounds):
+            for i, m in enumerate(models):
+                ts = []
+                for _ in range(per):
+                    t0 = time.perf_counter()
+                    m(one)
+                    ts.append((time.perf_counter() - t0) * 1e3)
+                meds[i].append(float(np.median(ts)))
+    return [float(np.median(v)) for v in meds]
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -139,9 +152,10 @@ def main() -> int:
     ap.add_argument("--act-bits", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=6, help="total per model")
     ap.add_argument("--uniform", type=int, nargs="*", default=[2, 3, 4], help="weight bits")
-    ap.add_argument("--alphas", type=float, nargs="*", default=[0.3, 1.0, 3.0])
+    ap.add_argument("--alphas", type=float, nargs="*", default=[0.01, 0.02, 0.05])
     ap.add_argument("--bsq-bits", type=int, default=4, help="BSQ starting precision N")
-    ap.add_argument("--bsq-lr", type=float, default=0.01)
+    ap.add_argument("--bsq-lr", type=float, default=0.5)
+    ap.add_argument("--bsq-optimizer", default="sgd", choices=["sgd", "adam"])
     ap.add_argument("--bsq-interval", type=float, default=0.25)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -163,24 +177,28 @@ def main() -> int:
         out = root / f"W{k}A{args.act_bits}"
         cfg = _config(args, out, steps="1,2", epochs=half, model_kw={**kw, "weight_bits": k})
         runs.append((f"W{k}A{args.act_bits}", "uniform", cfg))
+    step1 = _config(args, root / "bsq_step1", steps="1", epochs=half, model_kw=kw)
     for a in args.alphas:
         out = root / f"bsq_{a:g}"
         cfg = _config(
-            args, out, steps="1,2", epochs1=half, epochs2=half - 1, model_kw=kw,
+            args, out, steps="2", epochs2=half - 1, model_kw=kw, init=f"{step1.out}/final.pt",
             bsq_alpha=a, bsq_bits=args.bsq_bits, bsq_lr=args.bsq_lr,
-            bsq_interval=args.bsq_interval, bsq_finetune=1,
+            bsq_interval=args.bsq_interval, bsq_finetune=1, bsq_optimizer=args.bsq_optimizer,
         )  # fmt: skip
         runs.append((f"BSQ a={a:g}", "bsq", cfg))
 
     rows = []
+    if args.alphas:
+        step1_seconds = _train(args, "BSQ step 1 (shared)", step1)
     for name, kind, cfg in runs:
         secs = _train(args, name, cfg)
         r = _measure(args, name, Path(cfg.out) / "final.pt")
-        r.update(kind=kind, train_seconds=secs)
+        r.update(kind=kind, train_seconds=secs + (step1_seconds if kind == "bsq" else 0.0))
         rows.append(r)
     x, _ = _val(args)
-    for r in rows:  # timed after all training, one after the other
-        r["batch1_ms"] = _latency(r.pop("packed"), x, args.repeat)
+    lat = _latencies([r.pop("packed") for r in rows], x, args.repeat)  # after all training
+    for r, ms in zip(rows, lat, strict=True):
+        r["batch1_ms"] = ms
 
     res = {
         "args": vars(args),
