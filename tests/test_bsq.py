@@ -605,3 +605,12 @@ def test_adam_mode_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Monke
     train(_cfg(tmp_path / "b", resume=True, **kw))
     a, b = _state(tmp_path / "a" / "final.pt"), _state(tmp_path / "b" / "final.pt")
     assert not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_pack_reports_size_against_the_float_weights_not_the_bit_variables() -> None:
+    from bcnn._commands.pack import float_state_dict_bytes
+
+    m = _bsq_model(bits=3)
+    twin = create_model("bcnn_cifar", width=8, depth=1, weight_bits=2, act_bits=4)
+    plain, with_bits = float_state_dict_bytes(twin), float_state_dict_bytes(m)
+    assert with_bits < 1.2 * plain  # the 2 x 8 bit-variable planes per weight are left out

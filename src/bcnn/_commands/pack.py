@@ -14,13 +14,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def float_state_dict_bytes(model) -> int:  # type: ignore[no-untyped-def]
-    """Size of the float32 state dict as torch.save writes it."""
+    """Size of the float32 state dict as torch.save writes it (without BSQ's bit variables,
+    which only training needs: the layer's float weight stands for them)."""
     import io
 
     import torch
 
+    skip = {
+        f"{n}." if n else ""
+        for n, m in model.named_modules()
+        if getattr(m, "zero_grid", False)  # bcnn.bsq.BitQuantizer
+    }
+    sd = {
+        k: v.float()
+        for k, v in model.state_dict().items()
+        if not any(p and k.startswith(p) for p in skip)
+    }
     buf = io.BytesIO()
-    torch.save({k: v.float() for k, v in model.state_dict().items()}, buf)
+    torch.save(sd, buf)
     return len(buf.getvalue())
 
 

@@ -94,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bsq-finetune", type=int, default=S, help="BSQ: fine-tuning epochs, scheme frozen (0)"
     )
     p.add_argument(
-        "--bsq-lr", type=float, default=S, help="BSQ: peak lr of the bit variables (0.1)"
+        "--bsq-lr", type=float, default=S, help="BSQ: peak lr of the bit variables (0.5)"
     )
     p.add_argument(
         "--bsq-optimizer",

@@ -56,7 +56,7 @@ class TrainConfig:
     bsq_bits: int = 8  # starting precision N of every layer
     bsq_interval: float = 1.0  # re-quantize (adjust precisions) every N epochs (0.25: 4x each)
     bsq_finetune: int = 0  # epochs of the fine-tuning step `ft` (scheme frozen, lr / 10)
-    bsq_lr: float = 0.1  # peak lr of the bit variables (SGD, momentum 0.9, as the official code)
+    bsq_lr: float = 0.5  # peak lr of the bit variables (SGD, momentum 0.9: docs/bsq.md)
     bsq_optimizer: str = "sgd"  # sgd (official) | adam (group Lasso decoupled, docs/bsq.md)
     quiet: bool = False
     resume: bool = False
