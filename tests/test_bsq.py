@@ -27,7 +27,6 @@ from bcnn.engine._bitserial import (
 )
 from bcnn.engine._pack import pack_signs
 from bcnn.models import create_model, load_checkpoint, save_checkpoint
-from bcnn.quant import UniformQuantizer
 
 
 # ---------------------------------------------------------------- the bit representation
@@ -136,22 +135,11 @@ def test_no_quantizable_layer_and_bad_bits() -> None:
 
 # ---------------------------------------------------------------- re-quantization
 def _bsq_model(seed: int = 0, bits: int = 3, act_bits: int = 4) -> nn.Module:
-    torch.manual_seed(seed)
-    m = create_model("bcnn_cifar", width=8, depth=1, weight_bits=2, act_bits=act_bits)
-    m.train()
-    with torch.no_grad():
-        m(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d | nn.BatchNorm1d):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                mod.weight.copy_(torch.randn(c, generator=g))
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.5)
-            elif isinstance(mod, UniformQuantizer):
-                mod.step.mul_(torch.rand(mod.step.shape, generator=g) + 0.5)
+    """test_engine_kbit's randomized W2 model (non-trivial batch norms, steps, shifts), its
+    weights converted to BSQ bits."""
+    from test_engine_kbit import _model
+
+    m = _model(2, act_bits, seed)
     bsq.bsq_(m, bits=bits)
     return m.eval()
 
@@ -457,13 +445,41 @@ def test_bsq_run_learns_bits_and_packs_exactly(bsq_run: Path) -> None:
     rows = (bsq_run / "metrics.csv").read_text().splitlines()
     head = rows[0].split(",")
     bits = [float(r.split(",")[head.index("avg_weight_bits")]) for r in rows[3:]]
-    assert (
-        bits[0] <= 6.0 and bits[-1] == bits[-2]
-    )  # from 4 bits + sign (+1 on overflow); frozen in ft
+    assert bits[0] <= 6.0  # from 4 bits + sign (+1 per overflowing bit)
+    assert bits[-1] == bits[-2]  # frozen in ft
     assert all(0 <= b <= 8 for b in bsq.layer_bits(m).values())
     x = _images(3, 8, 0)[:, :1]
     p = pack(m)
     assert np.array_equal(p(x.numpy()), _logits(m, x).numpy())
+
+
+class _Crash(Exception):
+    pass
+
+
+def _interrupted_run(mp: pytest.MonkeyPatch, cfg: Any, at: int, mode: str) -> None:
+    """Train ``cfg`` and stop it at the ``at``-th batch: a crash (nothing saved there, like
+    SIGKILL) or a SIGTERM (the trainer checkpoints that batch and stops)."""
+    import os
+    import signal
+
+    from bcnn.train import Trainer, TrainingInterrupted, train
+
+    calls = {"n": 0}
+    orig = Trainer._should_stop
+
+    def stop(self: Trainer) -> int:
+        calls["n"] += 1
+        if calls["n"] == at:
+            if mode == "crash":
+                raise _Crash
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self)
+
+    with mp.context() as m:
+        m.setattr(Trainer, "_should_stop", stop)
+        with pytest.raises(_Crash if mode == "crash" else TrainingInterrupted):
+            train(cfg)
 
 
 # 4 iterations per epoch, re-quantization every 2: 14 is mid step 2's second epoch (after
@@ -472,31 +488,11 @@ def test_bsq_run_learns_bits_and_packs_exactly(bsq_run: Path) -> None:
 def test_bsq_run_resumes_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bsq_run: Path, at: int, mode: str
 ) -> None:
-    import os
-    import signal
-
-    from bcnn.train import Trainer, TrainingInterrupted, train
+    from bcnn.train import train
 
     torch.set_num_threads(1)
     out = tmp_path / "r"
-    calls = {"n": 0}
-    orig = Trainer._should_stop
-
-    class Crash(Exception):
-        pass
-
-    def stop(self: Trainer) -> int:
-        calls["n"] += 1
-        if calls["n"] == at:
-            if mode == "crash":
-                raise Crash
-            os.kill(os.getpid(), signal.SIGTERM)
-        return orig(self)
-
-    with monkeypatch.context() as mp:
-        mp.setattr(Trainer, "_should_stop", stop)
-        with pytest.raises(Crash if mode == "crash" else TrainingInterrupted):
-            train(_cfg(out))
+    _interrupted_run(monkeypatch, _cfg(out), at, mode)
     train(_cfg(out, resume=True))
     a, b = _state(out / "final.pt"), _state(bsq_run / "final.pt")
     assert a.keys() == b.keys()
@@ -581,27 +577,12 @@ def test_adam_mode_applies_the_group_lasso_decoupled() -> None:
 
 
 def test_adam_mode_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bcnn.train import Trainer, train
+    from bcnn.train import train
 
     torch.set_num_threads(1)
     kw = dict(bsq_optimizer="adam", bsq_lr=0.02, bsq_alpha=1.0)
     train(_cfg(tmp_path / "a", **kw))
-    calls = {"n": 0}
-    orig = Trainer._should_stop
-
-    class Crash(Exception):
-        pass
-
-    def stop(self: Trainer) -> int:
-        calls["n"] += 1
-        if calls["n"] == 14:
-            raise Crash
-        return orig(self)
-
-    with monkeypatch.context() as mp:
-        mp.setattr(Trainer, "_should_stop", stop)
-        with pytest.raises(Crash):
-            train(_cfg(tmp_path / "b", **kw))
+    _interrupted_run(monkeypatch, _cfg(tmp_path / "b", **kw), 14, "crash")
     train(_cfg(tmp_path / "b", resume=True, **kw))
     a, b = _state(tmp_path / "a" / "final.pt"), _state(tmp_path / "b" / "final.pt")
     assert not [k for k in a if not torch.equal(a[k], b[k])]
@@ -611,6 +592,6 @@ def test_pack_reports_size_against_the_float_weights_not_the_bit_variables() -> 
     from bcnn._commands.pack import float_state_dict_bytes
 
     m = _bsq_model(bits=3)
-    twin = create_model("bcnn_cifar", width=8, depth=1, weight_bits=2, act_bits=4)
+    twin = create_model("bcnn_cifar", width=16, depth=1, weight_bits=2, act_bits=4)
     plain, with_bits = float_state_dict_bytes(twin), float_state_dict_bytes(m)
     assert with_bits < 1.2 * plain  # the 2 x 8 bit-variable planes per weight are left out
