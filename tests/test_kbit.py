@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,3 +232,30 @@ def test_quantize_torchvision_style_resnet_keeping_first_and_last_at_8_bits() ->
     F.cross_entropy(y, torch.tensor([1, 2])).backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("b_max", range(2, 9))
+def test_top_planes_are_the_nearest_coarser_grid_point(b_max: int) -> None:
+    """The run-time knob's k-bit view of a b_max-bit odd-grid weight (its top k planes) is,
+    for every grid value and every k, the nearest point of the k-bit odd grid of step
+    2^(b_max - k) (unique: the dropped planes sum to at most 2^d - 1 < half the spacing); k = 1
+    is the sign of the top plane. Exhaustive over the grid."""
+    from bcnn.engine._bitserial import integers_from_planes, planes_from_integers
+    from bcnn.quant import UniformQuantizer
+
+    hi = 2**b_max - 1
+    x = torch.arange(-hi, hi + 1, 2, dtype=torch.float32)  # every b_max-bit grid point
+    planes = planes_from_integers(x.numpy().astype(np.int64), b_max, True)
+    for k in range(1, b_max + 1):
+        d = b_max - k
+        top = integers_from_planes(planes[d:], True) * 2**d  # sum_{i >= d} 2^i s_i
+        coarse = np.arange(-(2**k - 1), 2**k, 2) * 2**d  # the k-bit grid, step 2^d
+        dist = np.abs(x.numpy()[:, None] - coarse[None, :])
+        assert np.array_equal(top, coarse[dist.argmin(1)])
+        assert np.all(np.sort(dist, 1)[:, 0] < np.sort(dist, 1)[:, 1])  # nearest is unique
+        if k == 1:
+            assert np.array_equal(np.sign(top), np.where(x.numpy() > 0, 1, -1))
+        q = UniformQuantizer(b_max, signed=True, init_step=1.0, learned=False)
+        q.keep_bits = k if k < b_max else None
+        got, _ = q.integer(x)
+        assert np.array_equal(got.numpy(), top.astype(np.float32))
