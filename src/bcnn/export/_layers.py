@@ -30,7 +30,10 @@ def weight_values(
             if not bool(q.initialized):
                 raise UnsupportedError(f"{what}: the weight quantizer is not initialised")
             x, sw = q.integer(layer.weight.detach().float())
-            return _np(x), _np(sw).reshape(-1), None, int(q.bits)
+            # a per-layer step (BSQ) applies to every output; BSQ's zero-grid integers
+            # |W| <= 2^N - 1 share the odd grid's range at N bits (0 bits: all zero)
+            steps = np.broadcast_to(_np(sw).reshape(-1), (x.shape[0],)).copy()
+            return _np(x), steps, None, max(1, int(q.bits))
         if q is not None and is_binary_quantizer(q):
             qw = q(layer.weight.detach().float())
             a = qw.abs().reshape(qw.shape[0], -1)
@@ -66,12 +69,14 @@ class LayerEmitter(Emitter):
             ints, vals = np.ascontiguousarray(ints.T), np.ascontiguousarray(vals.T)
         if self.q:
             w = g.init(f"{what}.weight", ints.astype(np.float32))
-            if bits == 1:
+            zero = getattr(layer.weight_quantizer, "zero_grid", False)  # BSQ: 0 is a value
+            if bits == 1 and not zero:
                 sc = g.const(1.0)
                 if alpha is not None and scaled:
                     sc = g.init(f"{what}.alpha", alpha.reshape((1, -1) if linear else rows))
                 w = g.node("BipolarQuant", [w, sc], f"{what}.wq", domain=QONNX_DOMAIN)
-            else:  # odd integers lie on the narrow (k+1)-bit grid: this Quant is their identity
+            else:  # odd integers (and BSQ's |W| <= 2^N - 1) lie on the narrow (k+1)-bit grid:
+                # this Quant is their identity
                 w = g.node(
                     "Quant", [w, g.const(1.0), g.const(0.0), g.const(float(bits + 1))],
                     f"{what}.wq", domain=QONNX_DOMAIN, signed=1, narrow=1, rounding_mode="ROUND",
