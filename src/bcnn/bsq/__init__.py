@@ -17,6 +17,7 @@ from ._transform import (
     clamp_,
     freeze_,
     layer_bits,
+    quantizable_layers,
     requantize_,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "clamp_",
     "freeze_",
     "layer_bits",
+    "quantizable_layers",
     "requantize_",
 ]

@@ -169,8 +169,9 @@ class BitQuantizer(nn.Module):
         hi = 2**bits - 1
         step = s / hi
         q = _round_away(w / step).clamp(-hi, hi)
-        self.pos.copy_(_sign_magnitude_bits(q, bits)[0])
-        self.neg.copy_(_sign_magnitude_bits(q, bits)[1])
+        pos, neg = _sign_magnitude_bits(q, bits)
+        self.pos.copy_(pos)
+        self.neg.copy_(neg)
         self.step.fill_(step)
         self.nbits.fill_(bits)
         self.frozen.fill_(False)

@@ -26,6 +26,7 @@ __all__ = [
     "clamp_",
     "freeze_",
     "layer_bits",
+    "quantizable_layers",
     "requantize_",
 ]
 
@@ -39,7 +40,7 @@ def bsq_layers(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _quantizable(model: nn.Module) -> dict[str, Any]:
+def quantizable_layers(model: nn.Module) -> dict[str, Any]:
     """Layers with a weight quantizer (binary or k-bit) and a weight of >= 2 dimensions."""
     out = {}
     for n, m in model.named_modules():
@@ -65,7 +66,7 @@ def bsq_(model: nn.Module, bits: int = 8, *, init: bool = True) -> nn.Module:
     ``step * W``). Returns ``model``. Raises ``ValueError`` if there is no such layer."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
         raise ValueError(f"BSQ bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
-    layers = _quantizable(model)
+    layers = quantizable_layers(model)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no quantizable layer (a conv or linear layer with a "

@@ -207,44 +207,15 @@ def _pack_codes(codes, bits, out):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def _combine(r, nact, n, nw, o, shift0, signed, amax, wsum, affine, scale, bias, out):  # type: ignore[no-untyped-def]
-    """r int32 (nact*n, P, nw*o) -> out float32 (n, P, o):
+def _combine(r, nact, n, nw, o, shift0, signed, amax, wsum, affine, scale, bias, ones, ntaps, out):  # type: ignore[no-untyped-def]
+    """r int32 (nact*n, P, nw*o [+ 1]) -> out float32 (n, P, o):
     sum_j sum_i 2^(i + j + shift0) r[j*n + b, p, i*o + c]; unsigned: (amax*wsum[c] - s) / 2;
-    with ``affine``: then float32 ``y * scale[c] + bias[c]`` (two roundings)."""
+    with ``affine``: then float32 ``y * scale[c] + bias[c]`` (two roundings).
+    Zero-grid weights W = (X - 1) / 2 (``ones`` >= 0: r's channel of the all-(+1) row, whose
+    ``ntaps`` taps are summed the same way): (conv(A, X) - conv(A, 1)) / 2, exact (even)."""
     npx = r.shape[1]
     tmp = np.zeros(o, np.int64)
-    for b in range(n):
-        for q in range(npx):
-            for c in range(o):
-                tmp[c] = 0
-            for j in range(nact):
-                for i in range(nw):
-                    sh = i + j + shift0
-                    base = i * o
-                    rr = r[j * n + b, q, base : base + o]
-                    for c in range(o):
-                        tmp[c] += np.int64(rr[c]) << sh
-            if not signed:
-                for c in range(o):
-                    tmp[c] = (amax * wsum[c] - tmp[c]) >> 1
-            dst = out[b, q]
-            if affine:
-                for c in range(o):
-                    dst[c] = np.float32(tmp[c]) * scale[c] + bias[c]
-            else:
-                for c in range(o):
-                    dst[c] = np.float32(tmp[c])
-
-
-@njit(nogil=True, cache=True)
-def _combine_zero(r, nact, n, nw, o, signed, amax, wsum, ntaps, affine, scale, bias, out):  # type: ignore[no-untyped-def]
-    """Zero-grid weights W = (X - 1) / 2 (``weight_zero``): r int32 (nact*n, P, nw*o + 1),
-    the last channel the all-(+1) plane -> out float32 (n, P, o) = conv(A, W)
-    = (conv(A, X) - conv(A, 1)) / 2, each conv combined as in :func:`_combine` (exact: the
-    difference is even)."""
-    npx = r.shape[1]
-    tmp = np.zeros(o, np.int64)
-    ones = nw * o
+    zero = ones >= 0
     for b in range(n):
         for q in range(npx):
             for c in range(o):
@@ -252,9 +223,10 @@ def _combine_zero(r, nact, n, nw, o, signed, amax, wsum, ntaps, affine, scale, b
             corr = np.int64(0)
             for j in range(nact):
                 row = r[j * n + b, q]
-                corr += np.int64(row[ones]) << j
+                if zero:
+                    corr += np.int64(row[ones]) << j
                 for i in range(nw):
-                    sh = i + j
+                    sh = i + j + shift0
                     base = i * o
                     for c in range(o):
                         tmp[c] += np.int64(row[base + c]) << sh
@@ -262,13 +234,16 @@ def _combine_zero(r, nact, n, nw, o, signed, amax, wsum, ntaps, affine, scale, b
                 corr = (amax * ntaps - corr) >> 1
                 for c in range(o):
                     tmp[c] = (amax * wsum[c] - tmp[c]) >> 1
+            if zero:
+                for c in range(o):
+                    tmp[c] = (tmp[c] - corr) >> 1
             dst = out[b, q]
             if affine:
                 for c in range(o):
-                    dst[c] = np.float32((tmp[c] - corr) >> 1) * scale[c] + bias[c]
+                    dst[c] = np.float32(tmp[c]) * scale[c] + bias[c]
             else:
                 for c in range(o):
-                    dst[c] = np.float32((tmp[c] - corr) >> 1)
+                    dst[c] = np.float32(tmp[c])
 
 
 _E32 = np.zeros(0, np.float32)
@@ -319,7 +294,7 @@ def quantize_pack(
 # ------------------------------------------------------------------ layers
 class _Planes:
     """Weight planes (Wb, O, ...) uint64 with the prepared layout cached per dropped count.
-    ``zero``: zero-grid weights W = (X - 1) / 2 (the planes hold X; see ``_combine_zero``):
+    ``zero``: zero-grid weights W = (X - 1) / 2 (the planes hold X; see ``_combine``):
     one all-(+1) row rides after the planes, and the run-time plane knob does not apply."""
 
     def __init__(
@@ -375,16 +350,10 @@ class _Planes:
         amax = np.int64((1 << self.act_bits) - 1)
         sc, bi = affine if affine is not None else (_E32, _E32)
         m, ho, wo, cc = r.shape
-        if self.zero:
-            _combine_zero(
-                r.reshape(m, ho * wo, cc), self.act_bits, n, self.bits, self.out,
-                self.act_signed, amax, wsum, np.int64(self.nbits), affine is not None, sc, bi,
-                out.reshape(n, ho * wo, self.out),
-            )  # fmt: skip
-            return out
         _combine(
             r.reshape(m, ho * wo, cc), self.act_bits, n, self.bits - d, self.out, d,
             self.act_signed, amax, wsum, affine is not None, sc, bi,
+            np.int64(self.bits * self.out if self.zero else -1), np.int64(self.nbits),
             out.reshape(n, ho * wo, self.out),
         )  # fmt: skip
         return out

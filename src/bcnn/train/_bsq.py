@@ -1,16 +1,17 @@
 """The trainer's BSQ stages (``bsq_alpha`` set; docs/bsq.md).
 
 * step ``2`` is the BSQ stage: the model is converted to bit variables (:func:`bcnn.bsq.bsq_`,
-  at ``bsq_bits``) from the weights it starts with (``init``, or step 1's), the loss gains
-  ``bsq_alpha * bit_group_lasso``, the bits are clamped to [0, 2] after every step, and every
+  at ``bsq_bits``) from the weights it starts with (``init``, or step 1's), the group Lasso
+  weighs in with ``bsq_alpha`` (see :class:`BsqStage`), the bits are clamped to [0, 2] after
+  every step, and every
   ``bsq_interval`` epochs (rounded to whole iterations, before the batch that starts the
   interval) the model is re-quantized with precision adjustment; a last re-quantization ends
   the stage.
 * step ``ft`` (``bsq_finetune`` epochs) fine-tunes with the scheme frozen: no regularizer,
   no precision change, weights clipped to each layer's range.
 
-Re-quantization rewrites the bit variables, so the optimizer's moments of the BSQ parameters
-are reset (as the official code re-creates its optimizer). Everything here is a function of
+Re-quantization rewrites the bit variables, so their momentum (or Adam moments) is reset
+(as the official code re-creates its optimizer). Everything here is a function of
 the model, the epoch and the config, so a resumed run repeats it exactly.
 """
 
@@ -112,8 +113,9 @@ class BsqStage:
 
     @torch.no_grad()
     def step_bits(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
-        """SGD-momentum step of the bit variables at the lr the optimizer just used (call
-        before the scheduler steps), then the clamp into [0, 2]."""
+        """After the optimizer's step (before the scheduler's), at the lr it just used: the
+        bits' SGD-momentum step (``"sgd"``) or the decoupled group-Lasso step (``"adam"``),
+        then the clamp into [0, 2]."""
         from ..bsq import bit_group_lasso, clamp_
 
         lr = self.bits_lr * float(opt.param_groups[0]["lr"]) / self.base_lr

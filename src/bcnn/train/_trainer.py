@@ -117,9 +117,9 @@ class Trainer:
         self.histories: dict[str, tuple[list[dict[str, Any]], list[list[float]]]] = {}
         self._stop: int | None = None
         if config.bsq_alpha is not None:  # fail before any output: nothing for BSQ to learn
-            from ..bsq._transform import _quantizable
+            from ..bsq import quantizable_layers
 
-            if not _quantizable(self.build_model("2")):
+            if not quantizable_layers(self.build_model("2")):
                 raise ValueError(
                     f"--bsq-alpha: {config.model} {config.model_kw or ''} has no quantizable "
                     "layer (a conv or linear layer with a weight quantizer)"
