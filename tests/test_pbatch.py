@@ -4,6 +4,10 @@ sizes, drop-in modules vs torch, the set_precision knob, tune_precision, and bad
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ from bcnn.engine._pbatch_kernels import (
     plane_dot,
     reference_dot,
 )
+from bcnn.engine._kernels._lut_gemv import lut_gemv_supported
 from bcnn.quant import precision, set_precision, switchable_layers, tune_precision
 
 
@@ -26,18 +31,23 @@ from bcnn.quant import precision, set_precision, switchable_layers, tune_precisi
 @pytest.mark.parametrize("m", [1, 3, 7])
 @pytest.mark.parametrize("signed", [False, True])
 def test_kernel_equals_integer_reference(k: int, m: int, signed: bool) -> None:
-    """AND-popcount plane sums == an int64 matmul of the same integers, for every kept k."""
+    """Both products (bit-serial popcount GEMM, lookup-table GEMV) == an int64 matmul of the
+    same integers, for every kept k."""
     rng = np.random.default_rng(k * 10 + m)
     w = QuantizedWeights(rng.normal(size=(5, k)))
     x = rng.normal(size=(m, k)).astype(np.float32)
     x = np.abs(x)
     if signed:
         x[:, 0] = -x[:, 0] - 0.1  # at least one negative value per vector
-    for bits in (2, 8, 11):
+    for bits in (2, 4, 5, 8, 11):
         a = QuantizedActs(x, bits)
         assert a.signed == signed
+        paths = [False, True] if lut_gemv_supported() and bits <= 8 else [False]
         for kb in range(1, WEIGHT_PLANES + 1):
-            np.testing.assert_array_equal(plane_dot(w, kb, a), reference_dot(w, kb, a))
+            ref = reference_dot(w, kb, a)
+            for lut in paths:
+                np.testing.assert_array_equal(plane_dot(w, kb, a, lut=lut), ref)
+            np.testing.assert_array_equal(plane_dot(w, kb, a), ref)  # the chosen path
 
 
 def test_weight_planes_round_trip_and_truncation_is_the_coarser_grid() -> None:
@@ -251,3 +261,49 @@ def test_rnn_step_equals_the_fake_quant_reference_exactly(kind: str) -> None:
         r, z = _sig(ir_ + hr), _sig(iz + hz)
         want = (1.0 - z) * np.tanh(in_ + r * hn) + z * h
     np.testing.assert_array_equal(y[0].numpy(), want.astype(np.float32))
+
+
+# the lookup-table GEMV at awkward sizes and at its accumulators' extremes: every input at
+# its largest magnitude, every weight bit set or clear, more than one 256-byte run (K > 2048)
+_LUT_PROBE = r"""
+import json
+import numpy as np
+from bcnn.engine._kernels._lut_gemv import VB
+from bcnn.engine._pbatch_kernels import QuantizedActs, QuantizedWeights, plane_dot, reference_dot
+ok = True
+rng = np.random.default_rng(0)
+for k, o in [(1, 1), (63, 65), (65, 63), (130, 7), (4113, 65)]:
+    wf = rng.normal(size=(o, k))
+    wf[0], wf[-1] = -1.0, 1.0  # all bits set / all clear
+    w = QuantizedWeights(wf)
+    for x in (np.ones((2, k)), np.concatenate([np.ones((1, k)), -np.ones((1, k))]),
+              -np.ones((1, k)), rng.normal(size=(3, k))):
+        for bits in (2, 4, 5, 8):
+            a = QuantizedActs(x.astype(np.float32), bits)
+            for kb in (1, 2, 4, 8):
+                ok &= bool(np.array_equal(plane_dot(w, kb, a, lut=True), reference_dot(w, kb, a)))
+print(json.dumps({"vb": VB, "exact": ok}))
+"""
+
+
+@pytest.mark.skipif(not lut_gemv_supported(), reason="the compile target has no AVX2")
+def test_lut_gemv_extremes_and_runs_are_exact() -> None:
+    ns: dict[str, object] = {}
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        exec(_LUT_PROBE, ns)
+    assert json.loads(out.getvalue())["exact"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not lut_gemv_supported(), reason="the compile target has no AVX2")
+def test_lut_gemv_on_the_avx2_target_is_exact() -> None:
+    """The 256-bit variant (compiled for haswell, the AVX2 profile), on any AVX2 machine."""
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}
+    r = subprocess.run(
+        [sys.executable, "-c", _LUT_PROBE], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"vb": 32, "exact": True}
