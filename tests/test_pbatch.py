@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bcnn.engine import pbatch
+from bcnn.engine._kernels._lut_gemv import lut_gemv_supported
 from bcnn.engine._pbatch import PBGRU, PBLSTM, PBConv2d, PBLinear, bit_serial_matmul
 from bcnn.engine._pbatch_kernels import (
     WEIGHT_PLANES,
@@ -23,7 +24,6 @@ from bcnn.engine._pbatch_kernels import (
     plane_dot,
     reference_dot,
 )
-from bcnn.engine._kernels._lut_gemv import lut_gemv_supported
 from bcnn.quant import precision, set_precision, switchable_layers, tune_precision
 
 
