@@ -45,6 +45,7 @@ __all__ = [
     "lut_gemv_tables",
 ]
 
+_AHEAD = 4096  # bytes of weights prefetched ahead of the one being read
 _RUN = 256  # steps per run (even): the 16-bit accumulators reach at most 128 * 240 = 30720;
 # a run's tables (64 B per step, 16 KiB) stay in L1 while every block of rows reads them
 
@@ -98,6 +99,11 @@ def _make_mk(vb: int, high: bool):  # type: ignore[no-untyped-def]
         bcast = ir.Constant(ir.VectorType(i32, vb), [j % 16 for j in range(vb)])
         zero16 = ir.Constant(v16, None)
         parts = 2 if high else 1
+        prefetch = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
+            "llvm.prefetch.p0i8",
+        )
 
         def table(s, r):  # type: ignore[no-untyped-def]
             off = builder.add(
@@ -120,6 +126,13 @@ def _make_mk(vb: int, high: bool):  # type: ignore[no-untyped-def]
             p.add_incoming(zero16, entry)
             accs.append(p)
         sums = [None] * parts
+        # the weight stream is sequential: ask for the lines _AHEAD bytes on (read, no reuse;
+        # one 64-byte line per 64-byte step, one per two 32-byte steps)
+        here = builder.gep(wbp, [builder.add(w_off, builder.mul(s, ir.Constant(i64, vb)))])
+        c0, c1 = ir.Constant(i32, 0), ir.Constant(i32, 1)
+        for line in range(0, 2 * vb, 64):
+            ahead = builder.gep(here, [ir.Constant(i64, _AHEAD + line)])
+            builder.call(prefetch, [ahead, c0, c0, c1])
         for u in range(2):  # two steps: 4 lookups per part, <= 240 per byte
             su = builder.add(s, ir.Constant(i64, u))
             wp = builder.gep(wbp, [builder.add(w_off, builder.mul(su, ir.Constant(i64, vb)))])
@@ -215,7 +228,7 @@ def _gemv(tab, wb, nblk, nsteps, d, nplanes, high, signed, qsum, pc, out):  # ty
             t_off = t_base + r0 * 64
             for i in range(kept):
                 for b in range(nblk):
-                    w_off = (((d + i) * nblk + b) * nsteps + r0) * vb
+                    w_off = (r0 * nplanes + ((d + i) * nblk + b) * ns) * vb
                     a_off = (i * nblk + b) * per
                     if high:
                         _mk_both(wb, w_off, ns, tflat, t_off, acc, a_off)
@@ -240,8 +253,9 @@ def _gemv(tab, wb, nblk, nsteps, d, nplanes, high, signed, qsum, pc, out):  # ty
 
 
 class LutGemvWeights:
-    """Weight planes in the lookup-table GEMV's layout: ``wb`` uint8 (planes, nblk, nsteps,
-    VB), byte s of each row (bits 8s..8s+7) with VB rows per vector (rows past O are 0);
+    """Weight planes in the lookup-table GEMV's layout, in the order the kernel reads them (one
+    sequential stream): ``wb`` uint8 (runs, planes, nblk, steps of the run, VB), byte s of
+    each row (bits 8s..8s+7) in runs of 256 steps, VB rows per vector (rows past O are 0);
     ``pc`` int64 (planes, O) each row's set bits."""
 
     def __init__(self, planes: np.ndarray, k: int) -> None:
@@ -258,8 +272,10 @@ class LutGemvWeights:
         by = np.ascontiguousarray(planes).view(np.uint8)[:, :, : self.nsteps]  # (P, O, S)
         full = np.zeros((nplanes, self.nblk * VB, self.nsteps), np.uint8)
         full[:, :o] = by
-        w = full.reshape(nplanes, self.nblk, VB, self.nsteps).transpose(0, 1, 3, 2)
-        self.wb = np.ascontiguousarray(w).reshape(-1)
+        w = full.reshape(nplanes, self.nblk, VB, self.nsteps).transpose(0, 1, 3, 2)  # (P,B,S,VB)
+        self.wb = np.concatenate(
+            [w[:, :, r0 : r0 + _RUN].reshape(-1) for r0 in range(0, self.nsteps, _RUN)]
+        )
         self.pc = np.bitwise_count(planes).sum(-1).astype(np.int64)
 
 
