@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._pbatch_kernels import WEIGHT_PLANES, QuantizedActs, QuantizedWeights, plane_dot
+from ._pbatch_kernels import (
+    WEIGHT_PLANES,
+    QuantizedActs,
+    QuantizedWeights,
+    act_stats,
+    plane_dot,
+)
 
 __all__ = ["PBGRU", "PBLSTM", "PBConv2d", "PBLinear", "bit_serial_matmul", "pbatch"]
 
@@ -41,9 +47,11 @@ def bit_serial_matmul(
 ) -> np.ndarray:
     """float (N, K) @ W^T with W's top ``weight_bits`` planes and ``act_bits`` dynamic
     activations -> float64 (N, O). ``where`` names the layer in errors."""
-    if not np.all(np.isfinite(x)):
+    x = np.ascontiguousarray(x, np.float32)
+    finite, neg, rmax = act_stats(x)
+    if not finite:
         raise ValueError(f"layer {where!r}: input contains NaN or inf")
-    a = QuantizedActs(x, act_bits, amax=amax)
+    a = QuantizedActs(x, act_bits, amax=rmax if amax is None else amax, signed=neg)
     dot = plane_dot(w, weight_bits, a)
     return w.alpha[weight_bits][None, :] * a.scale[:, None] * dot
 

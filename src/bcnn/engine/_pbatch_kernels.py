@@ -41,6 +41,7 @@ __all__ = [
     "WEIGHT_PLANES",
     "QuantizedActs",
     "QuantizedWeights",
+    "act_stats",
     "lut_pays",
     "plane_dot",
     "reference_dot",
@@ -170,12 +171,12 @@ class QuantizedActs:
     ) -> None:
         """``amax`` (N,): the value that maps to the largest code, per vector (default: each
         vector's max |x|); ``signed``: the grid (default: signed iff x has a negative)."""
-        x = np.asarray(x, np.float32)
-        if signed is None:
-            signed = bool(np.any(x < 0))
+        x = np.ascontiguousarray(x, np.float32)
+        if signed is None or amax is None:
+            _, neg, rmax = act_stats(x)
+            signed = neg if signed is None else signed
+            amax = rmax if amax is None else amax
         qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
-        if amax is None:
-            amax = np.abs(x).max(axis=1)
         amax = np.asarray(amax, np.float64)
         scale = np.where(amax > 0, amax / qmax, 1.0)
         n, k = x.shape
@@ -198,6 +199,29 @@ class QuantizedActs:
             self._planes = np.zeros((self.bits, n, _words(k)), np.uint64)
             _pack_planes(self.ints, self._planes)
         return self._planes
+
+
+def act_stats(x: np.ndarray) -> tuple[bool, bool, np.ndarray]:
+    """One pass over float32 (N, K): (every value finite, any value negative, max |x| per
+    row as float64)."""
+    rmax = np.empty(x.shape[0], np.float64)
+    finite, neg = _stats(np.ascontiguousarray(x, np.float32), rmax)
+    return bool(finite), bool(neg), rmax
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _stats(x, rmax):  # type: ignore[no-untyped-def]
+    finite = True
+    neg = False
+    for n in range(x.shape[0]):
+        m = np.float32(0.0)
+        for k in range(x.shape[1]):
+            v = x[n, k]
+            finite &= np.isfinite(v)
+            neg |= v < 0
+            m = max(m, abs(v))
+        rmax[n] = m
+    return finite, neg
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

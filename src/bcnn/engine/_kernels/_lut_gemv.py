@@ -228,7 +228,7 @@ def _gemv(tab, wb, nblk, nsteps, d, nplanes, high, signed, qsum, pc, out):  # ty
             t_off = t_base + r0 * 64
             for i in range(kept):
                 for b in range(nblk):
-                    w_off = (r0 * nplanes + ((d + i) * nblk + b) * ns) * vb
+                    w_off = (r0 * nplanes * nblk + ((d + i) * nblk + b) * ns) * vb
                     a_off = (i * nblk + b) * per
                     if high:
                         _mk_both(wb, w_off, ns, tflat, t_off, acc, a_off)
