@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import subprocess
 import time
@@ -30,6 +31,8 @@ import torch
 from torch import nn
 
 from bcnn.engine import pbatch
+from bcnn.engine._paths import isa, kernel_path
+from bcnn.engine._pbatch_kernels import QuantizedActs, lut_pays
 from bcnn.quant import set_precision, tune_precision
 
 
@@ -46,13 +49,16 @@ def _cpu() -> str:
     return f"{name} ({isa})"
 
 
-def _median_ms(fns: dict[str, Any], repeat: int) -> dict[str, float]:
-    """Medians of interleaved runs (ms)."""
+def _median_ms(fns: dict[str, Any], repeat: int, warm: bool = False) -> dict[str, float]:
+    """Medians of interleaved runs (ms); ``warm``: each timed call right after an untimed
+    call of the same function (its data as hot as the caches allow)."""
     ts: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()
     for _ in range(repeat):
         for k, fn in fns.items():
+            if warm:
+                fn()
             t0 = time.perf_counter()
             fn()
             ts[k].append((time.perf_counter() - t0) * 1e3)
@@ -81,6 +87,8 @@ def _rotation(models: list[Any], x: torch.Tensor) -> Any:
 
 
 def _gemv_shape(k: int, o: int, cache: str, repeat: int) -> list[dict[str, Any]]:
+    # hot: one copy, each timed call right after a call of the same layer (weights in cache
+    # as far as they fit: fp32 4096^2 is 64 MiB, int8 16 MiB, W4 planes 8 MiB);
     # cold: enough copies that one rotation streams > 3x a 32 MiB L3 of fp32 weights
     copies = 1 if cache == "hot" else max(2, math.ceil(96 * 2**20 / (4 * k * o)))
     torch.manual_seed(0)
@@ -100,12 +108,15 @@ def _gemv_shape(k: int, o: int, cache: str, repeat: int) -> list[dict[str, Any]]
                     "pb": _rotation(pbs, x),
                 },
                 repeat,
+                warm=cache == "hot",
             )
+            a = QuantizedActs(x.numpy(), 8)
             rows.append(
                 {
                     "shape": f"{k}->{o}",
                     "cache": cache,
                     "bits": f"W{wb}A8",
+                    "product": "lut" if lut_pays(1, a) else "popcount",
                     "ms": round(t["pb"], 4),
                     "fp32_ms": round(t["fp32"], 4),
                     "int8_ms": round(t["int8"], 4),
@@ -250,7 +261,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    res: dict[str, Any] = {"cpu": _cpu(), "threads": 1, "torch": torch.__version__}
+    res: dict[str, Any] = {
+        "cpu": _cpu(),
+        "compile_target_isa": isa(),  # the AVX2 profile: NUMBA_CPU_NAME=haswell on any CPU
+        "kernel_path": kernel_path(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
+        "threads": 1,
+        "torch": torch.__version__,
+    }
     if args.only in (None, "gemv"):
         res["gemv"] = gemv(args.quick)
     if args.only in (None, "digits"):
@@ -258,6 +276,8 @@ def main() -> None:
     if args.only in (None, "lstm"):
         res["char_lstm"] = char_lstm(args.quick)
     if args.json:
+        if args.only and args.json.exists():  # one section re-run: keep the others
+            res = {**json.loads(args.json.read_text()), **res}
         args.json.write_text(json.dumps(res, indent=1) + "\n")
 
 
