@@ -133,7 +133,8 @@ class QuantizedWeights:
             self.alpha[kb] = (w * wd).sum(axis=1) / den
         self.rowsum = np.asarray(w.shape[1] - 2 * np.bitwise_count(self.planes).sum(-1), np.int64)
         self._prepared: dict[int, object] = {}
-        self._lut: LutGemvWeights | None = None
+        # the lookup-table layout is built now (conversion time), not on the first call
+        self._lut = LutGemvWeights(self.planes, self.in_features) if lut_gemv_supported() else None
 
     def prepared(self, kb: int) -> object:
         """The top-kb planes stacked (plane-major, kb*O rows) in the binary GEMM kernel's
@@ -148,9 +149,9 @@ class QuantizedWeights:
         return p
 
     def lut(self) -> LutGemvWeights:
-        """The planes in the lookup-table GEMV's layout (built on first use, then cached)."""
+        """The planes in the lookup-table GEMV's layout (where the target supports it)."""
         if self._lut is None:
-            self._lut = LutGemvWeights(self.planes, self.in_features)
+            raise ValueError("the lookup-table GEMV needs an AVX2 or AVX-512BW compile target")
         return self._lut
 
     def view(self, kb: int) -> np.ndarray:
