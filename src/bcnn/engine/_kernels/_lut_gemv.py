@@ -132,7 +132,7 @@ def _make_mk(vb: int, high: bool):  # type: ignore[no-untyped-def]
         c0, c1 = ir.Constant(i32, 0), ir.Constant(i32, 1)
         for line in range(0, 2 * vb, 64):
             ahead = builder.gep(here, [ir.Constant(i64, _AHEAD + line)])
-            builder.call(prefetch, [ahead, c0, c0, c1])
+            builder.call(prefetch, [ahead, c0, ir.Constant(i32, 3), c1])
         for u in range(2):  # two steps: 4 lookups per part, <= 240 per byte
             su = builder.add(s, ir.Constant(i64, u))
             wp = builder.gep(wbp, [builder.add(w_off, builder.mul(su, ir.Constant(i64, vb)))])
