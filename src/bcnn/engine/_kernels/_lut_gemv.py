@@ -15,7 +15,9 @@ here it is a partial sum of activations. Per input vector q (integers, at most 8
   of VB rows (rows in lanes), so ``vpshufb(TL_2s, byte & 15) + vpshufb(TL_2s+1, byte >> 4)``
   adds the low parts of the masked sums of 8 inputs to VB rows at once: 4 lookups (2 steps)
   fit a byte (<= 240), then the bytes are widened into 16-bit accumulators (runs of at most
-  256 steps: <= 128 * 240 = 30720), and the runs into int32;
+  256 steps: <= 128 * 240 = 30720; the 16-bit words of byte pairs are summed whole, with the
+  odd bytes on the side, and the even bytes recovered at the end of the run), and the runs
+  into int32;
 * ``M[row] = sum_{bits set} q = sum TL + 16 (sum TH - 8 popcount(row))`` (the offset term
   only when signed), and with ``s = +-1`` the plane's values, ``s . q = sum(q) - 2 M``.
 
@@ -66,16 +68,17 @@ def lut_gemv_supported() -> bool:
     return VB > 0
 
 
-def _make_mk(vb: int, high: bool):  # type: ignore[no-untyped-def]
-    """The micro-kernel for one block of ``vb`` rows over ``nsteps`` bytes (even, <= 256):
-    ``acc[a_off + part*vb + e*vb/2 + t] += sum over steps of part's lookups of row 2t + e``
-    (part 0 = TL, 1 = TH, only with ``high``), tables at ``tab[t_off + 64 s + 16 r]``
-    (r = TL_2s, TL_2s+1, TH_2s, TH_2s+1), weights at ``wb[w_off + vb s + c]``."""
+def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
+    """The micro-kernel for ``nb`` blocks of ``vb`` rows over ``nsteps`` bytes (even, <= 256):
+    for block j, ``acc[a_off + j*a_stride + part*vb + e*vb/2 + t] +=`` the sum over the steps
+    of part's lookups of row 2t + e (part 0 = TL, 1 = TH, only with ``high``), tables at
+    ``tab[t_off + 64 s + 16 r]`` (r = TL_2s, TL_2s+1, TH_2s, TH_2s+1, loaded once for the nb
+    blocks), weights at ``wb[w_off + j*w_stride + vb s + c]``."""
     name = "llvm.x86.avx512.pshuf.b.512" if vb == 64 else "llvm.x86.avx2.pshuf.b"
     half = vb // 2
 
-    def typer(typingctx, wb, w_off, nsteps, tab, t_off, acc, a_off):  # type: ignore[no-untyped-def]
-        ints = (w_off, nsteps, t_off, a_off)
+    def typer(typingctx, wb, w_off, w_stride, nsteps, tab, t_off, acc, a_off, a_stride):  # type: ignore[no-untyped-def]
+        ints = (w_off, w_stride, nsteps, t_off, a_off, a_stride)
         if not (
             _is_c_array(wb, types.uint8)
             and _is_c_array(tab, types.uint8)
@@ -83,27 +86,29 @@ def _make_mk(vb: int, high: bool):  # type: ignore[no-untyped-def]
             and all(isinstance(t, types.Integer) for t in ints)
         ):
             return None
-        return types.void(wb, w_off, nsteps, tab, t_off, acc, a_off), codegen
+        sig = types.void(wb, w_off, w_stride, nsteps, tab, t_off, acc, a_off, a_stride)
+        return sig, codegen
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         i8, i16, i32, i64 = (ir.IntType(n) for n in (8, 16, 32, 64))
         v8, v16, v32 = ir.VectorType(i8, vb), ir.VectorType(i16, half), ir.VectorType(i32, half)
         t16 = ir.VectorType(i8, 16)
         data, idx = _arg_readers(context, builder, signature, args)
-        wbp, tabp, accp = data(0, i8), data(3, i8), data(5, i32)
-        w_off, nsteps, t_off, a_off = (idx(k) for k in (1, 2, 4, 6))
+        wbp, tabp, accp = data(0, i8), data(4, i8), data(6, i32)
+        w_off, w_stride, nsteps, t_off, a_off, a_stride = (idx(k) for k in (1, 2, 3, 5, 7, 8))
         pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8]), name)
         nib = ir.Constant(v8, [15] * vb)
-        low8 = ir.Constant(v16, [255] * half)
         four, eight = ir.Constant(v16, [4] * half), ir.Constant(v16, [8] * half)
         bcast = ir.Constant(ir.VectorType(i32, vb), [j % 16 for j in range(vb)])
         zero16 = ir.Constant(v16, None)
         parts = 2 if high else 1
+        nacc = 2 * parts  # (part, even/odd) 16-bit accumulators per block
         prefetch = cgutils.get_or_insert_function(
             builder.module,
             ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
             "llvm.prefetch.p0i8",
         )
+        bases = [builder.add(w_off, builder.mul(w_stride, ir.Constant(i64, j))) for j in range(nb)]
 
         def table(s, r):  # type: ignore[no-untyped-def]
             off = builder.add(
@@ -120,35 +125,44 @@ def _make_mk(vb: int, high: bool):  # type: ignore[no-untyped-def]
         builder.position_at_end(loop)
         s = builder.phi(i64)
         s.add_incoming(ir.Constant(i64, 0), entry)
-        accs = []  # (part, even/odd) 16-bit accumulators
-        for _ in range(2 * parts):
+        accs = []
+        for _ in range(nb * nacc):
             p = builder.phi(v16)
             p.add_incoming(zero16, entry)
             accs.append(p)
-        sums = [None] * parts
-        # the weight stream is sequential: ask for the lines _AHEAD bytes on (read, no reuse;
-        # one 64-byte line per 64-byte step, one per two 32-byte steps)
-        here = builder.gep(wbp, [builder.add(w_off, builder.mul(s, ir.Constant(i64, vb)))])
-        c0, c1 = ir.Constant(i32, 0), ir.Constant(i32, 1)
-        for line in range(0, 2 * vb, 64):
-            ahead = builder.gep(here, [ir.Constant(i64, _AHEAD + line)])
-            builder.call(prefetch, [ahead, c0, ir.Constant(i32, 3), c1])
+        # each block's weights are a sequential stream: ask for the lines _AHEAD bytes on
+        # (one 64-byte line per 64-byte step, one per two 32-byte steps)
+        c0, c1, c3 = ir.Constant(i32, 0), ir.Constant(i32, 1), ir.Constant(i32, 3)
+        soff = builder.mul(s, ir.Constant(i64, vb))
+        for j in range(nb):
+            here = builder.gep(wbp, [builder.add(bases[j], soff)])
+            for line in range(0, 2 * vb, 64):
+                ahead = builder.gep(here, [ir.Constant(i64, _AHEAD + line)])
+                builder.call(prefetch, [ahead, c0, c3, c1])
+        sums: list[list[ir.Value | None]] = [[None] * parts for _ in range(nb)]
         for u in range(2):  # two steps: 4 lookups per part, <= 240 per byte
             su = builder.add(s, ir.Constant(i64, u))
-            wp = builder.gep(wbp, [builder.add(w_off, builder.mul(su, ir.Constant(i64, vb)))])
-            w = builder.load(builder.bitcast(wp, v8.as_pointer()), align=1)
-            lo = builder.and_(w, nib)
-            hi = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(w, v16), four), v8), nib)
-            for part in range(parts):
-                a = builder.call(pshufb, [table(su, 2 * part), lo])
-                b = builder.call(pshufb, [table(su, 2 * part + 1), hi])
-                ab = builder.add(a, b)
-                sums[part] = ab if sums[part] is None else builder.add(sums[part], ab)
+            tabs = [table(su, r) for r in range(2 * parts)]
+            for j in range(nb):
+                wo = builder.add(bases[j], builder.mul(su, ir.Constant(i64, vb)))
+                w = builder.load(builder.bitcast(builder.gep(wbp, [wo]), v8.as_pointer()), align=1)
+                lo = builder.and_(w, nib)
+                w4 = builder.lshr(builder.bitcast(w, v16), four)
+                hi = builder.and_(builder.bitcast(w4, v8), nib)
+                for part in range(parts):
+                    a = builder.call(pshufb, [tabs[2 * part], lo])
+                    b = builder.call(pshufb, [tabs[2 * part + 1], hi])
+                    ab = builder.add(a, b)
+                    prev = sums[j][part]
+                    sums[j][part] = ab if prev is None else builder.add(prev, ab)
         new = []
-        for part in range(parts):
-            w16 = builder.bitcast(sums[part], v16)
-            new.append(builder.add(accs[2 * part], builder.and_(w16, low8)))  # even rows
-            new.append(builder.add(accs[2 * part + 1], builder.lshr(w16, eight)))  # odd rows
+        for j in range(nb):
+            for part in range(parts):
+                w16 = builder.bitcast(sums[j][part], v16)
+                k = j * nacc + 2 * part
+                # even + 256 odd (mod 2^16), and odd: even comes out at the end
+                new.append(builder.add(accs[k], w16))
+                new.append(builder.add(accs[k + 1], builder.lshr(w16, eight)))  # odd rows
         s2 = builder.add(s, ir.Constant(i64, 2))
         s.add_incoming(s2, loop)
         for p, nv in zip(accs, new):
@@ -157,13 +171,19 @@ def _make_mk(vb: int, high: bool):  # type: ignore[no-untyped-def]
 
         builder.position_at_end(done)
         finals = []
-        for i in range(2 * parts):
+        for i in range(nb * nacc):
             ph = builder.phi(v16)
             ph.add_incoming(zero16, entry)
             ph.add_incoming(new[i], loop)
             finals.append(ph)
-        for i, ph in enumerate(finals):  # acc[a_off + i*half + t] += zext(ph[t])
-            off = builder.add(a_off, ir.Constant(i64, i * half))
+        for i in range(0, nb * nacc, 2):  # even = (even + 256 odd) - 256 odd, mod 2^16
+            finals[i] = builder.sub(finals[i], builder.shl(finals[i + 1], eight))
+        for i, ph in enumerate(finals):  # acc[a_off + j*a_stride + q*half + t] += zext(ph[t])
+            j, q = divmod(i, nacc)
+            off = builder.add(
+                builder.add(a_off, builder.mul(a_stride, ir.Constant(i64, j))),
+                ir.Constant(i64, q * half),
+            )
             ptr = builder.bitcast(builder.gep(accp, [off]), v32.as_pointer())
             old = builder.load(ptr, align=4)
             builder.store(builder.add(old, builder.zext(ph, v32)), ptr, align=4)
@@ -173,8 +193,15 @@ def _make_mk(vb: int, high: bool):  # type: ignore[no-untyped-def]
 
 
 _VBK = VB or 32  # the kernels' vector width (unused when unsupported)
-_mk_low = _make_mk(_VBK, False)
-_mk_both = _make_mk(_VBK, True)
+_NB = 4 if _VBK == 64 else 1  # blocks of rows per micro-kernel call (they share the table loads;
+# 16 ymm registers hold 2 blocks of accumulators on AVX2)
+_mk_low = _make_mk(_VBK, False, 1)
+_mk_both = _make_mk(_VBK, True, 1)
+_mk_low2 = _make_mk(_VBK, False, _NB)
+_mk_both2 = _make_mk(_VBK, True, _NB)
+
+
+_LOWBIT = np.array([0] + [(p & -p).bit_length() - 1 for p in range(1, 16)], np.int64)
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -200,11 +227,11 @@ def _tables(q, nsteps, signed, tab):  # type: ignore[no-untyped-def]
                         hi[j] = 0
                 tab[n, s, u, 0] = 0
                 tab[n, s, 2 + u, 0] = 0
-                for p in range(1, 16):
-                    low = p & -p  # the lowest set bit
-                    j = 0 if low == 1 else 1 if low == 2 else 2 if low == 4 else 3
-                    tab[n, s, u, p] = tab[n, s, u, p ^ low] + lo[j]
-                    tab[n, s, 2 + u, p] = tab[n, s, 2 + u, p ^ low] + hi[j]
+                for p in range(1, 16):  # T[p] = T[p less its lowest bit] + that bit's value
+                    j = _LOWBIT[p]
+                    r = p & (p - 1)
+                    tab[n, s, u, p] = tab[n, s, u, r] + lo[j]
+                    tab[n, s, 2 + u, p] = tab[n, s, 2 + u, r] + hi[j]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -227,13 +254,23 @@ def _gemv(tab, wb, nblk, nsteps, d, nplanes, high, signed, qsum, pc, out):  # ty
             ns = min(_RUN, nsteps - r0)
             t_off = t_base + r0 * 64
             for i in range(kept):
-                for b in range(nblk):
-                    w_off = (r0 * nplanes * nblk + ((d + i) * nblk + b) * ns) * vb
+                base = r0 * nplanes * nblk + (d + i) * nblk * ns  # this plane's run, in vb bytes
+                b = 0
+                while b < nblk:
+                    w_off = (base + b * ns) * vb
                     a_off = (i * nblk + b) * per
-                    if high:
-                        _mk_both(wb, w_off, ns, tflat, t_off, acc, a_off)
+                    if b + _NB <= nblk:
+                        if high:
+                            _mk_both2(wb, w_off, ns * vb, ns, tflat, t_off, acc, a_off, per)
+                        else:
+                            _mk_low2(wb, w_off, ns * vb, ns, tflat, t_off, acc, a_off, per)
+                        b += _NB
                     else:
-                        _mk_low(wb, w_off, ns, tflat, t_off, acc, a_off)
+                        if high:
+                            _mk_both(wb, w_off, ns * vb, ns, tflat, t_off, acc, a_off, per)
+                        else:
+                            _mk_low(wb, w_off, ns * vb, ns, tflat, t_off, acc, a_off, per)
+                        b += 1
         for o in range(o_):
             b = o // vb
             c = o - b * vb
