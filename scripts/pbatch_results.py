@@ -119,7 +119,7 @@ def _gemv_shape(k: int, o: int, cache: str, repeat: int) -> list[dict[str, Any]]
                     "shape": f"{k}->{o}",
                     "cache": cache,
                     "bits": f"W{wb}A8",
-                    "product": "lut" if lut_pays(1, a) else "popcount",
+                    "product": "lut" if lut_pays(1, 8, a.signed) else "popcount",
                     "ms": round(t["pb"], 4),
                     "fp32_ms": round(t["fp32"], 4),
                     "int8_ms": round(t["int8"], 4),

@@ -22,6 +22,8 @@ from ._pbatch_kernels import (
     QuantizedActs,
     QuantizedWeights,
     act_stats,
+    lut_linear,
+    lut_pays,
     plane_dot,
 )
 
@@ -96,7 +98,15 @@ class _Switchable(nn.Module):
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
-    return x.detach().to(torch.float32).cpu().numpy()
+    """float32 numpy view or copy of x (few torch calls: each costs at batch 1)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        x = x.to("cpu", torch.float32)
+    return (x.detach() if x.requires_grad else x).numpy()
+
+
+def _torch(y: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    t = torch.from_numpy(y)
+    return t if like.dtype == torch.float32 else t.to(like.dtype)
 
 
 def _bias(b: torch.Tensor | None) -> np.ndarray | None:
@@ -122,10 +132,19 @@ class PBLinear(_Switchable):
                 f"got shape {tuple(x.shape)}"
             )
         lead = x.shape[:-1]
-        y = self._mm(_np(x).reshape(-1, self.in_features), self.qw)
-        if self.b is not None:
-            y = y + self.b
-        return torch.from_numpy(y.astype(np.float32)).reshape(*lead, self.out_features).to(x.dtype)
+        xs = np.ascontiguousarray(_np(x).reshape(-1, self.in_features))
+        wb, ab = self._prec
+        # 8-bit or wider activations: the lookup table's cost does not depend on their sign
+        if ab > 4 and lut_pays(xs.shape[0], ab, True):
+            y32 = lut_linear(xs, self.qw, wb, ab, self.b)
+            if y32 is None:
+                raise ValueError(f"layer {self.layer_name!r}: input contains NaN or inf")
+        else:
+            y = self._mm(xs, self.qw)
+            if self.b is not None:
+                y = y + self.b
+            y32 = y.astype(np.float32)
+        return _torch(y32.reshape(*lead, self.out_features), x)
 
     def extra_repr(self) -> str:
         w, a = self._prec

@@ -35,13 +35,20 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._kernels._lut_gemv import LutGemvWeights, lut_gemv, lut_gemv_supported
+from ._kernels._lut_gemv import (
+    LutGemvWeights,
+    lut_gemv,
+    lut_gemv_into,
+    lut_gemv_supported,
+    lut_tables_into,
+)
 
 __all__ = [
     "WEIGHT_PLANES",
     "QuantizedActs",
     "QuantizedWeights",
     "act_stats",
+    "lut_linear",
     "lut_pays",
     "plane_dot",
     "reference_dot",
@@ -252,17 +259,79 @@ def _pack_planes(ints, planes):  # type: ignore[no-untyped-def]
                     planes[j, n, word] |= bit
 
 
-def lut_pays(n: int, a: QuantizedActs) -> bool:
-    """Whether the lookup-table GEMV beats the bit-serial popcount GEMM for these activations.
+def lut_pays(n: int, bits: int, signed: bool) -> bool:
+    """Whether the lookup-table GEMV beats the bit-serial popcount GEMM for ``n`` vectors of
+    ``bits``-bit activations.
 
     Per weight plane the popcount GEMM does one binary GEMV per activation bit (A of them);
     the lookup table does one pass per 4-bit half of the activations (2, or 1 when unsigned
     with at most 4 bits), each :data:`_LUT_COST` times a binary GEMV's cost: about 3.6 where
     VPOPCNTDQ makes popcounts cheap, 1.4 on AVX2 (measured on Zen 4, docs/pbatch.md)."""
-    if not lut_gemv_supported() or a.bits > 8 or n < 1:
+    if not lut_gemv_supported() or bits > 8 or n < 1:
         return False
-    parts = 2 if (a.signed or a.bits > 4) else 1
-    return parts * _LUT_COST < a.bits
+    parts = 2 if (signed or bits > 4) else 1
+    return parts * _LUT_COST < bits
+
+
+def lut_linear(
+    x: np.ndarray, w: QuantizedWeights, kb: int, bits: int, bias: np.ndarray | None
+) -> np.ndarray | None:
+    """The whole linear layer on the lookup-table path in one compiled call (few Python steps
+    matter at batch 1: with cold caches each costs memory misses): float32 (N, K) ->
+    float32 (N, O) = float32(alpha_kb * scale * dot + bias), the same arithmetic as
+    :func:`plane_dot` with the float64 epilogue of ``bit_serial_matmul``. Returns None when
+    x holds NaN or inf (the caller names the layer)."""
+    lw = w.lut()
+    out = np.empty((x.shape[0], w.out_features), np.float32)
+    b = _NO_BIAS if bias is None else bias
+    ok = _lut_linear(
+        x,
+        bits,
+        lw.wb,
+        lw.nblk,
+        lw.nsteps,
+        lw.nplanes,
+        kb,
+        lw.pc,
+        w.alpha[kb],
+        b,
+        bias is not None,
+        out,
+    )
+    return out if ok else None
+
+
+_NO_BIAS = np.zeros(0, np.float64)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _lut_linear(x, bits, wb, nblk, nsteps, nplanes, kb, pc, alpha, bias, has_bias, out):  # type: ignore[no-untyped-def]
+    n, k = x.shape
+    rmax = np.empty(n, np.float64)
+    finite, signed = _stats(x, rmax)
+    if not finite:
+        return False
+    qmax = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    scale = np.empty(n, np.float64)
+    for i in range(n):
+        scale[i] = rmax[i] / qmax if rmax[i] > 0 else 1.0
+    ints = np.empty((n, k), np.int64)
+    _quantize(x, scale, qmax, signed, ints)
+    tab = np.empty((n, nsteps, 4, 16), np.uint8)
+    lut_tables_into(ints, nsteps, signed, tab)
+    qsum = np.empty(n, np.int64)
+    for i in range(n):
+        qsum[i] = ints[i].sum()
+    dot = np.empty(out.shape, np.int64)
+    high = signed or bits > 4
+    lut_gemv_into(tab, wb, nblk, nsteps, nplanes - kb, nplanes, high, signed, qsum, pc, dot)
+    for i in range(n):
+        for o in range(out.shape[1]):
+            y = alpha[o] * scale[i] * np.float64(dot[i, o])
+            if has_bias:
+                y = y + bias[o]
+            out[i, o] = np.float32(y)
+    return True
 
 
 def _lut_cost() -> float:
@@ -285,7 +354,7 @@ def plane_dot(
 
     n = a.ints.shape[0]
     if lut is None:
-        lut = lut_pays(n, a)
+        lut = lut_pays(n, a.bits, a.signed)
     if lut:
         return lut_gemv(w.lut(), kb, a.ints, a.bits, a.signed)
     dots = blinear(a.planes.reshape(-1, a.planes.shape[2]), w.prepared(kb))  # type: ignore[arg-type]

@@ -43,8 +43,10 @@ __all__ = [
     "VB",
     "LutGemvWeights",
     "lut_gemv",
+    "lut_gemv_into",
     "lut_gemv_supported",
     "lut_gemv_tables",
+    "lut_tables_into",
 ]
 
 _AHEAD = 4096  # bytes of weights prefetched ahead of the one being read
@@ -205,7 +207,7 @@ _LOWBIT = np.array([0] + [(p & -p).bit_length() - 1 for p in range(1, 16)], np.i
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _tables(q, nsteps, signed, tab):  # type: ignore[no-untyped-def]
+def lut_tables_into(q, nsteps, signed, tab):  # type: ignore[no-untyped-def]
     """tab uint8 (N, nsteps, 4, 16) from the integers q int64 (N, K): per step s the tables
     TL_2s, TL_2s+1, TH_2s, TH_2s+1 (see the module docstring); inputs past K are 0."""
     n_, k_ = q.shape
@@ -235,7 +237,7 @@ def _tables(q, nsteps, signed, tab):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _gemv(tab, wb, nblk, nsteps, d, nplanes, high, signed, qsum, pc, out):  # type: ignore[no-untyped-def]
+def lut_gemv_into(tab, wb, nblk, nsteps, d, nplanes, high, signed, qsum, pc, out):  # type: ignore[no-untyped-def]
     """out int64 (N, O) = sum_{i=d}^{nplanes-1} 2^i (qsum[n] - 2 M_i[n, o]): the planes'
     masked sums M, run by run of the reduction (its tables stay in L1), block by block."""
     vb = _VBK
@@ -319,7 +321,7 @@ class LutGemvWeights:
 def lut_gemv_tables(q: np.ndarray, nsteps: int, signed: bool) -> np.ndarray:
     """The per-vector tables uint8 (N, nsteps, 4, 16) of integers q (N, K)."""
     tab = np.empty((q.shape[0], nsteps, 4, 16), np.uint8)
-    _tables(q, nsteps, signed, tab)
+    lut_tables_into(q, nsteps, signed, tab)
     return tab
 
 
@@ -336,5 +338,7 @@ def lut_gemv(w: LutGemvWeights, kb: int, q: np.ndarray, bits: int, signed: bool)
     high = signed or bits > 4
     out = np.empty((q.shape[0], w.out_features), np.int64)
     qsum = q.sum(axis=1)
-    _gemv(tab, w.wb, w.nblk, w.nsteps, w.nplanes - kb, w.nplanes, high, signed, qsum, w.pc, out)
+    lut_gemv_into(
+        tab, w.wb, w.nblk, w.nsteps, w.nplanes - kb, w.nplanes, high, signed, qsum, w.pc, out
+    )
     return out
