@@ -72,8 +72,8 @@ def lut_gemv_supported() -> bool:
 
 def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
     """The micro-kernel for ``nb`` blocks of ``vb`` rows over ``nsteps`` bytes (even, <= 256):
-    for block j, ``acc[a_off + j*a_stride + part*vb + e*vb/2 + t] +=`` the sum over the steps
-    of part's lookups of row 2t + e (part 0 = TL, 1 = TH, only with ``high``), tables at
+    for block j, ``acc[a_off + j*a_stride + part*vb + c] +=`` the sum over the steps of
+    part's lookups of row c (part 0 = TL, 1 = TH, only with ``high``), tables at
     ``tab[t_off + 64 s + 16 r]`` (r = TL_2s, TL_2s+1, TH_2s, TH_2s+1, loaded once for the nb
     blocks), weights at ``wb[w_off + j*w_stride + vb s + c]``."""
     name = "llvm.x86.avx512.pshuf.b.512" if vb == 64 else "llvm.x86.avx2.pshuf.b"
@@ -180,15 +180,20 @@ def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
             finals.append(ph)
         for i in range(0, nb * nacc, 2):  # even = (even + 256 odd) - 256 odd, mod 2^16
             finals[i] = builder.sub(finals[i], builder.shl(finals[i + 1], eight))
-        for i, ph in enumerate(finals):  # acc[a_off + j*a_stride + q*half + t] += zext(ph[t])
+        # back to row order: acc[a_off + j*a_stride + part*vb + c] += row c's sum
+        vrow = ir.VectorType(i32, vb)
+        order = ir.Constant(ir.VectorType(i32, vb), [(c >> 1) + (c & 1) * half for c in range(vb)])
+        for i in range(0, nb * nacc, 2):
             j, q = divmod(i, nacc)
+            rows = builder.shuffle_vector(
+                builder.zext(finals[i], v32), builder.zext(finals[i + 1], v32), order
+            )
             off = builder.add(
                 builder.add(a_off, builder.mul(a_stride, ir.Constant(i64, j))),
-                ir.Constant(i64, q * half),
+                ir.Constant(i64, (q // 2) * vb),
             )
-            ptr = builder.bitcast(builder.gep(accp, [off]), v32.as_pointer())
-            old = builder.load(ptr, align=4)
-            builder.store(builder.add(old, builder.zext(ph, v32)), ptr, align=4)
+            ptr = builder.bitcast(builder.gep(accp, [off]), vrow.as_pointer())
+            builder.store(builder.add(builder.load(ptr, align=4), rows), ptr, align=4)
         return context.get_dummy_value()
 
     return intrinsic(typer)
@@ -273,22 +278,22 @@ def lut_gemv_into(tab, wb, nblk, nsteps, d, nplanes, high, signed, qsum, pc, out
                         else:
                             _mk_low(wb, w_off, ns * vb, ns, tflat, t_off, acc, a_off, per)
                         b += 1
-        for o in range(o_):
-            b = o // vb
-            c = o - b * vb
-            e = c & 1
-            t = c >> 1
-            tot = np.int64(0)
-            for i in range(kept):
-                base = (i * nblk + b) * per + e * half + t
-                m = np.int64(acc[base])
-                if high:
-                    h = np.int64(acc[base + vb])
-                    if signed:
-                        h -= 8 * pc[d + i, o]
-                    m += 16 * h
-                tot += (qsum[n] - 2 * m) << (d + i)
-            out[n, o] = tot
+        row = out[n]
+        row[:] = 0
+        for i in range(kept):
+            sh = d + i
+            pci = pc[sh]
+            for b in range(nblk):
+                base = (i * nblk + b) * per
+                o0 = b * vb
+                for c in range(min(vb, o_ - o0)):
+                    m = np.int64(acc[base + c])
+                    if high:
+                        h = np.int64(acc[base + vb + c])
+                        if signed:
+                            h -= 8 * pci[o0 + c]
+                        m += 16 * h
+                    row[o0 + c] += (qsum[n] - 2 * m) << sh
 
 
 class LutGemvWeights:
