@@ -21,6 +21,7 @@ from bcnn.engine._pbatch_kernels import (
     WEIGHT_PLANES,
     QuantizedActs,
     QuantizedWeights,
+    lut_pays,
     plane_dot,
     reference_dot,
 )
@@ -307,3 +308,30 @@ def test_lut_gemv_on_the_avx2_target_is_exact() -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"vb": 32, "exact": True}
+
+
+@pytest.mark.skipif(not lut_gemv_supported(), reason="the compile target has no AVX2")
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_lookup_linear_equals_the_step_by_step_path(n: int) -> None:
+    """PBLinear's one-call lookup-table path gives the float32 bits of quantize -> plane_dot
+    (either product) -> float64 epilogue -> + bias -> float32, signed and unsigned inputs."""
+    torch.manual_seed(n)
+    lin = nn.Linear(130, 67)
+    layer = PBLinear(lin, 8, 8, "l")
+    assert layer.qw.has_lut and lut_pays(n, 8, True)  # the fused path runs below
+    for signed in (False, True):
+        x = torch.rand(n, 130) * 3
+        if signed:
+            x[:, 5] = -1.0
+        for kb in (1, 3, 8):
+            layer.set_precision(kb, 8)
+            with torch.no_grad():
+                got = layer(x).numpy()
+            xs = x.numpy()
+            for lut in (False, True):
+                a = QuantizedActs(xs, 8)
+                dot = plane_dot(layer.qw, kb, a, lut=lut)
+                y = layer.qw.alpha[kb][None, :] * a.scale[:, None] * dot + layer.b
+                np.testing.assert_array_equal(got, y.astype(np.float32))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer(torch.full((1, 130), float("nan")))

@@ -135,7 +135,7 @@ class PBLinear(_Switchable):
         xs = np.ascontiguousarray(_np(x).reshape(-1, self.in_features))
         wb, ab = self._prec
         # 8-bit or wider activations: the lookup table's cost does not depend on their sign
-        if ab > 4 and lut_pays(xs.shape[0], ab, True):
+        if ab > 4 and self.qw.has_lut and lut_pays(xs.shape[0], ab, True):
             y32 = lut_linear(xs, self.qw, wb, ab, self.b)
             if y32 is None:
                 raise ValueError(f"layer {self.layer_name!r}: input contains NaN or inf")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._kernels._lut_gemv import MAX_K as LUT_MAX_K
 from ._kernels._lut_gemv import (
     LutGemvWeights,
     lut_gemv,
@@ -141,7 +142,8 @@ class QuantizedWeights:
         self.rowsum = np.asarray(w.shape[1] - 2 * np.bitwise_count(self.planes).sum(-1), np.int64)
         self._prepared: dict[int, object] = {}
         # the lookup-table layout is built now (conversion time), not on the first call
-        self._lut = LutGemvWeights(self.planes, self.in_features) if lut_gemv_supported() else None
+        lut_ok = lut_gemv_supported() and self.in_features <= LUT_MAX_K
+        self._lut = LutGemvWeights(self.planes, self.in_features) if lut_ok else None
 
     def prepared(self, kb: int) -> object:
         """The top-kb planes stacked (plane-major, kb*O rows) in the binary GEMM kernel's
@@ -154,6 +156,11 @@ class QuantizedWeights:
             stacked = np.ascontiguousarray(top.reshape(kb * self.out_features, -1))
             p = self._prepared[kb] = prepare_dense_weights(stacked, self.in_features)
         return p
+
+    @property
+    def has_lut(self) -> bool:
+        """Whether the lookup-table layout exists (AVX2/AVX-512BW target, <= LUT_MAX_K inputs)."""
+        return self._lut is not None
 
     def lut(self) -> LutGemvWeights:
         """The planes in the lookup-table GEMV's layout (where the target supports it)."""
@@ -292,7 +299,7 @@ def lut_linear(
         lw.nsteps,
         lw.nplanes,
         kb,
-        lw.pc,
+        lw.pcw,
         w.alpha[kb],
         b,
         bias is not None,
@@ -354,7 +361,7 @@ def plane_dot(
 
     n = a.ints.shape[0]
     if lut is None:
-        lut = lut_pays(n, a.bits, a.signed)
+        lut = w.has_lut and lut_pays(n, a.bits, a.signed)
     if lut:
         return lut_gemv(w.lut(), kb, a.ints, a.bits, a.signed)
     dots = blinear(a.planes.reshape(-1, a.planes.shape[2]), w.prepared(kb))  # type: ignore[arg-type]

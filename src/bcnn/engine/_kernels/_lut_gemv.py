@@ -40,6 +40,7 @@ from numba.extending import intrinsic
 from ._llvm import _arg_readers, _is_c_array
 
 __all__ = [
+    "MAX_K",
     "VB",
     "LutGemvWeights",
     "lut_gemv",
@@ -49,7 +50,8 @@ __all__ = [
     "lut_tables_into",
 ]
 
-_AHEAD = 8192  # bytes of weights prefetched (into L2) ahead of the one being read
+# the int32 row sums reach sum_i 2^i (L_i + 16 H_i) <= 255 * 255 * K: K <= 33025
+MAX_K = 32768
 _RUN = 256  # steps per run (even): the 16-bit accumulators reach at most 128 * 240 = 30720;
 # a run's tables (64 B per step, 16 KiB) stay in L1 while every block of rows reads them
 
@@ -72,15 +74,15 @@ def lut_gemv_supported() -> bool:
 
 def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
     """The micro-kernel for ``nb`` blocks of ``vb`` rows over ``nsteps`` bytes (even, <= 256):
-    for block j, ``acc[a_off + j*a_stride + part*vb + c] +=`` the sum over the steps of
-    part's lookups of row c (part 0 = TL, 1 = TH, only with ``high``), tables at
+    for block j, ``acc[a_off + j*a_stride + c] += 2^shift (L + 16 H)``, L and H the sums over
+    the steps of row c's TL and TH lookups (H = 0 unless ``high``), tables at
     ``tab[t_off + 64 s + 16 r]`` (r = TL_2s, TL_2s+1, TH_2s, TH_2s+1, loaded once for the nb
     blocks), weights at ``wb[w_off + j*w_stride + vb s + c]``."""
     name = "llvm.x86.avx512.pshuf.b.512" if vb == 64 else "llvm.x86.avx2.pshuf.b"
     half = vb // 2
 
-    def typer(typingctx, wb, w_off, w_stride, nsteps, tab, t_off, acc, a_off, a_stride):  # type: ignore[no-untyped-def]
-        ints = (w_off, w_stride, nsteps, t_off, a_off, a_stride)
+    def typer(typingctx, wb, w_off, w_stride, nsteps, tab, t_off, acc, a_off, a_stride, shift):  # type: ignore[no-untyped-def]
+        ints = (w_off, w_stride, nsteps, t_off, a_off, a_stride, shift)
         if not (
             _is_c_array(wb, types.uint8)
             and _is_c_array(tab, types.uint8)
@@ -88,7 +90,7 @@ def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
             and all(isinstance(t, types.Integer) for t in ints)
         ):
             return None
-        sig = types.void(wb, w_off, w_stride, nsteps, tab, t_off, acc, a_off, a_stride)
+        sig = types.void(wb, w_off, w_stride, nsteps, tab, t_off, acc, a_off, a_stride, shift)
         return sig, codegen
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
@@ -97,7 +99,9 @@ def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
         t16 = ir.VectorType(i8, 16)
         data, idx = _arg_readers(context, builder, signature, args)
         wbp, tabp, accp = data(0, i8), data(4, i8), data(6, i32)
-        w_off, w_stride, nsteps, t_off, a_off, a_stride = (idx(k) for k in (1, 2, 3, 5, 7, 8))
+        w_off, w_stride, nsteps, t_off, a_off, a_stride, shift = (
+            idx(k) for k in (1, 2, 3, 5, 7, 8, 9)
+        )
         pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8]), name)
         nib = ir.Constant(v8, [15] * vb)
         four, eight = ir.Constant(v16, [4] * half), ir.Constant(v16, [8] * half)
@@ -132,16 +136,17 @@ def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
             p = builder.phi(v16)
             p.add_incoming(zero16, entry)
             accs.append(p)
-        # each block's weights are a sequential stream: ask for the lines _AHEAD bytes on, into
-        # L2 (locality 2, prefetcht1: faster from DRAM than into L1, measured here); one
-        # 64-byte line per 64-byte step, one per two 32-byte steps
+        # The weights of successive calls are one contiguous stream (the layout follows the
+        # call order), and this call reads nb * nsteps * vb bytes of it. While it runs, fetch
+        # the next call's bytes into L2 (locality 2, prefetcht1: faster from DRAM than into
+        # L1, measured here), at the rate this call consumes its own: 2 * nb * vb bytes per
+        # iteration. (Prefetches past the end of the array do not fault.)
         c0, c1, c2 = (ir.Constant(i32, v) for v in (0, 1, 2))
-        soff = builder.mul(s, ir.Constant(i64, vb))
-        for j in range(nb):
-            here = builder.gep(wbp, [builder.add(bases[j], soff)])
-            for line in range(0, 2 * vb, 64):
-                ahead = builder.gep(here, [ir.Constant(i64, _AHEAD + line)])
-                builder.call(prefetch, [ahead, c0, c2, c1])
+        nxt = builder.add(w_off, builder.mul(w_stride, ir.Constant(i64, nb)))
+        here = builder.gep(wbp, [builder.add(nxt, builder.mul(s, ir.Constant(i64, nb * vb)))])
+        for line in range(0, 2 * nb * vb, 64):
+            ahead = builder.gep(here, [ir.Constant(i64, line)])
+            builder.call(prefetch, [ahead, c0, c2, c1])
         sums: list[list[ir.Value | None]] = [[None] * parts for _ in range(nb)]
         for u in range(2):  # two steps: 4 lookups per part, <= 240 per byte
             su = builder.add(s, ir.Constant(i64, u))
@@ -181,20 +186,30 @@ def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
             finals.append(ph)
         for i in range(0, nb * nacc, 2):  # even = (even + 256 odd) - 256 odd, mod 2^16
             finals[i] = builder.sub(finals[i], builder.shl(finals[i + 1], eight))
-        # back to row order: acc[a_off + j*a_stride + part*vb + c] += row c's sum
+        # back to row order, L + 16 H, times 2^shift: acc[a_off + j*a_stride + c] += that
         vrow = ir.VectorType(i32, vb)
         order = ir.Constant(ir.VectorType(i32, vb), [(c >> 1) + (c & 1) * half for c in range(vb)])
-        for i in range(0, nb * nacc, 2):
-            j, q = divmod(i, nacc)
-            rows = builder.shuffle_vector(
-                builder.zext(finals[i], v32), builder.zext(finals[i + 1], v32), order
-            )
-            off = builder.add(
-                builder.add(a_off, builder.mul(a_stride, ir.Constant(i64, j))),
-                ir.Constant(i64, (q // 2) * vb),
-            )
+        sh = builder.trunc(shift, i32)
+        shv = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(vrow, ir.Undefined), sh, ir.Constant(i32, 0)),
+            ir.Constant(vrow, ir.Undefined),
+            ir.Constant(ir.VectorType(i32, vb), None),
+        )
+        for j in range(nb):
+            tot = None
+            for part in range(parts):
+                k = j * nacc + 2 * part
+                rows = builder.shuffle_vector(
+                    builder.zext(finals[k], v32), builder.zext(finals[k + 1], v32), order
+                )
+                if part == 1:
+                    rows = builder.shl(rows, ir.Constant(vrow, [4] * vb))
+                tot = rows if tot is None else builder.add(tot, rows)
+            off = builder.add(a_off, builder.mul(a_stride, ir.Constant(i64, j)))
             ptr = builder.bitcast(builder.gep(accp, [off]), vrow.as_pointer())
-            builder.store(builder.add(builder.load(ptr, align=4), rows), ptr, align=4)
+            builder.store(
+                builder.add(builder.load(ptr, align=4), builder.shl(tot, shv)), ptr, align=4
+            )
         return context.get_dummy_value()
 
     return intrinsic(typer)
@@ -243,65 +258,55 @@ def lut_tables_into(q, nsteps, signed, tab):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def lut_gemv_into(tab, wb, nblk, nsteps, d, nplanes, high, signed, qsum, pc, out):  # type: ignore[no-untyped-def]
-    """out int64 (N, O) = sum_{i=d}^{nplanes-1} 2^i (qsum[n] - 2 M_i[n, o]): the planes'
-    masked sums M, run by run of the reduction (its tables stay in L1), block by block."""
+def lut_gemv_into(tab, wb, nblk, nsteps, d, nplanes, high, signed, qsum, pcw, out):  # type: ignore[no-untyped-def]
+    """out int64 (N, O) = sum_{i=d}^{nplanes-1} 2^i (qsum[n] - 2 M_i[n, o]) with the planes'
+    masked sums M_i = L_i + 16 (H_i - 8 pc_i) (the offset only when signed): the kernel
+    accumulates acc = sum_i 2^i (L_i + 16 H_i) per row, run by run of the reduction (its
+    tables stay in L1), block by block; pcw[d] = sum_{i >= d} 2^i pc_i (per row)."""
     vb = _VBK
-    half = vb // 2
     n_ = out.shape[0]
     o_ = out.shape[1]
-    parts = 2 if high else 1
-    kept = nplanes - d
-    per = 2 * parts * half  # accumulator words per block
-    acc = np.zeros(kept * nblk * per, np.int32)
+    acc = np.empty(nblk * vb, np.int32)
     tflat = tab.reshape(-1)
+    place = (np.int64(1) << np.int64(nplanes)) - (np.int64(1) << np.int64(d))  # sum of 2^i
     for n in range(n_):
         acc[:] = 0
         t_base = n * nsteps * 64
         for r0 in range(0, nsteps, _RUN):
             ns = min(_RUN, nsteps - r0)
             t_off = t_base + r0 * 64
-            for i in range(kept):
-                base = r0 * nplanes * nblk + (d + i) * nblk * ns  # this plane's run, in vb bytes
+            for i in range(d, nplanes):
+                base = r0 * nplanes * nblk + i * nblk * ns  # this plane's run, in vb bytes
                 b = 0
                 while b < nblk:
                     w_off = (base + b * ns) * vb
-                    a_off = (i * nblk + b) * per
                     if b + _NB <= nblk:
                         if high:
-                            _mk_both2(wb, w_off, ns * vb, ns, tflat, t_off, acc, a_off, per)
+                            _mk_both2(wb, w_off, ns * vb, ns, tflat, t_off, acc, b * vb, vb, i)
                         else:
-                            _mk_low2(wb, w_off, ns * vb, ns, tflat, t_off, acc, a_off, per)
+                            _mk_low2(wb, w_off, ns * vb, ns, tflat, t_off, acc, b * vb, vb, i)
                         b += _NB
                     else:
                         if high:
-                            _mk_both(wb, w_off, ns * vb, ns, tflat, t_off, acc, a_off, per)
+                            _mk_both(wb, w_off, ns * vb, ns, tflat, t_off, acc, b * vb, vb, i)
                         else:
-                            _mk_low(wb, w_off, ns * vb, ns, tflat, t_off, acc, a_off, per)
+                            _mk_low(wb, w_off, ns * vb, ns, tflat, t_off, acc, b * vb, vb, i)
                         b += 1
-        row = out[n]
-        row[:] = 0
-        for i in range(kept):
-            sh = d + i
-            pci = pc[sh]
-            for b in range(nblk):
-                base = (i * nblk + b) * per
-                o0 = b * vb
-                for c in range(min(vb, o_ - o0)):
-                    m = np.int64(acc[base + c])
-                    if high:
-                        h = np.int64(acc[base + vb + c])
-                        if signed:
-                            h -= 8 * pci[o0 + c]
-                        m += 16 * h
-                    row[o0 + c] += (qsum[n] - 2 * m) << sh
+        pq = place * qsum[n]
+        pc_d = pcw[d]
+        for o in range(o_):
+            m = np.int64(acc[o])
+            if signed:
+                m -= 128 * pc_d[o]
+            out[n, o] = pq - 2 * m
 
 
 class LutGemvWeights:
     """Weight planes in the lookup-table GEMV's layout, in the order the kernel reads them (one
     sequential stream): ``wb`` uint8 (runs, planes, nblk, steps of the run, VB), byte s of
     each row (bits 8s..8s+7) in runs of 256 steps, VB rows per vector (rows past O are 0);
-    ``pc`` int64 (planes, O) each row's set bits."""
+    ``pc`` int64 (planes, O) each row's set bits, ``pcw`` int64 (planes, O) their place-value
+    sums over the top planes."""
 
     def __init__(self, planes: np.ndarray, k: int) -> None:
         if not isinstance(planes, np.ndarray) or planes.dtype != np.uint64 or planes.ndim != 3:
@@ -311,6 +316,8 @@ class LutGemvWeights:
             raise ValueError(f"weight planes of shape {planes.shape} do not hold {k} inputs")
         if not lut_gemv_supported():
             raise ValueError("the lookup-table GEMV needs an AVX2 or AVX-512BW compile target")
+        if k > MAX_K or nplanes > 8:
+            raise ValueError(f"the lookup-table GEMV takes at most {MAX_K} inputs and 8 planes")
         self.k, self.out_features, self.nplanes = int(k), o, nplanes
         self.nsteps = 2 * ((k + 15) // 16)  # bytes per row used (an even count)
         self.nblk = -(-o // VB)
@@ -322,6 +329,9 @@ class LutGemvWeights:
             [w[:, :, r0 : r0 + _RUN].reshape(-1) for r0 in range(0, self.nsteps, _RUN)]
         )
         self.pc = np.bitwise_count(planes).sum(-1).astype(np.int64)
+        # pcw[d] = sum_{i >= d} 2^i pc_i: the signed offset's term of every top-plane view
+        place = (1 << np.arange(nplanes, dtype=np.int64))[:, None]
+        self.pcw = np.ascontiguousarray(np.cumsum((place * self.pc)[::-1], axis=0)[::-1])
 
 
 def lut_gemv_tables(q: np.ndarray, nsteps: int, signed: bool) -> np.ndarray:
@@ -345,6 +355,6 @@ def lut_gemv(w: LutGemvWeights, kb: int, q: np.ndarray, bits: int, signed: bool)
     out = np.empty((q.shape[0], w.out_features), np.int64)
     qsum = q.sum(axis=1)
     lut_gemv_into(
-        tab, w.wb, w.nblk, w.nsteps, w.nplanes - kb, w.nplanes, high, signed, qsum, w.pc, out
+        tab, w.wb, w.nblk, w.nsteps, w.nplanes - kb, w.nplanes, high, signed, qsum, w.pcw, out
     )
     return out
