@@ -16,10 +16,16 @@ here it is a partial sum of activations. Per input vector q (integers, at most 8
   adds the low parts of the masked sums of 8 inputs to VB rows at once: 4 lookups (2 steps)
   fit a byte (<= 240), then the bytes are widened into 16-bit accumulators (runs of at most
   256 steps: <= 128 * 240 = 30720; the 16-bit words of byte pairs are summed whole, with the
-  odd bytes on the side, and the even bytes recovered at the end of the run), and the runs
-  into int32;
-* ``M[row] = sum_{bits set} q = sum TL + 16 (sum TH - 8 popcount(row))`` (the offset term
-  only when signed), and with ``s = +-1`` the plane's values, ``s . q = sum(q) - 2 M``.
+  odd bytes on the side, and the even bytes recovered at the end of the run); at the end of
+  a run the kernel adds ``2^i (L + 16 H)`` (plane i's place value) into one int32 per row;
+* plane i's masked sum is ``M_i[row] = sum_{bits set} q = L_i + 16 (H_i - 8 popcount_i(row))``
+  (the offset term only when signed), and with ``s = +-1`` the plane's values,
+  ``s . q = sum(q) - 2 M_i``; so ``W . q = sum(q) sum_i 2^i - 2 (acc - 128 sum_i 2^i
+  popcount_i)``, the last sum precomputed per row for every top-plane view.
+
+The weights are stored in the order the kernel calls read them (one contiguous stream), and
+each call prefetches the next call's weights into L2 while it works: from DRAM the GEMV runs
+near its in-cache speed.
 
 So a weight plane costs two table lookups per 4 inputs and row (one when the activations are
 unsigned and at most 4 bits: no high part), whatever the activation bits, against 8 binary
