@@ -8,6 +8,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._ir import counted_loop
+
 LANES = 32  # output channels per prepared weight block (4 x 8 uint64 lanes)
 MR = 4  # output rows (pixels) per micro-kernel tile
 _MB = 8  # micro tiles per macro tile (the im2col patch of MB*MR pixels stays in L1)
@@ -177,58 +179,33 @@ def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: igno
         jump = builder.add(builder.sub(seg_stride, seg_words), one)  # pointer step at seg end
         total = builder.mul(seg_words, nseg)
         bbase = builder.gep(bp, [b_off])
-        entry = builder.block
-        loop = builder.append_basic_block("mk.loop")
-        done = builder.append_basic_block("mk.done")
-        ok = builder.and_(
-            builder.icmp_signed(">", total, zero_i), builder.icmp_signed(">", seg_words, zero_i)
-        )
-        builder.cbranch(ok, loop, done)
+        # (a loop of no iterations when seg_words <= 0)
+        stop = builder.select(builder.icmp_signed(">", seg_words, zero_i), total, zero_i)
 
-        builder.position_at_end(loop)
-        t = builder.phi(i64)  # flat word index (into b and shifts)
-        w = builder.phi(i64)  # word within the current segment
-        aoff = builder.phi(i64)  # offset of the current word from roffs[r]
-        for ph in (t, w, aoff):
-            ph.add_incoming(zero_i, entry)
-        accs = []
-        for _ in range(MR * _NV):
-            p = builder.phi(vty)
-            p.add_incoming(zero, entry)
-            accs.append(p)
-        boff = builder.mul(t, ir.Constant(i64, LANES))
-        bvs = []
-        for j in range(_NV):
-            ptr = builder.gep(bbase, [builder.add(boff, ir.Constant(i64, j * _VL))])
-            bvs.append(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=8))
-        shv = splat(builder.load(builder.gep(shp, [t]), align=8)) if with_shifts else None
-        new = []
-        for r in range(MR):
-            sv = splat(builder.load(builder.gep(arow0[r], [aoff]), align=8))
+        def body(t, vals):  # type: ignore[no-untyped-def]
+            w, aoff, accs = vals[0], vals[1], vals[2:]  # word in the segment, offset from roffs
+            boff = builder.mul(t, ir.Constant(i64, LANES))
+            bvs = []
             for j in range(_NV):
-                pc = builder.call(ctpop, [builder.xor(sv, bvs[j])])
-                if shv is not None:
-                    pc = builder.shl(pc, shv)
-                new.append(builder.add(accs[r * _NV + j], pc))
-        t1 = builder.add(t, one)
-        w1 = builder.add(w, one)
-        seg_end = builder.icmp_signed("==", w1, seg_words)
-        w_next = builder.select(seg_end, zero_i, w1)
-        a_next = builder.add(aoff, builder.select(seg_end, jump, one))
-        t.add_incoming(t1, loop)
-        w.add_incoming(w_next, loop)
-        aoff.add_incoming(a_next, loop)
-        for p, n in zip(accs, new):
-            p.add_incoming(n, loop)
-        builder.cbranch(builder.icmp_signed("<", t1, total), loop, done)
+                ptr = builder.gep(bbase, [builder.add(boff, ir.Constant(i64, j * _VL))])
+                bvs.append(builder.load(builder.bitcast(ptr, vty.as_pointer()), align=8))
+            shv = splat(builder.load(builder.gep(shp, [t]), align=8)) if with_shifts else None
+            new = []
+            for r in range(MR):
+                sv = splat(builder.load(builder.gep(arow0[r], [aoff]), align=8))
+                for j in range(_NV):
+                    pc = builder.call(ctpop, [builder.xor(sv, bvs[j])])
+                    if shv is not None:
+                        pc = builder.shl(pc, shv)
+                    new.append(builder.add(accs[r * _NV + j], pc))
+            w1 = builder.add(w, one)
+            seg_end = builder.icmp_signed("==", w1, seg_words)
+            w_next = builder.select(seg_end, zero_i, w1)
+            a_next = builder.add(aoff, builder.select(seg_end, jump, one))
+            return [w_next, a_next, *new]
 
-        builder.position_at_end(done)
-        outs = []
-        for i in range(MR * _NV):
-            ph = builder.phi(vty)
-            ph.add_incoming(zero, entry)
-            ph.add_incoming(new[i], loop)
-            outs.append(ph)
+        init = [zero_i, zero_i] + [zero] * (MR * _NV)
+        outs = counted_loop(builder, zero_i, stop, 1, init, body, "mk")[2:]
         if kind is None:
             cp, c_off = data(n_base), idx(n_base + 1)
             for i in range(MR * _NV):

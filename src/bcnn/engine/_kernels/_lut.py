@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._ir import counted_loop, pshufb
 from ._llvm import _arg_readers, _is_c_array
 
 __all__ = ["MRL", "NBL", "LutWeights", "lut_bgemm", "lut_supported", "prepare_lut_weights"]
@@ -87,9 +87,7 @@ def _lut_mk(typingctx, nib, n_off, nq, q0, q1, tab, wl, w_off, w_stride, acc):  
 
         nibp, tabp, wlp, accp = data(0, i8), data(5, i8), data(6, i8), data(9, i32)
         n_off_, nq_, q0_, q1_, w_off_, w_stride_ = (idx(k) for k in (1, 2, 3, 4, 7, 8))
-        pshufb = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(v8, [v8, v8]), "llvm.x86.avx2.pshuf.b"
-        )
+        shuf = pshufb(builder, 32)
         zero8 = ir.Constant(v8, None)
 
         def at(p, off, stride, i):  # type: ignore[no-untyped-def]
@@ -97,44 +95,25 @@ def _lut_mk(typingctx, nib, n_off, nq, q0, q1, tab, wl, w_off, w_stride, acc):  
 
         rows = [at(nibp, n_off_, nq_, r) for r in range(MRL)]  # row r's nibbles
         blocks = [at(wlp, w_off_, w_stride_, j) for j in range(NBL)]  # block j's weights
-        entry = builder.block
-        loop = builder.append_basic_block("lut.loop")
-        done = builder.append_basic_block("lut.done")
-        builder.cbranch(builder.icmp_signed("<", q0_, q1_), loop, done)
 
-        builder.position_at_end(loop)
-        q = builder.phi(i64)
-        q.add_incoming(q0_, entry)
-        accs = []
-        for _ in range(MRL * NBL):
-            p = builder.phi(v8)
-            p.add_incoming(zero8, entry)
-            accs.append(p)
-        qoff = builder.mul(q, ir.Constant(i64, 32))
-        wv = [
-            builder.load(builder.bitcast(builder.gep(blocks[j], [qoff]), v8.as_pointer()), align=1)
-            for j in range(NBL)
-        ]
-        new = []
-        for r in range(MRL):
-            v = builder.zext(builder.load(builder.gep(rows[r], [q])), i64)
-            tp = builder.gep(tabp, [builder.mul(v, ir.Constant(i64, 32))])
-            tv = builder.load(builder.bitcast(tp, v8.as_pointer()), align=1)
-            for j in range(NBL):
-                new.append(builder.add(accs[r * NBL + j], builder.call(pshufb, [tv, wv[j]])))
-        q1n = builder.add(q, ir.Constant(i64, 1))
-        q.add_incoming(q1n, loop)
-        for p, nv in zip(accs, new):
-            p.add_incoming(nv, loop)
-        builder.cbranch(builder.icmp_signed("<", q1n, q1_), loop, done)
+        def body(q, accs):  # type: ignore[no-untyped-def]
+            qoff = builder.mul(q, ir.Constant(i64, 32))
+            wv = [
+                builder.load(
+                    builder.bitcast(builder.gep(blocks[j], [qoff]), v8.as_pointer()), align=1
+                )
+                for j in range(NBL)
+            ]
+            new = []
+            for r in range(MRL):
+                v = builder.zext(builder.load(builder.gep(rows[r], [q])), i64)
+                tp = builder.gep(tabp, [builder.mul(v, ir.Constant(i64, 32))])
+                tv = builder.load(builder.bitcast(tp, v8.as_pointer()), align=1)
+                for j in range(NBL):
+                    new.append(builder.add(accs[r * NBL + j], builder.call(shuf, [tv, wv[j]])))
+            return new
 
-        builder.position_at_end(done)
-        finals = []
-        for i in range(MRL * NBL):  # every phi first, at the top of the block
-            ph = builder.phi(v8)
-            ph.add_incoming(zero8, entry)
-            ph.add_incoming(new[i], loop)
-            finals.append(ph)
+        finals = counted_loop(builder, q0_, q1_, 1, [zero8] * (MRL * NBL), body, "lut")
         for i, ph in enumerate(finals):
             ptr = builder.bitcast(builder.gep(accp, [ir.Constant(i64, i * 32)]), v32.as_pointer())
             old = builder.load(ptr, align=4)

@@ -43,6 +43,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._ir import counted_loop, pshufb
 from ._llvm import _arg_readers, _is_c_array
 
 __all__ = [
@@ -84,7 +85,6 @@ def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
     the steps of row c's TL and TH lookups (H = 0 unless ``high``), tables at
     ``tab[t_off + 64 s + 16 r]`` (r = TL_2s, TL_2s+1, TH_2s, TH_2s+1, loaded once for the nb
     blocks), weights at ``wb[w_off + j*w_stride + vb s + c]``."""
-    name = "llvm.x86.avx512.pshuf.b.512" if vb == 64 else "llvm.x86.avx2.pshuf.b"
     half = vb // 2
 
     def typer(typingctx, wb, w_off, w_stride, nsteps, tab, t_off, acc, a_off, a_stride, shift):  # type: ignore[no-untyped-def]
@@ -108,7 +108,7 @@ def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
         w_off, w_stride, nsteps, t_off, a_off, a_stride, shift = (
             idx(k) for k in (1, 2, 3, 5, 7, 8, 9)
         )
-        pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8]), name)
+        shuf = pshufb(builder, vb)
         nib = ir.Constant(v8, [15] * vb)
         four, eight = ir.Constant(v16, [4] * half), ir.Constant(v16, [8] * half)
         bcast = ir.Constant(ir.VectorType(i32, vb), [j % 16 for j in range(vb)])
@@ -129,67 +129,49 @@ def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
             t = builder.load(builder.bitcast(builder.gep(tabp, [off]), t16.as_pointer()), align=1)
             return builder.shuffle_vector(t, t, bcast)  # the 16 bytes in every 128-bit lane
 
-        entry = builder.block
-        loop = builder.append_basic_block("lutv.loop")
-        done = builder.append_basic_block("lutv.done")
-        builder.cbranch(builder.icmp_signed(">", nsteps, ir.Constant(i64, 0)), loop, done)
-
-        builder.position_at_end(loop)
-        s = builder.phi(i64)
-        s.add_incoming(ir.Constant(i64, 0), entry)
-        accs = []
-        for _ in range(nb * nacc):
-            p = builder.phi(v16)
-            p.add_incoming(zero16, entry)
-            accs.append(p)
-        # The weights of successive calls are one contiguous stream (the layout follows the
-        # call order), and this call reads nb * nsteps * vb bytes of it. While it runs, fetch
-        # the next call's bytes into L2 (locality 2, prefetcht1: faster from DRAM than into
-        # L1, measured here), at the rate this call consumes its own: 2 * nb * vb bytes per
-        # iteration. (Prefetches past the end of the array do not fault.)
         c0, c1, c2 = (ir.Constant(i32, v) for v in (0, 1, 2))
         nxt = builder.add(w_off, builder.mul(w_stride, ir.Constant(i64, nb)))
-        here = builder.gep(wbp, [builder.add(nxt, builder.mul(s, ir.Constant(i64, nb * vb)))])
-        for line in range(0, 2 * nb * vb, 64):
-            ahead = builder.gep(here, [ir.Constant(i64, line)])
-            builder.call(prefetch, [ahead, c0, c2, c1])
-        sums: list[list[ir.Value | None]] = [[None] * parts for _ in range(nb)]
-        for u in range(2):  # two steps: 4 lookups per part, <= 240 per byte
-            su = builder.add(s, ir.Constant(i64, u))
-            tabs = [table(su, r) for r in range(2 * parts)]
-            for j in range(nb):
-                wo = builder.add(bases[j], builder.mul(su, ir.Constant(i64, vb)))
-                w = builder.load(builder.bitcast(builder.gep(wbp, [wo]), v8.as_pointer()), align=1)
-                lo = builder.and_(w, nib)
-                w4 = builder.lshr(builder.bitcast(w, v16), four)
-                hi = builder.and_(builder.bitcast(w4, v8), nib)
-                for part in range(parts):
-                    a = builder.call(pshufb, [tabs[2 * part], lo])
-                    b = builder.call(pshufb, [tabs[2 * part + 1], hi])
-                    ab = builder.add(a, b)
-                    prev = sums[j][part]
-                    sums[j][part] = ab if prev is None else builder.add(prev, ab)
-        new = []
-        for j in range(nb):
-            for part in range(parts):
-                w16 = builder.bitcast(sums[j][part], v16)
-                k = j * nacc + 2 * part
-                # even + 256 odd (mod 2^16), and odd: even comes out at the end
-                new.append(builder.add(accs[k], w16))
-                new.append(builder.add(accs[k + 1], builder.lshr(w16, eight)))  # odd rows
-        s2 = builder.add(s, ir.Constant(i64, 2))
-        s.add_incoming(s2, loop)
-        for p, nv in zip(accs, new):
-            p.add_incoming(nv, loop)
-        builder.cbranch(builder.icmp_signed("<", s2, nsteps), loop, done)
 
-        builder.position_at_end(done)
-        finals = []
-        for i in range(nb * nacc):
-            ph = builder.phi(v16)
-            ph.add_incoming(zero16, entry)
-            ph.add_incoming(new[i], loop)
-            finals.append(ph)
+        def body(s, accs):  # type: ignore[no-untyped-def]
+            # The weights of successive calls are one contiguous stream (the layout follows
+            # the call order), and this call reads nb * nsteps * vb bytes of it. While it runs,
+            # fetch the next call's bytes into L2 (locality 2, prefetcht1: faster from DRAM
+            # than into L1, measured here), at the rate this call consumes its own: 2 * nb * vb
+            # bytes per iteration. (Prefetches past the end of the array do not fault.)
+            here = builder.gep(wbp, [builder.add(nxt, builder.mul(s, ir.Constant(i64, nb * vb)))])
+            for line in range(0, 2 * nb * vb, 64):
+                ahead = builder.gep(here, [ir.Constant(i64, line)])
+                builder.call(prefetch, [ahead, c0, c2, c1])
+            sums: list[list[ir.Value | None]] = [[None] * parts for _ in range(nb)]
+            for u in range(2):  # two steps: 4 lookups per part, <= 240 per byte
+                su = builder.add(s, ir.Constant(i64, u))
+                tabs = [table(su, r) for r in range(2 * parts)]
+                for j in range(nb):
+                    wo = builder.add(bases[j], builder.mul(su, ir.Constant(i64, vb)))
+                    w = builder.load(
+                        builder.bitcast(builder.gep(wbp, [wo]), v8.as_pointer()), align=1
+                    )
+                    lo = builder.and_(w, nib)
+                    w4 = builder.lshr(builder.bitcast(w, v16), four)
+                    hi = builder.and_(builder.bitcast(w4, v8), nib)
+                    for part in range(parts):
+                        a = builder.call(shuf, [tabs[2 * part], lo])
+                        b = builder.call(shuf, [tabs[2 * part + 1], hi])
+                        ab = builder.add(a, b)
+                        prev = sums[j][part]
+                        sums[j][part] = ab if prev is None else builder.add(prev, ab)
+            new = []
+            for j in range(nb):
+                for part in range(parts):
+                    w16 = builder.bitcast(sums[j][part], v16)
+                    k = j * nacc + 2 * part
+                    # even + 256 odd (mod 2^16), and odd: even comes out at the end
+                    new.append(builder.add(accs[k], w16))
+                    new.append(builder.add(accs[k + 1], builder.lshr(w16, eight)))  # odd rows
+            return new
+
+        zero_i = ir.Constant(i64, 0)
+        finals = counted_loop(builder, zero_i, nsteps, 2, [zero16] * (nb * nacc), body, "lutv")
         for i in range(0, nb * nacc, 2):  # even = (even + 256 odd) - 256 odd, mod 2^16
             finals[i] = builder.sub(finals[i], builder.shl(finals[i + 1], eight))
         # back to row order, L + 16 H, times 2^shift: acc[a_off + j*a_stride + c] += that
