@@ -26,6 +26,14 @@ def _is_c_array(t: types.Type, dtype: types.Type) -> bool:
     return isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C"
 
 
+def _args_ok(arrays: list[tuple[types.Type, types.Type]], ints: tuple[types.Type, ...]) -> bool:
+    """An intrinsic typer's check: each (type, dtype) a C-contiguous array of that dtype, and
+    each of ``ints`` an integer."""
+    return all(_is_c_array(t, d) for t, d in arrays) and all(
+        isinstance(t, types.Integer) for t in ints
+    )
+
+
 def _arg_readers(context, builder, signature, args):  # type: ignore[no-untyped-def]
     """For an intrinsic's codegen: ``ptr(k, elt)``, argument k (an array) as a pointer to its
     data typed ``elt`` (default i64), and ``idx(k)``, argument k (an integer) as an i64."""
@@ -429,12 +437,7 @@ def _make_pack_nchw(nvec: int):  # type: ignore[no-untyped-def]
 
     def typer(typingctx, x, x_off, pstride, c0, nc, bias, out, o_off, ostride):  # type: ignore[no-untyped-def]
         ints = (x_off, pstride, c0, nc, o_off, ostride)
-        if not (
-            _is_c_array(x, types.float32)
-            and _is_c_array(bias, types.float32)
-            and _is_c_array(out, types.uint64)
-            and all(isinstance(t, types.Integer) for t in ints)
-        ):
+        if not _args_ok([(x, types.float32), (bias, types.float32), (out, types.uint64)], ints):
             return None
         return types.void(x, x_off, pstride, c0, nc, bias, out, o_off, ostride), codegen
 

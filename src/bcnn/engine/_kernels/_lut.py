@@ -26,7 +26,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ._ir import counted_loop, pshufb
-from ._llvm import _arg_readers, _is_c_array
+from ._llvm import _arg_readers, _args_ok
 
 __all__ = ["MRL", "NBL", "LutWeights", "lut_bgemm", "lut_supported", "prepare_lut_weights"]
 
@@ -68,13 +68,8 @@ def _lut_mk(typingctx, nib, n_off, nq, q0, q1, tab, wl, w_off, w_stride, acc):  
     j*w_stride + q*32 + c]] for r < MRL, j < NBL, c < 32 (q1 - q0 <= 63); ``tab`` holds the
     16 tables, 32 bytes each."""
     ints = (n_off, nq, q0, q1, w_off, w_stride)
-    if not (
-        _is_c_array(nib, types.uint8)
-        and _is_c_array(tab, types.uint8)
-        and _is_c_array(wl, types.uint8)
-        and _is_c_array(acc, types.int32)
-        and all(isinstance(t, types.Integer) for t in ints)
-    ):
+    u8 = types.uint8
+    if not _args_ok([(nib, u8), (tab, u8), (wl, u8), (acc, types.int32)], ints):
         return None
     sig = types.void(nib, n_off, nq, q0, q1, tab, wl, w_off, w_stride, acc)
 

@@ -44,7 +44,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._ir import counted_loop, pshufb
-from ._llvm import _arg_readers, _is_c_array
+from ._llvm import _arg_readers, _args_ok
 
 __all__ = [
     "MAX_K",
@@ -89,12 +89,7 @@ def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
 
     def typer(typingctx, wb, w_off, w_stride, nsteps, tab, t_off, acc, a_off, a_stride, shift):  # type: ignore[no-untyped-def]
         ints = (w_off, w_stride, nsteps, t_off, a_off, a_stride, shift)
-        if not (
-            _is_c_array(wb, types.uint8)
-            and _is_c_array(tab, types.uint8)
-            and _is_c_array(acc, types.int32)
-            and all(isinstance(t, types.Integer) for t in ints)
-        ):
+        if not _args_ok([(wb, types.uint8), (tab, types.uint8), (acc, types.int32)], ints):
             return None
         sig = types.void(wb, w_off, w_stride, nsteps, tab, t_off, acc, a_off, a_stride, shift)
         return sig, codegen
