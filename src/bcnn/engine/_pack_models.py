@@ -212,6 +212,11 @@ def pack_model(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"pack() expects a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, "precisions", None):
+        raise ValueError(
+            "pack: any-precision models (precisions=...) cannot be packed yet: the .bcnn "
+            "format has no precision sets (train or fine-tune at one precision to pack)"
+        )
     was_training = model.training
     model.eval()
     try:

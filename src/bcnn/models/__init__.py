@@ -9,6 +9,7 @@ torch.Size([2, 10])
 """
 
 from . import bcnn as _bcnn  # noqa: F401  (registers the family)
+from ._any_precision import any_precision_, precision_layers
 from ._checkpoint import (
     PRETRAINED_DIR,
     atomic_torch_save,
@@ -26,10 +27,12 @@ __all__ = [
     "BCNNDownsample",
     "BCNNHead",
     "BCNNStem",
+    "any_precision_",
     "atomic_torch_save",
     "create_model",
     "list_models",
     "load_checkpoint",
+    "precision_layers",
     "pretrained_checkpoint",
     "register_model",
     "save_checkpoint",

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..nn import BinaryConv2d, BinaryLinear, EncodedConv2d, LearnableBias, RPReLU, Scale
 from ..quant import QuantizerLike, get_quantizer, make_act_quantizer, make_weight_quantizer
+from ._any_precision import any_precision_
 from ._registry import register_model
 
 __all__ = ["BCNN", "BCNNBlock", "BCNNDownsample", "BCNNHead", "BCNNStem", "bcnn_cifar"]
@@ -183,7 +184,11 @@ class BCNNHead(nn.Module):
 
 
 class BCNN(nn.Module):
-    """A fully binary CNN. Input: uint8 images NCHW (0..255), or a float tensor of those values."""
+    """A fully binary CNN. Input: uint8 images NCHW (0..255), or a float tensor of those values.
+
+    ``precisions=(1, 2, 3, 4)`` builds an any-precision network (one set of weights, any
+    per-layer bit width at run time, batch norm per precision: ``precision_bn`` "transitional"
+    or "switchable"); see :mod:`bcnn.models._any_precision`."""
 
     def __init__(
         self,
@@ -203,6 +208,8 @@ class BCNN(nn.Module):
         act_bits: int = 1,
         weight_bits: int = 1,
         rprelu: bool = True,
+        precisions: Sequence[int] | None = None,
+        precision_bn: str = "transitional",
     ) -> None:
         super().__init__()
         self.default_input_size: tuple[int, int, int] = (in_chans, 32, 32)
@@ -259,6 +266,9 @@ class BCNN(nn.Module):
                 )
         self.blocks = nn.Sequential(*layers)
         self.head = BCNNHead(c, num_classes, input_quantizer=iq(), weight_quantizer=wq(num_classes))
+        self.precisions: tuple[int, ...] | None = None
+        if precisions is not None:  # any-precision: nested weights, switchable quantizers/BN
+            any_precision_(self, precisions, precision_bn)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -11,6 +11,7 @@ from ._elementwise import LearnableBias, RPReLU, RSign, Scale
 from ._encoders import BitPlaneEncoder, ThermometerEncoder, as_uint8_pixels
 from ._layers import BinaryConv2d, BinaryLinear
 from ._stem import EncodedConv2d, make_encoder
+from ._switchable import SwitchableBatchNorm, bn_keys
 
 __all__ = [
     "BinaryConv2d",
@@ -21,7 +22,9 @@ __all__ = [
     "RPReLU",
     "RSign",
     "Scale",
+    "SwitchableBatchNorm",
     "ThermometerEncoder",
     "as_uint8_pixels",
+    "bn_keys",
     "make_encoder",
 ]

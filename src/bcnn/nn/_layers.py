@@ -51,10 +51,18 @@ class _PlaneKnob:
     """The :class:`bcnn.quant.PrecisionSwitchable` protocol for a layer with k-bit (LSQ)
     weights: ``set_precision(w, a)`` keeps the top ``min(w, k)`` weight planes (the same knob
     as ``PackedModel.set_precision``); activations keep their trained bits. Layers with other
-    weight quantizers do not have the protocol (the properties raise AttributeError)."""
+    weight quantizers do not have the protocol (the properties raise AttributeError).
+
+    Any-precision layers (``any_precision`` set to the trained precisions, see
+    :func:`bcnn.models.any_precision_`) accept exactly those for weights and activations: the
+    weights keep their top planes, a :class:`bcnn.quant.SwitchableQuantizer` input switches to
+    that precision's quantizer (a layer without an input quantizer, the stem, reads exact
+    pixels: its act bits only select its batch-norm set)."""
 
     weight_quantizer: Any
     input_quantizer: Any
+    any_precision: tuple[int, ...] | None = None
+    _act_choice: int | None = None
 
     def _kbit(self) -> Any:
         from ..quant._uniform import UniformQuantizer
@@ -65,6 +73,8 @@ class _PlaneKnob:
         return q
 
     def _act_bits(self) -> int:
+        if self.any_precision is not None and self.input_quantizer is None:
+            return self._act_choice or self.any_precision[-1]
         a = self.input_quantizer
         return int(getattr(a, "bits", 1 if a is not None else 32))
 
@@ -75,16 +85,25 @@ class _PlaneKnob:
 
     @property
     def default_precision(self) -> tuple[int, int]:
+        if self.any_precision is not None:
+            return (self.any_precision[-1], self.any_precision[-1])
         return (self._kbit().bits, self._act_bits())
 
     @property
     def allowed_precision(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         self._kbit()
+        if self.any_precision is not None:
+            return self.any_precision, self.any_precision
         return tuple(range(1, 9)), (self._act_bits(),)
 
     def set_precision(self, weight_bits: int, act_bits: int) -> None:
         q = self._kbit()
         q.keep_bits = None if weight_bits >= q.bits else int(weight_bits)
+        if self.any_precision is not None:
+            if self.input_quantizer is None:
+                self._act_choice = int(act_bits)
+            else:
+                self.input_quantizer.select(int(act_bits))
 
 
 class BinaryConv2d(_PlaneKnob, nn.Conv2d):

@@ -27,6 +27,7 @@ from ._sign import (
     ste_sign,
     swish_sign,
 )
+from ._switchable import SwitchableQuantizer
 from ._uniform import UniformQuantizer, grid_limits, quantize_to_grid
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "QuantizerLike",
     "SteSign",
     "SwishSign",
+    "SwitchableQuantizer",
     "UniformQuantizer",
     "approx_sign",
     "get_quantizer",

@@ -56,7 +56,8 @@ def _check(name: str, layer: PrecisionSwitchable, w: int, a: int) -> None:
     for what, v, allowed in (("weight_bits", w, aw), ("act_bits", a, aa)):
         if isinstance(v, bool) or not isinstance(v, int) or v not in allowed:
             lo, hi = min(allowed), max(allowed)
-            raise ValueError(f"layer {name!r}: {what}={v!r} is not in {lo}..{hi}")
+            span = f"{lo}..{hi}" if len(allowed) == hi - lo + 1 else str(tuple(allowed))
+            raise ValueError(f"layer {name!r}: {what}={v!r} is not in {span}")
 
 
 def set_precision(
