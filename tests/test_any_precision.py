@@ -4,6 +4,9 @@ precision through bcnn.quant.set_precision, and its errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
@@ -162,3 +165,115 @@ def test_packing_an_any_precision_model_is_refused_clearly() -> None:
 
     with pytest.raises(ValueError, match="any-precision models"):
         pack(_model())
+
+
+# ---------------------------------------------------------------- training (step 2)
+def _ap_cfg(out: Path, **kw: Any) -> Any:
+    from test_train import _cfg
+
+    base: dict[str, Any] = dict(
+        steps="2", model_kw={"width": 8, "depth": 1, "precisions": [1, 2, 4]}, epochs=2
+    )
+    base.update(kw)
+    return _cfg(out, **base)
+
+
+def test_schedules_draw_uniform_then_per_layer() -> None:
+    from bcnn.train._any_precision import AnyPrecisionStage
+
+    model = create_model("bcnn_cifar", width=8, depth=1, precisions=(1, 2, 4))
+    n = len(precision_layers(model))
+
+    def widths(schedule: str, it: int) -> set[int]:
+        st = AnyPrecisionStage((1, 2, 4), schedule, False, seed=0)
+        st.start(100)
+        d = st.draw(model, it)
+        assert len(d) == n and all(w == a for w, a in d.values())
+        assert d == st.draw(model, it)  # deterministic per iteration: resumable
+        return {w for w, _ in d.values()}
+
+    assert all(len(widths("uniform", i)) == 1 for i in range(40))
+    assert all(len(widths("bitmixer", i)) == 1 for i in range(50))  # first half: uniform
+    assert any(len(widths("bitmixer", i)) > 1 for i in range(90, 100))  # late: per layer
+    assert any(len(widths("layerwise", i)) > 1 for i in range(10))
+    seen = {w for i in range(40) for w in widths("uniform", i)}
+    assert seen == {1, 2, 4}
+
+
+def test_training_reports_every_precision_and_round_trips(tmp_path: Path) -> None:
+    from bcnn.models import load_checkpoint
+    from bcnn.train import train
+
+    torch.set_num_threads(1)
+    out = tmp_path / "ap"
+    train(_ap_cfg(out, ap_distill=True))
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert [c for c in header if c.startswith("val_top1_")] == [
+        "val_top1_w1a1",
+        "val_top1_w2a2",
+        "val_top1_w4a4",
+    ]
+    model, _ = load_checkpoint(out / "final.pt")
+    assert model.precisions == (1, 2, 4)
+    x = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        ys = []
+        for k in (1, 2, 4):
+            set_precision(model, weight_bits=k, act_bits=k)
+            ys.append(model(x))
+    assert all(torch.isfinite(y).all() for y in ys) and not torch.equal(ys[0], ys[2])
+
+
+def test_training_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_train import _assert_same, _Crash, _hook
+
+    from bcnn.train import train
+
+    torch.set_num_threads(1)
+    ref = tmp_path / "ref"
+    train(_ap_cfg(ref))
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _hook(m, 6, "crash")  # mid epoch 2 (4 iterations per epoch)
+        with pytest.raises(_Crash):
+            train(_ap_cfg(out))
+    train(_ap_cfg(out, resume=True))
+    _assert_same(out / "final.pt", ref / "final.pt")
+
+
+def test_init_from_a_one_precision_checkpoint(tmp_path: Path) -> None:
+    from bcnn.train import train
+
+    torch.set_num_threads(1)
+    flt = tmp_path / "float"
+    train(_ap_cfg(flt, steps="float", model_kw={"width": 8, "depth": 1}, epochs=1))
+    out = tmp_path / "ap"
+    model = train(_ap_cfg(out, init=str(flt / "final.pt"), epochs=0))
+    src = torch.load(flt / "final.pt", weights_only=True)["state_dict"]
+    got = model.state_dict()
+    assert torch.equal(got["blocks.0.conv.weight"], src["blocks.0.conv.weight"])
+    assert not torch.equal(got["stem.conv.weight"][:1], src["stem.conv.weight"][:1])  # fresh
+    for key in ("1_1_1", "4_4_4"):  # every BN set starts from the single BN
+        assert torch.equal(
+            got[f"blocks.0.bn.sets.{key}.running_mean"], src["blocks.0.bn.running_mean"]
+        )
+
+
+def test_init_from_an_unrelated_checkpoint_is_an_error(tmp_path: Path) -> None:
+    from bcnn.train import train
+    from bcnn.train._any_precision import any_precision_init
+
+    other = tmp_path / "other"
+    train(_ap_cfg(other, steps="float", model_kw={"width": 16, "depth": 2}, epochs=0))
+    model = create_model(
+        "bcnn_cifar", in_chans=1, num_classes=4, width=8, depth=1, precisions=(1, 2)
+    )
+    with pytest.raises(ValueError, match="its layers do not fit"):
+        any_precision_init(model, other / "final.pt")
+
+
+def test_any_precision_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="trains in step 2 only"):
+        _ap_cfg(tmp_path, steps="1,2").validate()
+    with pytest.raises(ValueError, match="ap_schedule must be one of"):
+        _ap_cfg(tmp_path, ap_schedule="random").validate()

@@ -102,6 +102,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=S,
         help="BSQ: bit variables by SGD on loss + alpha R (official) or Adam, R decoupled",
     )
+    p.add_argument(
+        "--ap-schedule",
+        choices=["uniform", "layerwise", "bitmixer"],
+        default=S,
+        help="any-precision models (--model-kw precisions=[1,2,3,4], --steps 2): precision "
+        "sampling per iteration (default bitmixer: uniform, then progressively per layer)",
+    )
+    p.add_argument(
+        "--ap-distill",
+        action="store_true",
+        default=S,
+        help="any-precision: distil each sampled precision from the highest (two forwards)",
+    )
     p.add_argument("--resume", action="store_true", default=S, help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", default=S, help="no progress output")
 

@@ -58,6 +58,9 @@ class TrainConfig:
     bsq_finetune: int = 0  # epochs of the fine-tuning step `ft` (scheme frozen, lr / 10)
     bsq_lr: float = 0.5  # peak lr of the bit variables (SGD, momentum 0.9: docs/bsq.md)
     bsq_optimizer: str = "sgd"  # sgd (official) | adam (group Lasso decoupled, docs/bsq.md)
+    # any-precision (docs/any_precision.md): model_kw precisions=[...] trains in step 2
+    ap_schedule: str = "bitmixer"  # uniform | layerwise | bitmixer (uniform, then per layer)
+    ap_distill: bool = False  # distil each sampled precision from the highest (2 forwards)
     quiet: bool = False
     resume: bool = False
 
@@ -100,11 +103,27 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         self._validate_bsq()
+        self._validate_any_precision()
         from ._precision import check_precision
 
         check_precision(self.precision, self.fp8)
         if self.precision != "fp32" and (self.amp == "on" or self.compile):
             raise ValueError(f"--precision {self.precision} runs without --amp on and --compile")
+
+    def _validate_any_precision(self) -> None:
+        from ._any_precision import AP_SCHEDULES
+
+        if self.ap_schedule not in AP_SCHEDULES:
+            raise ValueError(f"ap_schedule must be one of {AP_SCHEDULES}, got {self.ap_schedule!r}")
+        if not self.model_kw.get("precisions"):
+            return
+        if self.step_list() != ["2"]:
+            raise ValueError(
+                "an any-precision model (precisions=...) trains in step 2 only: use --steps 2 "
+                "(and --init a trained checkpoint of the same topology, e.g. the float twin)"
+            )
+        if self.bsq_alpha is not None:
+            raise ValueError("--bsq-alpha and an any-precision model do not combine")
 
     def _validate_bsq(self) -> None:
         a = self.bsq_alpha

@@ -33,11 +33,14 @@ METRIC_COLUMNS = [
 def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite the whole file atomically (rows come from the checkpointed history, so a resumed
     run never duplicates or loses rows)."""
+    # per-precision top-1 of any-precision runs (val_top1_w{k}a{k}) after the fixed columns
+    extra = sorted({k for r in rows for k in r if k.startswith("val_top1_")})
+    cols = [*METRIC_COLUMNS, *extra]
     buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: _fmt(r.get(k)) for k in METRIC_COLUMNS})
+        w.writerow({k: _fmt(r.get(k)) for k in cols})
     data = buf.getvalue().encode()
     atomic_write(path, lambda f: f.write(data))
 

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 
 from ..data import Loader, load_splits
 from ..models import create_model, load_checkpoint, save_checkpoint
+from ..quant import set_precision
+from ._any_precision import any_precision_init, make_any_precision_stage
 from ._bsq import make_bsq_stage
 from ._config import TrainConfig
 from ._dist import DistInfo, all_reduce_sum, close_distributed, init_distributed
@@ -209,6 +211,11 @@ class Trainer:
         return None
 
     def _load_init(self, src: Path, step: str) -> dict[str, torch.Tensor]:
+        if self.cfg.model_kw.get("precisions"):  # any-precision from a one-precision model
+            state = any_precision_init(self.build_model(step), src, print if self.verbose else None)
+            if self.verbose:
+                print(f"step {step}: any-precision model initialised from {src}")
+            return state
         m, _ = load_checkpoint(src)
         shapes = {k: tuple(v.shape) for k, v in self.build_model(step).state_dict().items()}
         if {k: tuple(v.shape) for k, v in m.state_dict().items()} != shapes:
@@ -224,6 +231,7 @@ class Trainer:
         seed_everything(cfg.seed + {"1": 0, "2": 1, "float": 2, "ft": 3}[step])
         model = self.build_model(step)
         bsq = make_bsq_stage(cfg, step)
+        ap = make_any_precision_stage(cfg, step)
         state: dict[str, Any] | None = None
         if cfg.resume and ckpt.exists():
             saved, meta = load_checkpoint(ckpt)
@@ -273,6 +281,8 @@ class Trainer:
         if bsq is not None:
             bsq.start(model, per_epoch)
         total = epochs * per_epoch
+        if ap is not None:
+            ap.start(total)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(total, round(cfg.warmup * total), cfg.schedule)
         )
@@ -343,6 +353,7 @@ class Trainer:
                 f"{f', {self.dist.world_size} processes' if self.dist.enabled else ''}"
                 f"{', distillation' if self.teacher is not None else ''}{prec.describe()}"
                 f"{bsq.describe() if bsq is not None else ''}"
+                f"{ap.describe() if ap is not None else ''}"
             )
         if self.main:
             sdir.mkdir(parents=True, exist_ok=True)
@@ -361,13 +372,23 @@ class Trainer:
                     if bsq is not None:  # periodic re-quantization
                         bsq.before_batch(model, iteration)
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device)
+                    top_loss = None
                     with autocast_context(self.device, self.amp):
-                        logits = fwd(x)
                         t_logits = None
                         if teacher is not None:
                             with torch.no_grad():
                                 t_logits = teacher(x)
+                        if ap is not None and ap.distill:  # the highest precision teaches
+                            set_precision(model)
+                            top = fwd(x)
+                            top_loss = self.criterion(top, y, t_logits)
+                            t_logits = top.detach()
+                        if ap is not None:
+                            ap.before_batch(model, iteration)
+                        logits = fwd(x)
                     task = loss = self.criterion(logits, y, t_logits)
+                    if top_loss is not None:
+                        loss = loss + top_loss
                     penalty = bsq.penalty(model) if bsq is not None else None
                     if penalty is not None:
                         loss = task + penalty
@@ -411,7 +432,18 @@ class Trainer:
                     bar.close()
                 if bsq is not None and epoch + 1 == epochs:
                     bsq.requantize(model)  # the stage ends on canonical bits
+                if ap is not None:
+                    set_precision(model)  # evaluate and save at the default (highest) precision
                 row = self._epoch_row(step, epoch, iteration, accum, opt, net, val_loader)
+                if ap is not None and len(self.val_set):
+                    row.update(
+                        ap.evaluate(
+                            model,
+                            lambda: evaluate(
+                                net, val_loader, self.device, amp=self.amp, dist_info=self.dist
+                            ),
+                        )
+                    )
                 row.update(prec.metrics())
                 if bsq is not None:
                     row.update(bsq.metrics(model))
@@ -533,6 +565,9 @@ class Trainer:
 
 
 def _bits(r: dict[str, Any]) -> str:
+    per = {k[len("val_top1_") :]: v for k, v in r.items() if k.startswith("val_top1_")}
+    if per:  # any-precision: top-1 at each uniform precision
+        return " | " + " ".join(f"{k} {v:.4f}" for k, v in per.items())
     if r.get("avg_weight_bits") is None:
         return ""
     return f" | avg weight bits {r['avg_weight_bits']:.2f}"

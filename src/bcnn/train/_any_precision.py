@@ -1,0 +1,135 @@
+"""Training any-precision networks (Bit-Mixer's schedule, Any-Precision DNN's distillation).
+
+An any-precision model (``--model-kw precisions=[1,2,3,4]``) trains in step 2. Every iteration
+runs at precisions drawn at random (a generator seeded by the run's seed and the iteration,
+so resumed runs draw the same):
+
+* ``uniform``: one bit width for the whole network per iteration (Bit-Mixer's first stages),
+  every precision once per round of ``len(precisions)`` iterations in a shuffled order;
+* ``layerwise``: every layer its own random bit width;
+* ``bitmixer`` (default): uniform for the first half of the step, then layer-wise with a
+  probability that grows linearly from 0 to 1 over the second half (each layer otherwise
+  keeps the iteration's network-wide width): Bit-Mixer's progressive third stage.
+
+Weights and activations of a layer share its bit width during training. With ``distill``
+each iteration also runs the highest precision, trains it on the labels, and distils the
+sampled precision from its logits (detached): the recursive scheme of Any-Precision DNN, Yu
+et al., AAAI 2021. Validation reports top-1 at every uniform precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import load_checkpoint, precision_layers
+from ..quant import precision, set_precision
+
+__all__ = ["AP_SCHEDULES", "AnyPrecisionStage", "any_precision_init", "make_any_precision_stage"]
+
+AP_SCHEDULES = ("uniform", "layerwise", "bitmixer")
+
+
+class AnyPrecisionStage:
+    def __init__(self, precisions: tuple[int, ...], schedule: str, distill: bool, seed: int):
+        if schedule not in AP_SCHEDULES:
+            raise ValueError(
+                f"any-precision schedule must be one of {AP_SCHEDULES}, got {schedule!r}"
+            )
+        self.precisions = precisions
+        self.schedule = schedule
+        self.distill = distill
+        self.seed = int(seed)
+        self.total = 1
+
+    def start(self, total_iterations: int) -> None:
+        self.total = max(1, int(total_iterations))
+
+    def layer_probability(self, iteration: int) -> float:
+        """Chance that a layer draws its own bit width at this iteration."""
+        if self.schedule == "uniform":
+            return 0.0
+        if self.schedule == "layerwise":
+            return 1.0
+        frac = iteration / self.total
+        return 0.0 if frac < 0.5 else min(1.0, (frac - 0.5) / 0.5)
+
+    def draw(self, model: nn.Module, iteration: int) -> dict[str, tuple[int, int]]:
+        """The precisions of this iteration ``{layer: (k, k)}`` (deterministic per iteration)."""
+        ps = self.precisions
+        # the network-wide width: every precision once per round of len(ps) iterations, in a
+        # shuffled order (balanced: each BN set of the uniform precisions keeps training)
+        rnd, pos = divmod(iteration, len(ps))
+        order = torch.randperm(len(ps), generator=torch.Generator().manual_seed(self.seed + rnd))
+        k = ps[int(order[pos])]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        p = self.layer_probability(iteration)
+        out = {}
+        for name, _ in precision_layers(model):
+            own = float(torch.rand((), generator=g)) < p
+            kl = ps[int(torch.randint(len(ps), (1,), generator=g))] if own else k
+            out[name] = (kl, kl)
+        return out
+
+    def before_batch(self, model: nn.Module, iteration: int) -> None:
+        set_precision(model, layers=self.draw(model, iteration))
+
+    def describe(self) -> str:
+        d = ", distilled from the highest" if self.distill else ""
+        return f", any-precision {self.precisions} ({self.schedule}{d})"
+
+    def evaluate(self, model: nn.Module, run_eval: Any) -> dict[str, float]:
+        """Top-1 at every uniform precision (``run_eval()`` -> evaluate's dict)."""
+        row: dict[str, float] = {}
+        for k in self.precisions:
+            with precision(model, weight_bits=k, act_bits=k):
+                try:
+                    row[f"val_top1_w{k}a{k}"] = run_eval()["top1"]
+                except ValueError:  # a precision not drawn yet: its BN sets have no statistics
+                    row[f"val_top1_w{k}a{k}"] = float("nan")
+        return row
+
+
+def make_any_precision_stage(cfg: Any, step: str) -> AnyPrecisionStage | None:
+    ps = cfg.model_kw.get("precisions")
+    if not ps or step != "2":
+        return None
+    return AnyPrecisionStage(
+        tuple(sorted({int(p) for p in ps})), cfg.ap_schedule, cfg.ap_distill, cfg.seed
+    )
+
+
+def any_precision_init(model: nn.Module, src: Any, log: Any = None) -> dict[str, torch.Tensor]:
+    """A state dict for an any-precision ``model`` from the checkpoint ``src`` of the same
+    topology at one precision (a binary BCNN, a k-bit one, a float twin): tensors by name;
+    every batch-norm set starts from the single BN's parameters and statistics; quantizer steps
+    the source lacks start uninitialised (set from the first batch, as LSQ does). Tensors the
+    source has in another shape (a float twin's stem reads pixels, the binary one bit-planes)
+    keep their fresh initialisation and are named through ``log``; a source whose layers
+    (the stem aside) do not all fit is a ``ValueError``."""
+    m, _ = load_checkpoint(src)
+    have = m.state_dict()
+    out = dict(model.state_dict())
+    fresh = []
+    for k, v in out.items():
+        src_key = k
+        if ".sets." in k:  # blocks.0.bn.sets.2_2_2.weight <- blocks.0.bn.weight
+            head, tail = k.split(".sets.", 1)
+            src_key = f"{head}.{tail.split('.', 1)[1]}"
+        t = have.get(src_key)
+        if t is not None and tuple(t.shape) == tuple(v.shape):
+            out[k] = t.to(v.dtype)
+        elif not k.endswith(("step", "initialized", "signed_flag")):
+            fresh.append(k)
+    # the stem may differ (a float twin's reads pixels); every other layer must fit
+    bad = [n for n, _ in precision_layers(model)[1:] if f"{n}.weight" in fresh]
+    if bad:
+        raise ValueError(f"{src}: its layers do not fit the any-precision model (first: {bad[0]})")
+    if fresh and log is not None:
+        log(
+            f"  kept fresh (not in {src} at this shape): {', '.join(fresh[:6])}"
+            f"{', ...' if len(fresh) > 6 else ''}"
+        )
+    return out
