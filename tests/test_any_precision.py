@@ -261,15 +261,15 @@ def test_init_from_a_one_precision_checkpoint(tmp_path: Path) -> None:
 
 def test_init_from_an_unrelated_checkpoint_is_an_error(tmp_path: Path) -> None:
     from bcnn.train import train
-    from bcnn.train._any_precision import any_precision_init
+    from bcnn.train._init import init_state
 
     other = tmp_path / "other"
     train(_ap_cfg(other, steps="float", model_kw={"width": 16, "depth": 2}, epochs=0))
     model = create_model(
         "bcnn_cifar", in_chans=1, num_classes=4, width=8, depth=1, precisions=(1, 2)
     )
-    with pytest.raises(ValueError, match="its layers do not fit"):
-        any_precision_init(model, other / "final.pt")
+    with pytest.raises(ValueError, match="its weights do not fit the any-precision model"):
+        init_state(model, other / "final.pt", "the any-precision model")
 
 
 def test_any_precision_config_errors(tmp_path: Path) -> None:

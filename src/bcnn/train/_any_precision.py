@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import load_checkpoint, precision_layers
+from ..models import precision_layers
 from ..quant import precision, set_precision
 
-__all__ = ["AP_SCHEDULES", "AnyPrecisionStage", "any_precision_init", "make_any_precision_stage"]
+__all__ = ["AP_SCHEDULES", "AnyPrecisionStage", "make_any_precision_stage"]
 
 AP_SCHEDULES = ("uniform", "layerwise", "bitmixer")
 
@@ -99,37 +99,3 @@ def make_any_precision_stage(cfg: Any, step: str) -> AnyPrecisionStage | None:
     return AnyPrecisionStage(
         tuple(sorted({int(p) for p in ps})), cfg.ap_schedule, cfg.ap_distill, cfg.seed
     )
-
-
-def any_precision_init(model: nn.Module, src: Any, log: Any = None) -> dict[str, torch.Tensor]:
-    """A state dict for an any-precision ``model`` from the checkpoint ``src`` of the same
-    topology at one precision (a binary BCNN, a k-bit one, a float twin): tensors by name;
-    every batch-norm set starts from the single BN's parameters and statistics; quantizer steps
-    the source lacks start uninitialised (set from the first batch, as LSQ does). Tensors the
-    source has in another shape (a float twin's stem reads pixels, the binary one bit-planes)
-    keep their fresh initialisation and are named through ``log``; a source whose layers
-    (the stem aside) do not all fit is a ``ValueError``."""
-    m, _ = load_checkpoint(src)
-    have = m.state_dict()
-    out = dict(model.state_dict())
-    fresh = []
-    for k, v in out.items():
-        src_key = k
-        if ".sets." in k:  # blocks.0.bn.sets.2_2_2.weight <- blocks.0.bn.weight
-            head, tail = k.split(".sets.", 1)
-            src_key = f"{head}.{tail.split('.', 1)[1]}"
-        t = have.get(src_key)
-        if t is not None and tuple(t.shape) == tuple(v.shape):
-            out[k] = t.to(v.dtype)
-        elif not k.endswith(("step", "initialized", "signed_flag")):
-            fresh.append(k)
-    # the stem may differ (a float twin's reads pixels); every other layer must fit
-    bad = [n for n, _ in precision_layers(model)[1:] if f"{n}.weight" in fresh]
-    if bad:
-        raise ValueError(f"{src}: its layers do not fit the any-precision model (first: {bad[0]})")
-    if fresh and log is not None:
-        log(
-            f"  kept fresh (not in {src} at this shape): {', '.join(fresh[:6])}"
-            f"{', ...' if len(fresh) > 6 else ''}"
-        )
-    return out

@@ -30,11 +30,12 @@ from torch import Tensor, nn
 from ..data import Loader, load_splits
 from ..models import create_model, load_checkpoint, save_checkpoint
 from ..quant import set_precision
-from ._any_precision import any_precision_init, make_any_precision_stage
+from ._any_precision import make_any_precision_stage
 from ._bsq import make_bsq_stage
 from ._config import TrainConfig
 from ._dist import DistInfo, all_reduce_sum, close_distributed, init_distributed
 from ._evaluate import autocast_context, evaluate
+from ._init import init_state
 from ._losses import DistillationLoss
 from ._metrics import plot_curves, write_metrics_csv
 from ._optim import binarised_weight_names, clip_latent_weights, lr_lambda, make_optimizer
@@ -211,18 +212,11 @@ class Trainer:
         return None
 
     def _load_init(self, src: Path, step: str) -> dict[str, torch.Tensor]:
-        if self.cfg.model_kw.get("precisions"):  # any-precision from a one-precision model
-            state = any_precision_init(self.build_model(step), src, print if self.verbose else None)
-            if self.verbose:
-                print(f"step {step}: any-precision model initialised from {src}")
-            return state
-        m, _ = load_checkpoint(src)
-        shapes = {k: tuple(v.shape) for k, v in self.build_model(step).state_dict().items()}
-        if {k: tuple(v.shape) for k, v in m.state_dict().items()} != shapes:
-            raise ValueError(f"{src}: its weights do not fit step {step} of {self.cfg.model}")
+        what = f"step {step} of {self.cfg.model}"
+        state = init_state(self.build_model(step), src, what, print if self.verbose else None)
         if self.verbose:
             print(f"step {step}: initialised from {src}")
-        return m.state_dict()
+        return state
 
     def run_step(self, step: str, init_state: dict[str, torch.Tensor] | None) -> nn.Module:
         cfg = self.cfg

@@ -1,0 +1,149 @@
+"""Issue 11's comparison: one any-precision BCNN against dedicated models, same budget.
+
+    python scripts/any_precision_results.py --data imagefolder:DIR [--width 16] [--depth 1]
+        [--epochs 8] [--float-epochs 4] [--precisions 1 2 3 4] [--out runs/ap] [--json F]
+
+All models are ``bcnn_cifar`` (--width/--depth) on the run's fixed seeded validation split:
+
+* a float twin, trained once (--float-epochs): the shared initialisation;
+* the any-precision model (precisions --precisions, transitional batch norm, the Bit-Mixer
+  schedule, --distill optional): --epochs epochs of step 2 from the float twin;
+* dedicated WkAk models for k in --dedicated: --epochs epochs of step 2 from the same float
+  twin (k = 1: the binary BCNN; k > 1: k-bit LSQ weights and activations);
+* the negative control: today's run-time knob on the dedicated W4A4 model, its top weight
+  planes kept (its activations stay at 4 bits).
+
+Validation top-1 in float32 torch for each (the packed engine does not load any-precision
+models yet). Training seconds come from each run's metrics.csv. Finished runs are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _config(args: argparse.Namespace, out: Path, **kw: Any) -> Any:
+    from bcnn.train import TrainConfig
+
+    base: dict[str, Any] = dict(
+        model="bcnn_cifar", data=args.data, out=str(out), batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, val_split=args.val_split, amp=args.amp, quiet=True,
+        resume=out.exists(),
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _train(name: str, cfg: Any) -> float:
+    from bcnn.train import train
+
+    final = Path(cfg.out) / "final.pt"
+    if not final.exists():
+        print(f"training {name} -> {cfg.out}", flush=True)
+        train(cfg)
+    with open(Path(cfg.out) / "metrics.csv") as f:
+        return float(round(sum(float(r["seconds"]) for r in csv.DictReader(f))))
+
+
+@torch.no_grad()
+def _top1(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), 500):
+        correct += int((model(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum())
+    return correct / len(x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", default="runs/ap")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=8, help="step-2 epochs of every model")
+    ap.add_argument("--float-epochs", type=int, default=4)
+    ap.add_argument("--precisions", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--dedicated", type=int, nargs="*", default=[1, 2, 4])
+    ap.add_argument("--schedule", default="bitmixer")
+    ap.add_argument("--bn", default="transitional", choices=["transitional", "switchable"])
+    ap.add_argument("--distill", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-split", type=float, default=0.1)
+    ap.add_argument("--amp", default="on", help="bf16 autocast on CPU (on|off)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from bcnn.data import load_dataset
+    from bcnn.models import load_checkpoint
+    from bcnn.quant import set_precision
+
+    root = Path(args.out)
+    kw = {"width": args.width, "depth": args.depth}
+    flt = _config(args, root / "float", steps="float", epochs=args.float_epochs, model_kw=kw)
+    rows: list[dict[str, Any]] = []
+    secs = _train("float twin", flt)
+    init = f"{flt.out}/final.pt"
+    ds = load_dataset(args.data, "val", val_split=args.val_split, seed=args.seed)
+    x, y = ds.images, ds.labels
+    m, _ = load_checkpoint(init)
+    rows.append({"model": "float twin", "bits": "fp32", "val_top1": _top1(m, x, y),
+                 "train_seconds": secs})  # fmt: skip
+
+    ps = sorted(set(args.precisions))
+    any_cfg = _config(
+        args, root / f"any_{args.bn}{'_kd' if args.distill else ''}", steps="2",
+        epochs=args.epochs, init=init, ap_schedule=args.schedule, ap_distill=args.distill,
+        model_kw={**kw, "precisions": ps, "precision_bn": args.bn},
+    )  # fmt: skip
+    secs = _train("any-precision", any_cfg)
+    m, _ = load_checkpoint(Path(any_cfg.out) / "final.pt")
+    for k in ps:
+        set_precision(m, weight_bits=k, act_bits=k)
+        rows.append({"model": "any-precision", "bits": f"W{k}A{k}",
+                     "val_top1": _top1(m, x, y), "train_seconds": secs})  # fmt: skip
+
+    for k in args.dedicated:
+        extra = {} if k == 1 else {"weight_bits": k, "act_bits": k}
+        cfg = _config(
+            args, root / f"W{k}A{k}", steps="2", epochs=args.epochs, init=init,
+            model_kw={**kw, **extra},
+        )  # fmt: skip
+        secs = _train(f"dedicated W{k}A{k}", cfg)
+        m, _ = load_checkpoint(Path(cfg.out) / "final.pt")
+        rows.append({"model": "dedicated", "bits": f"W{k}A{k}", "val_top1": _top1(m, x, y),
+                     "train_seconds": secs})  # fmt: skip
+        if k == 4:  # the negative control: drop weight planes of the dedicated W4A4 model
+            for kb in (3, 2, 1):
+                set_precision(m, weight_bits=kb)
+                rows.append({"model": "W4A4, top planes kept", "bits": f"W{kb}A4",
+                             "val_top1": _top1(m, x, y), "train_seconds": secs})  # fmt: skip
+
+    res = {"args": vars(args), "machine": platform.processor() or platform.machine(),
+           "torch_threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(res, indent=1)
+    (root / "any_precision_results.json").write_text(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(
+        f"bcnn_cifar width={args.width} depth={args.depth}; step 2: {args.epochs} epochs from a "
+        f"float twin of {args.float_epochs}; top-1 on the seeded {args.val_split:.0%} "
+        f"validation split of {args.data}"
+    )
+    print("| model | bits | val top-1 | train s |\n|---|---|---|---|")
+    for r in rows:
+        top1, secs = 100 * r["val_top1"], r["train_seconds"]
+        print(f"| {r['model']} | {r['bits']} | {top1:.2f}% | {secs:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
