@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = ["serving.md", "pbatch.md", "bsq.md"]
+PAGES = ["serving.md", "pbatch.md", "bsq.md", "any_precision.md"]
 
 
 @pytest.mark.parametrize("page", PAGES)
