@@ -277,3 +277,34 @@ def test_any_precision_config_errors(tmp_path: Path) -> None:
         _ap_cfg(tmp_path, steps="1,2").validate()
     with pytest.raises(ValueError, match="ap_schedule must be one of"):
         _ap_cfg(tmp_path, ap_schedule="random").validate()
+
+
+def test_search_meets_an_average_bits_budget_greedily() -> None:
+    from bcnn.quant import average_bits, search_precision
+
+    model = _model()
+    torch.manual_seed(1)
+    model.train()
+    for it in range(40):  # every transition gets statistics: layer-wise random precisions
+        g = torch.Generator().manual_seed(it)
+        mix = {n: (k, k) for n, _ in precision_layers(model)
+               for k in [PRECISIONS[int(torch.randint(4, (1,), generator=g))]]}  # fmt: skip
+        set_precision(model, layers=mix)
+        with torch.no_grad():
+            model(_images(2))
+    _train_at(model, PRECISIONS, steps=1)  # and every uniform precision
+    x, y = _images(16), torch.arange(16) % 10
+
+    def acc(m: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
+        m.eval()
+        with torch.no_grad():
+            return float((m(data[0]).argmax(1) == data[1]).float().mean())
+
+    plan, score = search_precision(model, acc, (x, y), budget_bits=2.5)
+    assert average_bits(model) <= 2.5 and average_bits(model, plan) == average_bits(model)
+    assert all(w == a and w in PRECISIONS for w, a in plan.values())
+    assert score == acc(model, (x, y))  # the model is left at the plan
+    plan4, _ = search_precision(model, acc, (x, y), budget_bits=4)
+    assert set(plan4.values()) == {(4, 4)}
+    with pytest.raises(ValueError, match="below the lowest possible"):
+        search_precision(model, acc, (x, y), budget_bits=0.5)

@@ -11,8 +11,8 @@ A network that runs at several bit widths sees a different distribution at each:
 
 The key is read at every forward from the layers it is bound to (:meth:`bind`), so
 ``bcnn.quant.set_precision`` on the layers is all it takes to switch. A set that never saw a
-training batch has no statistics: in eval mode it is a one-line ``ValueError`` naming the
-site and the sets that were trained.
+training batch has no statistics: in eval mode it is a one-line ``ValueError``
+(:class:`bcnn.quant.UntrainedPrecision`) naming the site and the sets that were trained.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import itertools
 from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
+
+from ..quant._precision import UntrainedPrecision
 
 __all__ = ["SwitchableBatchNorm", "bn_keys"]
 
@@ -78,7 +80,7 @@ class SwitchableBatchNorm(nn.Module):
         m = self.sets[name]
         if not self.training and self.batches(key) == 0:
             trained = [k for k in self.keys if self.batches(k) > 0]
-            raise ValueError(
+            raise UntrainedPrecision(
                 f"{self.site or 'batch norm'}: precision {key} was never trained "
                 f"(batch-norm sets with statistics: {trained or 'none'})"
             )

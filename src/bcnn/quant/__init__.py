@@ -10,7 +10,10 @@
 from ._factory import make_act_quantizer, make_weight_quantizer
 from ._precision import (
     PrecisionSwitchable,
+    UntrainedPrecision,
+    average_bits,
     precision,
+    search_precision,
     set_precision,
     switchable_layers,
     tune_precision,
@@ -40,7 +43,9 @@ __all__ = [
     "SwishSign",
     "SwitchableQuantizer",
     "UniformQuantizer",
+    "UntrainedPrecision",
     "approx_sign",
+    "average_bits",
     "get_quantizer",
     "grid_limits",
     "list_quantizers",
@@ -51,6 +56,7 @@ __all__ = [
     "quantize_",  # forwarded from bcnn.transforms
     "quantize_to_grid",
     "register_quantizer",
+    "search_precision",
     "set_precision",
     "sign",
     "ste_sign",

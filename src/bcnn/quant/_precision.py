@@ -22,11 +22,19 @@ from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "PrecisionSwitchable",
+    "UntrainedPrecision",
+    "average_bits",
     "precision",
+    "search_precision",
     "set_precision",
     "switchable_layers",
     "tune_precision",
 ]
+
+
+class UntrainedPrecision(ValueError):
+    """A precision (or transition) the model was never trained at: e.g. a batch-norm set
+    without statistics (:class:`bcnn.nn.SwitchableBatchNorm`)."""
 
 
 @runtime_checkable
@@ -157,3 +165,83 @@ def tune_precision(
                 break
     set_precision(model, layers=choice)
     return choice
+
+
+def _layer_size(layer: Any) -> int:
+    w = getattr(layer, "weight", None)
+    if w is not None and hasattr(w, "numel"):
+        return int(w.numel())
+    return int(getattr(layer, "packed_bytes", 0)) or 1
+
+
+def _tied(layer: PrecisionSwitchable) -> bool:
+    """Weights and activations move together (any-precision layers: the same trained set)."""
+    aw, aa = layer.allowed_precision
+    return tuple(aw) == tuple(aa)
+
+
+def average_bits(model: Any, plan: Mapping[str, tuple[int, int]] | None = None) -> float:
+    """The weight-count-weighted mean weight bits of the switchable layers (at ``plan``, else
+    at their current precisions)."""
+    found = switchable_layers(model)
+    sizes = {n: _layer_size(m) for n, m in found.items()}
+    bits = {n: (plan[n][0] if plan and n in plan else m.precision[0]) for n, m in found.items()}
+    return sum(sizes[n] * bits[n] for n in found) / max(1, sum(sizes.values()))
+
+
+def search_precision(
+    model: Any,
+    metric: Callable[[Any, Any], float],
+    data: Any,
+    budget_bits: float,
+) -> tuple[dict[str, tuple[int, int]], float]:
+    """Greedy per-layer bit widths within an average-bits budget, without fine-tuning.
+
+    Every layer starts at its default (highest) precision. While the weight-count-weighted
+    average weight bits (:func:`average_bits`) is above ``budget_bits``, each layer is tried
+    one precision lower (weights and activations together where the layer was trained at
+    the same set for both, as any-precision layers are; otherwise the weights alone), and the
+    step that loses the least ``metric(model, data)`` per bit saved is kept (a step into a
+    precision the model was never trained at, :class:`UntrainedPrecision`, is skipped).
+    Returns the chosen ``{name: (w, a)}`` (the model is left at it) and its metric; the
+    budget may stay unmet when no further step is possible (check :func:`average_bits`)."""
+    found = switchable_layers(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no precision-switchable layer")
+    lowest = {
+        n: (min(m.allowed_precision[0]), min(m.allowed_precision[1]) if _tied(m) else None)
+        for n, m in found.items()
+    }
+    floor = average_bits(model, {n: (w, 0) for n, (w, _) in lowest.items()})
+    if budget_bits < floor:
+        raise ValueError(f"budget_bits={budget_bits} is below the lowest possible {floor:.3f}")
+    plan = {n: m.default_precision for n, m in found.items()}
+    set_precision(model, layers=plan)
+    score = metric(model, data)
+    sizes = {n: _layer_size(m) for n, m in found.items()}
+    total = sum(sizes.values())
+    while average_bits(model, plan) > budget_bits:
+        best: tuple[float, str, tuple[int, int], float] | None = None
+        for n, m in found.items():
+            w, a = plan[n]
+            lower = [b for b in m.allowed_precision[0] if b < w]
+            if not lower:
+                continue
+            nw = max(lower)
+            na = nw if _tied(m) else a
+            trial = {**plan, n: (nw, na)}
+            set_precision(model, layers=trial)
+            try:
+                s = metric(model, data)
+            except UntrainedPrecision:  # a transition training never visited: not a choice
+                continue
+            saved = sizes[n] * (w - nw) / total
+            cost = (score - s) / saved
+            if best is None or cost < best[0]:
+                best = (cost, n, (nw, na), s)
+        if best is None:
+            break
+        _, n, wa, score = best
+        plan[n] = wa
+    set_precision(model, layers=plan)
+    return plan, score

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..models import precision_layers
-from ..quant import precision, set_precision
+from ..quant import UntrainedPrecision, precision, set_precision
 
 __all__ = ["AP_SCHEDULES", "AnyPrecisionStage", "make_any_precision_stage"]
 
@@ -87,7 +87,7 @@ class AnyPrecisionStage:
             with precision(model, weight_bits=k, act_bits=k):
                 try:
                     row[f"val_top1_w{k}a{k}"] = run_eval()["top1"]
-                except ValueError:  # a precision not drawn yet: its BN sets have no statistics
+                except UntrainedPrecision:  # not drawn yet: its BN sets have no statistics
                     row[f"val_top1_w{k}a{k}"] = float("nan")
         return row
 
