@@ -308,3 +308,40 @@ def test_search_meets_an_average_bits_budget_greedily() -> None:
     assert set(plan4.values()) == {(4, 4)}
     with pytest.raises(ValueError, match="below the lowest possible"):
         search_precision(model, acc, (x, y), budget_bits=0.5)
+
+
+def test_cli_search_precision_and_eval_at_a_precision(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from bcnn.cli import main
+    from bcnn.train import train
+
+    torch.set_num_threads(1)
+    out = tmp_path / "ap"
+    # switchable BN: a per-layer mix needs only each layer's own (k, k) sets, which the
+    # uniform rounds train; transitional BN would need the mixes' transitions trained too
+    kw = {"width": 8, "depth": 1, "precisions": [1, 2, 4], "precision_bn": "switchable"}
+    train(_ap_cfg(out, epochs=2, ap_schedule="uniform", model_kw=kw))
+    ckpt = str(out / "final.pt")
+    # the search tries per-layer mixes; a mix training never met is skipped, not an error
+    assert main(["search-precision", ckpt, "--budget-bits", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    from bcnn.models import load_checkpoint
+
+    names = [n for n, _ in precision_layers(load_checkpoint(ckpt)[0])]
+    assert res["average_bits"] <= 3 and list(res["layers"]) == names
+    assert main(["eval", ckpt, "--weight-bits", "2", "--act-bits", "2", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (ev["weight_bits"], ev["act_bits"]) == (2, 2) and 0 <= ev["top1"] <= 1
+    assert main(["eval", ckpt, "--weight-bits", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "weight_bits=3 is not in (1, 2, 4)" in err
+    assert main(["search-precision", ckpt, "--budget-bits", "0.5"]) == 2
+    assert "below the lowest possible" in capsys.readouterr().err
+    # transitional BN trained at uniform precisions only: no per-layer mix exists
+    out2 = tmp_path / "ap2"
+    train(_ap_cfg(out2, epochs=1, ap_schedule="uniform"))
+    assert main(["search-precision", str(out2 / "final.pt"), "--budget-bits", "3"]) == 2
+    assert "no trained mix reaches 3 bits" in capsys.readouterr().err

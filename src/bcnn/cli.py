@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "predict": "bcnn._commands.predict",
     "bench": "bcnn._commands.bench",
     "export": "bcnn._commands.export",
+    "search-precision": "bcnn._commands.search_precision",
 }
 
 

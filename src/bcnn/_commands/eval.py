@@ -30,6 +30,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu", help="torch engine: cpu | cuda | auto")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (image files)")
+    p.add_argument(
+        "--weight-bits",
+        type=int,
+        default=None,
+        help="run-time precision: every switchable layer at K-bit weights (torch engine: "
+        "k-bit, any-precision and pbatch models; packed: top weight planes)",
+    )
+    p.add_argument(
+        "--act-bits",
+        type=int,
+        default=None,
+        help="run-time activation bits (torch engine: any-precision models)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -109,6 +122,15 @@ def run(args: argparse.Namespace) -> int:
     model_cls = meta.get("classes")
     if model_cls is not None and len(model_cls) != n_cls:
         raise ValueError(f"model has {len(model_cls)} classes, {data} has {n_cls}")
+    if args.weight_bits is not None or args.act_bits is not None:
+        if engine == "torch":
+            from ..quant import set_precision
+
+            set_precision(model, weight_bits=args.weight_bits, act_bits=args.act_bits)
+        elif args.act_bits is not None:
+            raise ValueError("--act-bits: packed models switch weight bits only (for now)")
+        else:
+            _engine_call("--weight-bits", model.set_precision, weight_bits=args.weight_bits)
     t0 = time.perf_counter()
     res: dict[str, Any]
     if engine == "torch":
@@ -138,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         model=str(args.model),
         data=str(data),
         split=args.split,
+        weight_bits=args.weight_bits,
+        act_bits=args.act_bits,
     )
     if args.json:
         print_json(res)
