@@ -165,6 +165,10 @@ def test_packing_an_any_precision_model_is_refused_clearly() -> None:
 
     with pytest.raises(ValueError, match="any-precision models"):
         pack(_model())
+    from bcnn.export import to_onnx
+
+    with pytest.raises(ValueError, match="any-precision models"):
+        to_onnx(_model(), "/nonexistent/x.onnx")
 
 
 # ---------------------------------------------------------------- training (step 2)

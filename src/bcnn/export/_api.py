@@ -103,6 +103,11 @@ def build(
     was_training = model.training
     model.eval()
     try:
+        if getattr(model, "precisions", None):
+            raise UnsupportedError(
+                "any-precision models (precisions=...) cannot be exported yet: ONNX graphs "
+                "run at one precision (train or fine-tune at one precision to export)"
+            )
         if not isinstance(model, BCNN | nn.Sequential):
             raise UnsupportedError(
                 f"cannot export a {type(model).__name__}: supported are the BCNN family and "
