@@ -335,3 +335,15 @@ def test_fused_lookup_linear_equals_the_step_by_step_path(n: int) -> None:
                 np.testing.assert_array_equal(got, y.astype(np.float32))
     with pytest.raises(ValueError, match="NaN or inf"):
         layer(torch.full((1, 130), float("nan")))
+
+
+def test_warm_step_runs_the_pbatch_kernels_without_torch() -> None:
+    """`python -m bcnn.engine._warm` (the venv step) compiles the pbatch kernels into numba's
+    cache, and stays torch-free like the rest of the packed path."""
+    code = (
+        "import sys; from bcnn.engine._warm import warm_pbatch; warm_pbatch(); "
+        "print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "False"

@@ -1,7 +1,9 @@
 """Compile (or load from numba's cache) the kernel specialisations of the shipped pretrained
 models, and their plan runners (used once calls from several threads overlap), so that the
-first ``bcnn predict`` after an install starts in about a second:
-``python -m bcnn.engine._warm`` (the Makefile's venv step runs it). Never imports torch."""
+first ``bcnn predict`` after an install starts in about a second; and the kernels of
+``bcnn.engine.pbatch`` (both products, every activation grid), so that its first call does
+not compile either: ``python -m bcnn.engine._warm`` (the Makefile's venv step runs it).
+Never imports torch."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from .._pretrained import PRETRAINED_DIR
 
-__all__ = ["warm"]
+__all__ = ["warm", "warm_pbatch"]
 
 
 def warm(batches: tuple[int, ...] = (1,)) -> list[str]:
@@ -33,7 +35,28 @@ def warm(batches: tuple[int, ...] = (1,)) -> list[str]:
     return names
 
 
+def warm_pbatch() -> None:
+    """Run the PrecisionBatching kernels once on a small layer: the lookup-table GEMV (fused
+    linear and step by step) and the bit-serial popcount product, signed and unsigned."""
+    from ._pbatch_kernels import QuantizedActs, QuantizedWeights, lut_linear, plane_dot
+
+    rng = np.random.default_rng(0)
+    w = QuantizedWeights(rng.normal(size=(8, 70)))
+    bias = np.zeros(8, np.float64)
+    for signed in (False, True):
+        x = np.abs(rng.normal(size=(2, 70))).astype(np.float32)
+        if signed:
+            x[:, 0] = -1.0
+        if w.has_lut:
+            lut_linear(x, w, 4, 8, bias)
+        for bits in (4, 8):
+            a = QuantizedActs(x, bits)
+            for lut in (False, True) if w.has_lut else (False,):
+                plane_dot(w, 4, a, lut=lut)
+
+
 if __name__ == "__main__":
     t0 = time.perf_counter()
+    warm_pbatch()
     done = ", ".join(warm()) or "no model"
     print(f"bcnn: kernels ready for {done} ({time.perf_counter() - t0:.1f} s)")
