@@ -20,36 +20,13 @@ models yet). Training seconds come from each run's metrics.csv. Finished runs ar
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def _config(args: argparse.Namespace, out: Path, **kw: Any) -> Any:
-    from bcnn.train import TrainConfig
-
-    base: dict[str, Any] = dict(
-        model="bcnn_cifar", data=args.data, out=str(out), batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, val_split=args.val_split, amp=args.amp, quiet=True,
-        resume=out.exists(),
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _train(name: str, cfg: Any) -> float:
-    from bcnn.train import train
-
-    final = Path(cfg.out) / "final.pt"
-    if not final.exists():
-        print(f"training {name} -> {cfg.out}", flush=True)
-        train(cfg)
-    with open(Path(cfg.out) / "metrics.csv") as f:
-        return float(round(sum(float(r["seconds"]) for r in csv.DictReader(f))))
+from _runs import run_config, train_cached
 
 
 @torch.no_grad()
@@ -88,9 +65,9 @@ def main() -> None:
 
     root = Path(args.out)
     kw = {"width": args.width, "depth": args.depth}
-    flt = _config(args, root / "float", steps="float", epochs=args.float_epochs, model_kw=kw)
+    flt = run_config(args, root / "float", steps="float", epochs=args.float_epochs, model_kw=kw)
     rows: list[dict[str, Any]] = []
-    secs = _train("float twin", flt)
+    secs = train_cached("float twin", flt)
     init = f"{flt.out}/final.pt"
     ds = load_dataset(args.data, "val", val_split=args.val_split, seed=args.seed)
     x, y = ds.images, ds.labels
@@ -99,12 +76,12 @@ def main() -> None:
                  "train_seconds": secs})  # fmt: skip
 
     ps = sorted(set(args.precisions))
-    any_cfg = _config(
+    any_cfg = run_config(
         args, root / f"any_{args.bn}{'_kd' if args.distill else ''}", steps="2",
         epochs=args.epochs, init=init, ap_schedule=args.schedule, ap_distill=args.distill,
         model_kw={**kw, "precisions": ps, "precision_bn": args.bn},
     )  # fmt: skip
-    secs = _train("any-precision", any_cfg)
+    secs = train_cached("any-precision", any_cfg)
     m, _ = load_checkpoint(Path(any_cfg.out) / "final.pt")
     for k in ps:
         set_precision(m, weight_bits=k, act_bits=k)
@@ -113,11 +90,11 @@ def main() -> None:
 
     for k in args.dedicated:
         extra = {} if k == 1 else {"weight_bits": k, "act_bits": k}
-        cfg = _config(
+        cfg = run_config(
             args, root / f"W{k}A{k}", steps="2", epochs=args.epochs, init=init,
             model_kw={**kw, **extra},
         )  # fmt: skip
-        secs = _train(f"dedicated W{k}A{k}", cfg)
+        secs = train_cached(f"dedicated W{k}A{k}", cfg)
         m, _ = load_checkpoint(Path(cfg.out) / "final.pt")
         rows.append({"model": "dedicated", "bits": f"W{k}A{k}", "val_top1": _top1(m, x, y),
                      "train_seconds": secs})  # fmt: skip

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _runs import run_config, train_cached
 
 
 def _val(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
@@ -36,33 +37,6 @@ def _val(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
 
     ds = load_dataset(args.data, "val", val_split=args.val_split, seed=args.seed)
     return ds.images.numpy(), ds.labels.numpy()
-
-
-def _config(args: argparse.Namespace, out: Path, **kw: Any) -> Any:
-    from bcnn.train import TrainConfig
-
-    base: dict[str, Any] = dict(
-        model="bcnn_cifar", data=args.data, out=str(out), batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, val_split=args.val_split, amp=args.amp, quiet=True,
-        resume=out.exists(),
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _train(args: argparse.Namespace, name: str, cfg: Any) -> float:
-    """Train (unless done) -> the run's training seconds, summed from its metrics.csv (so a
-    cached run reports the time it took when it ran)."""
-    import csv
-
-    from bcnn.train import train
-
-    final = Path(cfg.out) / "final.pt"
-    if not final.is_file():
-        print(f"training {name} -> {cfg.out}", flush=True)
-        train(cfg)
-    with open(Path(cfg.out) / "metrics.csv") as f:
-        return float(round(sum(float(r["seconds"]) for r in csv.DictReader(f))))
 
 
 def _measure(args: argparse.Namespace, name: str, final: Path) -> dict[str, Any]:
@@ -175,12 +149,12 @@ def main() -> int:
     runs: list[tuple[str, str, Any]] = []
     for k in args.uniform:
         out = root / f"W{k}A{args.act_bits}"
-        cfg = _config(args, out, steps="1,2", epochs=half, model_kw={**kw, "weight_bits": k})
+        cfg = run_config(args, out, steps="1,2", epochs=half, model_kw={**kw, "weight_bits": k})
         runs.append((f"W{k}A{args.act_bits}", "uniform", cfg))
-    step1 = _config(args, root / "bsq_step1", steps="1", epochs=half, model_kw=kw)
+    step1 = run_config(args, root / "bsq_step1", steps="1", epochs=half, model_kw=kw)
     for a in args.alphas:
         out = root / f"bsq_{a:g}"
-        cfg = _config(
+        cfg = run_config(
             args, out, steps="2", epochs2=half - 1, model_kw=kw, init=f"{step1.out}/final.pt",
             bsq_alpha=a, bsq_bits=args.bsq_bits, bsq_lr=args.bsq_lr,
             bsq_interval=args.bsq_interval, bsq_finetune=1, bsq_optimizer=args.bsq_optimizer,
@@ -189,9 +163,9 @@ def main() -> int:
 
     rows = []
     if args.alphas:
-        step1_seconds = _train(args, "BSQ step 1 (shared)", step1)
+        step1_seconds = train_cached("BSQ step 1 (shared)", step1)
     for name, kind, cfg in runs:
-        secs = _train(args, name, cfg)
+        secs = train_cached(name, cfg)
         r = _measure(args, name, Path(cfg.out) / "final.pt")
         r.update(kind=kind, train_seconds=secs + (step1_seconds if kind == "bsq" else 0.0))
         rows.append(r)
