@@ -256,11 +256,21 @@ def test_init_from_a_one_precision_checkpoint(tmp_path: Path) -> None:
     src = torch.load(flt / "final.pt", weights_only=True)["state_dict"]
     got = model.state_dict()
     assert torch.equal(got["blocks.0.conv.weight"], src["blocks.0.conv.weight"])
-    assert not torch.equal(got["stem.conv.weight"][:1], src["stem.conv.weight"][:1])  # fresh
     for key in ("1_1_1", "4_4_4"):  # every BN set starts from the single BN
         assert torch.equal(
             got[f"blocks.0.bn.sets.{key}.running_mean"], src["blocks.0.bn.running_mean"]
         )
+    # the float twin's stem reads pixels, the binary one bit-planes: kept fresh, and said so
+    from bcnn.train._init import init_state
+
+    fresh = create_model(
+        "bcnn_cifar", in_chans=1, num_classes=4, width=8, depth=1, precisions=(1, 2, 4)
+    )
+    said: list[str] = []
+    state = init_state(fresh, flt / "final.pt", "the any-precision model", said.append)
+    assert torch.equal(state["stem.conv.weight"], fresh.state_dict()["stem.conv.weight"])
+    assert len(said) == 1 and "stem.conv.weight" in said[0]
+    assert torch.equal(state["blocks.0.conv.weight"], src["blocks.0.conv.weight"])
 
 
 def test_init_from_an_unrelated_checkpoint_is_an_error(tmp_path: Path) -> None:

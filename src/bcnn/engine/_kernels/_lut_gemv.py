@@ -199,8 +199,9 @@ def _make_mk(vb: int, high: bool, nb: int):  # type: ignore[no-untyped-def]
 
 
 _VBK = VB or 32  # the kernels' vector width (unused when unsupported)
-_NB = 4 if _VBK == 64 else 1  # blocks of rows per micro-kernel call (they share the table loads;
-# 16 ymm registers hold 2 blocks of accumulators on AVX2)
+# blocks of rows per micro-kernel call (they share the table loads): 4 with 32 zmm registers;
+# 1 on AVX2 (16 ymm registers; 2 measured no faster on the AVX2 profile, Zen 4)
+_NB = 4 if _VBK == 64 else 1
 _mk_low = _make_mk(_VBK, False, 1)
 _mk_both = _make_mk(_VBK, True, 1)
 _mk_low2 = _make_mk(_VBK, False, _NB)
@@ -288,8 +289,8 @@ class LutGemvWeights:
     """Weight planes in the lookup-table GEMV's layout, in the order the kernel reads them (one
     sequential stream): ``wb`` uint8 (runs, planes, nblk, steps of the run, VB), byte s of
     each row (bits 8s..8s+7) in runs of 256 steps, VB rows per vector (rows past O are 0);
-    ``pc`` int64 (planes, O) each row's set bits, ``pcw`` int64 (planes, O) their place-value
-    sums over the top planes."""
+    ``pcw`` int64 (planes, O): per row, the place-value-weighted sums of the planes' set bits
+    over the top planes (``pcw[d] = sum_{i >= d} 2^i popcount_i``)."""
 
     def __init__(self, planes: np.ndarray, k: int) -> None:
         if not isinstance(planes, np.ndarray) or planes.dtype != np.uint64 or planes.ndim != 3:
@@ -311,10 +312,11 @@ class LutGemvWeights:
         self.wb = np.concatenate(
             [w[:, :, r0 : r0 + _RUN].reshape(-1) for r0 in range(0, self.nsteps, _RUN)]
         )
-        self.pc = np.bitwise_count(planes).sum(-1).astype(np.int64)
-        # pcw[d] = sum_{i >= d} 2^i pc_i: the signed offset's term of every top-plane view
+        # pcw[d] = sum_{i >= d} 2^i pc_i, pc_i each row's set bits in plane i: the signed
+        # offset's term of every top-plane view
+        pc = np.bitwise_count(planes).sum(-1).astype(np.int64)
         place = (1 << np.arange(nplanes, dtype=np.int64))[:, None]
-        self.pcw = np.ascontiguousarray(np.cumsum((place * self.pc)[::-1], axis=0)[::-1])
+        self.pcw = np.ascontiguousarray(np.cumsum((place * pc)[::-1], axis=0)[::-1])
 
 
 def lut_gemv_tables(q: np.ndarray, nsteps: int, signed: bool) -> np.ndarray:
