@@ -204,8 +204,8 @@ _VBK = VB or 32  # the kernels' vector width (unused when unsupported)
 _NB = 4 if _VBK == 64 else 1
 _mk_low = _make_mk(_VBK, False, 1)
 _mk_both = _make_mk(_VBK, True, 1)
-_mk_low2 = _make_mk(_VBK, False, _NB)
-_mk_both2 = _make_mk(_VBK, True, _NB)
+_mk_low2 = _make_mk(_VBK, False, _NB) if _NB > 1 else _mk_low  # (one kernel when NB = 1)
+_mk_both2 = _make_mk(_VBK, True, _NB) if _NB > 1 else _mk_both
 
 
 _LOWBIT = np.array([0] + [(p & -p).bit_length() - 1 for p in range(1, 16)], np.int64)
