@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--schedule", default="bitmixer")
     ap.add_argument("--bn", default="transitional", choices=["transitional", "switchable"])
     ap.add_argument("--distill", action="store_true")
+    ap.add_argument("--joint", action="store_true", help="every precision each iteration")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -77,8 +78,9 @@ def main() -> None:
 
     ps = sorted(set(args.precisions))
     any_cfg = run_config(
-        args, root / f"any_{args.bn}{'_kd' if args.distill else ''}", steps="2",
-        epochs=args.epochs, init=init, ap_schedule=args.schedule, ap_distill=args.distill,
+        args, root / f"any_{args.bn}{'_joint' if args.joint else ''}{'_kd' if args.distill else ''}",
+        steps="2", epochs=args.epochs, init=init, ap_schedule=args.schedule,
+        ap_distill=args.distill, ap_joint=args.joint,
         model_kw={**kw, "precisions": ps, "precision_bn": args.bn},
     )  # fmt: skip
     secs = train_cached("any-precision", any_cfg)

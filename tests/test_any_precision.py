@@ -204,6 +204,44 @@ def test_schedules_draw_uniform_then_per_layer() -> None:
     assert seen == {1, 2, 4}
 
 
+def test_joint_passes_run_every_precision_highest_first() -> None:
+    from bcnn.train._any_precision import AnyPrecisionStage
+
+    model = create_model("bcnn_cifar", width=8, depth=1, precisions=(1, 2, 4))
+    st = AnyPrecisionStage((1, 2, 4), "uniform", True, seed=0, joint=True)
+    st.start(100)
+    first, *rest = st.passes(model, 3)
+    assert first is None  # distilling: the default (highest) precision teaches
+    assert [{w for w, _ in d.values()} for d in rest] == [{2}, {1}]  # type: ignore[union-attr]
+    st = AnyPrecisionStage((1, 2, 4), "layerwise", False, seed=0, joint=True)
+    st.start(100)
+    ps = st.passes(model, 3)
+    assert len(ps) == 3 and all(p is not None for p in ps)
+    assert ps == st.passes(model, 3)  # deterministic per iteration: resumable
+    assert any(len({w for w, _ in p.values()}) > 1 for p in ps)  # type: ignore[union-attr]
+    one = AnyPrecisionStage((1, 2, 4), "uniform", False, seed=0)
+    assert len(one.passes(model, 0)) == 1
+
+
+def test_joint_training_runs_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_train import _assert_same, _Crash, _hook
+
+    from bcnn.train import train
+
+    torch.set_num_threads(1)
+    ref = tmp_path / "ref"
+    train(_ap_cfg(ref, ap_joint=True, ap_distill=True))
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _hook(m, 5, "crash")
+        with pytest.raises(_Crash):
+            train(_ap_cfg(out, ap_joint=True, ap_distill=True))
+    train(_ap_cfg(out, ap_joint=True, ap_distill=True, resume=True))
+    _assert_same(out / "final.pt", ref / "final.pt")
+
+
 def test_training_reports_every_precision_and_round_trips(tmp_path: Path) -> None:
     from bcnn.models import load_checkpoint
     from bcnn.train import train

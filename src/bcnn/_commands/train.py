@@ -115,6 +115,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=S,
         help="any-precision: distil each sampled precision from the highest (two forwards)",
     )
+    p.add_argument(
+        "--ap-joint",
+        action="store_true",
+        default=S,
+        help="any-precision: run every precision each iteration and sum the losses "
+        "(Any-Precision DNN; one forward per precision)",
+    )
     p.add_argument("--resume", action="store_true", default=S, help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", default=S, help="no progress output")
 

@@ -14,7 +14,15 @@ so resumed runs draw the same):
 Weights and activations of a layer share its bit width during training. With ``distill``
 each iteration also runs the highest precision, trains it on the labels, and distils the
 sampled precision from its logits (detached): the recursive scheme of Any-Precision DNN, Yu
-et al., AAAI 2021. Validation reports top-1 at every uniform precision.
+et al., AAAI 2021.
+
+With ``joint`` (Any-Precision DNN's training) every iteration runs *every* precision, one
+forward each, highest first, and sums their losses: each precision gets as many updates as a
+dedicated model (at P forwards per iteration). The schedule still decides the layer-wise
+mixing: pass k uses the network-wide width k, and each layer draws its own width with the
+schedule's probability. With ``distill`` the highest pass (kept uniform) teaches the others.
+
+Validation reports top-1 at every uniform precision.
 """
 
 from __future__ import annotations
@@ -33,7 +41,14 @@ AP_SCHEDULES = ("uniform", "layerwise", "bitmixer")
 
 
 class AnyPrecisionStage:
-    def __init__(self, precisions: tuple[int, ...], schedule: str, distill: bool, seed: int):
+    def __init__(
+        self,
+        precisions: tuple[int, ...],
+        schedule: str,
+        distill: bool,
+        seed: int,
+        joint: bool = False,
+    ):
         if schedule not in AP_SCHEDULES:
             raise ValueError(
                 f"any-precision schedule must be one of {AP_SCHEDULES}, got {schedule!r}"
@@ -41,6 +56,7 @@ class AnyPrecisionStage:
         self.precisions = precisions
         self.schedule = schedule
         self.distill = distill
+        self.joint = bool(joint)
         self.seed = int(seed)
         self.total = 1
 
@@ -56,15 +72,21 @@ class AnyPrecisionStage:
         frac = iteration / self.total
         return 0.0 if frac < 0.5 else min(1.0, (frac - 0.5) / 0.5)
 
-    def draw(self, model: nn.Module, iteration: int) -> dict[str, tuple[int, int]]:
-        """The precisions of this iteration ``{layer: (k, k)}`` (deterministic per iteration)."""
+    def draw(
+        self, model: nn.Module, iteration: int, width: int | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """The precisions of this iteration ``{layer: (k, k)}`` (deterministic per iteration;
+        ``width``: the network-wide width of a joint pass, else the iteration's own)."""
         ps = self.precisions
-        # the network-wide width: every precision once per round of len(ps) iterations, in a
-        # shuffled order (balanced: each BN set of the uniform precisions keeps training)
-        rnd, pos = divmod(iteration, len(ps))
-        order = torch.randperm(len(ps), generator=torch.Generator().manual_seed(self.seed + rnd))
-        k = ps[int(order[pos])]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        if width is None:
+            # the network-wide width: every precision once per round of len(ps) iterations, in
+            # a shuffled order (balanced: each BN set of the uniform precisions keeps training)
+            rnd, pos = divmod(iteration, len(ps))
+            gen = torch.Generator().manual_seed(self.seed + rnd)
+            k = ps[int(torch.randperm(len(ps), generator=gen)[pos])]
+        else:
+            k = int(width)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + iteration) * 11 + (width or 0))
         p = self.layer_probability(iteration)
         out = {}
         for name, _ in precision_layers(model):
@@ -73,12 +95,20 @@ class AnyPrecisionStage:
             out[name] = (kl, kl)
         return out
 
-    def before_batch(self, model: nn.Module, iteration: int) -> None:
-        set_precision(model, layers=self.draw(model, iteration))
+    def passes(self, model: nn.Module, iteration: int) -> list[dict[str, tuple[int, int]] | None]:
+        """The forward passes of one iteration, in order (None: the default, highest,
+        precision); with ``distill`` the first pass teaches the rest."""
+        if self.joint:
+            top, *rest = sorted(self.precisions, reverse=True)
+            first = None if self.distill else self.draw(model, iteration, top)
+            return [first] + [self.draw(model, iteration, k) for k in rest]
+        drawn = self.draw(model, iteration)
+        return [None, drawn] if self.distill else [drawn]
 
     def describe(self) -> str:
         d = ", distilled from the highest" if self.distill else ""
-        return f", any-precision {self.precisions} ({self.schedule}{d})"
+        j = ", every precision each iteration" if self.joint else ""
+        return f", any-precision {self.precisions} ({self.schedule}{j}{d})"
 
     def evaluate(self, model: nn.Module, run_eval: Any) -> dict[str, float]:
         """Top-1 at every uniform precision (``run_eval()`` -> evaluate's dict)."""
@@ -97,5 +127,9 @@ def make_any_precision_stage(cfg: Any, step: str) -> AnyPrecisionStage | None:
     if not ps or step != "2":
         return None
     return AnyPrecisionStage(
-        tuple(sorted({int(p) for p in ps})), cfg.ap_schedule, cfg.ap_distill, cfg.seed
+        tuple(sorted({int(p) for p in ps})),
+        cfg.ap_schedule,
+        cfg.ap_distill,
+        cfg.seed,
+        joint=cfg.ap_joint,
     )

@@ -61,6 +61,7 @@ class TrainConfig:
     # any-precision (docs/any_precision.md): model_kw precisions=[...] trains in step 2
     ap_schedule: str = "bitmixer"  # uniform | layerwise | bitmixer (uniform, then per layer)
     ap_distill: bool = False  # distil each sampled precision from the highest (2 forwards)
+    ap_joint: bool = False  # every precision every iteration, losses summed (P forwards)
     quiet: bool = False
     resume: bool = False
 

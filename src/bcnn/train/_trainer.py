@@ -366,23 +366,26 @@ class Trainer:
                     if bsq is not None:  # periodic re-quantization
                         bsq.before_batch(model, iteration)
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device)
-                    top_loss = None
                     with autocast_context(self.device, self.amp):
                         t_logits = None
                         if teacher is not None:
                             with torch.no_grad():
                                 t_logits = teacher(x)
-                        if ap is not None and ap.distill:  # the highest precision teaches
-                            set_precision(model)
-                            top = fwd(x)
-                            top_loss = self.criterion(top, y, t_logits)
-                            t_logits = top.detach()
-                        if ap is not None:
-                            ap.before_batch(model, iteration)
-                        logits = fwd(x)
-                    task = loss = self.criterion(logits, y, t_logits)
-                    if top_loss is not None:
-                        loss = loss + top_loss
+                        if ap is None:
+                            logits = fwd(x)
+                        else:  # one forward per precision pass; the first teaches if distilling
+                            outs = []
+                            for layers in ap.passes(model, iteration):
+                                set_precision(model, layers=layers)
+                                outs.append(fwd(x))
+                    if ap is None:
+                        task = loss = self.criterion(logits, y, t_logits)
+                    else:
+                        losses = [self.criterion(outs[0], y, t_logits)]
+                        target = outs[0].detach() if ap.distill else t_logits
+                        losses += [self.criterion(o, y, target) for o in outs[1:]]
+                        logits, task = outs[-1], losses[-1]  # reported: the last pass
+                        loss = torch.stack(losses).sum()
                     penalty = bsq.penalty(model) if bsq is not None else None
                     if penalty is not None:
                         loss = task + penalty
