@@ -77,8 +77,9 @@ def main() -> None:
                  "train_seconds": secs})  # fmt: skip
 
     ps = sorted(set(args.precisions))
+    tag = f"{'_joint' if args.joint else ''}{'_kd' if args.distill else ''}"
     any_cfg = run_config(
-        args, root / f"any_{args.bn}{'_joint' if args.joint else ''}{'_kd' if args.distill else ''}",
+        args, root / f"any_{args.bn}{tag}",
         steps="2", epochs=args.epochs, init=init, ap_schedule=args.schedule,
         ap_distill=args.distill, ap_joint=args.joint,
         model_kw={**kw, "precisions": ps, "precision_bn": args.bn},

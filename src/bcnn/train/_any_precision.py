@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..models import precision_layers
-from ..quant import UntrainedPrecision, precision, set_precision
+from ..quant import UntrainedPrecision, precision
 
 __all__ = ["AP_SCHEDULES", "AnyPrecisionStage", "make_any_precision_stage"]
 
