@@ -160,11 +160,12 @@ def test_bad_precisions_are_one_line_errors() -> None:
         create_model("bcnn_cifar", binary=False, width=8, depth=1, precisions=(1, 2))
 
 
-def test_packing_an_any_precision_model_is_refused_clearly() -> None:
+def test_packing_untrained_and_exporting_any_precision_are_refused_clearly() -> None:
     from bcnn.engine import pack
 
-    with pytest.raises(ValueError, match="any-precision models"):
+    with pytest.raises(ValueError, match="not initialised") as e:  # never ran: no steps
         pack(_model())
+    assert "\n" not in str(e.value)
     from bcnn.export import to_onnx
 
     with pytest.raises(ValueError, match="any-precision models"):

@@ -345,13 +345,15 @@ class _Planes:
         d: int,
         wsum: np.ndarray,
         affine: tuple[np.ndarray, np.ndarray] | None = None,
+        act_bits: int | None = None,
     ) -> np.ndarray:
         out = np.empty((n, r.shape[1], r.shape[2], self.out), np.float32)
-        amax = np.int64((1 << self.act_bits) - 1)
+        ab = self.act_bits if act_bits is None else act_bits
+        amax = np.int64((1 << ab) - 1)
         sc, bi = affine if affine is not None else (_E32, _E32)
         m, ho, wo, cc = r.shape
         _combine(
-            r.reshape(m, ho * wo, cc), self.act_bits, n, self.bits - d, self.out, d,
+            r.reshape(m, ho * wo, cc), ab, n, self.bits - d, self.out, d,
             self.act_signed, amax, wsum, affine is not None, sc, bi,
             np.int64(self.bits * self.out if self.zero else -1), np.int64(self.nbits),
             out.reshape(n, ho * wo, self.out),
@@ -384,15 +386,17 @@ class BitSerialConv:
         n: int,
         weight_bits: int | None = None,
         affine: tuple[np.ndarray, np.ndarray] | None = None,
+        act_bits: int | None = None,
     ) -> np.ndarray:
         """Packed activation planes (act_bits*N, H, W, Cw) -> float32 conv(X, W) (then
-        ``* scale + bias`` per channel with ``affine=(scale, bias)``)."""
+        ``* scale + bias`` per channel with ``affine=(scale, bias)``); ``act_bits``: the
+        planes' count when it is not the layer's own (any-precision layers)."""
         from . import _kernels as K
 
         d = self.w.drop_for(weight_bits)
         pw, wsum = self.w.get(d, lambda a: K.prepare_conv_weights(a, self.cin))
         r = K.bconv2d(xp, pw, self.stride, self.padding)
-        return self.w.combine(r, n, d, wsum, affine)
+        return self.w.combine(r, n, d, wsum, affine, act_bits)
 
     def __call__(
         self,
@@ -401,9 +405,11 @@ class BitSerialConv:
         bias: np.ndarray | None = None,
         weight_bits: int | None = None,
         affine: tuple[np.ndarray, np.ndarray] | None = None,
+        act_bits: int | None = None,
     ) -> np.ndarray:
-        xp = quantize_pack(x, step, self.w.act_bits, self.w.act_signed, bias)
-        return self.conv_planes(xp, x.shape[0], weight_bits, affine)
+        ab = self.w.act_bits if act_bits is None else act_bits
+        xp = quantize_pack(x, step, ab, self.w.act_signed, bias)
+        return self.conv_planes(xp, x.shape[0], weight_bits, affine, ab)
 
 
 class BitSerialLinear:
@@ -426,15 +432,18 @@ class BitSerialLinear:
         step: float,
         bias: np.ndarray | None = None,
         weight_bits: int | None = None,
+        act_bits: int | None = None,
     ) -> np.ndarray:
         from . import _kernels as K
 
         n = x.shape[0]
-        xp = quantize_pack(x.reshape(n, 1, 1, -1), step, self.w.act_bits, self.w.act_signed, bias)
+        ab = self.w.act_bits if act_bits is None else act_bits
+        xp = quantize_pack(x.reshape(n, 1, 1, -1), step, ab, self.w.act_signed, bias)
         d = self.w.drop_for(weight_bits)
         pw, wsum = self.w.get(d, lambda a: K.prepare_dense_weights(a, self.k))
         r = K.blinear(xp.reshape(xp.shape[0], -1), pw)
-        return self.w.combine(r.reshape(r.shape[0], 1, 1, -1), n, d, wsum).reshape(n, -1)
+        out = self.w.combine(r.reshape(r.shape[0], 1, 1, -1), n, d, wsum, None, ab)
+        return out.reshape(n, -1)
 
 
 class BitSerialStem:
@@ -495,20 +504,58 @@ def _emitter(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     return emit
 
 
+class _Variants:
+    """An op's run-time variants (any-precision ``.bcnn``): its act steps, and its epilogue
+    emitters and ``pre`` functions per step-list index, built on first use (-1: the op's own).
+    ``pick(precision)`` -> (weight bits, act bits or None, step, pre, bias, emit)."""
+
+    def __init__(self, plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> None:
+        self.plan, self.op, self.t = plan, op, t
+        self.name = op["name"]
+        p = op.get("precision") or {}
+        steps = p.get("act_steps")
+        self.steps = [float(v) for v in t[steps]] if steps else []
+        self.step = float(t[op["act_step"]][0]) if "act_step" in op else 1.0
+        self._emit: dict[int, Any] = {}
+        self._pre: dict[int, tuple[Any, np.ndarray | None]] = {}
+
+    def emit(self, j: int) -> Any:
+        e = self._emit.get(j)
+        if e is None:
+            op = self.op
+            if j >= 0:
+                op = {**op, "epilogue": op["precision"]["epilogues"]["steps"][j]}
+            e = self._emit[j] = _emitter(self.plan, op, self.t)
+        return e
+
+    def pre(self, j: int) -> tuple[Any, np.ndarray | None]:
+        f = self._pre.get(j)
+        if f is None:
+            steps = self.op.get("pre", []) if j < 0 else self.op["precision"]["pres"]["steps"][j]
+            f = self._pre[j] = _pre_fn(steps, self.t)
+        return f
+
+    def pick(self, precision: dict[str, Any]) -> tuple[Any, ...]:
+        s = (precision.get("sel") or {}).get(self.name)
+        if s is None:  # the op's own (highest) precision, or the weight-plane knob
+            return (precision.get("weight_bits"), None, self.step, *self.pre(-1), self.emit(-1))
+        step = self.steps[s.act_index] if self.steps else self.step
+        return (s.weight_bits, s.act_bits, step, *self.pre(s.pre), self.emit(s.epilogue))
+
+
 def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     layer = BitSerialConv(
         t[op["weight"]], op["in_channels"], op["act_bits"], op["act_signed"],
         op["stride"][0], op["pad"][0], bool(op.get("weight_zero", False)),
     )  # fmt: skip
-    pre, bias = _pre_fn(op["pre"], t)
-    step = float(t[op["act_step"]][0])
-    emit = _emitter(plan, op, t)
+    v = _Variants(plan, op, t)
     src = plan.bufs[op["inputs"][0]]
     precision = plan.precision
 
     def run(x: np.ndarray) -> None:
+        wb, ab, step, pre, bias, emit = v.pick(precision)
         a = src.array if pre is None else pre(src.array)
-        emit(layer(a, step, bias, precision.get("weight_bits")))
+        emit(layer(a, step, bias, wb, act_bits=ab))
 
     return run
 
@@ -518,15 +565,14 @@ def bind_qlinear(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any
         t[op["weight"]], op["in_features"], op["act_bits"], op["act_signed"],
         bool(op.get("weight_zero", False)),
     )  # fmt: skip
-    pre, bias = _pre_fn(op["pre"], t)
-    step = float(t[op["act_step"]][0])
-    emit = _emitter(plan, op, t)
+    v = _Variants(plan, op, t)
     src = plan.bufs[op["inputs"][0]]
     precision = plan.precision
 
     def run(x: np.ndarray) -> None:
+        wb, ab, step, pre, bias, emit = v.pick(precision)
         a = src.array if pre is None else pre(src.array)
-        emit(layer(a, step, bias, precision.get("weight_bits")))
+        emit(layer(a, step, bias, wb, act_bits=ab))
 
     return run
 
@@ -536,10 +582,11 @@ def bind_qstem(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
         t[op["weight"]], op["in_channels"], op["planes"], op["stride"][0], op["pad"][0],
         bool(op.get("weight_zero", False)),
     )  # fmt: skip
-    emit = _emitter(plan, op, t)
+    v = _Variants(plan, op, t)
     precision = plan.precision
 
     def run(x: np.ndarray) -> None:
-        emit(layer(x, precision.get("weight_bits")))
+        wb, _, _, _, _, emit = v.pick(precision)
+        emit(layer(x, wb))
 
     return run

@@ -97,11 +97,136 @@ def _scale(sx: Any, sw: Any, channels: int) -> np.ndarray | None:
     return np.ascontiguousarray(out, np.float32)
 
 
+def _t(steps: dict[int, np.ndarray] | None, a: int) -> Any:
+    """The act step of act bits ``a`` as a torch scalar (None without switchable steps)."""
+    if steps is None:
+        return None
+    import torch
+
+    return torch.from_numpy(steps[a]).reshape(())
+
+
 def _pre_steps(b: Any, op: str, channels: int, pre: list[Any]) -> list[dict[str, Any]]:
     steps: list[dict[str, Any]] = []
     for i, m in enumerate(pre):
         steps.extend(b.step_for(m, op, channels, 100 + i))
     return steps
+
+
+# ------------------------------------------------------------------ precision sets (format v3)
+def _sbn(mods: list[Any]) -> Any:
+    """The SwitchableBatchNorm among ``mods`` (at most one), or None."""
+    found = [m for m in mods if callable(getattr(m, "set_for", None))]
+    return found[0] if found else None
+
+
+def _keyed_sets(
+    b: Any,
+    op: str,
+    tag: str,
+    name: str,
+    mods: list[Any],
+    build: Any,
+    err: type,
+    what: str,
+) -> dict[str, Any] | None:
+    """One step list per trained key of the switchable BN in ``mods`` (else per act bits of
+    the layer ``name``): {"key": [[layer, "w"|"a"], ...], "at": [values...], "steps": [...]}.
+    ``build(prefix, a, mods) -> steps`` with ``a`` the layer's own act bits of that key."""
+    sbn = _sbn(mods)
+    if sbn is None:
+        return None
+    spec = [list(e) for e in sbn.key_spec()]
+    keys = [k for k in sbn.keys if sbn.batches(k) > 0]
+    if not keys:
+        raise err(f"{what}: {sbn.site}: no precision was ever trained (no batch-norm statistics)")
+    at, steps = [], []
+    for j, key in enumerate(keys):
+        own = [
+            v for (layer, kind), v in zip(spec, key, strict=True) if (layer, kind) == (name, "a")
+        ]
+        chosen = [sbn.set_for(key) if m is sbn else m for m in mods]
+        at.append([int(v) for v in key])
+        steps.append(build(f"{op}.{tag}{j}", own[0] if own else None, chosen))
+    return {"key": spec, "at": at, "steps": steps}
+
+
+def _precision_entry(
+    b: Any,
+    layer: Any,
+    op: str,
+    channels: tuple[int, int],
+    pre: list[Any],
+    post: list[Any],
+    scale_of: Any,
+    act_steps: dict[int, np.ndarray] | None,
+    residual: tuple[str, int] | None,
+    err: type,
+    what: str,
+) -> dict[str, Any] | None:
+    """The op's ``precision`` entry (docs/format.md, version 3) for an any-precision layer:
+    its name, the trained weight and act bits, one act step per act bits, and the epilogue
+    (and ``pre``) step lists of every trained batch-norm key; None for other layers.
+    ``channels``: (in, out); ``scale_of(a)``: the output scale at act bits ``a``."""
+    ps = getattr(layer, "any_precision", None)
+    if not ps:
+        return None
+    name = (getattr(b, "precision_names", None) or {}).get(id(layer))
+    if name is None:
+        raise err(f"{what}: an any-precision layer outside a BCNN cannot be packed")
+    entry: dict[str, Any] = {"layer": name, "weight_bits": list(ps), "act_bits": list(ps)}
+    if act_steps is not None:
+        st = np.concatenate([act_steps[a] for a in ps]).astype(np.float32)
+        entry["act_steps"] = b.tensor(op, "act_steps", st)
+    extra = [_ConvBiasLazy(layer.bias)] if layer.bias is not None else []
+
+    def epilogue(prefix: str, a: int | None, mods: list[Any]) -> list[dict[str, Any]]:
+        epi = b.epilogue(prefix, channels[1], scale_of(ps[-1] if a is None else a), extra + mods)
+        if residual is not None:
+            epi.append({"kind": "add", "input": 1, "repeat": residual[1]})
+        return epi
+
+    sets = _keyed_sets(b, op, "s", name, post, epilogue, err, what)
+    if sets is None:  # no batch norm after the layer: the scale still follows its act bits
+        spec = [[name, "a"]]
+        sets = {
+            "key": spec,
+            "at": [[a] for a in ps],
+            "steps": [epilogue(f"{op}.s{j}", a, post) for j, a in enumerate(ps)],
+        }
+    entry["epilogues"] = sets
+    pre_sets = _keyed_sets(
+        b, op, "p", name, pre,
+        lambda prefix, _a, mods: _pre_steps(b, prefix, channels[0], mods), err, what,
+    )  # fmt: skip
+    if pre_sets is not None:
+        entry["pres"] = pre_sets
+    return entry
+
+
+def _act_steps(b: Any, layer: Any, what: str, err: type) -> dict[int, np.ndarray] | None:
+    """{act bits: step float32 (1,)} of an any-precision layer's switchable input quantizer."""
+    q = layer.input_quantizer
+    if not getattr(layer, "any_precision", None) or not hasattr(q, "choices"):
+        return None
+    prev = q.active
+    try:
+        out = {}
+        for a in q.choices:
+            q.select(a)
+            out[a] = _act_quant(b, layer, what, err)[2]
+        return out
+    finally:
+        q.select(prev)
+
+
+class _ConvBiasLazy:
+    """A layer bias as an epilogue step (the builder's ``_ConvBias``, imported late)."""
+
+    def __new__(cls, bias: Any) -> Any:
+        from ._pack import _ConvBias
+
+        return _ConvBias(bias)
 
 
 def build_qconv(
@@ -141,6 +266,11 @@ def build_qconv(
             raise err(f"{what}: residual width does not match")
         epi.append({"kind": "add", "input": 1, "repeat": rep})
         inputs.append(rname)
+    steps = _act_steps(b, layer, what, err)
+    prec = _precision_entry(
+        b, layer, op, (cin, cout), pre, post,
+        lambda a: _scale(_t(steps, a), swt, cout), steps, residual, err, what,
+    )  # fmt: skip
     out = b.name("s")
     b.ops.append(
         {
@@ -153,6 +283,7 @@ def build_qconv(
             "weight": b.tensor(op, "weight", planes),
             "epilogue": epi,
             **({"weight_zero": True} if zero else {}),
+            **({"precision": prec} if prec else {}),
         }
     )  # fmt: skip
     b.kinds[out] = ("stream", cout)
@@ -176,6 +307,11 @@ def build_qlinear(
     planes = np.stack([pack_signs(p) for p in neg])
     extra = [_ConvBias(layer.bias)] if layer.bias is not None else []
     epi = b.epilogue(op, cout, _scale(sx, swt, cout), extra + post)
+    steps = _act_steps(b, layer, what, err)
+    prec = _precision_entry(
+        b, layer, op, (k, cout), pre, post,
+        lambda a: _scale(_t(steps, a), swt, cout), steps, None, err, what,
+    )  # fmt: skip
     out = b.name("v")
     b.ops.append(
         {
@@ -187,6 +323,7 @@ def build_qlinear(
             "weight": b.tensor(op, "weight", planes),
             "epilogue": epi,
             **({"weight_zero": True} if zero else {}),
+            **({"precision": prec} if prec else {}),
         }
     )  # fmt: skip
     b.kinds[out] = ("vector", cout)
@@ -216,6 +353,9 @@ def build_qstem(b: Any, stem: Any, post: list[Any], err: type, what: str = "stem
     planes = np.stack([pack_signs(p.transpose(0, 2, 3, 1)) for p in neg])
     extra = [_ConvBias(stem.bias)] if stem.bias is not None else []
     epi = b.epilogue(op, cout, _scale(None, swt, cout), extra + post)
+    prec = _precision_entry(
+        b, stem, op, (0, cout), [], post, lambda a: _scale(None, swt, cout), None, None, err, what
+    )
     out = b.name("s")
     b.ops.append(
         {
@@ -225,6 +365,7 @@ def build_qstem(b: Any, stem: Any, post: list[Any], err: type, what: str = "stem
             "weight": b.tensor(op, "weight", planes),
             "epilogue": epi,
             **({"weight_zero": True} if zero else {}),
+            **({"precision": prec} if prec else {}),
         }
     )  # fmt: skip
     b.kinds[out] = ("stream", cout)

@@ -18,12 +18,15 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from ._format import read_bcnn, validate_graph, write_bcnn
 from ._plan import _Plan
+from ._precision import PrecisionTable
 
 __all__ = ["PackedModel"]
 
@@ -51,21 +54,54 @@ class PackedModel:
         # runner (bcnn.engine._runner), which fewer GIL hand-offs make scale across threads
         self._concurrent = False
         # replaced as a whole (never mutated) so that a call reads one consistent setting
-        self._precision: dict[str, int | None] = {"weight_bits": None}
+        self._precision: dict[str, Any] = {"weight_bits": None}
+        self._table = PrecisionTable(graph)  # any-precision models' sets (else empty)
 
     # at most this many input shapes keep plans, and this many idle plans per shape (one per
     # thread that called concurrently; more are dropped when returned)
     MAX_SHAPES = 4
     MAX_IDLE_PLANS = 8
 
-    def set_precision(self, *, weight_bits: int | None = None) -> int | None:
-        """Run k-bit weight layers with only their ``weight_bits`` highest bit-planes (the
-        PrecisionBatching knob; no re-packing). A layer of k > weight_bits bits drops its
-        d = k - weight_bits lowest planes: W' = sum_{i >= d} 2^i s_i (the dropped part is in
-        [-(2^d - 1), 2^d - 1]) with the same output scale step_x * step_w; layers of at most
-        weight_bits bits are unchanged. ``None`` restores full precision. Returns the previous
-        setting. Safe while other threads call the model: a call runs entirely at the setting
-        it started with."""
+    def set_precision(
+        self,
+        weight_bits: int | None = None,
+        act_bits: int | None = None,
+        layers: Mapping[str, tuple[int | None, int | None]] | None = None,
+    ) -> Any:
+        """Run at another precision, without re-packing; ``None`` restores the default.
+
+        * **Any-precision models** (a ``.bcnn`` with precision sets, packed from
+          ``create_model(..., precisions=...)``): every layer at ``weight_bits`` /
+          ``act_bits`` (None: its highest), then ``layers={name: (w, a)}`` overrides (names
+          as :attr:`precision_layers`; None in a pair: that layer's highest). The same
+          meaning as ``bcnn.quant.set_precision`` on the torch model; the logits are the
+          same. Each layer keeps its top ``w`` weight planes, quantizes its input with the
+          step of ``a`` bits, and folds the batch-norm set of its key. Returns the previous
+          ``{layer: (w, a)}``.
+        * **Other models** (k-bit and PrecisionBatching): ``weight_bits`` only, the
+          PrecisionBatching knob. A k-bit layer of k > weight_bits bits drops its
+          d = k - weight_bits lowest planes: W' = sum_{i >= d} 2^i s_i (the dropped part is
+          in [-(2^d - 1), 2^d - 1]) with the same output scale step_x * step_w; layers of at
+          most weight_bits bits are unchanged. Returns the previous ``weight_bits``.
+
+        Everything is checked before anything changes: a bit width a layer was not trained
+        for, an unknown layer, a mix whose batch-norm set was never trained, or ``act_bits``
+        / ``layers`` on a model without precision sets are one-line ``ValueError``. Safe
+        while other threads call the model: a call runs entirely at the setting it started
+        with."""
+        table = self._table
+        if table:
+            config = table.config(weight_bits, act_bits, layers)
+            sel = table.select(config)
+            prev = self._precision.get("layers") or table.default()
+            self._precision = {"weight_bits": None, "layers": config, "sel": sel}
+            return prev
+        if act_bits is not None or layers is not None:
+            what = "act_bits" if act_bits is not None else "layers"
+            raise ValueError(
+                f"{what}: this model has no precision sets (pack an any-precision model, "
+                "create_model(..., precisions=...)); only weight_bits can change here"
+            )
         if weight_bits is not None and (
             isinstance(weight_bits, bool) or not isinstance(weight_bits, int)
         ):
@@ -75,6 +111,32 @@ class PackedModel:
         prev = self._precision["weight_bits"]
         self._precision = {"weight_bits": weight_bits}
         return prev
+
+    @contextmanager
+    def precision(
+        self,
+        weight_bits: int | None = None,
+        act_bits: int | None = None,
+        layers: Mapping[str, tuple[int | None, int | None]] | None = None,
+    ) -> Iterator[PackedModel]:
+        """``with model.precision(weight_bits=2, act_bits=2): ...``: :meth:`set_precision`
+        for the block, the previous setting restored on exit."""
+        saved = self._precision
+        self.set_precision(weight_bits, act_bits, layers)
+        try:
+            yield self
+        finally:
+            self._precision = saved
+
+    @property
+    def precision_layers(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Any-precision models: {layer: (weight bits, act bits) it can run at}; else {}."""
+        return dict(self._table.layers)
+
+    @property
+    def current_precision(self) -> dict[str, tuple[int, int]]:
+        """Any-precision models: the {layer: (w, a)} calls run at now; else {}."""
+        return dict(self._precision.get("layers") or self._table.default())
 
     @property
     def in_channels(self) -> int:
@@ -127,7 +189,9 @@ class PackedModel:
         try:
             if self._concurrent:
                 plan.use_runner()  # one nogil call per image once calls overlap
-            plan.precision.update(self._precision)
+            setting = self._precision  # one read: the whole call runs at this setting
+            plan.precision.clear()
+            plan.precision.update(setting)
             return plan(np.ascontiguousarray(x))  # type: ignore[no-any-return]
         finally:
             self._checkin(key, plan)

@@ -28,8 +28,9 @@ __all__ = [
 ]
 
 MAGIC = "bcnn"
-FORMAT_VERSION = 2  # the newest; files are written at the lowest version that holds them
-READS = (1, 2)
+FORMAT_VERSION = 3  # the newest; files are written at the lowest version that holds them
+READS = (1, 2, 3)
+MAX_SETS = 4096  # step lists per precision-set table (8 bits ^ 3 key elements = 512 needed)
 MAX_CHANNELS = 1 << 16
 MAX_KERNEL = 15
 MAX_STRIDE = 16
@@ -327,7 +328,9 @@ class _KbitChecker(_Checker):
         st = self.tensor(op, "act_step", np.float32, (1,), where)
         if not (np.isfinite(st[0]) and st[0] > 0):
             raise _Invalid(f"{where}: 'act_step' must be finite and > 0")
-        pre = op.get("pre")
+        self._pre(op.get("pre"), channels, where)
+
+    def _pre(self, pre: Any, channels: int, where: str) -> None:
         if not isinstance(pre, list) or len(pre) > 32:
             raise _Invalid(f"{where}: 'pre' must be a list of at most 32 steps")
         for j, step in enumerate(pre):
@@ -349,6 +352,7 @@ class _KbitChecker(_Checker):
         kh, kw = op["kernel"]
         self._planes(op, (cout, kh, kw), cin * planes, where)
         self.epilogue(op, cout, where)
+        self._precision(op, cin * planes, cout, False, where)
         return ("stream", cout)
 
     def _qconv(self, op: dict[str, Any], where: str) -> tuple[str, int]:
@@ -362,6 +366,7 @@ class _KbitChecker(_Checker):
         self._act(op, cin, where)
         self._planes(op, (cout, kh, kw), cin, where)
         self.epilogue(op, cout, where)
+        self._precision(op, cin, cout, True, where)
         return ("stream", cout)
 
     def _qlinear(self, op: dict[str, Any], where: str) -> tuple[str, int]:
@@ -375,12 +380,117 @@ class _KbitChecker(_Checker):
         self._act(op, fin, where)
         self._planes(op, (fout,), fin, where)
         self.epilogue(op, fout, where)
+        self._precision(op, fin, fout, True, where)
         return ("vector", fout)
+
+    # ---- precision sets (version 3): any-precision layers (docs/format.md)
+    def run(self) -> None:
+        self.layers: dict[str, tuple[list[int], list[int]]] = {}
+        self.key_refs: list[tuple[str, list[list[str]], list[list[int]]]] = []
+        super().run()
+        for where, spec, at in self.key_refs:
+            allowed = []
+            for layer, kind in spec:
+                if layer not in self.layers:
+                    raise _Invalid(f"{where}: key names unknown layer {layer!r:.80}")
+                allowed.append(self.layers[layer][0 if kind == "w" else 1])
+            for vals in at:
+                for v, ok, (layer, kind) in zip(vals, allowed, spec, strict=True):
+                    if v not in ok:
+                        raise _Invalid(
+                            f"{where}: set {vals} has {kind}={v} for layer {layer!r}, "
+                            f"which runs at {ok}"
+                        )
+
+    def _bitlist(self, d: dict[str, Any], key: str, hi: int, where: str) -> list[int]:
+        v = d.get(key)
+        if (
+            not isinstance(v, list)
+            or not 1 <= len(v) <= 8
+            or any(isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= hi for x in v)
+            or v != sorted(set(v))
+        ):
+            raise _Invalid(
+                f"{where}: {key!r} must be increasing integers in 1..{hi}, got {v!r:.60}"
+            )
+        return list(v)
+
+    def _precision(self, op: dict[str, Any], cin: int, cout: int, act: bool, where: str) -> None:
+        if "precision" not in op:
+            return
+        w = f"{where} precision"
+        p = op["precision"]
+        if self.version < 3:
+            raise _Invalid(f"{w}: precision sets need format version 3, got {self.version}")
+        if not isinstance(p, dict):
+            raise _Invalid(f"{w}: must be an object")
+        known = {"layer", "weight_bits", "act_bits", "act_steps", "epilogues", "pres"}
+        if set(p) - known:
+            raise _Invalid(f"{w}: unknown entry {sorted(set(p) - known)[0]!r:.40}")
+        if "weight_zero" in op:
+            raise _Invalid(f"{w}: precision sets do not apply to zero-grid weights")
+        name = _str(p, "layer", w)
+        if name in self.layers:
+            raise _Invalid(f"{w}: layer {name!r} is defined twice")
+        wb = self._bitlist(p, "weight_bits", op["weight_bits"], w)
+        if wb[-1] != op["weight_bits"]:
+            raise _Invalid(f"{w}: the highest weight_bits must be the op's {op['weight_bits']}")
+        ab = self._bitlist(p, "act_bits", 8, w)
+        if act:
+            if ab[-1] != op["act_bits"]:
+                raise _Invalid(f"{w}: the highest act_bits must be the op's {op['act_bits']}")
+            st = self.tensor(p, "act_steps", np.float32, (len(ab),), w)
+            if not (np.all(np.isfinite(st)) and np.all(st > 0)):
+                raise _Invalid(f"{w}: 'act_steps' must be finite and > 0")
+        elif "act_steps" in p or "pres" in p:
+            raise _Invalid(f"{w}: a stem has no 'act_steps' or 'pres'")
+        self.layers[name] = (wb, ab)
+        self._sets(p, "epilogues", op, cout, w)
+        if "pres" in p:
+            self._sets(p, "pres", op, cin, w)
+
+    def _sets(self, p: dict[str, Any], key: str, op: dict[str, Any], ch: int, where: str) -> None:
+        w = f"{where} {key}"
+        t = p.get(key)
+        if not isinstance(t, dict) or set(t) != {"key", "at", "steps"}:
+            raise _Invalid(f"{w}: must be an object of 'key', 'at' and 'steps'")
+        spec, at, steps = t["key"], t["at"], t["steps"]
+        if (
+            not isinstance(spec, list)
+            or not 1 <= len(spec) <= 4
+            or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and e[1] in ("w", "a")
+                for e in spec
+            )
+        ):
+            raise _Invalid(f"{w}: 'key' must list 1..4 [layer, 'w' or 'a'] pairs")
+        if not isinstance(at, list) or not 1 <= len(at) <= MAX_SETS:
+            raise _Invalid(f"{w}: 'at' must list 1..{MAX_SETS} sets")
+        for vals in at:
+            if (
+                not isinstance(vals, list)
+                or len(vals) != len(spec)
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in vals)
+            ):
+                raise _Invalid(f"{w}: every 'at' entry must be {len(spec)} integers")
+        if len({tuple(v) for v in at}) != len(at):
+            raise _Invalid(f"{w}: a set is listed twice")
+        if not isinstance(steps, list) or len(steps) != len(at):
+            raise _Invalid(f"{w}: 'steps' must hold one step list per set")
+        for j, st in enumerate(steps):
+            if key == "epilogues":
+                self.epilogue({"epilogue": st, "inputs": op["inputs"]}, ch, f"{w}[{j}]")
+            else:
+                self._pre(st, ch, f"{w}[{j}]")
+        self.key_refs.append((w, spec, at))
 
 
 def graph_version(graph: dict[str, Any]) -> int:
-    """The lowest format version that holds ``graph`` (2 only for ``weight_zero`` ops)."""
+    """The lowest format version that holds ``graph`` (3 for precision sets, 2 for
+    ``weight_zero`` ops, else 1)."""
     ops = graph.get("ops", []) if isinstance(graph, dict) else []
+    if any(isinstance(o, dict) and "precision" in o for o in ops):
+        return 3
     return 2 if any(isinstance(o, dict) and "weight_zero" in o for o in ops) else 1
 
 

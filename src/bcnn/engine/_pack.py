@@ -98,6 +98,8 @@ class _Builder:
         self.tensors: dict[str, np.ndarray] = {}
         self.kinds: dict[str, tuple[str, int]] = {"input": ("image", 0)}
         self._n = 0
+        # any-precision models: id(layer) -> its name for set_precision (precision sets)
+        self.precision_names: dict[int, str] = {}
 
     def name(self, prefix: str) -> str:
         self._n += 1
@@ -147,6 +149,8 @@ class _Builder:
         from ..nn import LearnableBias, RPReLU, Scale
 
         k = f"e{idx}"
+        if callable(getattr(m, "set_for", None)):  # a SwitchableBatchNorm: its active set
+            m = m.active()
         if isinstance(m, nn.Identity):
             return []
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):

@@ -212,15 +212,19 @@ def pack_model(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"pack() expects a torch.nn.Module, got {type(model).__name__}")
-    if getattr(model, "precisions", None):
-        raise ValueError(
-            "pack: any-precision models (precisions=...) cannot be packed yet: the .bcnn "
-            "format has no precision sets (train or fine-tune at one precision to pack)"
-        )
     was_training = model.training
     model.eval()
+    restore = None
     try:
         b = _Builder()
+        if getattr(model, "precisions", None):  # any-precision: every set, packed at the top
+            from ..models import precision_layers
+            from ..quant import set_precision
+
+            if not isinstance(model, BCNN):
+                raise _Unsupported("any-precision models pack from the BCNN family only")
+            restore = set_precision(model)
+            b.precision_names = {id(m): n for n, m in precision_layers(model)}
         if isinstance(model, BCNN):
             out = _build_bcnn(b, model)
             in_chans = model.in_chans
@@ -237,6 +241,8 @@ def pack_model(
         raise ValueError(f"pack: {e}") from None
     finally:
         model.train(was_training)
+        if restore is not None:
+            set_precision(model, layers=restore)
     size = input_size or getattr(model, "default_input_size", None)
     num_classes = b.kinds[out][1]
     if classes is not None and len(classes) != num_classes:

@@ -148,7 +148,7 @@ class _Plan:
                 b.array = np.zeros((n, b.channels), np.float32)
         self.bufs = bufs
         # read at run time by the k-bit ops; the model copies its setting in before each call
-        self.precision: dict[str, int | None] = dict(model._precision)
+        self.precision: dict[str, Any] = dict(model._precision)
         self.steps: list[Callable[[np.ndarray], None]] = [self._bind(op, t) for op in ops]
         self.output = bufs[g["output"]]
 

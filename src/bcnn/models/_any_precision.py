@@ -76,7 +76,11 @@ def any_precision_(model: Any, precisions: Sequence[int], bn: str = "transitiona
         old = getattr(owner, attr)
         sbn = SwitchableBatchNorm(old.num_features, keys, dims=dims)
         producer, consumer = layers[p][1], layers[p + 1][1]
-        sbn.bind(key_fn(producer, consumer), f"batch norm after {layers[p][0]}")
+        sbn.bind(
+            key_fn(producer, consumer),
+            f"batch norm after {layers[p][0]}",
+            (layers[p][0], layers[p + 1][0]),
+        )
         setattr(owner, attr, sbn)
     model.precisions = ps
     model.precision_bn = bn

@@ -54,11 +54,29 @@ class SwitchableBatchNorm(nn.Module):
         self.sets = nn.ModuleDict({_name(k): bn(num_features) for k in self.keys})
         self.site = ""  # for error messages (set by the model)
         self._key_fn: Callable[[], Key] | None = None
+        # the layers the key is read from: (producer, consumer) names (set by the model)
+        self.key_layers: tuple[str, str] | None = None
 
-    def bind(self, key_fn: Callable[[], Key], site: str) -> None:
-        """Read the active key from ``key_fn`` (a closure over the layers, not a submodule)."""
+    def bind(
+        self, key_fn: Callable[[], Key], site: str, key_layers: tuple[str, str] | None = None
+    ) -> None:
+        """Read the active key from ``key_fn`` (a closure over the layers, not a submodule);
+        ``key_layers``: the (producer, consumer) layer names it reads, for the packer."""
         self.__dict__["_key_fn"] = key_fn
         self.site = site
+        self.key_layers = key_layers
+
+    def key_spec(self) -> list[tuple[str, str]]:
+        """What each key element is: (layer name, "w" or "a") (needs ``key_layers``)."""
+        if self.key_layers is None:
+            raise ValueError(f"{self.site or 'batch norm'}: not bound to named layers")
+        prod, cons = self.key_layers
+        spec = [(prod, "w"), (prod, "a")]
+        return spec + [(cons, "a")] if len(self.keys[0]) == 3 else spec
+
+    def set_for(self, key: Key) -> nn.Module:
+        """The batch norm of ``key`` (whatever the active key is)."""
+        return self.sets[_name(tuple(key))]
 
     @property
     def active_key(self) -> Key:

@@ -56,6 +56,15 @@ class SwitchableQuantizer(nn.Module):
         return self.current.signed
 
     @property
+    def step(self) -> Tensor:
+        """The active quantizer's learned step."""
+        return self.current.step
+
+    @property
+    def initialized(self) -> Tensor:
+        return self.current.initialized
+
+    @property
     def pad_value(self) -> float:
         return self.current.pad_value
 

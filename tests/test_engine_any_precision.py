@@ -1,0 +1,289 @@
+"""Any-precision models on the packed engine (issue 11): the .bcnn precision sets (format
+version 3), PackedModel.set_precision with per-layer maps, packed == torch at every uniform
+precision and at random per-layer mixes, negative controls, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from bcnn.engine import PackedModel, load, pack
+from bcnn.models import create_model, precision_layers
+from bcnn.quant import set_precision
+
+PRECISIONS = (1, 2, 3, 4)
+
+
+def _mixes(names: list[str], n: int, seed: int = 0) -> list[dict[str, tuple[int, int]]]:
+    rng = random.Random(seed)
+    return [{k: (rng.choice(PRECISIONS), rng.choice(PRECISIONS)) for k in names} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[torch.nn.Module, list[dict[str, tuple[int, int]]]]:
+    """A small any-precision BCNN whose BN sets saw every uniform precision and 20 random
+    per-layer mixes (train-mode forwards: the running statistics of those keys)."""
+    torch.manual_seed(0)
+    m = create_model("bcnn_cifar", width=8, depth=1, precisions=PRECISIONS)
+    names = [n for n, _ in precision_layers(m)]
+    mixes = _mixes(names, 20)
+    g = torch.Generator().manual_seed(1)
+    m.train()
+    with torch.no_grad():
+        for cfg in [{"weight_bits": k, "act_bits": k} for k in PRECISIONS] + [
+            {"layers": mx} for mx in mixes
+        ]:
+            set_precision(m, **cfg)  # type: ignore[arg-type]
+            m(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g))
+    set_precision(m)
+    return m.eval(), mixes
+
+
+@pytest.fixture(scope="module")
+def packed_file(trained: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ap") / "ap.bcnn"
+    pack(trained[0]).save(path)
+    return path
+
+
+def _torch_logits(m: torch.nn.Module, x: np.ndarray, **cfg: Any) -> np.ndarray:
+    set_precision(m, **cfg)
+    try:
+        with torch.no_grad():
+            return m(torch.from_numpy(x)).numpy()  # type: ignore[no-any-return]
+    finally:
+        set_precision(m)
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_packed_equals_torch_at_every_precision_and_random_mixes(
+    trained: Any, packed_file: Path, size: int
+) -> None:
+    m, mixes = trained
+    p = load(packed_file)  # through the file: the sets survive save/load
+    x = np.random.default_rng(size).integers(0, 256, (7, 3, size, size), dtype=np.uint8)
+    cfgs: list[dict[str, Any]] = [{"weight_bits": k, "act_bits": k} for k in PRECISIONS]
+    cfgs += [{"layers": mx} for mx in mixes]
+    outs = []
+    for cfg in cfgs:
+        p.set_precision(**cfg)
+        y = p(x)
+        np.testing.assert_array_equal(y, _torch_logits(m, x, **cfg), err_msg=str(cfg))
+        outs.append(y)
+    assert len({o.tobytes() for o in outs[:4]}) == 4  # every uniform precision its own
+    x1 = x[:1]  # batch 1
+    p.set_precision(layers=mixes[3])
+    np.testing.assert_array_equal(p(x1), _torch_logits(m, x1, layers=mixes[3]))
+
+
+def test_default_is_the_highest_and_the_context_manager_restores(
+    trained: Any, packed_file: Path
+) -> None:
+    m, mixes = trained
+    p = load(packed_file)
+    x = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    top = p(x)
+    np.testing.assert_array_equal(top, _torch_logits(m, x))
+    assert p.precision_layers["blocks.0.conv"] == (PRECISIONS, PRECISIONS)
+    assert set(p.precision_layers) == {n for n, _ in precision_layers(m)}
+    with p.precision(weight_bits=1, act_bits=1) as q:
+        assert q is p and set(p.current_precision.values()) == {(1, 1)}
+        low = p(x)
+        with p.precision(layers=mixes[0]):
+            np.testing.assert_array_equal(p(x), _torch_logits(m, x, layers=mixes[0]))
+        np.testing.assert_array_equal(p(x), low)
+    np.testing.assert_array_equal(p(x), top)
+    prev = p.set_precision(weight_bits=2, act_bits=2)
+    assert set(prev.values()) == {(4, 4)}
+    assert set(p.set_precision().values()) == {(2, 2)}
+    np.testing.assert_array_equal(p(x), top)
+    p.set_precision(weight_bits=4, act_bits=4)
+    np.testing.assert_array_equal(p(x), top)
+
+
+def test_the_file_is_version_3_and_older_versions_refuse_sets(
+    trained: Any, packed_file: Path
+) -> None:
+    from safetensors import safe_open
+
+    from bcnn.engine._format import validate_graph
+
+    with safe_open(str(packed_file), "np") as f:
+        assert f.metadata()["format_version"] == "3"
+    p = load(packed_file)
+    with pytest.raises(ValueError, match="version 3"):
+        validate_graph(p.graph, p.tensors, version=2)
+
+
+def _with_op(p: PackedModel, layer: str) -> tuple[dict[str, Any], int]:
+    g = copy.deepcopy(p.graph)
+    i = next(i for i, o in enumerate(g["ops"]) if (o.get("precision") or {}).get("layer") == layer)
+    return g, i
+
+
+def test_wrong_batch_norm_set_moves_the_logits_negative_control(
+    trained: Any, packed_file: Path
+) -> None:
+    """Relabel two epilogue sets of one layer: the mix then folds the wrong BN set and the
+    logits move; a flipped weight bit of a kept plane moves them too. (Both would be invisible
+    to a test that compares the engine with itself.)"""
+    m, _ = trained
+    p = load(packed_file)
+    x = np.random.default_rng(2).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    cfg = {"weight_bits": 4, "act_bits": 4}
+    ref = _torch_logits(m, x, **cfg)
+    g, i = _with_op(p, "blocks.1.conv")
+    sets = g["ops"][i]["precision"]["epilogues"]
+    a = sets["at"].index([4, 4, 4])
+    b = sets["at"].index([1, 1, 1])
+    sets["at"][a], sets["at"][b] = sets["at"][b], sets["at"][a]
+    wrong = PackedModel(g, p.tensors)
+    wrong.set_precision(**cfg)
+    assert np.abs(wrong(x) - ref).max() > 1e-3
+    good = PackedModel(p.graph, p.tensors)
+    good.set_precision(**cfg)
+    np.testing.assert_array_equal(good(x), ref)
+    t = dict(p.tensors)
+    w = p.graph["ops"][i]["weight"]
+    t[w] = t[w].copy()
+    t[w][-1, :, 0, 0, 0] ^= np.uint64(1)  # the top plane: kept at every precision
+    flipped = PackedModel(p.graph, t)
+    flipped.set_precision(**cfg)
+    assert np.abs(flipped(x) - ref).max() > 0
+
+
+def test_bad_precision_requests_are_one_line_errors_on_both_engines(
+    trained: Any, packed_file: Path
+) -> None:
+    m, _ = trained
+    p = load(packed_file)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"weight_bits": 5}, r"layer 'stem.conv': weight_bits=5 is not in 1..4"),
+        ({"act_bits": 0}, r"layer 'stem.conv': act_bits=0 is not in 1..4"),
+        ({"layers": {"blocks.9.conv": (1, 1)}}, r"unknown layer 'blocks.9.conv'"),
+        ({"layers": {"head.fc": (2, 7)}}, r"layer 'head.fc': act_bits=7 is not in 1..4"),
+    ]
+    for cfg, match in cases:
+        for engine in (p.set_precision, lambda **kw: set_precision(m, **kw)):
+            with pytest.raises(ValueError, match=match) as e:
+                engine(**cfg)
+            assert "\n" not in str(e.value)
+    # a mix whose batch-norm transition was never trained: both engines refuse it
+    names = [n for n, _ in precision_layers(m)]
+    untrained = {n: (1, 1) if i % 2 else (3, 3) for i, n in enumerate(names)}
+    with pytest.raises(ValueError, match="never trained") as e:
+        p.set_precision(layers=untrained)
+    assert "\n" not in str(e.value)
+    x = np.zeros((1, 3, 32, 32), np.uint8)
+    with pytest.raises(ValueError, match="never trained"):
+        _torch_logits(m, x, layers=untrained)
+    # nothing changed on a refused request
+    np.testing.assert_array_equal(p(x), _torch_logits(m, x))
+
+
+def test_models_without_precision_sets_refuse_act_bits_and_layers() -> None:
+    p = pack(create_model("bcnn_cifar", width=8, depth=1).eval())
+    assert p.precision_layers == {}
+    for kw in ({"act_bits": 2}, {"layers": {"blocks.0.conv": (1, 1)}}):
+        with pytest.raises(ValueError, match="no precision sets") as e:
+            p.set_precision(**kw)  # type: ignore[arg-type]
+        assert "\n" not in str(e.value)
+    assert p.set_precision(weight_bits=2) is None  # the plane knob of k-bit layers stays
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda pr: pr.__setitem__("layer", 3), "'layer'"),
+        (lambda pr: pr.__setitem__("weight_bits", [1, 2, 3, 9]), "weight_bits"),
+        (lambda pr: pr.__setitem__("weight_bits", [2, 1, 4]), "weight_bits"),
+        (lambda pr: pr.__setitem__("act_bits", [1, 2, 3]), "highest act_bits"),
+        (lambda pr: pr["epilogues"]["key"].__setitem__(2, ["nope", "a"]), "unknown layer"),
+        (lambda pr: pr["epilogues"]["key"].__setitem__(2, ["head.fc", "x"]), "'key'"),
+        (lambda pr: pr["epilogues"]["at"].__setitem__(0, [1, 1, 9]), "which runs at"),
+        (lambda pr: pr["epilogues"]["at"].__setitem__(1, pr["epilogues"]["at"][0]), "twice"),
+        (lambda pr: pr["epilogues"]["at"].__setitem__(0, [1, 1]), "3 integers"),
+        (lambda pr: pr["epilogues"]["steps"].pop(), "one step list per set"),
+        (lambda pr: pr["epilogues"]["steps"][0].pop(), "'add'"),
+        (lambda pr: pr.__setitem__("extra", 1), "unknown entry"),
+        (lambda pr: pr.pop("act_steps"), "act_steps"),
+    ],
+)
+def test_edited_precision_sets_are_rejected_before_anything_runs(
+    packed_file: Path, edit: Any, match: str
+) -> None:
+    p = load(packed_file)
+    g, i = _with_op(p, "blocks.1.conv")
+    edit(g["ops"][i]["precision"])
+    with pytest.raises(ValueError, match=match) as e:
+        PackedModel(g, p.tensors)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_act_steps_and_duplicate_layer_names_are_rejected(packed_file: Path) -> None:
+    p = load(packed_file)
+    g, i = _with_op(p, "blocks.1.conv")
+    t = dict(p.tensors)
+    name = g["ops"][i]["precision"]["act_steps"]
+    for bad in (-1.0, float("nan"), 0.0):
+        t[name] = p.tensors[name].copy()
+        t[name][0] = bad
+        with pytest.raises(ValueError, match="act_steps"):
+            PackedModel(g, t)
+    g2, j = _with_op(p, "blocks.2.conv")
+    g2["ops"][j]["precision"]["layer"] = "blocks.1.conv"
+    with pytest.raises(ValueError, match="defined twice"):
+        PackedModel(g2, p.tensors)
+
+
+CORRUPT = r"""
+import sys, numpy as np
+from pathlib import Path
+from bcnn.engine import load
+good = Path(sys.argv[1]).read_bytes(); out = Path(sys.argv[2])
+rng = np.random.default_rng(3)
+x = rng.integers(0, 256, (2, 3, 33, 33), dtype=np.uint8)
+hlen = int.from_bytes(good[:8], "little")
+res = [0, 0]
+for i in range(60):
+    b = bytearray(good)
+    if i < 20:
+        b = b[: int(rng.integers(0, hlen + 16)) if i % 2 else int(rng.integers(0, len(good)))]
+    else:
+        for _ in range(int(rng.integers(1, 5))):
+            pos = int(rng.integers(0, 8 + hlen)) if i < 45 else int(rng.integers(0, len(b)))
+            b[pos] ^= 1 << int(rng.integers(0, 8))
+    out.write_bytes(bytes(b))
+    try:
+        m = load(out)
+        m(x)
+        for k in (1, 2, 3, 4):
+            m.set_precision(weight_bits=k, act_bits=k)
+            m(x)
+        res[1] += 1
+    except ValueError as e:
+        assert str(e) and "\n" not in str(e).strip(), repr(e); res[0] += 1
+print(*res)
+"""
+
+
+def test_corrupt_any_precision_files_never_crash(packed_file: Path, tmp_path: Path) -> None:
+    """Truncated or bit-flipped files (header and tensor data), loaded, run and switched
+    through every uniform precision: a one-line ValueError or a run, never a crash."""
+    r = subprocess.run(
+        [sys.executable, "-c", CORRUPT, str(packed_file), str(tmp_path / "c.bcnn")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    errors, ran = (int(v) for v in r.stdout.split())
+    assert errors + ran == 60 and errors >= 20
