@@ -72,7 +72,7 @@ class SwitchableBatchNorm(nn.Module):
             raise ValueError(f"{self.site or 'batch norm'}: not bound to named layers")
         prod, cons = self.key_layers
         spec = [(prod, "w"), (prod, "a")]
-        return spec + [(cons, "a")] if len(self.keys[0]) == 3 else spec
+        return [*spec, (cons, "a")] if len(self.keys[0]) == 3 else spec
 
     def set_for(self, key: Key) -> nn.Module:
         """The batch norm of ``key`` (whatever the active key is)."""
