@@ -388,9 +388,43 @@ def test_cli_search_precision_and_eval_at_a_precision(
     assert main(["eval", ckpt, "--weight-bits", "2", "--act-bits", "2", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (ev["weight_bits"], ev["act_bits"]) == (2, 2) and 0 <= ev["top1"] <= 1
-    assert main(["eval", ckpt, "--weight-bits", "3"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "weight_bits=3 is not in (1, 2, 4)" in err
+    # the packed engine: the same precision, the same top-1 (its logits are torch's)
+    assert main(["eval", ckpt, "--engine", "packed", "--weight-bits", "2", "--act-bits", "2",
+                 "--json"]) == 0  # fmt: skip
+    evp = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evp["engine"] == "packed" and evp["top1"] == ev["top1"] and evp["n"] == ev["n"]
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps(res))  # a search result feeds --layers as is
+    for engine in ("torch", "packed"):
+        assert main(["eval", ckpt, "--engine", engine, "--layers", str(mix), "--json"]) == 0
+        evl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert evl["top1"] == res["top1"] and evl["layers"] == res["layers"]
+    assert main(["bench", ckpt, "--weight-bits", "1", "--act-bits", "1", "--repeat", "2",
+                 "--json"]) == 0  # fmt: skip
+    b = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert b["argmax_agrees"] and set(map(tuple, b["precision"].values())) == {(1, 1)}
+    assert b["packed_ms"] > 0 and b["float_ms"] > 0
+    for bad, match in [
+        (["eval", ckpt, "--weight-bits", "3"], "weight_bits=3 is not in (1, 2, 4)"),
+        (["eval", ckpt, "--engine", "packed", "--act-bits", "3"], "act_bits=3 is not in"),
+        (["eval", ckpt, "--engine", "packed", "--layers", '{"x": [1, 1]}'], "unknown layer"),
+        (["eval", ckpt, "--layers", "[1, 2]"], "--layers"),
+    ]:
+        assert main(bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and match in err, err
+    # a latency budget, measured on the packed engine: halfway between lowest and highest
+    from bcnn.engine import latency_model, pack
+
+    lat = latency_model(pack(load_checkpoint(ckpt)[0]), repeat=5)
+    top = {n: (4, 4) for n in names}
+    low = {n: (1, 1) for n in names}
+    assert lat(low) < lat(top) and lat(top) == lat.base_ms
+    budget = (lat(low) + lat(top)) / 2
+    assert main(["search-precision", ckpt, "--budget-ms", f"{budget:.4f}", "--json"]) == 0
+    rs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rs["predicted_ms"] <= budget and rs["latency_ms"] > 0 and list(rs["layers"]) == names
+    assert any(w < 4 for w, _ in rs["layers"].values())
     assert main(["search-precision", ckpt, "--budget-bits", "0.5"]) == 2
     assert "below the lowest possible" in capsys.readouterr().err
     # transitional BN trained at uniform precisions only: no per-layer mix exists

@@ -24,6 +24,10 @@ def _median_ms(fns: dict[str, Any], repeat: int, warmup: int) -> dict[str, float
     return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
 
 
+# model options of the quantized model that its float twin does not take
+_BINARY_ONLY = ("precisions", "precision_bn", "weight_bits", "act_bits")
+
+
 def bench_model(
     spec: str,
     *,
@@ -33,11 +37,13 @@ def bench_model(
     warmup: int = 5,
     size: tuple[int, int] | None = None,
     concurrency: int | None = None,
+    precision: tuple[Any, Any, Any] = (None, None, None),
 ) -> dict[str, Any]:
     """spec: a registered model name (random weights), a checkpoint, or a .bcnn file (then
     only the packed engine is timed unless its source config names a registered model).
     ``concurrency``: also the calls/s of that many threads sharing the packed model, next to
-    one thread's (:func:`._bench_concurrency.bench_concurrency`)."""
+    one thread's (:func:`._bench_concurrency.bench_concurrency`). ``precision``: (weight_bits,
+    act_bits, layers) set on the packed model and the torch one alike."""
     from pathlib import Path
 
     import numpy as np
@@ -66,6 +72,13 @@ def bench_model(
             ckpt = spec if Path(spec).exists() else pretrained_checkpoint(spec)
             if ckpt is not None:
                 binary, _ = load_checkpoint(ckpt)
+    if any(v is not None for v in precision):
+        packed.set_precision(*precision)
+        if binary is not None:
+            from ..quant import set_precision
+
+            set_precision(binary, *precision)
+        res_precision = packed.current_precision or {"weight_bits": precision[0]}
     h, w = size or packed.input_size or (32, 32)
     x = np.random.default_rng(0).integers(0, 256, (batch, packed.in_channels, h, w), np.uint8)
     prev_torch = torch.get_num_threads()
@@ -78,14 +91,15 @@ def bench_model(
             "threads": threads,
             "input": [packed.in_channels, h, w],
         }
+        if any(v is not None for v in precision):
+            res["precision"] = {k: list(v) if isinstance(v, tuple) else v
+                                for k, v in res_precision.items()}  # fmt: skip
         xt = torch.from_numpy(x)
         fns: dict[str, Any] = {"packed_ms": lambda: packed(x)}
         if config.get("name") in list_models():
+            kw = {k: v for k, v in config.get("kwargs", {}).items() if k not in _BINARY_ONLY}
             twin = create_model(
-                config["name"],
-                num_classes=config.get("num_classes", 10),
-                binary=False,
-                **config.get("kwargs", {}),
+                config["name"], num_classes=config.get("num_classes", 10), binary=False, **kw
             ).eval()
             fns["float_ms"] = lambda: twin(xt)
         if binary is not None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_torch_model", "print_json"]
+__all__ = ["add_precision_arguments", "load_torch_model", "parse_layers", "print_json"]
 
 
 def print_json(obj: Any) -> None:
@@ -31,3 +31,52 @@ def load_torch_model(spec: str, **create_kw: Any) -> tuple[Any, dict[str, Any]]:
     raise FileNotFoundError(
         f"{spec!r} is neither a checkpoint file nor a model name ({', '.join(list_models())})"
     )
+
+
+def add_precision_arguments(p: Any, what: str) -> None:
+    """--weight-bits / --act-bits / --layers: the run-time precision of ``what``."""
+    p.add_argument(
+        "--weight-bits",
+        type=int,
+        default=None,
+        help=f"{what} at K-bit weights, every switchable layer (any-precision and k-bit "
+        "models: the top K weight planes)",
+    )
+    p.add_argument(
+        "--act-bits",
+        type=int,
+        default=None,
+        help=f"{what} at K-bit activations (any-precision models)",
+    )
+    p.add_argument(
+        "--layers",
+        default=None,
+        metavar="JSON",
+        help="per-layer overrides, e.g. '{\"blocks.2.conv\": [1, 2]}' or a JSON file (the "
+        "'layers' of `bcnn search-precision --json` output works as is)",
+    )
+
+
+def parse_layers(text: str | None) -> dict[str, tuple[int, int]] | None:
+    """``--layers``: a JSON object {layer: [w, a]} (or a file holding one, or a search
+    result with a 'layers' entry) -> {layer: (w, a)}; a one-line ValueError otherwise."""
+    if text is None:
+        return None
+    src = text
+    p = Path(text)
+    if not text.lstrip().startswith("{") and p.is_file():
+        src = p.read_text()
+    try:
+        obj = json.loads(src)
+    except ValueError:
+        raise ValueError(f"--layers: not a JSON object or a JSON file: {text!r:.80}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("layers"), dict):
+        obj = obj["layers"]
+    if not isinstance(obj, dict) or not all(
+        isinstance(v, list)
+        and len(v) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) for b in v)
+        for v in obj.values()
+    ):
+        raise ValueError('--layers: expected {"layer": [weight_bits, act_bits], ...}')
+    return {str(k): (int(v[0]), int(v[1])) for k, v in obj.items()}

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from ._common import add_precision_arguments, parse_layers
+
 HELP = (
     "time a whole model (packed engine vs its float twin and the binary model in PyTorch), "
     "or one layer with --layer (binary vs float vs int8)"
@@ -35,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--size", type=int, nargs="+", metavar="N", help="input size: H W (or S for S x S)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_precision_arguments(p, "time MODEL")
     p.add_argument(
         "--isa",
         choices=("native", "avx2"),
@@ -190,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         size=(args.size[0], args.size[-1]) if args.size else None,
         concurrency=args.concurrency,
+        precision=(args.weight_bits, args.act_bits, parse_layers(args.layers)),
     )
     res.update(_context())
     if args.json:

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ._common import add_precision_arguments, parse_layers
+
 HELP = "top-1/top-5 accuracy of a checkpoint, a .bcnn file or a pretrained name on a data split"
 
 
@@ -30,19 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu", help="torch engine: cpu | cuda | auto")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (image files)")
-    p.add_argument(
-        "--weight-bits",
-        type=int,
-        default=None,
-        help="run-time precision: every switchable layer at K-bit weights (torch engine: "
-        "k-bit, any-precision and pbatch models; packed: top weight planes)",
-    )
-    p.add_argument(
-        "--act-bits",
-        type=int,
-        default=None,
-        help="run-time activation bits (torch engine: any-precision models)",
-    )
+    add_precision_arguments(p, "evaluate")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -122,15 +112,14 @@ def run(args: argparse.Namespace) -> int:
     model_cls = meta.get("classes")
     if model_cls is not None and len(model_cls) != n_cls:
         raise ValueError(f"model has {len(model_cls)} classes, {data} has {n_cls}")
-    if args.weight_bits is not None or args.act_bits is not None:
+    layers = parse_layers(args.layers)
+    if args.weight_bits is not None or args.act_bits is not None or layers is not None:
         if engine == "torch":
             from ..quant import set_precision
 
-            set_precision(model, weight_bits=args.weight_bits, act_bits=args.act_bits)
-        elif args.act_bits is not None:
-            raise ValueError("--act-bits: packed models switch weight bits only (for now)")
+            set_precision(model, args.weight_bits, args.act_bits, layers)
         else:
-            _engine_call("--weight-bits", model.set_precision, weight_bits=args.weight_bits)
+            _engine_call("precision", model.set_precision, args.weight_bits, args.act_bits, layers)
     t0 = time.perf_counter()
     res: dict[str, Any]
     if engine == "torch":
@@ -162,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,
+        **({"layers": {k: list(v) for k, v in layers.items()}} if layers else {}),
     )
     if args.json:
         print_json(res)

@@ -1,4 +1,5 @@
-"""bcnn search-precision MODEL --budget-bits B [--data SPEC] [--limit N] [--json]"""
+"""bcnn search-precision MODEL (--budget-bits B | --budget-ms T) [--data SPEC] [--limit N]
+[--json]"""
 
 from __future__ import annotations
 
@@ -7,18 +8,29 @@ from typing import Any
 
 HELP = (
     "per-layer bit widths of a precision-switchable checkpoint (any-precision, k-bit) within "
-    "an average-weight-bits budget, chosen greedily on the validation split, no fine-tuning"
+    "an average-weight-bits or a packed batch-1 latency budget, chosen greedily on the "
+    "validation split, no fine-tuning"
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a torch checkpoint (.pt) of a precision-switchable model")
     p.add_argument(
+        "model",
+        help="a torch checkpoint (.pt) of a precision-switchable model, or a pretrained name",
+    )
+    b = p.add_mutually_exclusive_group(required=True)
+    b.add_argument(
         "--budget-bits",
         type=float,
-        required=True,
         help="average weight bits, weighted by each layer's weight count",
     )
+    b.add_argument(
+        "--budget-ms",
+        type=float,
+        help="batch-1 latency of the packed engine (ms, --threads threads), measured here "
+        "(any-precision models)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="engine threads for --budget-ms")
     p.add_argument("--data", help="data spec (default: the one the model was trained on)")
     p.add_argument("--limit", type=int, default=2000, help="validation images used (0: all)")
     p.add_argument("--batch-size", type=int, default=500)
@@ -37,7 +49,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.limit < 0:
         raise ValueError("--batch-size must be >= 1 and --limit >= 0")
-    model, meta = load_checkpoint(args.model)
+    model, meta = load_checkpoint(_checkpoint(args.model))
+    lat = packed = None
+    if args.budget_ms is not None:  # time the packed model first, on a quiet process
+        from ..engine import latency_model, num_threads, pack
+
+        if not getattr(model, "precisions", None):
+            raise ValueError("--budget-ms: not an any-precision model (use --budget-bits)")
+        packed = pack(model)
+        with num_threads(args.threads):
+            lat = latency_model(packed)
     data = args.data or meta.get("data")
     if not data:
         raise ValueError("no --data given and the model does not record its data spec")
@@ -69,33 +90,69 @@ def run(args: argparse.Namespace) -> int:
     set_precision(model)
     full = top1(model, None)
     t0 = time.perf_counter()
-    plan, acc = search_precision(model, top1, None, args.budget_bits)
-    avg = average_bits(model)
-    if avg > args.budget_bits + 1e-9:
+    if lat is None:
+        plan, acc = search_precision(model, top1, None, args.budget_bits)
+        reached, unit, budget = average_bits(model), "bits", args.budget_bits
+    else:
+        plan, acc = search_precision(model, top1, None, cost=lat, budget=args.budget_ms)
+        reached, unit, budget = lat(plan), "ms", args.budget_ms
+    if reached > budget + 1e-9:
         raise ValueError(
-            f"no trained mix reaches {args.budget_bits:g} bits (stopped at {avg:.3f}: the "
-            "lower per-layer mixes need batch-norm sets that training never visited)"
+            f"no trained mix reaches {budget:g} {unit} (stopped at {reached:.3f}: the lower "
+            "per-layer mixes need batch-norm sets that training never visited)"
         )
-    res = {
+    res: dict[str, Any] = {
         "model": str(args.model),
         "data": str(data),
         "n": n,
         "budget_bits": args.budget_bits,
-        "average_bits": round(avg, 4),
+        "average_bits": round(average_bits(model), 4),
         "top1": acc,
         "top1_default": full,
         "layers": {k: list(v) for k, v in plan.items()},
         "seconds": round(time.perf_counter() - t0, 2),
     }
+    if lat is not None and packed is not None:
+        from ..engine import measure_ms, num_threads
+
+        with num_threads(args.threads):
+            ms, ms_top = measure_ms(packed, plan), measure_ms(packed, {})
+        res.update(
+            budget_ms=args.budget_ms,
+            predicted_ms=round(lat(plan), 4),
+            latency_ms=round(ms, 4),
+            latency_ms_default=round(ms_top, 4),
+            threads=args.threads,
+        )
     if args.json:
         print_json(res)
         return 0
     print(f"{args.model}: {n} validation images of {data}")
     print(f"default precision: top1 {full:.4f}")
-    print(
-        f"budget {args.budget_bits:g} bits: average {res['average_bits']:.3f} bits, "
-        f"top1 {acc:.4f} ({res['seconds']:.1f}s)"
-    )
+    if lat is None:
+        print(
+            f"budget {args.budget_bits:g} bits: average {res['average_bits']:.3f} bits, "
+            f"top1 {acc:.4f} ({res['seconds']:.1f}s)"
+        )
+    else:
+        print(
+            f"budget {args.budget_ms:g} ms: packed batch-1 {res['latency_ms']:.3f} ms "
+            f"(predicted {res['predicted_ms']:.3f}; all layers at the highest "
+            f"{res['latency_ms_default']:.3f} ms), average {res['average_bits']:.3f} weight "
+            f"bits, top1 {acc:.4f} ({res['seconds']:.1f}s)"
+        )
     for name, (w, a) in plan.items():
         print(f"  {name}: W{w}A{a}")
     return 0
+
+
+def _checkpoint(spec: str) -> str:
+    """A checkpoint path, or a pretrained name's shipped torch checkpoint."""
+    from pathlib import Path
+
+    from ..models import pretrained_checkpoint
+
+    if Path(spec).exists():
+        return spec
+    shipped = pretrained_checkpoint(spec)
+    return str(shipped) if shipped is not None else spec

@@ -28,8 +28,10 @@ __all__ = [
     "PackedModel",
     "get_num_threads",
     "kernel_path",
+    "latency_model",
     "load",
     "load_any",
+    "measure_ms",
     "num_threads",
     "pack",
     "pbatch",
@@ -72,6 +74,21 @@ def pbatch(
     if layers is None:
         return _pbatch(model, weight_bits, act_bits, skip=skip)
     return _pbatch(model, weight_bits, act_bits, layers, skip)
+
+
+def latency_model(packed: PackedModel, **kw: Any) -> Any:
+    """Measured batch-1 latency of an any-precision packed model at any per-layer mix:
+    ``lat = latency_model(packed); lat({layer: (w, a), ...}) -> ms`` (see :mod:`._latency`)."""
+    from ._latency import latency_model as _lm
+
+    return _lm(packed, **kw)
+
+
+def measure_ms(packed: PackedModel, config: Any = None, **kw: Any) -> float:
+    """Median ms of ``packed`` at ``config`` ({layer: (w, a)}; None: its current setting)."""
+    from ._latency import measure_ms as _m
+
+    return _m(packed, config, **kw)
 
 
 def pretrained_path(name: str) -> Path | None:

@@ -46,8 +46,11 @@ class _Sets:
         self.spec = [(str(layer), str(kind)) for layer, kind in t["key"]]
         self.index = {tuple(int(v) for v in at): j for j, at in enumerate(t["at"])}
 
+    def key_of(self, config: Mapping[str, tuple[int, int]]) -> tuple[int, ...]:
+        return tuple(config[n][0 if k == "w" else 1] for n, k in self.spec)
+
     def find(self, config: Mapping[str, tuple[int, int]], layer: str, what: str) -> int:
-        key = tuple(config[n][0 if k == "w" else 1] for n, k in self.spec)
+        key = self.key_of(config)
         j = self.index.get(key)
         if j is None:
             names = ", ".join(f"{n}.{k}" for n, k in self.spec)
@@ -114,9 +117,20 @@ class PrecisionTable:
                     raise ValueError(f"layer {name!r}: {what}={v!r} is not in {span(allowed)}")
         return out
 
-    def select(self, config: Mapping[str, tuple[int, int]]) -> dict[str, Selection]:
+    def select(
+        self, config: Mapping[str, tuple[int, int]], strict: bool = True
+    ) -> dict[str, Selection]:
         """One :class:`Selection` per op; ``ValueError`` if a key the mix needs was never
-        trained (its batch norm has no statistics)."""
+        trained (its batch norm has no statistics). ``strict=False`` (timing only) folds the
+        op's own step lists for such keys instead: the same arithmetic, other numbers."""
+
+        def find(sets: _Sets | None, layer: str, what: str) -> int:
+            if sets is None:
+                return -1
+            if strict:
+                return sets.find(config, layer, what)
+            return sets.index.get(sets.key_of(config), -1)
+
         sel: dict[str, Selection] = {}
         for op, layer, epi, pre in self._ops:
             w, a = config[layer]
@@ -124,7 +138,7 @@ class PrecisionTable:
                 weight_bits=w,
                 act_bits=a,
                 act_index=self.layers[layer][1].index(a),
-                epilogue=epi.find(config, layer, "batch norm after it"),
-                pre=-1 if pre is None else pre.find(config, layer, "batch norm before it"),
+                epilogue=find(epi, layer, "batch norm after it"),
+                pre=find(pre, layer, "batch norm before it"),
             )
         return sel

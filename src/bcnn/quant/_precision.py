@@ -193,35 +193,52 @@ def search_precision(
     model: Any,
     metric: Callable[[Any, Any], float],
     data: Any,
-    budget_bits: float,
+    budget_bits: float | None = None,
+    *,
+    cost: Callable[[Mapping[str, tuple[int, int]]], float] | None = None,
+    budget: float | None = None,
 ) -> tuple[dict[str, tuple[int, int]], float]:
-    """Greedy per-layer bit widths within an average-bits budget, without fine-tuning.
+    """Greedy per-layer bit widths within a budget, without fine-tuning.
 
-    Every layer starts at its default (highest) precision. While the weight-count-weighted
-    average weight bits (:func:`average_bits`) is above ``budget_bits``, each layer is tried
-    one precision lower (weights and activations together where the layer was trained at
-    the same set for both, as any-precision layers are; otherwise the weights alone), and the
-    step that loses the least ``metric(model, data)`` per bit saved is kept (a step into a
-    precision the model was never trained at, :class:`UntrainedPrecision`, is skipped).
-    Returns the chosen ``{name: (w, a)}`` (the model is left at it) and its metric; the
-    budget may stay unmet when no further step is possible (check :func:`average_bits`)."""
+    The budget is ``budget_bits`` of the weight-count-weighted average weight bits
+    (:func:`average_bits`), or ``budget`` of any ``cost(plan)`` (e.g. the packed engine's
+    measured latency: :func:`bcnn.engine.latency_model`). Every layer starts at its default
+    (highest) precision. While the cost is above the budget, each layer is tried one
+    precision lower (weights and activations together where the layer was trained at the same
+    set for both, as any-precision layers are; otherwise the weights alone), and the step that
+    loses the least ``metric(model, data)`` per unit of cost saved is kept (a step into a
+    precision the model was never trained at, :class:`UntrainedPrecision`, is skipped, and so
+    is a step that saves nothing). Returns the chosen ``{name: (w, a)}`` (the model is left at
+    it) and its metric; the budget may stay unmet when no further step is possible (check the
+    cost of the returned plan)."""
     found = switchable_layers(model)
     if not found:
         raise ValueError(f"{type(model).__name__} has no precision-switchable layer")
+    if (cost is None) == (budget_bits is None) or (cost is None) != (budget is None):
+        raise ValueError("give budget_bits, or cost and budget")
+    plan = {n: m.default_precision for n, m in found.items()}
     lowest = {
-        n: (min(m.allowed_precision[0]), min(m.allowed_precision[1]) if _tied(m) else None)
+        n: (min(m.allowed_precision[0]), min(m.allowed_precision[1]) if _tied(m) else plan[n][1])
         for n, m in found.items()
     }
-    floor = average_bits(model, {n: (w, 0) for n, (w, _) in lowest.items()})
-    if budget_bits < floor:
-        raise ValueError(f"budget_bits={budget_bits} is below the lowest possible {floor:.3f}")
-    plan = {n: m.default_precision for n, m in found.items()}
+    if cost is None:
+        limit = float(budget_bits)  # type: ignore[arg-type]
+        floor = average_bits(model, lowest)
+        if limit < floor:
+            raise ValueError(f"budget_bits={limit} is below the lowest possible {floor:.3f}")
+
+        def cost(p: Mapping[str, tuple[int, int]]) -> float:
+            return average_bits(model, p)
+    else:
+        limit = float(budget)  # type: ignore[arg-type]
+        floor = cost(lowest)
+        if limit < floor:
+            raise ValueError(f"budget {limit:g} is below the lowest possible {floor:.4g}")
     set_precision(model, layers=plan)
     score = metric(model, data)
-    sizes = {n: _layer_size(m) for n, m in found.items()}
-    total = sum(sizes.values())
-    while average_bits(model, plan) > budget_bits:
+    while cost(plan) > limit:
         best: tuple[float, str, tuple[int, int], float] | None = None
+        now = cost(plan)
         for n, m in found.items():
             w, a = plan[n]
             lower = [b for b in m.allowed_precision[0] if b < w]
@@ -230,15 +247,17 @@ def search_precision(
             nw = max(lower)
             na = nw if _tied(m) else a
             trial = {**plan, n: (nw, na)}
+            saved = now - cost(trial)
+            if saved <= 0:
+                continue
             set_precision(model, layers=trial)
             try:
                 s = metric(model, data)
             except UntrainedPrecision:  # a transition training never visited: not a choice
                 continue
-            saved = sizes[n] * (w - nw) / total
-            cost = (score - s) / saved
-            if best is None or cost < best[0]:
-                best = (cost, n, (nw, na), s)
+            loss = (score - s) / saved
+            if best is None or loss < best[0]:
+                best = (loss, n, (nw, na), s)
         if best is None:
             break
         _, n, wa, score = best
