@@ -1,16 +1,16 @@
 """Measured latency of an any-precision packed model at any per-layer mix (torch-free).
 
-A layer's cost depends on its own weight and activation bits (a bit-serial layer makes one
-binary GEMM per (weight plane, activation plane) pair), so :func:`latency_model` times the
-whole model once at its highest precision and once per (layer, w, a) with every other layer at
-its highest, and predicts a mix as the base plus each changed layer's difference. The timings
-are interleaved round by round (every configuration once per round, medians over rounds), so
-drift on a busy machine hits all of them alike. :func:`measure_ms` times a mix directly, to
+A layer's cost depends on its own weight and activation bits only (a bit-serial layer makes
+one binary GEMM per (weight plane, activation plane) pair). :func:`latency_model` times the
+whole model once at its highest precision (``base_ms``), then each layer's op *alone* at every
+(w, a) it allows, on buffers filled by a full run, and predicts a mix as the base plus each
+changed op's measured difference. Timing single ops keeps the differences out of the noise of
+the rest of the model; the op timings are interleaved round by round (medians over rounds), so
+drift on a busy machine hits all of them alike. :func:`measure_ms` times a mix end to end, to
 check the prediction.
 
-Timing a layer at (w, a) may need a batch-norm set that training never visited (its
-neighbours stay at their highest precision); the timing then folds the op's own set: the
-arithmetic, and so the time, is the same.
+Timing an op at (w, a) may need a batch-norm set that training never visited; the timing then
+folds the op's own set: the arithmetic, and so the time, is the same.
 """
 
 from __future__ import annotations
@@ -62,51 +62,59 @@ def _images(packed: Any, batch: int, size: tuple[int, int] | None) -> np.ndarray
     return rng.integers(0, 256, (batch, packed.in_channels, h, w), dtype=np.uint8)
 
 
-def _time_configs(packed: Any, configs: list[Config], x: np.ndarray, repeat: int) -> list[float]:
-    """Median ms of each config, timed round-robin (``repeat`` rounds after one warm round)."""
-    settings = [
-        {"weight_bits": None, "layers": dict(c), "sel": packed._table.select(c, strict=False)}
-        for c in configs
-    ]
-    saved = packed._precision
-    times: list[list[float]] = [[] for _ in configs]
-    try:
-        for r in range(repeat + 1):
-            for i, s in enumerate(settings):
-                packed._precision = s
-                t0 = time.perf_counter()
-                packed(x)
-                if r:
-                    times[i].append((time.perf_counter() - t0) * 1e3)
-    finally:
-        packed._precision = saved
-    return [float(np.median(t)) for t in times]
+def _median_ms(packed: Any, x: np.ndarray, repeat: int) -> float:
+    packed(x)
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        packed(x)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ts))
 
 
 def latency_model(
     packed: Any, *, batch: int = 1, size: tuple[int, int] | None = None, repeat: int = 20
 ) -> LatencyModel:
     """Time ``packed`` (an any-precision :class:`~bcnn.engine.PackedModel`) at its highest
-    precision and at every (layer, w, a) it allows (see the module docstring)."""
+    precision, and each layer's op at every (w, a) it allows (see the module docstring)."""
+    from ._plan import _Plan
+
     table = packed._table
     if not table:
         raise ValueError("latency_model: the model has no precision sets (not any-precision)")
     if batch < 1 or repeat < 1:
         raise ValueError("batch and repeat must be >= 1")
-    top = table.default()
-    configs: list[Config] = [top]
-    keys: list[tuple[str, tuple[int, int]]] = []
-    for name, (ws, as_) in table.layers.items():
-        for w in ws:
-            for a in as_:
-                if (w, a) != top[name]:
-                    configs.append({**top, name: (w, a)})
-                    keys.append((name, (w, a)))
     x = _images(packed, batch, size)
-    ms = _time_configs(packed, configs, x, repeat)
-    model = LatencyModel(base_ms=ms[0], batch=batch, size=(x.shape[2], x.shape[3]))
-    for (name, wa), t in zip(keys, ms[1:], strict=True):
-        model.deltas.setdefault(name, {})[wa] = t - ms[0]
+    top = table.default()
+    with packed.precision():
+        base = _median_ms(packed, x, repeat)
+    plan = _Plan(packed, tuple(int(d) for d in x.shape))  # type: ignore[arg-type]
+
+    def use(config: Config) -> None:
+        plan.precision.clear()
+        plan.precision.update({"weight_bits": None, "sel": table.select(config, strict=False)})
+
+    use(top)
+    for step in plan.steps:  # fill every buffer: each op then reruns on real inputs
+        step(x)
+    index = {op["precision"]["layer"]: i for i, op in enumerate(packed.graph["ops"])
+             if "precision" in op}  # fmt: skip
+    trials = [(n, (w, a)) for n, (ws, as_) in table.layers.items() for w in ws for a in as_]
+    times: dict[tuple[str, tuple[int, int]], list[float]] = {t: [] for t in trials}
+    for r in range(repeat + 1):
+        for name, wa in trials:
+            use({**top, name: wa})
+            step = plan.steps[index[name]]
+            t0 = time.perf_counter()
+            step(x)
+            if r:  # round 0 warms each variant (weight layouts, epilogues)
+                times[(name, wa)].append((time.perf_counter() - t0) * 1e3)
+    model = LatencyModel(base_ms=base, batch=batch, size=(x.shape[2], x.shape[3]))
+    for name in table.layers:
+        t_top = float(np.median(times[(name, top[name])]))
+        model.deltas[name] = {
+            wa: float(np.median(times[(n, wa)])) - t_top for n, wa in trials if n == name
+        }
     return model
 
 
@@ -121,10 +129,4 @@ def measure_ms(
     """Median ms of ``packed`` at ``config`` (None: its current setting), after a warm call."""
     x = _images(packed, batch, size)
     with packed.precision(layers=config) if config is not None else nullcontext():
-        packed(x)
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            packed(x)
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(ts))
+        return _median_ms(packed, x, repeat)
