@@ -13,8 +13,15 @@ All models are ``bcnn_cifar`` (--width/--depth) on the run's fixed seeded valida
 * the negative control: today's run-time knob on the dedicated W4A4 model, its top weight
   planes kept (its activations stay at 4 bits).
 
-Validation top-1 in float32 torch for each (the packed engine does not load any-precision
-models yet). Training seconds come from each run's metrics.csv. Finished runs are reused.
+Validation top-1 in float32 torch for each (the packed engine gives the same logits).
+Training seconds come from each run's metrics.csv. Finished runs are reused.
+
+With --latency (run it on a quiet machine): every model is also packed and timed at batch 1,
+one thread, on the packed engine (the float twin in PyTorch fp32), all rows interleaved round
+by round (medians); and per-layer mixes of the any-precision model are searched for latency
+budgets halfway between its uniform precisions (``search_precision`` with the packed engine's
+``latency_model``; the search scores candidates on the first --search-images validation images,
+the table reports all of them). --plot writes accuracy vs latency as a PNG.
 """
 
 from __future__ import annotations
@@ -38,6 +45,104 @@ def _top1(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(x)
 
 
+def _time_all(targets: list[Any], x: Any, repeat: int) -> list[float]:
+    """Median ms of every target at batch 1, one thread, interleaved round by round."""
+    import time
+
+    import numpy as np
+
+    from bcnn.engine import num_threads
+
+    xi = np.ascontiguousarray(x[:1].numpy())
+    xt = x[:1]
+    calls = []
+    for kind, obj, cfg in ((*t, None) if len(t) == 2 else t for t in targets):
+        if kind == "torch":
+            calls.append(lambda obj=obj: obj(xt))
+        else:
+            calls.append(lambda obj=obj, cfg=cfg: _run_at(obj, cfg, xi))
+    times: list[list[float]] = [[] for _ in calls]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad(), num_threads(1):
+            for r in range(repeat + 2):
+                for i, call in enumerate(calls):
+                    t0 = time.perf_counter()
+                    call()
+                    if r >= 2:  # two warm rounds
+                        times[i].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(prev)
+    return [float(np.median(t)) for t in times]
+
+
+def _run_at(packed: Any, cfg: dict[str, Any], x: Any) -> Any:
+    with packed.precision(**cfg):
+        return packed(x)
+
+
+def _latency(args: Any, rows: list[dict[str, Any]], targets: list[Any], model: Any,
+             packed: Any, secs: float, x: Any, y: Any) -> None:  # fmt: skip
+    """Time every row; add searched mixes of the any-precision model at budgets halfway
+    between its uniform latencies."""
+    from bcnn.engine import latency_model, num_threads
+    from bcnn.quant import average_bits, search_precision, set_precision
+
+    with num_threads(1):
+        lat = latency_model(packed, repeat=args.repeat)
+    ps = sorted(set(args.precisions))
+    names = list(packed.precision_layers)
+    uni = [lat({n: (k, k) for n in names}) for k in ps]
+    n = args.search_images
+    xs, ys = x[:n], y[:n]
+    for lo, hi, k in zip(uni, uni[1:], ps[1:], strict=False):
+        budget = (lo + hi) / 2
+        set_precision(model)
+        plan, _ = search_precision(
+            model, lambda m, _d: _top1(m, xs, ys), None, cost=lat, budget=budget
+        )
+        rows.append({
+            "model": "any-precision, searched mix", "bits": f"<= {budget:.3f} ms",
+            "val_top1": _top1(model, x, y), "train_seconds": secs,
+            "layers": {k2: list(v) for k2, v in plan.items()},
+            "average_weight_bits": round(average_bits(model), 3),
+            "predicted_ms": round(lat(plan), 4), "below": f"W{k}A{k}",
+        })  # fmt: skip
+        targets.append(("packed", packed, {"layers": dict(plan)}))
+    set_precision(model)
+    for r, ms in zip(rows, _time_all(targets, x, args.repeat), strict=True):
+        r["latency_ms"] = round(ms, 4)
+
+
+def _plot(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    style = {"any-precision": "o-", "any-precision, searched mix": "D",
+             "dedicated": "s", "W4A4, top planes kept": "x--", "float twin": "*"}  # fmt: skip
+    for name, fmt in style.items():
+        pts = [(r["latency_ms"], 100 * r["val_top1"], r["bits"]) for r in rows
+               if r["model"] == name]  # fmt: skip
+        if not pts:
+            continue
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], fmt, label=name)
+        if name != "any-precision, searched mix":
+            for lx, ly, b in pts:
+                ax.annotate(b, (lx, ly), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("batch-1 latency, ms (packed engine; float twin: PyTorch fp32), 1 thread")
+    ax.set_ylabel("validation top-1, %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
@@ -58,9 +163,14 @@ def main() -> None:
     ap.add_argument("--val-split", type=float, default=0.1)
     ap.add_argument("--amp", default="on", help="bf16 autocast on CPU (on|off)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--latency", action="store_true", help="time every row (quiet machine!)")
+    ap.add_argument("--repeat", type=int, default=40, help="timed rounds (--latency)")
+    ap.add_argument("--search-images", type=int, default=2000)
+    ap.add_argument("--plot", default=None, help="PNG of accuracy vs latency (--latency)")
     args = ap.parse_args()
 
     from bcnn.data import load_dataset
+    from bcnn.engine import pack
     from bcnn.models import load_checkpoint
     from bcnn.quant import set_precision
 
@@ -75,6 +185,7 @@ def main() -> None:
     m, _ = load_checkpoint(init)
     rows.append({"model": "float twin", "bits": "fp32", "val_top1": _top1(m, x, y),
                  "train_seconds": secs})  # fmt: skip
+    targets: list[Any] = [("torch", m.eval())]  # what --latency times, row by row
 
     ps = sorted(set(args.precisions))
     tag = f"{'_joint' if args.joint else ''}{'_kd' if args.distill else ''}"
@@ -86,10 +197,13 @@ def main() -> None:
     )  # fmt: skip
     secs = train_cached("any-precision", any_cfg)
     m, _ = load_checkpoint(Path(any_cfg.out) / "final.pt")
+    any_model, any_secs = m, secs
+    any_packed = pack(m) if args.latency else None
     for k in ps:
         set_precision(m, weight_bits=k, act_bits=k)
         rows.append({"model": "any-precision", "bits": f"W{k}A{k}",
                      "val_top1": _top1(m, x, y), "train_seconds": secs})  # fmt: skip
+        targets.append(("packed", any_packed, {"weight_bits": k, "act_bits": k}))
 
     for k in args.dedicated:
         extra = {} if k == 1 else {"weight_bits": k, "act_bits": k}
@@ -101,11 +215,17 @@ def main() -> None:
         m, _ = load_checkpoint(Path(cfg.out) / "final.pt")
         rows.append({"model": "dedicated", "bits": f"W{k}A{k}", "val_top1": _top1(m, x, y),
                      "train_seconds": secs})  # fmt: skip
+        ded = pack(m.eval()) if args.latency else None
+        targets.append(("packed", ded, {}))
         if k == 4:  # the negative control: drop weight planes of the dedicated W4A4 model
             for kb in (3, 2, 1):
                 set_precision(m, weight_bits=kb)
                 rows.append({"model": "W4A4, top planes kept", "bits": f"W{kb}A4",
                              "val_top1": _top1(m, x, y), "train_seconds": secs})  # fmt: skip
+                targets.append(("packed", ded, {"weight_bits": kb}))
+
+    if args.latency:
+        _latency(args, rows, targets, any_model, any_packed, any_secs, x, y)
 
     res = {"args": vars(args), "machine": platform.processor() or platform.machine(),
            "torch_threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
@@ -119,10 +239,15 @@ def main() -> None:
         f"float twin of {args.float_epochs}; top-1 on the seeded {args.val_split:.0%} "
         f"validation split of {args.data}"
     )
-    print("| model | bits | val top-1 | train s |\n|---|---|---|---|")
+    lat = "latency_ms" in rows[0]
+    print("| model | bits | val top-1 |" + (" batch-1 ms |" if lat else "") + " train s |")
+    print("|---|---|---|" + ("---|" if lat else "") + "---|")
     for r in rows:
         top1, secs = 100 * r["val_top1"], r["train_seconds"]
-        print(f"| {r['model']} | {r['bits']} | {top1:.2f}% | {secs:.0f} |")
+        ms = f" {r['latency_ms']:.3f} |" if lat else ""
+        print(f"| {r['model']} | {r['bits']} | {top1:.2f}% |{ms} {secs:.0f} |")
+    if args.plot and lat:
+        _plot(rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ class PackedModel:
         # replaced as a whole (never mutated) so that a call reads one consistent setting
         self._precision: dict[str, Any] = {"weight_bits": None}
         self._table = PrecisionTable(graph)  # any-precision models' sets (else empty)
+        self._settings: dict[Any, dict[str, Any]] = {}  # checked settings, by request
 
     # at most this many input shapes keep plans, and this many idle plans per shape (one per
     # thread that called concurrently; more are dropped when returned)
@@ -91,10 +92,18 @@ class PackedModel:
         with."""
         table = self._table
         if table:
-            config = table.config(weight_bits, act_bits, layers)
-            sel = table.select(config)
-            prev = self._precision.get("layers") or table.default()
-            self._precision = {"weight_bits": None, "layers": config, "sel": sel}
+            try:  # a setting asked for before: no re-checking (switch per request cheaply)
+                key: Any = (weight_bits, act_bits, tuple(sorted((layers or {}).items())))
+                setting = self._settings.get(key)
+            except TypeError:  # unhashable values: checked (and refused) below
+                key, setting = None, None
+            if setting is None:
+                config = table.config(weight_bits, act_bits, layers)
+                setting = {"weight_bits": None, "layers": config, "sel": table.select(config)}
+                if key is not None and len(self._settings) < 256:
+                    self._settings[key] = setting
+            prev = dict(self._precision.get("layers") or table.default())
+            self._precision = setting
             return prev
         if act_bits is not None or layers is not None:
             what = "act_bits" if act_bits is not None else "layers"
