@@ -242,6 +242,16 @@ def test_bad_act_steps_and_duplicate_layer_names_are_rejected(packed_file: Path)
     g2["ops"][j]["precision"]["layer"] = "blocks.1.conv"
     with pytest.raises(ValueError, match="defined twice"):
         PackedModel(g2, p.tensors)
+    # equal tensors inside a table are stored once (shared); one of the op's own may not be
+    op = p.graph["ops"][i]
+    table = op["precision"]["epilogues"]["steps"]
+    names = [st[k] for steps in table for st in steps for k in ("scale", "gamma") if k in st]
+    assert len(set(names)) < len(names)  # shared: the scale per act bits, one RPReLU
+    g3, _ = _with_op(p, "blocks.1.conv")
+    epi = g3["ops"][i]["precision"]["epilogues"]["steps"][0]
+    epi[0]["scale"] = op["epilogue"][0]["scale"]
+    with pytest.raises(ValueError, match="referenced twice"):
+        PackedModel(g3, p.tensors)
 
 
 CORRUPT = r"""

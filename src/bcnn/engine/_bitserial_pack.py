@@ -194,14 +194,34 @@ def _precision_entry(
             "at": [[a] for a in ps],
             "steps": [epilogue(f"{op}.s{j}", a, post) for j, a in enumerate(ps)],
         }
-    entry["epilogues"] = sets
+    entry["epilogues"] = _dedupe(b, sets)
     pre_sets = _keyed_sets(
         b, op, "p", name, pre,
         lambda prefix, _a, mods: _pre_steps(b, prefix, channels[0], mods), err, what,
     )  # fmt: skip
     if pre_sets is not None:
-        entry["pres"] = pre_sets
+        entry["pres"] = _dedupe(b, pre_sets)
     return entry
+
+
+def _dedupe(b: Any, table: dict[str, Any]) -> dict[str, Any]:
+    """Store equal step tensors of a table once (a set differs from the next mostly in its
+    batch norm; the scale follows the act bits only, an RPReLU never changes): later sets
+    reference the first copy (docs/format.md allows shared tensors inside a table)."""
+    from ._format import STEP_TENSORS
+
+    seen: dict[tuple[str, tuple[int, ...], bytes], str] = {}
+    for steps in table["steps"]:
+        for st in steps:
+            for key in STEP_TENSORS.get(st["kind"], ()):
+                name = st[key]
+                arr = b.tensors[name]
+                sig = (arr.dtype.str, arr.shape, arr.tobytes())
+                first = seen.setdefault(sig, name)
+                if first != name:
+                    st[key] = first
+                    del b.tensors[name]
+    return table
 
 
 def _act_steps(b: Any, layer: Any, what: str, err: type) -> dict[int, np.ndarray] | None:

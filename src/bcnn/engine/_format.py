@@ -89,6 +89,10 @@ class _Checker:
         self.tensors = tensors
         self.version = FORMAT_VERSION
         self.used: set[str] = set()
+        # precision tables (version 3) may share a tensor between their step lists; a tensor
+        # first referenced outside a table stays single-use
+        self.in_table = False
+        self.table_used: set[str] = set()
         # value name -> (kind, channels); kinds: image, stream, bits, vbits, vector
         self.kinds: dict[str, tuple[str, int]] = {}
 
@@ -100,8 +104,10 @@ class _Checker:
             raise _Invalid(f"{where}: {key!r} must name a tensor, got {name!r}")
         if name not in self.tensors:
             raise _Invalid(f"{where}: tensor {name!r} is missing")
-        if name in self.used:
+        if name in self.used and not (self.in_table and name in self.table_used):
             raise _Invalid(f"{where}: tensor {name!r} is referenced twice")
+        if self.in_table:
+            self.table_used.add(name)
         t = self.tensors[name]
         if t.dtype != np.dtype(dtype):
             raise _Invalid(f"{where}: tensor {name!r} has dtype {t.dtype}, expected {dtype}")
@@ -477,11 +483,15 @@ class _KbitChecker(_Checker):
             raise _Invalid(f"{w}: a set is listed twice")
         if not isinstance(steps, list) or len(steps) != len(at):
             raise _Invalid(f"{w}: 'steps' must hold one step list per set")
-        for j, st in enumerate(steps):
-            if key == "epilogues":
-                self.epilogue({"epilogue": st, "inputs": op["inputs"]}, ch, f"{w}[{j}]")
-            else:
-                self._pre(st, ch, f"{w}[{j}]")
+        self.in_table = True
+        try:
+            for j, st in enumerate(steps):
+                if key == "epilogues":
+                    self.epilogue({"epilogue": st, "inputs": op["inputs"]}, ch, f"{w}[{j}]")
+                else:
+                    self._pre(st, ch, f"{w}[{j}]")
+        finally:
+            self.in_table = False
         self.key_refs.append((w, spec, at))
 
 
