@@ -464,3 +464,31 @@ def test_cli_search_precision_and_eval_at_a_precision(
     train(_ap_cfg(out2, epochs=1, ap_schedule="uniform"))
     assert main(["search-precision", str(out2 / "final.pt"), "--budget-bits", "3"]) == 2
     assert "no trained mix reaches 3 bits" in capsys.readouterr().err
+
+
+def test_serving_checkpoint_stores_grid_integers_and_gives_the_same_logits(
+    tmp_path: Path,
+) -> None:
+    """save_checkpoint(sign_weights=True): k-bit weights as int8 grid integers X, read back
+    as X * step: the same integers, so the same logits at every precision."""
+    from bcnn.models import load_checkpoint, save_checkpoint
+
+    m = _model()
+    _train_at(m, PRECISIONS, steps=1)
+    m.eval()
+    save_checkpoint(tmp_path / "s.pt", m, sign_weights=True)
+    raw = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert raw["grid_weights"] and all(
+        raw["state_dict"][k].dtype == torch.int8 for k in raw["grid_weights"]
+    )
+    r, _ = load_checkpoint(tmp_path / "s.pt")
+    x = _images(3)
+    with torch.no_grad():
+        for k in PRECISIONS:
+            set_precision(m, weight_bits=k, act_bits=k)
+            set_precision(r, weight_bits=k, act_bits=k)
+            assert torch.equal(m(x), r(x))
+    raw["grid_weights"] = ["head.scale.weight"]
+    torch.save(raw, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a k-bit weight"):
+        load_checkpoint(tmp_path / "bad.pt")

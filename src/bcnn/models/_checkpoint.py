@@ -65,6 +65,31 @@ def sign_weight_names(model: nn.Module) -> set[str]:
     }
 
 
+def grid_weight_names(model: nn.Module) -> dict[str, Any]:
+    """Weights read only through an initialised signed k-bit quantizer with per-channel steps
+    (k-bit and any-precision layers): {weight name: its quantizer}. A serving checkpoint
+    stores them as their int8 grid integers X (the outputs depend on nothing else)."""
+    from ..quant import UniformQuantizer
+
+    out: dict[str, Any] = {}
+    for name, m in model.named_modules():
+        q = getattr(m, "weight_quantizer", None)
+        if (
+            isinstance(q, UniformQuantizer)
+            and q.signed
+            and q.channels
+            and bool(q.initialized)
+            and isinstance(getattr(m, "weight", None), nn.Parameter)
+        ):
+            out[f"{name}.weight" if name else "weight"] = q
+    return out
+
+
+def _grid_step(q: Any, w: torch.Tensor) -> torch.Tensor:
+    step = q.step.detach().abs().clamp_min(1e-8)
+    return step.view(-1, *([1] * (w.dim() - 1))).to(w.dtype)
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -75,14 +100,24 @@ def save_checkpoint(
     """Save a model built by ``create_model`` (its config is read from ``model.bcnn_config``).
 
     ``sign_weights=True`` writes a serving checkpoint: weights read only through a sign (see
-    :func:`sign_weight_names`) are stored as their int8 signs (sign(0) = +1), 4x smaller, same
-    outputs; fine-tuning from it restarts those latent weights at +-1."""
+    :func:`sign_weight_names`) are stored as their int8 signs (sign(0) = +1), k-bit weights
+    (:func:`grid_weight_names`) as their int8 grid integers (read back as X * step), 4x
+    smaller, same outputs; fine-tuning from it restarts those latent weights on the grid."""
     config = getattr(model, "bcnn_config", None)
     if config is None:
         raise ValueError("model has no bcnn_config: build it with bcnn.models.create_model")
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for k in sign_weight_names(model) if sign_weights else ():
         sd[k] = torch.where(sd[k] >= 0, 1, -1).to(torch.int8)
+    grid = grid_weight_names(model) if sign_weights else {}
+    for k, q in grid.items():  # k-bit weights: their grid integers (|X| <= 255)
+        keep, q.keep_bits = q.keep_bits, None
+        try:
+            with torch.no_grad():
+                x = q.integer(sd[k].float())[0]
+        finally:
+            q.keep_bits = keep
+        sd[k] = x.round().to(torch.int16 if x.abs().max() > 127 else torch.int8)
     obj = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -90,6 +125,8 @@ def save_checkpoint(
         "state_dict": sd,
         "meta": _plain(meta or {}),
     }
+    if grid:
+        obj["grid_weights"] = sorted(grid)
     atomic_torch_save(obj, path)
 
 
@@ -121,6 +158,16 @@ def load_checkpoint(
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"{path}: weights do not fit model {cfg['name']!r}: {first}") from None
+    grid = obj.get("grid_weights") or []
+    if grid:  # a serving checkpoint's grid integers X -> X * step: the same X again
+        found = grid_weight_names(model)
+        params = dict(model.named_parameters())
+        for k in grid:
+            if k not in found or k not in params:
+                raise ValueError(f"{path}: {k!r} is not a k-bit weight of this model")
+            with torch.no_grad():
+                w = params[k]
+                w.mul_(_grid_step(found[k], w))
     if cfg.get("bsq"):
         from ..bsq import check_
 
