@@ -33,85 +33,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _ap import searched_mixes, time_all, top1
 from _runs import run_config, train_cached
-
-
-@torch.no_grad()
-def _top1(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), 500):
-        correct += int((model(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum())
-    return correct / len(x)
-
-
-def _time_all(targets: list[Any], x: Any, repeat: int) -> list[float]:
-    """Median ms of every target at batch 1, one thread, interleaved round by round."""
-    import time
-
-    import numpy as np
-
-    from bcnn.engine import num_threads
-
-    xi = np.ascontiguousarray(x[:1].numpy())
-    xt = x[:1]
-    calls = []
-    for kind, obj, cfg in ((*t, None) if len(t) == 2 else t for t in targets):
-        if kind == "torch":
-            calls.append(lambda obj=obj: obj(xt))
-        else:
-            calls.append(lambda obj=obj, cfg=cfg: _run_at(obj, cfg, xi))
-    times: list[list[float]] = [[] for _ in calls]
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad(), num_threads(1):
-            for r in range(repeat + 2):
-                for i, call in enumerate(calls):
-                    t0 = time.perf_counter()
-                    call()
-                    if r >= 2:  # two warm rounds
-                        times[i].append((time.perf_counter() - t0) * 1e3)
-    finally:
-        torch.set_num_threads(prev)
-    return [float(np.median(t)) for t in times]
-
-
-def _run_at(packed: Any, cfg: dict[str, Any], x: Any) -> Any:
-    with packed.precision(**cfg):
-        return packed(x)
 
 
 def _latency(args: Any, rows: list[dict[str, Any]], targets: list[Any], model: Any,
              packed: Any, secs: float, x: Any, y: Any) -> None:  # fmt: skip
     """Time every row; add searched mixes of the any-precision model at budgets halfway
     between its uniform latencies."""
-    from bcnn.engine import latency_model, num_threads
-    from bcnn.quant import average_bits, search_precision, set_precision
-
-    with num_threads(1):
-        lat = latency_model(packed, repeat=args.repeat)
-    ps = sorted(set(args.precisions))
-    names = list(packed.precision_layers)
-    uni = [lat({n: (k, k) for n in names}) for k in ps]
-    n = args.search_images
-    xs, ys = x[:n], y[:n]
-    for lo, hi, k in zip(uni, uni[1:], ps[1:], strict=False):
-        budget = (lo + hi) / 2
-        set_precision(model)
-        plan, _ = search_precision(
-            model, lambda m, _d: _top1(m, xs, ys), None, cost=lat, budget=budget
+    for mix in searched_mixes(model, packed, x, y, args.search_images, args.repeat):
+        rows.append({"model": "any-precision, searched mix", "train_seconds": secs, **mix})
+        targets.append(
+            ("packed", packed, {"layers": {k: tuple(v) for k, v in mix["layers"].items()}})
         )
-        rows.append({
-            "model": "any-precision, searched mix", "bits": f"<= {budget:.3f} ms",
-            "val_top1": _top1(model, x, y), "train_seconds": secs,
-            "layers": {k2: list(v) for k2, v in plan.items()},
-            "average_weight_bits": round(average_bits(model), 3),
-            "predicted_ms": round(lat(plan), 4), "below": f"W{k}A{k}",
-        })  # fmt: skip
-        targets.append(("packed", packed, {"layers": dict(plan)}))
-    set_precision(model)
-    for r, ms in zip(rows, _time_all(targets, x, args.repeat), strict=True):
+    for r, ms in zip(rows, time_all(targets, x, args.repeat), strict=True):
         r["latency_ms"] = round(ms, 4)
 
 
@@ -183,7 +118,7 @@ def main() -> None:
     ds = load_dataset(args.data, "val", val_split=args.val_split, seed=args.seed)
     x, y = ds.images, ds.labels
     m, _ = load_checkpoint(init)
-    rows.append({"model": "float twin", "bits": "fp32", "val_top1": _top1(m, x, y),
+    rows.append({"model": "float twin", "bits": "fp32", "val_top1": top1(m, x, y),
                  "train_seconds": secs})  # fmt: skip
     targets: list[Any] = [("torch", m.eval())]  # what --latency times, row by row
 
@@ -202,7 +137,7 @@ def main() -> None:
     for k in ps:
         set_precision(m, weight_bits=k, act_bits=k)
         rows.append({"model": "any-precision", "bits": f"W{k}A{k}",
-                     "val_top1": _top1(m, x, y), "train_seconds": secs})  # fmt: skip
+                     "val_top1": top1(m, x, y), "train_seconds": secs})  # fmt: skip
         targets.append(("packed", any_packed, {"weight_bits": k, "act_bits": k}))
 
     for k in args.dedicated:
@@ -213,7 +148,7 @@ def main() -> None:
         )  # fmt: skip
         secs = train_cached(f"dedicated W{k}A{k}", cfg)
         m, _ = load_checkpoint(Path(cfg.out) / "final.pt")
-        rows.append({"model": "dedicated", "bits": f"W{k}A{k}", "val_top1": _top1(m, x, y),
+        rows.append({"model": "dedicated", "bits": f"W{k}A{k}", "val_top1": top1(m, x, y),
                      "train_seconds": secs})  # fmt: skip
         ded = pack(m.eval()) if args.latency else None
         targets.append(("packed", ded, {}))
@@ -221,7 +156,7 @@ def main() -> None:
             for kb in (3, 2, 1):
                 set_precision(m, weight_bits=kb)
                 rows.append({"model": "W4A4, top planes kept", "bits": f"W{kb}A4",
-                             "val_top1": _top1(m, x, y), "train_seconds": secs})  # fmt: skip
+                             "val_top1": top1(m, x, y), "train_seconds": secs})  # fmt: skip
                 targets.append(("packed", ded, {"weight_bits": kb}))
 
     if args.latency:
@@ -243,9 +178,9 @@ def main() -> None:
     print("| model | bits | val top-1 |" + (" batch-1 ms |" if lat else "") + " train s |")
     print("|---|---|---|" + ("---|" if lat else "") + "---|")
     for r in rows:
-        top1, secs = 100 * r["val_top1"], r["train_seconds"]
+        acc, secs = 100 * r["val_top1"], r["train_seconds"]
         ms = f" {r['latency_ms']:.3f} |" if lat else ""
-        print(f"| {r['model']} | {r['bits']} | {top1:.2f}% |{ms} {secs:.0f} |")
+        print(f"| {r['model']} | {r['bits']} | {acc:.2f}% |{ms} {secs:.0f} |")
     if args.plot and lat:
         _plot(rows, args.plot)
 
