@@ -19,9 +19,10 @@ Training seconds come from each run's metrics.csv. Finished runs are reused.
 With --latency (run it on a quiet machine): every model is also packed and timed at batch 1,
 one thread, on the packed engine (the float twin in PyTorch fp32), all rows interleaved round
 by round (medians); and per-layer mixes of the any-precision model are searched for latency
-budgets halfway between its uniform precisions (``search_precision`` with the packed engine's
-``latency_model``; the search scores candidates on the first --search-images validation images,
-the table reports all of them). --plot writes accuracy vs latency as a PNG.
+budgets 1/4, 1/2 and 3/4 of the way from its lowest to its highest uniform precision
+(``search_precision`` with the packed engine's ``latency_model``; the search scores candidates
+on the first --search-images validation images, the table reports all of them). --plot writes
+accuracy vs latency as a PNG.
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ from _runs import run_config, train_cached
 
 def _latency(args: Any, rows: list[dict[str, Any]], targets: list[Any], model: Any,
              packed: Any, secs: float, x: Any, y: Any) -> None:  # fmt: skip
-    """Time every row; add searched mixes of the any-precision model at budgets halfway
-    between its uniform latencies."""
+    """Time every row; add searched mixes of the any-precision model (``searched_mixes``)."""
     for mix in searched_mixes(model, packed, x, y, args.search_images, args.repeat):
         rows.append({"model": "any-precision, searched mix", "train_seconds": secs, **mix})
         targets.append(
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--latency", action="store_true", help="time every row (quiet machine!)")
     ap.add_argument("--repeat", type=int, default=40, help="timed rounds (--latency)")
-    ap.add_argument("--search-images", type=int, default=2000)
+    ap.add_argument("--search-images", type=int, default=1000)
     ap.add_argument("--plot", default=None, help="PNG of accuracy vs latency (--latency)")
     args = ap.parse_args()
 

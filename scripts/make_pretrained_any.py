@@ -9,7 +9,8 @@ Every figure in the card is measured here, on the run's seeded validation split:
 
 * at every uniform precision WkAk: top-1 on the packed engine, and whether its logits equal
   torch's (max |diff| over every image);
-* per-layer mixes searched for latency budgets halfway between the uniform precisions
+* per-layer mixes searched for latency budgets 1/4, 1/2 and 3/4 of the way from the lowest to
+  the highest uniform precision
   (``search_precision`` with the packed engine's ``latency_model``, scored on the first
   --search-images images), with their top-1 on the whole split (packed == torch checked too);
 * batch-1 latency, one thread, all interleaved round by round: the packed model at each
@@ -39,7 +40,7 @@ def main() -> int:
     ap.add_argument("--name", default="bcnn_cifar10_any")
     ap.add_argument("--data", default="imagefolder:~/.cache/bcnn/cifar10-jpeg/train")
     ap.add_argument("--config", default="configs/bcnn_cifar10_any.yaml")
-    ap.add_argument("--search-images", type=int, default=2000)
+    ap.add_argument("--search-images", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=40)
     args = ap.parse_args()
 
