@@ -259,3 +259,15 @@ def test_corrupt_any_precision_files_never_crash(packed_file: Path, tmp_path: Pa
 
     errors, _ = corrupt_and_run(packed_file, tmp_path, seed=3, size=33, switch=True)
     assert errors >= 20
+
+
+def test_torch_only_commands_name_a_bcnn_file_clearly(
+    packed_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bcnn.cli import main
+
+    for cmd in (["summary", str(packed_file)], ["search-precision", str(packed_file),
+                                                 "--budget-bits", "2"]):  # fmt: skip
+        assert main(cmd) == 2
+        err = capsys.readouterr().err.strip()
+        assert "a packed .bcnn model, not a torch checkpoint" in err and "\n" not in err

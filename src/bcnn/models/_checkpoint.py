@@ -137,6 +137,11 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".bcnn":
+        raise ValueError(
+            f"{path}: a packed .bcnn model, not a torch checkpoint (this needs the .pt it was "
+            "packed from)"
+        )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
