@@ -66,8 +66,13 @@ def searched_mixes(
     from bcnn.engine import latency_model, num_threads
     from bcnn.quant import average_bits, search_precision, set_precision
 
-    with num_threads(1):
-        lat = latency_model(packed, repeat=repeat)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # no idle torch threads spinning beside the engine's timing
+    try:
+        with num_threads(1):
+            lat = latency_model(packed, repeat=repeat)
+    finally:
+        torch.set_num_threads(prev)
     names = list(packed.precision_layers)
     ps = sorted(set(packed.precision_layers[names[0]][0]))
     lo, hi = (lat({n: (k, k) for n in names}) for k in (ps[0], ps[-1]))

@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if lat is not None and packed is not None:
         from ..engine import measure_ms, num_threads
 
+        torch.set_num_threads(1)  # torch's idle threads must not spin beside the timing
         with num_threads(args.threads):
             ms, ms_top = measure_ms(packed, plan), measure_ms(packed, {})
         res.update(
