@@ -57,10 +57,16 @@ def run_at(packed: Any, cfg: dict[str, Any], x: Any) -> Any:
 
 
 def searched_mixes(
-    model: Any, packed: Any, x: torch.Tensor, y: torch.Tensor, n_search: int, repeat: int
+    model: Any,
+    packed: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_search: int,
+    repeat: int,
+    fractions: tuple[float, ...] = (0.25, 0.5, 0.75),
 ) -> list[dict[str, Any]]:
-    """Per-layer mixes of an any-precision model for latency budgets at 1/4, 1/2 and 3/4 of
-    the way from its lowest to its highest uniform precision (as the packed engine's
+    """Per-layer mixes of an any-precision model for latency budgets at ``fractions`` (1/4,
+    1/2, 3/4) of the way from its lowest to its highest uniform precision (as the packed engine's
     ``latency_model`` predicts them, 1 thread), chosen greedily on the first ``n_search``
     images; top-1 on all of ``x``. Leaves the model at its default precision."""
     from bcnn.engine import latency_model, num_threads
@@ -78,7 +84,7 @@ def searched_mixes(
     lo, hi = (lat({n: (k, k) for n in names}) for k in (ps[0], ps[-1]))
     xs, ys = x[:n_search], y[:n_search]
     out = []
-    for f in (0.25, 0.5, 0.75):
+    for f in fractions:
         budget = lo + f * (hi - lo)
         set_precision(model)
         plan, _ = search_precision(

@@ -42,6 +42,13 @@ def main() -> int:
     ap.add_argument("--config", default="configs/bcnn_cifar10_any.yaml")
     ap.add_argument("--search-images", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=40)
+    ap.add_argument(
+        "--budgets",
+        type=float,
+        nargs="*",
+        default=[0.25, 0.5, 0.75],
+        help="searched mixes: latency budgets as fractions of the lowest-to-highest range",
+    )
     args = ap.parse_args()
 
     import bcnn
@@ -79,7 +86,10 @@ def main() -> int:
         cfg = {"weight_bits": k, "act_bits": k}
         rows.append({"bits": f"W{k}A{k}", **check(cfg)})
         targets.append(("packed", packed, cfg))
-    for mix in searched_mixes(model, packed, x, y, args.search_images, args.repeat):
+    mixes = searched_mixes(
+        model, packed, x, y, args.search_images, args.repeat, tuple(args.budgets)
+    )
+    for mix in mixes:
         cfg = {"layers": {n: tuple(v) for n, v in mix["layers"].items()}}
         rows.append({**mix, **check(cfg)})
         targets.append(("packed", packed, cfg))
