@@ -78,7 +78,6 @@ def bench_model(
             from ..quant import set_precision
 
             set_precision(binary, *precision)
-        res_precision = packed.current_precision or {"weight_bits": precision[0]}
     h, w = size or packed.input_size or (32, 32)
     x = np.random.default_rng(0).integers(0, 256, (batch, packed.in_channels, h, w), np.uint8)
     prev_torch = torch.get_num_threads()
@@ -91,9 +90,9 @@ def bench_model(
             "threads": threads,
             "input": [packed.in_channels, h, w],
         }
-        if any(v is not None for v in precision):
-            res["precision"] = {k: list(v) if isinstance(v, tuple) else v
-                                for k, v in res_precision.items()}  # fmt: skip
+        if any(v is not None for v in precision):  # what both engines run at
+            now = packed.current_precision or {"weight_bits": precision[0]}
+            res["precision"] = {k: list(v) if isinstance(v, tuple) else v for k, v in now.items()}
         xt = torch.from_numpy(x)
         fns: dict[str, Any] = {"packed_ms": lambda: packed(x)}
         if config.get("name") in list_models():
