@@ -312,6 +312,29 @@ def test_init_from_a_one_precision_checkpoint(tmp_path: Path) -> None:
     assert torch.equal(state["blocks.0.conv.weight"], src["blocks.0.conv.weight"])
 
 
+def test_init_from_an_any_precision_checkpoint_keeps_its_sets(tmp_path: Path) -> None:
+    """A continued any-precision stage takes every BN set and activation step as trained."""
+    from bcnn.models import save_checkpoint
+    from bcnn.train._init import init_state
+
+    torch.manual_seed(0)
+    src = _model()
+    _train_at(src, (1, 2, 4))
+    with torch.no_grad():  # make every set distinct from the others
+        for site in _sites(src).values():
+            for i, bn in enumerate(site.sets.values()):
+                bn.running_mean.add_(float(i))
+    save_checkpoint(tmp_path / "ap.pt", src)
+    fresh = _model()
+    said: list[str] = []
+    state = init_state(fresh, tmp_path / "ap.pt", "the any-precision model", said.append)
+    want = src.state_dict()
+    assert state.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(state[k], v), k
+    assert not said  # nothing kept fresh
+
+
 def test_init_from_an_unrelated_checkpoint_is_an_error(tmp_path: Path) -> None:
     from bcnn.train import train
     from bcnn.train._init import init_state

@@ -6,7 +6,8 @@ model's values when that is expected, and are named through ``log``:
 * quantizer state (LSQ steps, flags): a model at another precision, or a float twin, has
   none; the steps are set from the first batch as LSQ does;
 * the stem's weight: a float twin's stem reads pixels, a binary one pixel bit-planes;
-* every batch-norm set of an any-precision model starts from the source's single BN.
+* every batch-norm set of an any-precision model starts from the source's single BN (an
+  any-precision source of the same sets gives its own sets).
 
 Any other layer that does not fit means another topology: a one-line ``ValueError``.
 """
@@ -34,7 +35,7 @@ def init_state(model: nn.Module, src: Any, what: str, log: Any = None) -> dict[s
     fresh, bad = [], []
     for k, v in out.items():
         src_key = k
-        if ".sets." in k:  # blocks.0.bn.sets.2_2_2.weight <- blocks.0.bn.weight
+        if ".sets." in k and k not in have:  # blocks.0.bn.sets.2_2_2.weight <- blocks.0.bn.weight
             head, tail = k.split(".sets.", 1)
             src_key = f"{head}.{tail.split('.', 1)[1]}"
         t = have.get(src_key)
