@@ -107,6 +107,79 @@ def test_default_is_the_highest_and_the_context_manager_restores(
     np.testing.assert_array_equal(p(x), top)
 
 
+def _routes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Record every W1A1 conv routed to the fused binary kernels (name, taken)."""
+    from bcnn.engine import _bitserial
+
+    seen: list[tuple[str, bool]] = []
+    real = _bitserial._route
+
+    def spy(v: Any, s: Any, layer: Any) -> Any:
+        r = real(v, s, layer)
+        seen.append((v.op["precision"]["layer"], r is not None))
+        return r
+
+    monkeypatch.setattr(_bitserial, "_route", spy)
+    return seen
+
+
+@pytest.mark.parametrize("width", [8, 32])
+def test_w1a1_convs_run_on_the_fused_binary_kernels(
+    monkeypatch: pytest.MonkeyPatch, width: int
+) -> None:
+    """A conv selected at W1A1 is a binary conv: it runs on the binary model's fused kernels
+    (prescaled epilogue), with the same logits as the bit-serial path and as torch; width 8
+    exercises the partial channel tiles, width 32 the full ones and the widening residual."""
+    from bcnn.engine import _bitserial
+
+    torch.manual_seed(width)
+    m = create_model("bcnn_cifar", width=width, depth=1, precisions=(1, 2))
+    names = [n for n, _ in precision_layers(m)]
+    mix = {n: ((1, 1) if i % 2 else (2, 2)) for i, n in enumerate(names)}
+    m.train()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for cfg in (
+            {"weight_bits": 1, "act_bits": 1},
+            {"weight_bits": 2, "act_bits": 2},
+            {"layers": mix},
+        ):
+            set_precision(m, **cfg)  # type: ignore[arg-type]
+            for _ in range(2):
+                m(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g))
+    set_precision(m)
+    m.eval()
+    p = pack(m)
+    convs = [o["precision"]["layer"] for o in p.graph["ops"] if o["op"] == "qconv"]
+    # images of different brightness: an untrained net's logits differ between them
+    rng = np.random.default_rng(width)
+    x = (rng.integers(0, 64, (7, 3, 33, 33)) + 32 * np.arange(7)[:, None, None, None]).astype(
+        np.uint8
+    )
+    seen = _routes(monkeypatch)
+    for cfg in ({"weight_bits": 1, "act_bits": 1}, {"layers": mix}):
+        seen.clear()
+        p.set_precision(**cfg)  # type: ignore[arg-type]
+        fast = p(x)
+        np.testing.assert_array_equal(fast, _torch_logits(m, x, **cfg), err_msg=str(cfg))
+        assert np.ptp(fast, axis=0).max() > 0  # not a constant network
+        want = {n for n in convs if p.current_precision[n] == (1, 1)}
+        assert want and {n for n, ok in seen if ok} == want, (cfg, seen)
+        with monkeypatch.context() as mp:  # the bit-serial path of the same selection
+            mp.setattr(_bitserial._Variants, "binary", lambda *a: None)
+            slow = PackedModel(p.graph, p.tensors)
+            slow.set_precision(**cfg)  # type: ignore[arg-type]
+            np.testing.assert_array_equal(slow(x), fast)
+    # one routed conv with its top weight plane swapped for the other: the logits move
+    g2, i = _with_op(p, sorted(want)[0])
+    t2 = dict(p.tensors)
+    w = t2[g2["ops"][i]["weight"]]
+    t2[g2["ops"][i]["weight"]] = np.ascontiguousarray(w[::-1])
+    q = PackedModel(g2, t2)
+    q.set_precision(layers=mix)
+    assert not np.array_equal(q(x), fast)
+
+
 def test_the_file_is_version_3_and_older_versions_refuse_sets(
     trained: Any, packed_file: Path
 ) -> None:

@@ -189,6 +189,25 @@ def _qpack_cf(x, bias, step, lo, hi, signed, hint, bits, tmp, out):  # type: ign
                     out[j * n + b, i, w] = tmp[j, w, i]
 
 
+@njit(nogil=True, cache=True, boundscheck=False)
+def _pack_sign_step(x, bias, step, out, pad):  # type: ignore[no-untyped-def]
+    """The 1-bit signed codes of x float32 (N, H, W, C), packed into the interior of out
+    uint64 (N, H + 2*pad, W + 2*pad, Cw) (border kept): bit = (x + b) / step < 0 in float32,
+    the 1-bit grid point -1 of :func:`_code` (v >= 0, -0.0 and NaN included, give +1)."""
+    n_, h, w, c_ = x.shape
+    cw = out.shape[3]
+    for n in range(n_):
+        for y in range(h):
+            for i in range(w):
+                for j in range(cw):
+                    c0 = 64 * j
+                    wd = np.uint64(0)
+                    for k in range(min(64, c_ - c0)):
+                        v = (x[n, y, i, c0 + k] + bias[c0 + k]) / step
+                        wd |= np.uint64(v < 0) << np.uint64(k)
+                    out[n, y + pad, i + pad, j] = wd
+
+
 @njit(nogil=True, cache=True)
 def _pack_codes(codes, bits, out):  # type: ignore[no-untyped-def]
     """codes uint8 (N, P, 64*Cw) -> out uint64 (bits*N, P, Cw): bit c of word w of plane j is
@@ -518,6 +537,7 @@ class _Variants:
         self.step = float(t[op["act_step"]][0]) if "act_step" in op else 1.0
         self._emit: dict[int, Any] = {}
         self._pre: dict[int, tuple[Any, np.ndarray | None]] = {}
+        self._binary: dict[tuple[int, int, int], Any] = {}
 
     def emit(self, j: int) -> Any:
         e = self._emit.get(j)
@@ -542,6 +562,68 @@ class _Variants:
         step = self.steps[s.act_index] if self.steps else self.step
         return (s.weight_bits, s.act_bits, step, *self.pre(s.pre), self.emit(s.epilogue))
 
+    def binary(self, precision: dict[str, Any], layer: BitSerialConv) -> Any:
+        """The fused binary route of a conv selected at W1A1, or None (see :func:`_route`)."""
+        s = (precision.get("sel") or {}).get(self.name)
+        if s is None or s.weight_bits != 1 or s.act_bits != 1:
+            return None
+        key = (s.act_index, s.pre, s.epilogue)
+        r = self._binary.get(key, False)
+        if r is False:
+            r = self._binary[key] = _route(self, s, layer)
+        return r
+
+
+def _route(v: _Variants, s: Any, layer: BitSerialConv) -> Any:
+    """A conv at W1A1 is a binary conv: run it on the binary model's fused kernels, or None
+    when this selection does not fit them.
+
+    The 1-bit activation code of v = (x + b) / step is +1 iff v >= 0 (:func:`_pack_sign_step`
+    packs it straight into a zero-bordered buffer). The top weight plane alone is X' = 2^d s
+    (d = planes - 1),
+    so the combined integer is acc << d and its scale step gives
+    float32(acc) * (2^d * scale) exactly (a power of two). Then batch norm (the same fma),
+    RPReLU and the residual add: the fused epilogue of :func:`bind_conv_affine` with that
+    ``prescale``. Same bits as the bit-serial path (tests/test_engine_any_precision.py)."""
+    from . import _kernels as K
+
+    plan, op, t = v.plan, v.op, v.t
+    step = v.steps[s.act_index] if v.steps else v.step
+    fn, bias = v.pre(s.pre)
+    steps = op["precision"]["epilogues"]["steps"][s.epilogue] if s.epilogue >= 0 else []
+    kinds = [st["kind"] for st in steps]
+    res = op["inputs"][1] if len(op["inputs"]) == 2 else None
+    want = ["scale", "bn", *(["rprelu"] if "rprelu" in kinds else []), *(["add"] if res else [])]
+    if kinds != want or fn is not None or not layer.w.act_signed or layer.w.zero:
+        return None
+    d = layer.w.bits - 1
+    wscale = np.asarray(t[steps[0]["scale"]], np.float32)
+    pre = (wscale * np.float32(2.0**d)).astype(np.float32)
+    if not (np.all(np.isfinite(pre)) and np.array_equal(pre / np.float32(2.0**d), wscale)):
+        return None
+    src, out = plan.bufs[op["inputs"][0]], plan.bufs[op["output"]]
+    rb = plan.bufs[res] if res is not None else None
+    f32 = lambda a: np.ascontiguousarray(t[a], np.float32)  # noqa: E731
+    bn = steps[1]
+    rp = tuple(f32(steps[2][k]) for k in ("gamma", "slope", "zeta")) if "rprelu" in kinds else None
+    n, h, w, c = src.array.shape
+    p = layer.padding
+    b = np.zeros(c, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+    bits = np.zeros((n, h + 2 * p, w + 2 * p, _words(c)), np.uint64)  # border 0: one-padding
+    st = np.float32(step)
+    pw, _ = layer.w.get(d, lambda a: K.prepare_conv_weights(a, layer.cin))
+    conv = K.bind_conv_affine(
+        bits.shape, pw,
+        f32(bn["alpha"]), f32(bn["beta"]), stride=layer.stride, padding=0, rprelu=rp,
+        residual_channels=rb.channels if rb is not None else None, fma=True, prescale=pre,
+    )  # fmt: skip
+
+    def run() -> None:
+        _pack_sign_step(src.array, b, st, bits, p)
+        conv(bits, rb.array if rb is not None else None, out.array)
+
+    return run
+
 
 def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     layer = BitSerialConv(
@@ -553,6 +635,10 @@ def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     precision = plan.precision
 
     def run(x: np.ndarray) -> None:
+        fast = v.binary(precision, layer)
+        if fast is not None:
+            fast()
+            return
         wb, ab, step, pre, bias, emit = v.pick(precision)
         a = src.array if pre is None else pre(src.array)
         emit(layer(a, step, bias, wb, act_bits=ab))

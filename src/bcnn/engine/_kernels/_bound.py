@@ -22,9 +22,11 @@ from ._conv import (
     _MB,
     _MODE_AFFINE,
     _MODE_AFFINE_FMA,
+    _MODE_PRESCALE_FMA,
     _U00,
     _conv_serial,
     _out_hw,
+    _prescaled,
     _run_conv,
 )
 from ._llvm import MR
@@ -86,6 +88,7 @@ def bind_conv_affine(
     residual_channels: int | None = None,
     fma: bool = False,
     pack: tuple[np.ndarray, np.ndarray, int] | None = None,
+    prescale: object = None,
 ) -> Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.ndarray]:
     """:func:`bconv2d_affine` for a fixed input shape, checked once: returns
     ``run(x, residual, out) -> out``. Internal (the executor's hot path): the caller
@@ -95,12 +98,17 @@ def bind_conv_affine(
     one thread it calls the compiled serial kernel without the per-call checks; otherwise it
     runs the checked :func:`bconv2d_affine`. ``pack=(bias, bits, p)``: each call also packs
     sign(out + bias) (as :func:`pack_sign`) into the interior of ``bits`` (uint64
-    (N, Ho + 2p, Wo + 2p, Cw), zero border kept), in the same compiled call."""
+    (N, Ho + 2p, Wo + 2p, Cw), zero border kept), in the same compiled call. ``prescale``
+    (with ``fma=True``): as :func:`bconv2d_affine`'s."""
     mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
     n, h, wd, _ = x_shape
     ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
     o = w.out_channels
     sc, bi = _vec(scale, o, "scale"), _vec(bias, o, "bias")
+    if prescale is not None:
+        if not fma:
+            raise ValueError("prescale needs fma=True")
+        sc, mode = _prescaled(sc, prescale, o), _MODE_PRESCALE_FMA
     rp = (_F0, _F0, _F0) if rprelu is None else tuple(_vec(v, o, "rprelu") for v in rprelu)
     has_rp = rprelu is not None
     cr = 1 if residual_channels is None else int(residual_channels)

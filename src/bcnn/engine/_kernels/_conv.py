@@ -36,14 +36,29 @@ from ._weights import (
 
 # ------------------------------------------------------------------------ conv / GEMM kernels
 
-_MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD, _MODE_AFFINE_FMA = 0, 1, 2, 3
+_MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD, _MODE_AFFINE_FMA, _MODE_PRESCALE_FMA = 0, 1, 2, 3, 4
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _ctl(mode, o_):  # type: ignore[no-untyped-def]
+    """The float epilogue's control word (:func:`._llvm._emit_epilogue`): 0 multiply-add,
+    1 fma, 3 | (O << 2) the prescaled fma (pre[o] = scale[O + o])."""
+    if mode == 3:
+        return np.int64(1)
+    if mode == 4:
+        return np.int64(3) | (np.int64(o_) << np.int64(2))
+    return np.int64(0)
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _affine_rp(x, o, scale, bias, rp_g, rp_s, rp_z, has_rp, fma):  # type: ignore[no-untyped-def]
     """One channel's scalar float epilogue: x * scale + bias (one rounding with fma), then
-    RPReLU when has_rp. Shared by the conv and stem kernels' partial tiles."""
-    y = _fma32(x, scale[o], bias[o]) if fma else x * scale[o] + bias[o]
+    RPReLU when has_rp. ``fma`` is a bool or the control word of :func:`_ctl` (prescaled:
+    x * pre[o] rounded first). Shared by the conv and stem kernels' partial tiles."""
+    c = np.int64(fma)
+    if c & 2:
+        x = x * scale[(c >> 2) + o]
+    y = _fma32(x, scale[o], bias[o]) if c & 1 else x * scale[o] + bias[o]
     if has_rp:
         y = y - rp_g[o]
         y = y * rp_s[o] if y < 0 else y
@@ -61,7 +76,7 @@ def _epilogue(  # type: ignore[no-untyped-def]
     channels through the scalar loops (same arithmetic)."""
     cr = res.shape[1]
     o_ = out_i.shape[1] if mode == 0 else out_f.shape[1]
-    fma = mode == 3
+    fma = _ctl(mode, o_)
     full = lmax == LANES
     for r in range(rows):
         m = m0 + r
@@ -73,7 +88,7 @@ def _epilogue(  # type: ignore[no-untyped-def]
             else:
                 for l in range(lmax):
                     out_i[m, o0 + l] = nbits - 2 * acc[base + l]
-        elif mode == 1 or mode == 3:
+        elif mode != 2:
             if full and (not has_res or cr == o_):
                 oo = m * o_ + o0
                 if not has_rp and not has_res:
@@ -124,10 +139,10 @@ def _conv_range(  # type: ignore[no-untyped-def]
     noshift = np.empty(0, np.int64)
     o_out = out_i.shape[1] if mode == 0 else out_f.shape[1]
     # full tiles of 32 channels run a fused micro-kernel (epilogue from registers)
-    fma = mode == 3
+    fma = _ctl(mode, o_out)
     cr = res.shape[1]
     # a residual of Cr < O channels is read at o % Cr: fused when no 32-block wraps around
-    fuse = mode == 0 or ((mode == 1 or fma) and (not has_res or cr == o_out or cr % LANES == 0))
+    fuse = mode == 0 or (mode != 2 and (not has_res or cr == o_out or cr % LANES == 0))
     rbase = np.empty((_MB, MR), np.int64)
     rr = np.empty(MR, np.int64)
     sw = kw * cw
@@ -319,8 +334,9 @@ def _run_conv(
     rp = (_F0, _F0, _F0)
     if mode == _MODE_INT:
         result = out_i = np.empty((m, o), np.int32)
-    elif mode in (_MODE_AFFINE, _MODE_AFFINE_FMA):
-        scale = _vec(scale, o, "scale")
+    elif mode in (_MODE_AFFINE, _MODE_AFFINE_FMA, _MODE_PRESCALE_FMA):
+        # prescaled: scale holds (alpha, pre), 2 * O values
+        scale = _vec(scale, 2 * o if mode == _MODE_PRESCALE_FMA else o, "scale")
         bias = _vec(bias, o, "bias")
         if rprelu is not None:
             if len(rprelu) != 3:
@@ -412,6 +428,7 @@ def bconv2d_affine(
     residual: np.ndarray | None = None,
     out: np.ndarray | None = None,
     fma: bool = False,
+    prescale: object = None,
 ) -> np.ndarray:
     """Binary conv2d + per-channel affine (+ RPReLU) (+ residual add), one pass, float32 NHWC.
 
@@ -421,19 +438,32 @@ def bconv2d_affine(
     shortcut of a widening downsample). ``out`` may be ``residual`` itself (h += ... in place).
     ``fma=True``: y = fma(float32(acc), scale[o], bias[o]) with one rounding (how ATen's CPU
     batch norm computes x * alpha + beta in eval mode) instead of a multiply then an add.
+    ``prescale`` (float32 (O,), with ``fma=True``): y = fma(float32(acc) * prescale[o],
+    scale[o], bias[o]), the product rounded first: a 1-bit view of a k-bit layer (its weight
+    scale, then its batch norm).
     """
+    mode, sc = _MODE_AFFINE_FMA if fma else _MODE_AFFINE, scale
+    if prescale is not None:
+        if not fma:
+            raise ValueError("prescale needs fma=True")
+        sc, mode = _prescaled(scale, prescale, _check_prepared(w).out_channels), _MODE_PRESCALE_FMA
     return _run_conv(
         x,
         w,
         stride,
         padding,
-        _MODE_AFFINE_FMA if fma else _MODE_AFFINE,
-        scale=scale,  # type: ignore[arg-type]
+        mode,
+        scale=sc,  # type: ignore[arg-type]
         bias=bias,  # type: ignore[arg-type]
         rprelu=rprelu,  # type: ignore[arg-type]
         residual=residual,
         out=out,
     )
+
+
+def _prescaled(scale: object, prescale: object, o: int) -> np.ndarray:
+    """(alpha, pre) as one float32 (2 * O,) vector, each checked to be (O,)."""
+    return np.concatenate([_vec(scale, o, "scale"), _vec(prescale, o, "prescale")])
 
 
 def bconv2d_threshold(

@@ -52,16 +52,19 @@ def _arg_readers(context, builder, signature, args):  # type: ignore[no-untyped-
 _EPI_KINDS = ("int", "affine", "affine_rp", "affine_res", "affine_rp_res")
 
 
-def _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, fma):  # type: ignore[no-untyped-def]
+def _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, ctl):  # type: ignore[no-untyped-def]
     """Emit the epilogue of rows of 32 outputs: rows = [(d, out_off, res_off)], d four
     <8 x i64> dot products.
 
     kind ``int``: out[out_off + l] = int32(d); otherwise y = float32(d) * scale[o] + bias[o]
-    (IEEE multiply then add; if the i1 ``fma`` is set: fma(float32(d), scale[o], bias[o]),
-    one rounding, as ATen's CPU batch norm), ``rp``: y = y - g[o]; y = y*s[o] if y < 0 else y;
-    y = y + z[o]; ``res``: y = res[res_off + l] + y; out[out_off + l] = y. o = o0 + l.
+    (IEEE multiply then add), or with the i64 control word ``ctl`` (:func:`._conv._ctl`):
+    bit 0 set: fma(float32(d), scale[o], bias[o]), one rounding, as ATen's CPU batch norm;
+    bit 1 set too: fma(float32(d) * pre[o], scale[o], bias[o]) (the multiply rounded first,
+    a k-bit layer's scale before its batch norm) with pre[o] = scale[(ctl >> 2) + o];
+    ``rp``: y = y - g[o]; y = y*s[o] if y < 0 else y; y = y + z[o]; ``res``:
+    y = res[res_off + l] + y; out[out_off + l] = y. o = o0 + l.
     vec_ps: element pointers (scale, bias, g, s, z); the per-channel vectors are loaded once
-    for all rows, and the fma choice is a branch, not a select of both results.
+    for all rows, and the variant is a branch, not a select of every result.
     """
     i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
     v32, vf = ir.VectorType(i32, _VL), ir.VectorType(f32, _VL)
@@ -85,10 +88,12 @@ def _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, fma):
         builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{_VL}f32"
     )
 
-    def emit(use_fma: bool) -> None:
+    def emit(use_fma: bool, pre: list | None = None) -> None:  # type: ignore[type-arg]
         for d, out_off, res_off in rows:
             for j in range(_NV):
                 x = builder.sitofp(d[j], vf)
+                if pre is not None:
+                    x = builder.fmul(x, pre[j])
                 sc, bi = ch["scale"][j], ch["bias"][j]
                 if use_fma:
                     y = builder.call(fma_fn, [x, sc, bi])
@@ -103,11 +108,19 @@ def _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, fma):
                     y = builder.fadd(builder.load(at(res_p, res_off, j, vf), align=4), y)
                 builder.store(y, at(out_p, out_off, j, vf), align=4)
 
-    with builder.if_else(fma) as (then, otherwise):
-        with then:
-            emit(True)
-        with otherwise:
-            emit(False)
+    one, two = ir.Constant(i64, 1), ir.Constant(i64, 2)
+    fma = builder.icmp_signed("!=", builder.and_(ctl, one), ir.Constant(i64, 0))
+    prescaled = builder.icmp_signed("!=", builder.and_(ctl, two), ir.Constant(i64, 0))
+    with builder.if_else(prescaled) as (then_pre, otherwise_pre):
+        with then_pre:
+            off = builder.add(o0, builder.ashr(ctl, two))
+            emit(True, [builder.load(at(vec_ps[0], off, j, vf), align=4) for j in range(_NV)])
+        with otherwise_pre:
+            with builder.if_else(fma) as (then, otherwise):
+                with then:
+                    emit(True)
+                with otherwise:
+                    emit(False)
 
 
 def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: ignore[no-untyped-def]
@@ -228,7 +241,7 @@ def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: igno
         vec_ps = tuple(data(k + 4 + q, ir.FloatType()) for q in range(5))
         res_p = data(k + 9, ir.FloatType())
         ro_p = data(k + 10)
-        fma = builder.icmp_signed("!=", idx(k + 11), zero_i)
+        ctl = idx(k + 11)  # the epilogue's control word (bool fma: 0 / 1)
         nb_v = splat(nbits)
         two = ir.Constant(vty, [2] * _VL)
         rows = []
@@ -237,7 +250,7 @@ def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: igno
             out_off = builder.add(builder.load(builder.gep(oo_p, [ir.Constant(i64, r)])), o0)
             res_off = builder.add(builder.load(builder.gep(ro_p, [ir.Constant(i64, r)])), o0)
             rows.append((d, out_off, res_off))
-        _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, fma)
+        _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, ctl)
         return context.get_dummy_value()
 
     typer.__name__ = ("_mk_shift" if with_shifts else "_mk") + (f"_{kind}" if kind else "")
@@ -321,7 +334,7 @@ def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
             d.append(builder.sub(nb_v, builder.mul(two, a)))
         out_p = ptr(3, ir.IntType(32) if kind == "int" else f32)
         vec_ps = tuple(ptr(5 + q, f32) for q in range(5))
-        fma = builder.icmp_signed("!=", idx(13), ir.Constant(i64, 0))
+        ctl = idx(13)
         _emit_epilogue(
             context,
             builder,
@@ -331,7 +344,7 @@ def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
             idx(12),
             vec_ps,
             ptr(10, f32),
-            fma,
+            ctl,
         )
         return context.get_dummy_value()
 
