@@ -605,7 +605,10 @@ def _route(v: _Variants, s: Any, layer: BitSerialConv) -> Any:
     rb = plan.bufs[res] if res is not None else None
     f32 = lambda a: np.ascontiguousarray(t[a], np.float32)  # noqa: E731
     bn = steps[1]
-    rp = tuple(f32(steps[2][k]) for k in ("gamma", "slope", "zeta")) if "rprelu" in kinds else None
+    rp = None
+    if "rprelu" in kinds:
+        r = steps[2]
+        rp = (f32(r["gamma"]), f32(r["slope"]), f32(r["zeta"]))
     n, h, w, c = src.array.shape
     p = layer.padding
     b = np.zeros(c, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
