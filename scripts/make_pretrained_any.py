@@ -1,7 +1,11 @@
 """Turn a finished any-precision training run into the shipped model and its model card.
 
     python scripts/make_pretrained_any.py RUN_DIR --name bcnn_cifar10_any \
-        [--config configs/bcnn_cifar10_any.yaml] [--data SPEC]
+        [--config configs/bcnn_cifar10_any_ft.yaml] [--data SPEC] \
+        [--before CONFIG=RUN_DIR ...]
+
+``--before`` names each earlier stage of the recipe (a run the next one continued with
+``init:``), in training order; the card's recipe table lists every stage.
 
 Writes src/bcnn/pretrained/NAME.bcnn (packed, every precision's sets), NAME.pt (the torch
 weights; k-bit weights as their int8 grid integers: same outputs) and docs/models/NAME.md.
@@ -39,7 +43,7 @@ def main() -> int:
     ap.add_argument("run")
     ap.add_argument("--name", default="bcnn_cifar10_any")
     ap.add_argument("--data", default="imagefolder:~/.cache/bcnn/cifar10-jpeg/train")
-    ap.add_argument("--config", default="configs/bcnn_cifar10_any.yaml")
+    ap.add_argument("--config", default="configs/bcnn_cifar10_any_ft.yaml")
     ap.add_argument("--search-images", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=40)
     ap.add_argument(
@@ -49,7 +53,17 @@ def main() -> int:
         default=[0.25, 0.5, 0.75],
         help="searched mixes: latency budgets as fractions of the lowest-to-highest range",
     )
+    ap.add_argument(
+        "--before",
+        action="append",
+        default=[],
+        metavar="CONFIG=RUN_DIR",
+        help="an earlier stage of the recipe, in order (repeat)",
+    )
     args = ap.parse_args()
+    for b in args.before:
+        if "=" not in b or not (Path(b.split("=", 1)[1]).expanduser() / "metrics.csv").is_file():
+            ap.error(f"--before {b}: expected CONFIG=RUN_DIR of a finished run")
 
     import bcnn
     from bcnn.data import load_dataset
@@ -57,6 +71,8 @@ def main() -> int:
     from bcnn.models import create_model, load_checkpoint, save_checkpoint
     from bcnn.quant import set_precision
 
+    # every stage of the recipe, read first (a bad --before fails before the long work)
+    stages = [_stage(*b.split("=", 1)) for b in args.before] + [_stage(args.config, args.run)]
     run = Path(args.run)
     model, meta = load_checkpoint(run / "final.pt")
     meta = {**meta, "data": args.data}
@@ -115,7 +131,6 @@ def main() -> int:
     keep = {k: meta[k] for k in ("classes", "data", "val_split", "seed") if k in meta}
     keep["val_top1"] = {r["bits"]: r["val_top1"] for r in rows[: len(ps)]}
     save_checkpoint(pt_path, model, keep, sign_weights=True)
-    st = _stage(args.config, args.run)
     s = bcnn.summary(model, (model.in_chans, 32, 32), name=args.name)
 
     def row_md(r: dict[str, Any]) -> str:
@@ -136,7 +151,8 @@ def main() -> int:
         f"\n| `bcnn_cifar10` (dedicated fully binary W1A1, 36 + 38 epochs) | "
         f"{100 * bin_top1:.2f}% | {binary_ms:.3f} ms | {twin_ms / binary_ms:.1f}x |"
     )
-    epochs = sum(st["epochs"].values())
+    epochs = sum(sum(g["epochs"].values()) for g in stages)
+    secs = sum(g["secs"] for g in stages)
     facts = "| | |\n|---|---|\n" + "\n".join(
         f"| {k} | {v} |"
         for k, v in [
@@ -145,7 +161,8 @@ def main() -> int:
                 f"{epochs} step-2 epochs from the shipped `bcnn_cifar10`, every precision each "
                 "iteration (`--ap-joint`), the highest teaching the others (`--ap-distill`), "
                 "uniform then per-layer precisions (`--ap-schedule bitmixer`); "
-                f"{st['secs'] / 60:.0f} min wall time, CPU only ({_machine()}, 2 cores, bf16 "
+                f"{secs / 60:.0f} min wall time in {len(stages)} stage(s) (below), CPU only "
+                f"({_machine()}, 2 cores, bf16 "
                 "autocast)",
             ),
             (
@@ -155,6 +172,22 @@ def main() -> int:
                 f"int8 grid integers) {pt_path.stat().st_size / 1024:.0f} KiB",
             ),
         ]
+    )
+    recipe = "| # | config | epochs | wall time | " + " | ".join(f"W{k}A{k}" for k in ps) + " |\n"
+    recipe += "|---|---|---|---|" + "---|" * len(ps) + "\n"
+    for i, g in enumerate(stages, 1):
+        last = _last_metrics(g["run"])
+        accs = " | ".join(f"{100 * float(last.get(f'val_top1_w{k}a{k}', 'nan')):.2f}%" for k in ps)
+        recipe += (
+            f"| {i} | `{g['config']}` | {sum(g['epochs'].values())} | "
+            f"{g['secs'] / 60:.0f} min | {accs} |\n"
+        )
+    train_cmds = "\n".join(f"bcnn train --config {g['config']}" for g in stages)
+    before_args = "".join(
+        f" \\\n    --before {g['config']}={_out_of(g['config'])}" for g in stages[:-1]
+    )
+    configs = "\n".join(
+        f"`{g['config']}` (resolved, as run):\n\n```yaml\n{g['cfg']}\n```\n" for g in stages
     )
     card = f"""# `{args.name}`: one CIFAR-10 BCNN at any precision
 
@@ -189,20 +222,23 @@ of it.
 
 {facts}
 
+## Recipe
+The stages, in training order (a continued stage starts from the previous stage's weights,
+`init:` in its config, with a fresh schedule). Top-1 per precision: the trainer's float32
+evaluation at the end of each stage, same split.
+
+{recipe}
+
 ## Reproduce
 Extract `../shared/data/cifar10-train-jpeg.tar.gz` into `~/.cache/bcnn/`, then
 
 ```bash
-bcnn train --config {args.config}
+{train_cmds}
 python scripts/make_pretrained_any.py {_out_of(args.config)} --name {args.name} \\
-    --config {args.config}
+    --config {args.config}{before_args}
 ```
 
-`{args.config}` (resolved, as run):
-
-```yaml
-{st["cfg"]}
-```
+{configs}
 
 ## Layers (at the highest precision)
 
@@ -216,6 +252,14 @@ python scripts/make_pretrained_any.py {_out_of(args.config)} --name {args.name} 
     (ROOT / "docs" / "results" / f"{args.name}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
     return 0
+
+
+def _last_metrics(run: str) -> dict[str, str]:
+    """The last row of a run's metrics.csv (its final evaluation)."""
+    import csv
+
+    with open(Path(run).expanduser() / "metrics.csv") as f:
+        return list(csv.DictReader(f))[-1]
 
 
 if __name__ == "__main__":
