@@ -112,14 +112,17 @@ def _routes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
     from bcnn.engine import _bitserial
 
     seen: list[tuple[str, bool]] = []
-    real = _bitserial._route
 
-    def spy(v: Any, s: Any, layer: Any) -> Any:
-        r = real(v, s, layer)
-        seen.append((v.op["precision"]["layer"], r is not None))
-        return r
+    def spy(real: Any) -> Any:
+        def route(v: Any, *a: Any) -> Any:
+            r = real(v, *a)
+            seen.append((v.op["precision"]["layer"], r is not None))
+            return r
 
-    monkeypatch.setattr(_bitserial, "_route", spy)
+        return route
+
+    monkeypatch.setattr(_bitserial, "_route", spy(_bitserial._route))
+    monkeypatch.setattr(_bitserial, "_route_stem", spy(_bitserial._route_stem))
     return seen
 
 
@@ -127,9 +130,10 @@ def _routes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
 def test_w1a1_convs_run_on_the_fused_binary_kernels(
     monkeypatch: pytest.MonkeyPatch, width: int
 ) -> None:
-    """A conv selected at W1A1 is a binary conv: it runs on the binary model's fused kernels
-    (prescaled epilogue), with the same logits as the bit-serial path and as torch; width 8
-    exercises the partial channel tiles, width 32 the full ones and the widening residual."""
+    """A conv selected at W1A1 is a binary conv, and the stem at W1 the binary stem: they run on
+    the binary model's fused kernels (prescaled epilogue), with the same logits as the
+    bit-serial path and as torch; width 8 exercises the partial channel tiles, width 32 the
+    full ones and the widening residual."""
     from bcnn.engine import _bitserial
 
     torch.manual_seed(width)
@@ -151,6 +155,7 @@ def test_w1a1_convs_run_on_the_fused_binary_kernels(
     m.eval()
     p = pack(m)
     convs = [o["precision"]["layer"] for o in p.graph["ops"] if o["op"] == "qconv"]
+    (stem,) = [o["precision"]["layer"] for o in p.graph["ops"] if o["op"] == "qstem"]
     # images of different brightness: an untrained net's logits differ between them
     rng = np.random.default_rng(width)
     x = (rng.integers(0, 64, (7, 3, 33, 33)) + 32 * np.arange(7)[:, None, None, None]).astype(
@@ -164,6 +169,7 @@ def test_w1a1_convs_run_on_the_fused_binary_kernels(
         np.testing.assert_array_equal(fast, _torch_logits(m, x, **cfg), err_msg=str(cfg))
         assert np.ptp(fast, axis=0).max() > 0  # not a constant network
         want = {n for n in convs if p.current_precision[n] == (1, 1)}
+        want |= {stem} if p.current_precision[stem][0] == 1 else set()
         assert want and {n for n, ok in seen if ok} == want, (cfg, seen)
         with monkeypatch.context() as mp:  # the bit-serial path of the same selection
             mp.setattr(_bitserial._Variants, "binary", lambda *a: None)
@@ -171,7 +177,7 @@ def test_w1a1_convs_run_on_the_fused_binary_kernels(
             slow.set_precision(**cfg)  # type: ignore[arg-type]
             np.testing.assert_array_equal(slow(x), fast)
     # one routed conv with its top weight plane swapped for the other: the logits move
-    g2, i = _with_op(p, sorted(want)[0])
+    g2, i = _with_op(p, sorted(want - {stem})[0])
     t2 = dict(p.tensors)
     w = t2[g2["ops"][i]["weight"]]
     t2[g2["ops"][i]["weight"]] = np.ascontiguousarray(w[::-1])

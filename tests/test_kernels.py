@@ -338,6 +338,32 @@ def test_prescaled_fma_epilogue(
         K.bconv2d_affine(xp, pw, alpha, beta, prescale=pre[:-1], fma=True)
 
 
+@pytest.mark.parametrize(("cout", "stride", "n"), [(1, 1, 1), (64, 2, 7), (65, 1, 2)])
+def test_prescaled_fma_stem(cout: int, stride: int, n: int) -> None:
+    """The stem's prescaled epilogue (a k-bit stem's top plane): fast path and general path,
+    public and bound entry points, against the reference."""
+    rng = np.random.default_rng(cout + stride)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    pre = (np.abs(f32(cout)) * 1e-2 + 1e-3).astype(np.float32)
+    alpha, beta = f32(cout), f32(cout)
+    rp = (f32(cout), f32(cout), f32(cout))
+    img = rng.integers(0, 256, (n, 3, 9, 9), dtype=np.uint8)
+    for planes in (8, 24):  # 3 x 8 planes: one-word patches (fast path); 3 x 24 bits: general
+        c = 3 * planes // 8
+        ps = K.prepare_stem_weights(K.pack_weights(_rand(rng, cout, 8 * c, 3, 3)), c, 8)
+        x = img if c == 3 else np.concatenate([img] * (c // 3), axis=1)
+        s = K.stem_conv(x, ps, stride, 1)
+        want = R._affine(s.astype(np.float32) * pre, alpha, beta, rp, fma=True)
+        got = K.stem_conv_affine(x, ps, alpha, beta, stride=stride, padding=1, rprelu=rp,
+                                 fma=True, prescale=pre)  # fmt: skip
+        assert np.array_equal(got, want)
+        run = K.bind_stem_affine(x.shape, ps, alpha, beta, stride=stride, padding=1, rprelu=rp,
+                                 fma=True, prescale=pre)  # fmt: skip
+        assert np.array_equal(run(x, np.empty_like(want)), want)
+    with pytest.raises(ValueError, match="prescale needs fma=True"):
+        K.stem_conv_affine(x, ps, alpha, beta, prescale=pre)
+
+
 @pytest.mark.parametrize("cout", [1, 64, 65, 130])
 def test_bconv2d_threshold(cout: int) -> None:
     rng = np.random.default_rng(cout)

@@ -562,15 +562,17 @@ class _Variants:
         step = self.steps[s.act_index] if self.steps else self.step
         return (s.weight_bits, s.act_bits, step, *self.pre(s.pre), self.emit(s.epilogue))
 
-    def binary(self, precision: dict[str, Any], layer: BitSerialConv) -> Any:
-        """The fused binary route of a conv selected at W1A1, or None (see :func:`_route`)."""
+    def binary(self, precision: dict[str, Any], layer: Any, x: np.ndarray | None = None) -> Any:
+        """The fused binary route of a conv selected at W1A1 (a stem at W1: ``x`` its input),
+        or None (see :func:`_route`, :func:`_route_stem`)."""
         s = (precision.get("sel") or {}).get(self.name)
-        if s is None or s.weight_bits != 1 or s.act_bits != 1:
+        if s is None or s.weight_bits != 1 or (x is None and s.act_bits != 1):
             return None
         key = (s.act_index, s.pre, s.epilogue)
         r = self._binary.get(key, False)
         if r is False:
-            r = self._binary[key] = _route(self, s, layer)
+            route = _route(self, s, layer) if x is None else _route_stem(self, s, layer, x)
+            r = self._binary[key] = route
         return r
 
 
@@ -597,9 +599,8 @@ def _route(v: _Variants, s: Any, layer: BitSerialConv) -> Any:
     if kinds != want or fn is not None or not layer.w.act_signed or layer.w.zero:
         return None
     d = layer.w.bits - 1
-    wscale = np.asarray(t[steps[0]["scale"]], np.float32)
-    pre = (wscale * np.float32(2.0**d)).astype(np.float32)
-    if not (np.all(np.isfinite(pre)) and np.array_equal(pre / np.float32(2.0**d), wscale)):
+    pre = _prescale(v, steps, layer.w.bits)
+    if pre is None:
         return None
     src, out = plan.bufs[op["inputs"][0]], plan.bufs[op["output"]]
     rb = plan.bufs[res] if res is not None else None
@@ -624,6 +625,51 @@ def _route(v: _Variants, s: Any, layer: BitSerialConv) -> Any:
     def run() -> None:
         _pack_sign_step(src.array, b, st, bits, p)
         conv(bits, rb.array if rb is not None else None, out.array)
+
+    return run
+
+
+def _prescale(v: _Variants, steps: list[dict[str, Any]], bits: int) -> np.ndarray | None:
+    """The scale step's per-channel factor times 2^(bits - 1) (the top weight plane's place),
+    or None when that product is not exact in float32."""
+    d = bits - 1
+    wscale = np.asarray(v.t[steps[0]["scale"]], np.float32)
+    pre = (wscale * np.float32(2.0**d)).astype(np.float32)
+    if not (np.all(np.isfinite(pre)) and np.array_equal(pre / np.float32(2.0**d), wscale)):
+        return None
+    return pre
+
+
+def _route_stem(v: _Variants, s: Any, layer: BitSerialStem, x: np.ndarray) -> Any:
+    """A bit-plane stem at W1 is the binary models' stem: its top weight plane on the fused
+    stem kernel, with the weight scale as its ``prescale`` (as :func:`_route`), batch norm and
+    RPReLU from registers; None when the selection does not fit."""
+    from . import _kernels as K
+
+    op, t = v.op, v.t
+    steps = op["precision"]["epilogues"]["steps"][s.epilogue] if s.epilogue >= 0 else []
+    kinds = [st["kind"] for st in steps]
+    if kinds not in (["scale", "bn"], ["scale", "bn", "rprelu"]) or layer.w.zero:
+        return None
+    pre = _prescale(v, steps, layer.w.bits)
+    if pre is None:
+        return None
+    f32 = lambda a: np.ascontiguousarray(t[a], np.float32)  # noqa: E731
+    rp = None
+    if "rprelu" in kinds:
+        r = steps[2]
+        rp = (f32(r["gamma"]), f32(r["slope"]), f32(r["zeta"]))
+    pw, _ = layer.w.get(layer.w.bits - 1, lambda a: K.prepare_stem_weights(a, layer.c, layer.p))
+    stem = K.bind_stem_affine(
+        x.shape, pw, f32(steps[1]["alpha"]), f32(steps[1]["beta"]), stride=layer.stride,
+        padding=layer.padding, rprelu=rp, fma=True, prescale=pre,
+    )  # fmt: skip
+    out = v.plan.bufs[op["output"]]
+
+    def run(x: np.ndarray) -> None:
+        y = stem(x, out.array)
+        if y is not out.array:
+            out.array[...] = y
 
     return run
 
@@ -675,6 +721,10 @@ def bind_qstem(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     precision = plan.precision
 
     def run(x: np.ndarray) -> None:
+        fast = v.binary(precision, layer, x)
+        if fast is not None:
+            fast(x)
+            return
         wb, _, _, _, _, emit = v.pick(precision)
         emit(layer(x, wb))
 

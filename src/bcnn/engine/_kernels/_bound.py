@@ -195,6 +195,7 @@ def bind_stem_affine(
     rprelu: tuple[object, object, object] | None = None,
     fma: bool = False,
     pack: tuple[np.ndarray, np.ndarray, int] | None = None,
+    prescale: object = None,
 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """:func:`stem_conv_affine` for a fixed input shape, checked once: returns
     ``run(x, out) -> result`` (``out`` float32 (N, Ho, Wo, O), or a new array when the fast
@@ -202,14 +203,20 @@ def bind_stem_affine(
     call passes a C-contiguous uint8 array of shape ``x_shape``. With one thread, bit-planes on
     the fast path run with workspaces allocated here (so ``run`` is not reentrant).
     ``pack=(bias, bits, p)``: each call also packs sign(result + bias) into the interior of
-    ``bits``, as :func:`bind_conv_affine`."""
+    ``bits``, as :func:`bind_conv_affine`. ``prescale``: as :func:`stem_conv_affine`'s."""
     mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
     n, c, h, wd = (int(d) for d in x_shape)
-    _run_stem(np.zeros((n, c, h, wd), np.uint8), w, stride, padding, mode, scale, bias, rprelu)
-    ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
+    if not isinstance(w, PreparedStem):
+        raise ValueError("weights must be PreparedStem (see prepare_stem_weights)")
     o = w.out_channels
-    _check_pack(pack, n, ho, wo, o)
     sc, bi = _vec(scale, o, "scale"), _vec(bias, o, "bias")
+    if prescale is not None:
+        if not fma:
+            raise ValueError("prescale needs fma=True")
+        sc, mode = _prescaled(sc, prescale, o), _MODE_PRESCALE_FMA
+    _run_stem(np.zeros((n, c, h, wd), np.uint8), w, stride, padding, mode, sc, bi, rprelu)
+    ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
+    _check_pack(pack, n, ho, wo, o)
     has_rp = rprelu is not None
     rp: tuple[np.ndarray, np.ndarray, np.ndarray] = (_F0, _F0, _F0)
     if rprelu is not None:

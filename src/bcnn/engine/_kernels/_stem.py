@@ -14,9 +14,12 @@ from ._conv import (
     _MODE_AFFINE,
     _MODE_AFFINE_FMA,
     _MODE_INT,
+    _MODE_PRESCALE_FMA,
     _affine_rp,
     _chunks,
+    _ctl,
     _out_hw,
+    _prescaled,
 )
 from ._llvm import LANES, MR, _mk_shift, _mkf_shift_affine, _mkf_shift_int, _mkf_shift_rp
 from ._weights import (
@@ -118,7 +121,7 @@ def _stem_range(  # type: ignore[no-untyped-def]
     acc = np.empty(MR * LANES, np.int64)
     roffs = np.arange(MR) * wt
     ooffs = np.empty(MR, np.int64)
-    fma = mode == 3
+    fma = _ctl(mode, o_)
     for t in range(t0, t1):
         m0 = t * MR
         rows = min(MR, m_ - m0)
@@ -284,7 +287,7 @@ def _stem_fast_range(  # type: ignore[no-untyped-def]
     roffs = np.empty(MR, np.int64)
     ooffs = np.empty(MR, np.int64)
     acc = np.empty(MR * LANES, np.int64)
-    fma = mode == 3
+    fma = _ctl(mode, o_)
     for t in range(t0, t1):
         m0 = t * MR
         rows = min(MR, m_ - m0)
@@ -473,7 +476,9 @@ def _run_stem(
     if mode == _MODE_INT:
         result = out_i = np.empty((m, o), np.int32)
     else:
-        sc, bi = _vec(scale, o, "scale"), _vec(bias, o, "bias")
+        # prescaled: scale holds (alpha, pre), 2 * O values
+        sc = _vec(scale, 2 * o if mode == _MODE_PRESCALE_FMA else o, "scale")
+        bi = _vec(bias, o, "bias")
         if rprelu is not None:
             rp = tuple(_vec(v, o, "rprelu") for v in rprelu)  # type: ignore[assignment]
         result = out_f = np.empty((m, o), np.float32)
@@ -528,8 +533,16 @@ def stem_conv_affine(
     padding: int = 0,
     rprelu: tuple[object, object, object] | None = None,
     fma: bool = False,
+    prescale: object = None,
 ) -> np.ndarray:
     """:func:`stem_conv` + float32(S) * scale + bias (+ RPReLU) -> float32 (N, Ho, Wo, O)
-    (``fma=True``: one rounding, see :func:`bconv2d_affine`)."""
-    mode = _MODE_AFFINE_FMA if fma else _MODE_AFFINE
-    return _run_stem(x, w, stride, padding, mode, scale, bias, rprelu)
+    (``fma=True``: one rounding; ``prescale``: fma(float32(S) * prescale, scale, bias); see
+    :func:`bconv2d_affine`)."""
+    mode, sc = _MODE_AFFINE_FMA if fma else _MODE_AFFINE, scale
+    if prescale is not None:
+        if not fma:
+            raise ValueError("prescale needs fma=True")
+        if not isinstance(w, PreparedStem):
+            raise ValueError("weights must be PreparedStem (see prepare_stem_weights)")
+        sc, mode = _prescaled(scale, prescale, w.out_channels), _MODE_PRESCALE_FMA
+    return _run_stem(x, w, stride, padding, mode, sc, bias, rprelu)
