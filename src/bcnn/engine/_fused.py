@@ -17,37 +17,67 @@ __all__ = ["fused_epilogue", "fused_head"]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
+def _epilogue_block(
+    acc, pre, has_pre, cb, has_cb, al, be, has_bn, g, sl, z, has_rp, res, has_res, out
+):  # type: ignore[no-untyped-def]
+    """:func:`fused_epilogue` on a block of rows: one pass per step over the whole block,
+    indexed flat (each loop vectorizes; per-row loops of O = 64 ran at half the speed)."""
+    m_, o_ = acc.shape
+    a = acc.reshape(-1)
+    y = out.reshape(-1)
+    for i in range(m_ * o_):
+        y[i] = np.float32(a[i])
+    if has_pre:
+        for m in range(m_):
+            b = m * o_
+            for o in range(o_):
+                y[b + o] = y[b + o] * pre[o]
+    if has_cb:
+        for m in range(m_):
+            b = m * o_
+            for o in range(o_):
+                y[b + o] = y[b + o] + cb[o]
+    if has_bn:
+        for m in range(m_):
+            b = m * o_
+            for o in range(o_):
+                y[b + o] = np.float32(np.float64(y[b + o]) * al[o] + be[o])
+    if has_rp:
+        for m in range(m_):
+            b = m * o_
+            for o in range(o_):
+                v = y[b + o] - g[o]
+                v = v if v >= 0 else v * sl[o]
+                y[b + o] = v + z[o]
+    if has_res:
+        cr = res.shape[1]
+        r = res.reshape(-1)
+        if cr == o_:
+            for i in range(m_ * o_):
+                y[i] = r[i] + y[i]
+        else:
+            for m in range(m_):
+                b = m * o_
+                rb = m * cr
+                for o0 in range(0, o_, cr):
+                    for c in range(cr):
+                        y[b + o0 + c] = r[rb + c] + y[b + o0 + c]
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
 def fused_epilogue(
     acc, pre, has_pre, cb, has_cb, al, be, has_bn, g, sl, z, has_rp, res, has_res, out
 ):  # type: ignore[no-untyped-def]
-    """acc int32 (M, O) -> out float32 (M, O); res float32 (M, Cr), channel o reads o % Cr.
-    One simple (vectorizable) pass per step over each L1-resident row."""
+    """acc int32 or float32 (M, O) -> out float32 (M, O); res float32 (M, Cr), channel o reads
+    o % Cr. Blocks of about 8K values (L1-resident), each step one pass over the block."""
     m_, o_ = acc.shape
-    cr = res.shape[1]
-    for m in range(m_):
-        y = out[m]
-        a = acc[m]
-        for o in range(o_):
-            y[o] = np.float32(a[o])
-        if has_pre:
-            for o in range(o_):
-                y[o] = y[o] * pre[o]
-        if has_cb:
-            for o in range(o_):
-                y[o] = y[o] + cb[o]
-        if has_bn:
-            for o in range(o_):
-                y[o] = np.float32(np.float64(y[o]) * al[o] + be[o])
-        if has_rp:
-            for o in range(o_):
-                v = y[o] - g[o]
-                v = v if v >= 0 else v * sl[o]
-                y[o] = v + z[o]
-        if has_res:
-            r = res[m]
-            for o0 in range(0, o_, cr):
-                for c in range(cr):
-                    y[o0 + c] = r[c] + y[o0 + c]
+    step = max(1, 8192 // max(1, o_))
+    for m0 in range(0, m_, step):
+        m1 = min(m_, m0 + step)
+        _epilogue_block(
+            acc[m0:m1], pre, has_pre, cb, has_cb, al, be, has_bn, g, sl, z, has_rp,
+            res[m0:m1] if has_res else res, has_res, out[m0:m1],
+        )  # fmt: skip
 
 
 @njit(nogil=True, cache=True, boundscheck=False, inline="always")
