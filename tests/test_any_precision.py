@@ -515,35 +515,3 @@ def test_serving_checkpoint_stores_grid_integers_and_gives_the_same_logits(
     torch.save(raw, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a k-bit weight"):
         load_checkpoint(tmp_path / "bad.pt")
-
-
-def test_calibrate_bn_sets_exact_statistics_of_the_used_sets_only() -> None:
-    """calibrate_bn: each config's BN sets get the exact mean and (unbiased) variance of their
-    inputs over the images (equal batches: the cumulative mean of batch statistics); sets the
-    configs do not use, and every parameter, stay as they were."""
-    from bcnn.train import calibrate_bn
-
-    model = _model()
-    _train_at(model, PRECISIONS)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    images = torch.cat([_images(8, 32) for _ in range(3)])  # 24 images, batches of 8
-    site = _sites(model)["blocks.0.bn"]
-    key = (2, 2, 2)
-    seen: list[torch.Tensor] = []
-    hook = site.set_for(key).register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
-    counts = calibrate_bn(model, images, [{"weight_bits": 2, "act_bits": 2}], batch_size=8)
-    hook.remove()
-    assert counts == [len(_sites(model))] and len(seen) == 3
-    bn = site.set_for(key)
-    x = torch.cat(seen).transpose(0, 1).reshape(bn.num_features, -1)
-    per_batch = [s.transpose(0, 1).reshape(bn.num_features, -1) for s in seen]
-    torch.testing.assert_close(bn.running_mean, x.mean(1), rtol=1e-5, atol=1e-6)
-    want_var = torch.stack([b.var(1) for b in per_batch]).mean(0)  # BN's cumulative estimate
-    torch.testing.assert_close(bn.running_var, want_var, rtol=1e-5, atol=1e-6)
-    assert int(bn.num_batches_tracked) == 3 and bn.momentum == 0.1
-    after = model.state_dict()
-    changed = {k for k in after if not torch.equal(after[k], before[k])}
-    assert changed and all(".sets.2_2_2." in k for k in changed)
-    assert not model.training
-    with pytest.raises(ValueError, match="no switchable batch norm"):
-        calibrate_bn(create_model("bcnn_cifar", width=8, depth=1), images, [{}])

@@ -8,7 +8,6 @@ Run under ``torchrun --nproc_per_node N`` for DistributedDataParallel (gloo on C
 CUDA): only rank 0 writes files and prints. See ``docs/training.md``.
 """
 
-from ._calibrate import calibrate_bn
 from ._config import TrainConfig, load_config_file, parse_steps
 from ._evaluate import evaluate, topk_correct
 from ._losses import DistillationLoss, kd_loss
@@ -21,7 +20,6 @@ __all__ = [
     "Trainer",
     "TrainingInterrupted",
     "binarised_weight_names",
-    "calibrate_bn",
     "clip_latent_weights",
     "evaluate",
     "kd_loss",
