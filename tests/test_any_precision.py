@@ -515,3 +515,19 @@ def test_serving_checkpoint_stores_grid_integers_and_gives_the_same_logits(
     torch.save(raw, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a k-bit weight"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_search_precision_scores_a_random_sample_of_the_split() -> None:
+    """--limit N takes a seeded random sample, not the first N images (a split is stored in
+    class order: its head is one class)."""
+    import numpy as np
+
+    from bcnn._commands.search_precision import sample
+    from bcnn.data import ArrayDataset
+
+    labels = np.repeat(np.arange(10), 50)  # class order, as a seeded split stores it
+    ds = ArrayDataset(np.zeros((500, 1, 4, 4), np.uint8), labels, [str(i) for i in range(10)])
+    a, b = sample(ds, 100), sample(ds, 100)
+    assert len(a) == 100 and np.array_equal(a.labels.numpy(), b.labels.numpy())
+    assert len(set(a.labels.numpy().tolist())) == 10  # not the first 100 (two classes)
+    assert sample(ds, 500) is ds

@@ -32,9 +32,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=1, help="engine threads for --budget-ms")
     p.add_argument("--data", help="data spec (default: the one the model was trained on)")
-    p.add_argument("--limit", type=int, default=2000, help="validation images used (0: all)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=2000,
+        help="validation images used, a seeded random sample (0: all)",
+    )
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def sample(ds: Any, n: int, seed: int = 0) -> Any:
+    """``n`` images of ``ds`` drawn at random (seeded; all when n >= len): a split is stored in
+    class order, so its first images would be one or two classes."""
+    if n >= len(ds):
+        return ds
+    import numpy as np
+
+    return ds.subset(np.sort(np.random.default_rng(seed).permutation(len(ds))[:n]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     n = len(ds) if args.limit == 0 else min(args.limit, len(ds))
     if n == 0:
         raise ValueError(f"the validation split of {data} is empty")
-    xs, ys, got = [], [], 0  # the first n images, decoded once (the search evaluates often)
+    ds = sample(ds, n)
+    xs, ys, got = [], [], 0  # the n images, decoded once (the search evaluates often)
     for xb, yb in Loader(ds, args.batch_size, train=False, workers=0):
         xs.append(xb[: n - got])
         ys.append(yb[: n - got])
