@@ -67,8 +67,9 @@ def searched_mixes(
 ) -> list[dict[str, Any]]:
     """Per-layer mixes of an any-precision model for latency budgets at ``fractions`` (1/4,
     1/2, 3/4) of the way from its lowest to its highest uniform precision (as the packed engine's
-    ``latency_model`` predicts them, 1 thread), chosen greedily on the first ``n_search``
-    images; top-1 on all of ``x``. Leaves the model at its default precision."""
+    ``latency_model`` predicts them, 1 thread), chosen greedily on ``n_search`` images
+    drawn at random (seed 0) from ``x``; top-1 on all of ``x``. Leaves the model at its default
+    precision."""
     from bcnn.engine import latency_model, num_threads
     from bcnn.quant import average_bits, search_precision, set_precision
 
@@ -82,7 +83,9 @@ def searched_mixes(
     names = list(packed.precision_layers)
     ps = sorted(set(packed.precision_layers[names[0]][0]))
     lo, hi = (lat({n: (k, k) for n in names}) for k in (ps[0], ps[-1]))
-    xs, ys = x[:n_search], y[:n_search]
+    # a seeded random sample: the split is stored in class order, its first images one class
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n_search]
+    xs, ys = x[pick], y[pick]
     out = []
     for f in fractions:
         budget = lo + f * (hi - lo)

@@ -21,7 +21,8 @@ one thread, on the packed engine (the float twin in PyTorch fp32), all rows inte
 by round (medians); and per-layer mixes of the any-precision model are searched for latency
 budgets 1/4, 1/2 and 3/4 of the way from its lowest to its highest uniform precision
 (``search_precision`` with the packed engine's ``latency_model``; the search scores candidates
-on the first --search-images validation images, the table reports all of them). --plot writes
+on --search-images validation images drawn at random, seed 0; the table reports all of
+them). --plot writes
 accuracy vs latency as a PNG.
 """
 

@@ -15,8 +15,9 @@ Every figure in the card is measured here, on the run's seeded validation split:
   torch's (max |diff| over every image);
 * per-layer mixes searched for latency budgets 1/4, 1/2 and 3/4 of the way from the lowest to
   the highest uniform precision
-  (``search_precision`` with the packed engine's ``latency_model``, scored on the first
-  --search-images images), with their top-1 on the whole split (packed == torch checked too);
+  (``search_precision`` with the packed engine's ``latency_model``, scored on
+  --search-images images drawn at random), with their top-1 on the whole split (packed ==
+  torch checked too);
 * batch-1 latency, one thread, all interleaved round by round: the packed model at each
   uniform precision and mix, the float twin in PyTorch fp32, and the shipped fully binary
   ``bcnn_cifar10`` packed (the dedicated W1A1 model of the same topology).
@@ -219,7 +220,8 @@ Top-1 on our fixed seeded split: {len(y):,} images held out (val_split={meta["va
 seed={meta["seed"]}) of the 50,000 CIFAR-10 training JPEGs; the official test split was not
 used. Packed logits equal torch's at every row (max abs difference 0 on every image). Batch-1
 latency: one thread, medians of {args.repeat} interleaved rounds, {_machine()}. The searched
-mixes were chosen on the first {args.search_images:,} images of the split, their top-1 is on all
+mixes were chosen on {args.search_images:,} images drawn at random (seed 0) from the split,
+their top-1 is on all
 of it.
 
 {table}
