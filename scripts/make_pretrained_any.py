@@ -7,7 +7,7 @@
 ``--before`` names each earlier stage of the recipe (a run the next one continued with
 ``init:``), in training order; the card's recipe table lists every stage.
 
-Writes src/bcnn/pretrained/NAME.bcnn (packed, every precision's sets), NAME.pt (the torch
+Writes src/bcnn/pretrained/NAME.bcnn (packed, every precision's sets), RUN_DIR/NAME.pt (the torch
 weights; k-bit weights as their int8 grid integers: same outputs) and docs/models/NAME.md.
 Every figure in the card is measured here, on the run's seeded validation split:
 
@@ -127,7 +127,9 @@ def main() -> int:
     bin_top1 = float((pred == y.numpy()).mean())
 
     dest = ROOT / "src" / "bcnn" / "pretrained"
-    bcnn_path, pt_path = dest / f"{args.name}.bcnn", dest / f"{args.name}.pt"
+    # the torch serving checkpoint (4 MiB: every transition's BN set) stays in the run dir;
+    # only the packed file ships
+    bcnn_path, pt_path = dest / f"{args.name}.bcnn", run / f"{args.name}.pt"
     packed.save(bcnn_path)
     keep = {k: meta[k] for k in ("classes", "data", "val_split", "seed") if k in meta}
     keep["val_top1"] = {r["bits"]: r["val_top1"] for r in rows[: len(ps)]}
@@ -170,7 +172,8 @@ def main() -> int:
                 "packed size",
                 f"{bcnn_path.stat().st_size / 1024:.1f} KiB (`.bcnn`: 4-bit weights once, every "
                 "precision's steps and batch-norm sets); the torch weights (`.pt`, weights as "
-                f"int8 grid integers) {pt_path.stat().st_size / 1024:.0f} KiB",
+                f"int8 grid integers) {pt_path.stat().st_size / 1024:.0f} KiB, not shipped "
+                f"(written to `{_out_of(args.config)}/{args.name}.pt`)",
             ),
         ]
     )
@@ -212,8 +215,8 @@ with model.precision(layers={{"head.fc": (4, 4)}}):  # one layer at another prec
     logits = model(images_uint8_nchw)
 ```
 ```bash
-bcnn eval {args.name} --data imagefolder:DIR --weight-bits 1 --act-bits 1   # packed engine
-bcnn search-precision {args.name} --data imagefolder:DIR --budget-ms 1.0    # a mix for a budget
+bcnn eval {args.name} --data imagefolder:DIR --engine packed --weight-bits 1 --act-bits 1
+bcnn search-precision {_out_of(args.config)}/{args.name}.pt --budget-ms 1.0  # torch weights
 ```
 
 Top-1 on our fixed seeded split: {len(y):,} images held out (val_split={meta["val_split"]},

@@ -103,20 +103,12 @@ def test_predict_on_a_packed_model_does_not_import_torch(tmp_path: Path) -> None
     assert out.stdout.strip().splitlines()[-1] == "0 False"
 
 
-def test_shipped_bcnn_cifar10_any_equals_its_checkpoint_at_every_precision() -> None:
-    """The shipped any-precision model (docs/models/bcnn_cifar10_any.md): its packed file and
-    its serving checkpoint give the same logits at every uniform precision and at a searched
-    per-layer mix, switching without a re-pack; the precisions are distinct."""
-    import torch
-
-    from bcnn.models import load_checkpoint
-    from bcnn.quant import set_precision
-
-    ckpt = pretrained_checkpoint("bcnn_cifar10_any")
-    assert ckpt is not None, "bcnn_cifar10_any.pt must ship in src/bcnn/pretrained"
+def test_shipped_bcnn_cifar10_any_switches_every_precision_without_a_repack() -> None:
+    """The shipped any-precision model (docs/models/bcnn_cifar10_any.md; its torch checkpoint
+    is not shipped: packed == torch was checked by the card's script on every validation
+    image, and at small scale by tests/test_engine_any_precision.py): W1A1..W4A4 and a
+    searched per-layer mix each give their own logits, and switching back restores them."""
     packed = load("bcnn_cifar10_any")
-    model, _ = load_checkpoint(ckpt)
-    model.eval()
     layers = packed.precision_layers
     assert all(ws == (1, 2, 3, 4) for ws, _ in layers.values())
     # a searched mix of the card (docs/results/bcnn_cifar10_any.json): every transition trained
@@ -125,13 +117,12 @@ def test_shipped_bcnn_cifar10_any_equals_its_checkpoint_at_every_precision() -> 
     mix = {n: tuple(v) for n, v in next(r["layers"] for r in rows if "layers" in r).items()}
     assert len(set(mix.values())) > 1
     x = np.random.default_rng(2).integers(0, 256, (7, 3, 32, 32), np.uint8)
+    cfgs = [{"weight_bits": k, "act_bits": k} for k in (1, 2, 3, 4)] + [{"layers": mix}]
     outs = []
-    for cfg in [{"weight_bits": k, "act_bits": k} for k in (1, 2, 3, 4)] + [{"layers": mix}]:
+    for cfg in cfgs:
         packed.set_precision(**cfg)
-        set_precision(model, **cfg)
-        with torch.no_grad():
-            ref = model(torch.from_numpy(x)).numpy()
-        out = packed(x)
-        np.testing.assert_array_equal(out, ref, err_msg=str(cfg))
-        outs.append(out.tobytes())
-    assert len(set(outs)) == len(outs)
+        outs.append(packed(x))
+    assert len({o.tobytes() for o in outs}) == len(outs)
+    for cfg, want in zip(cfgs, outs, strict=True):  # switching back: the same logits
+        packed.set_precision(**cfg)
+        np.testing.assert_array_equal(packed(x), want)
