@@ -107,9 +107,38 @@ def test_default_is_the_highest_and_the_context_manager_restores(
     np.testing.assert_array_equal(p(x), top)
 
 
+@pytest.mark.parametrize("step", [0.25, 1.0, 1.9999999, 2.0, 2.5, 3e5])
+@pytest.mark.parametrize("channels", [1, 63, 65])
+def test_sign_packer_is_the_code_of_x_plus_b_over_step(step: float, channels: int) -> None:
+    """The W1A1 routes' packer (sign of x + b alone for steps below 2, the division above)
+    gives the 1-bit codes (x + b) / step < 0 of torch's float32 arithmetic, on denormal sums
+    (which a step >= 2 flushes to -0, code +1), signed zeros, NaN and infinities."""
+    from bcnn.engine._kbit_ops import _sign_packer
+
+    rng = np.random.default_rng(channels)
+    tiny = np.float32(np.finfo(np.float32).smallest_subnormal)
+    special = [-tiny, -2 * tiny, -3 * tiny, tiny, -0.0, 0.0, np.nan, -np.inf, np.inf, -1e-38, -1]
+    n, h, w, pad = 2, 3, 5, 1
+    x = rng.standard_normal((n, h, w, channels)).astype(np.float32)
+    x[..., 0].flat[: len(special)] = special
+    b = np.where(rng.random(channels) < 0.5, 0.0, rng.standard_normal(channels)).astype(np.float32)
+    b[0] = 0.0  # channel 0 sums are the special values themselves
+    out = np.zeros((n, h + 2 * pad, w + 2 * pad, -(-channels // 64)), np.uint64)
+    _sign_packer(step)(x, b, out, pad)
+    with np.errstate(invalid="ignore"):
+        neg = (x + b) / np.float32(step) < 0
+    want = np.zeros_like(out)
+    for c in range(channels):
+        want[:, pad:-pad, pad:-pad, c // 64] |= neg[..., c].astype(np.uint64) << np.uint64(c % 64)
+    np.testing.assert_array_equal(out, want)
+    # the case the division exists for: at step >= 2, -tiny / step is -0.0 (code +1)
+    assert bool(neg[0, 0, 0, 0]) == (step < 2)
+
+
 def _routes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """Record every W1A1 conv routed to the fused binary kernels (name, taken)."""
-    from bcnn.engine import _bitserial
+    """Record every W1A1 conv or linear layer routed to the fused binary kernels (name,
+    taken)."""
+    from bcnn.engine import _kbit_ops
 
     seen: list[tuple[str, bool]] = []
 
@@ -121,20 +150,22 @@ def _routes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
 
         return route
 
-    monkeypatch.setattr(_bitserial, "_route", spy(_bitserial._route))
-    monkeypatch.setattr(_bitserial, "_route_stem", spy(_bitserial._route_stem))
+    monkeypatch.setattr(_kbit_ops, "_route", spy(_kbit_ops._route))
+    monkeypatch.setattr(_kbit_ops, "_route_stem", spy(_kbit_ops._route_stem))
+    monkeypatch.setattr(_kbit_ops, "_route_linear", spy(_kbit_ops._route_linear))
     return seen
 
 
 @pytest.mark.parametrize("width", [8, 32])
-def test_w1a1_convs_run_on_the_fused_binary_kernels(
+def test_w1a1_layers_run_on_the_fused_binary_kernels(
     monkeypatch: pytest.MonkeyPatch, width: int
 ) -> None:
-    """A conv selected at W1A1 is a binary conv, and the stem at W1 the binary stem: they run on
-    the binary model's fused kernels (prescaled epilogue), with the same logits as the
+    """A conv selected at W1A1 is a binary conv, the classifier a binary linear layer, and the
+    stem at W1 the binary stem: they run on the binary model's fused kernels (prescaled
+    epilogue; the linear one fused sign-popcount call), with the same logits as the
     bit-serial path and as torch; width 8 exercises the partial channel tiles, width 32 the
     full ones and the widening residual."""
-    from bcnn.engine import _bitserial
+    from bcnn.engine import _kbit_ops
 
     torch.manual_seed(width)
     m = create_model("bcnn_cifar", width=width, depth=1, precisions=(1, 2))
@@ -154,7 +185,7 @@ def test_w1a1_convs_run_on_the_fused_binary_kernels(
     set_precision(m)
     m.eval()
     p = pack(m)
-    convs = [o["precision"]["layer"] for o in p.graph["ops"] if o["op"] == "qconv"]
+    convs = [o["precision"]["layer"] for o in p.graph["ops"] if o["op"] in ("qconv", "qlinear")]
     (stem,) = [o["precision"]["layer"] for o in p.graph["ops"] if o["op"] == "qstem"]
     # images of different brightness: an untrained net's logits differ between them
     rng = np.random.default_rng(width)
@@ -172,7 +203,7 @@ def test_w1a1_convs_run_on_the_fused_binary_kernels(
         want |= {stem} if p.current_precision[stem][0] == 1 else set()
         assert want and {n for n, ok in seen if ok} == want, (cfg, seen)
         with monkeypatch.context() as mp:  # the bit-serial path of the same selection
-            mp.setattr(_bitserial._Variants, "binary", lambda *a: None)
+            mp.setattr(_kbit_ops._Variants, "binary", lambda *a: None)
             slow = PackedModel(p.graph, p.tensors)
             slow.set_precision(**cfg)  # type: ignore[arg-type]
             np.testing.assert_array_equal(slow(x), fast)
@@ -184,6 +215,15 @@ def test_w1a1_convs_run_on_the_fused_binary_kernels(
     q = PackedModel(g2, t2)
     q.set_precision(layers=mix)
     assert not np.array_equal(q(x), fast)
+    # the classifier's top weight plane swapped for the other, at W1A1: the logits move
+    (fc,) = [o["precision"]["layer"] for o in p.graph["ops"] if o["op"] == "qlinear"]
+    g3, j = _with_op(p, fc)
+    t3 = dict(p.tensors)
+    t3[g3["ops"][j]["weight"]] = np.ascontiguousarray(t3[g3["ops"][j]["weight"]][::-1])
+    q = PackedModel(g3, t3)
+    p.set_precision(weight_bits=1, act_bits=1)
+    q.set_precision(weight_bits=1, act_bits=1)
+    assert not np.array_equal(q(x), p(x))
 
 
 def test_the_file_is_version_3_and_older_versions_refuse_sets(

@@ -112,6 +112,36 @@ class _FastPlan:
 
         return run
 
+    def _kbit(self, op: dict[str, Any]) -> Any:
+        """A k-bit op (qconv, qlinear, qstem: :mod:`._bitserial`, which picks its kernels per
+        call from the run-time precision) run in the reference plan's step without the
+        fallback's copies: its float inputs are lent to the reference buffers it reads at run
+        time, and its output buffer is handed on (it rewrites that buffer on every call)."""
+        ref, ref_step = self.ref, self.ref.steps[self._index]
+        names = [n for n in op["inputs"] if n != "input"]
+        bufs = [ref.bufs[n] for n in names]
+        if any(b.kind not in ("stream", "vector") for b in bufs):
+            return None
+        own = [b.array for b in bufs]  # the buffers' own arrays, for inputs that do not fit
+        out, oname = ref.bufs[op["output"]], op["output"]
+
+        def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+            for n, b, o in zip(names, bufs, own, strict=True):
+                a = v[n]
+                assert o is not None
+                if a.shape == o.shape and a.dtype == np.float32 and a.flags.c_contiguous:
+                    b.array = a
+                else:
+                    o[...] = a
+                    b.array = o
+            ref_step(x)
+            assert out.array is not None
+            v[oname] = out.array
+
+        return run
+
+    _op_qconv = _op_qlinear = _op_qstem = _kbit
+
     @staticmethod
     def _square(op: dict[str, Any]) -> tuple[int, int] | None:
         (sh, sw), (ph, pw), (kh, kw) = op["stride"], op["pad"], op["kernel"]

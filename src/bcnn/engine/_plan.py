@@ -297,20 +297,20 @@ class _Plan:
 
         return run
 
-    # k-bit layers run bit-serially on the binary kernels (_bitserial); _FastPlan has no
-    # handler for these ops and runs them through its fallback to this plan
+    # k-bit layers run bit-serially on the binary kernels (_bitserial); _FastPlan runs these
+    # steps too (_FastPlan._kbit), lending them its arrays
     def _op_qconv(self, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
-        from ._bitserial import bind_qconv
+        from ._kbit_ops import bind_qconv
 
         return bind_qconv(self, op, t)
 
     def _op_qlinear(self, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
-        from ._bitserial import bind_qlinear
+        from ._kbit_ops import bind_qlinear
 
         return bind_qlinear(self, op, t)
 
     def _op_qstem(self, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
-        from ._bitserial import bind_qstem
+        from ._kbit_ops import bind_qstem
 
         return bind_qstem(self, op, t)
 
