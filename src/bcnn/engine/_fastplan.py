@@ -128,6 +128,8 @@ class _FastPlan:
         def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
             for n, b, o in zip(names, bufs, own, strict=True):
                 a = v[n]
+                if a is b.array:  # lent on an earlier call (producers reuse their arrays)
+                    continue
                 assert o is not None
                 if a.shape == o.shape and a.dtype == np.float32 and a.flags.c_contiguous:
                     b.array = a

@@ -67,6 +67,7 @@ class _Variants:
         self._emit: dict[int, Any] = {}
         self._pre: dict[int, tuple[Any, np.ndarray | None]] = {}
         self._binary: dict[tuple[int, int, int], Any] = {}
+        self._last: tuple[Any, Any] = (self, None)  # (setting's selection, its route)
 
     def emit(self, j: int) -> Any:
         e = self._emit.get(j)
@@ -95,8 +96,12 @@ class _Variants:
         """The fused binary route of a conv or linear layer selected at W1A1 (a stem at W1:
         ``x`` its input), or None (see :func:`_route`, :func:`_route_linear`,
         :func:`_route_stem`)."""
-        s = (precision.get("sel") or {}).get(self.name)
+        sel = precision.get("sel")
+        if sel is self._last[0]:  # the same setting as the last call (settings are immutable)
+            return self._last[1]
+        s = (sel or {}).get(self.name)
         if s is None or s.weight_bits != 1 or (x is None and s.act_bits != 1):
+            self._last = (sel, None)
             return None
         key = (s.act_index, s.pre, s.epilogue)
         r = self._binary.get(key, False)
@@ -108,6 +113,7 @@ class _Variants:
             else:
                 r = _route(self, s, layer)
             self._binary[key] = r
+        self._last = (sel, r)
         return r
 
 
