@@ -156,6 +156,15 @@ def test_quantize_pack_matches_torch_quantizer(bits: int, signed: bool) -> None:
     # the channels-first kernel (NCHW input) packs the same planes
     xcf = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     assert np.array_equal(quantize_pack(xcf, 0.37, bits, signed, channels_first=True), xp)
+    # NaN has no grid point: code 0 (every plane's bit 0) on both kernels; +-inf clamp
+    x[1, 2, 3, [5, 66, 69]] = [np.nan, np.inf, -np.inf]
+    xp = quantize_pack(x, 0.37, bits, signed)
+    planes = K.unpack_bits(xp, 70).reshape(bits, *x.shape) < 0
+    assert not planes[:, 1, 2, 3, 5].any()
+    ints = integers_from_planes(planes, signed)[1, 2, 3]
+    assert (ints[66], ints[69]) == (hi, -hi if signed else 0)
+    xcf = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    assert np.array_equal(quantize_pack(xcf, 0.37, bits, signed, channels_first=True), xp)
 
 
 def _torch_conv(xi: np.ndarray, wi: np.ndarray, stride: int, pad: int, pad_value: float):  # type: ignore[no-untyped-def]

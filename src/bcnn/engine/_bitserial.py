@@ -116,30 +116,46 @@ def reference_conv(
 
 
 # ------------------------------------------------------------------ numba kernels
-@njit(nogil=True, cache=True)
-def _code(v, lo, hi, signed, hint):  # type: ignore[no-untyped-def]
-    """Plane code of v = (x + b) / step (float32): clamp, round as torch, -> int64."""
-    if v < lo:
-        v = lo
-    if v > hi:
-        v = hi
-    if signed:
-        g = np.float32(2.0) * np.floor(v / np.float32(2.0)) + np.float32(1.0)
-        c = (hint - np.int64(g)) >> 1
-    else:
-        c = np.int64(np.floor(v + np.float32(0.5)))
-    return c if v == v else np.int64(0)  # NaN: no grid point -> code 0
-
-
-@njit(nogil=True, cache=True)
-def _codes_cl(x, bias, step, lo, hi, signed, hint, codes):  # type: ignore[no-untyped-def]
-    """x float32 (N, P, C) channels-last -> codes uint8 (N, P, Cpad)."""
+@njit(nogil=True, cache=True, boundscheck=False)
+def _qpack_cl(x, bias, step, lo, hi, signed, hint, bits, out):  # type: ignore[no-untyped-def]
+    """x float32 (N, P, C) channels-last -> out uint64 (bits*N, P, Cw) in one pass. The plane
+    code of v = (x + b) / step (float32): clamp to [lo, hi], round as torch (signed: the odd
+    grid point g = 2*floor(v/2) + 1, code (hint - g) / 2; unsigned: floor(v + 1/2)), NaN ->
+    code 0 (no grid point); bit j of the code is plane j's bit. The codes of each pixel's
+    64-channel word (0 past C) go through a small buffer, then one word per plane."""
     n, p, c = x.shape
+    cw = out.shape[2]
+    codes = np.zeros(64, np.int32)
+    hint = np.int32(hint)
+    two = np.float32(2.0)
+    one = np.float32(1.0)
+    half = np.float32(0.5)
     for b in range(n):
         for i in range(p):
-            for ch in range(c):
-                v = (x[b, i, ch] + bias[ch]) / step
-                codes[b, i, ch] = np.uint8(_code(v, lo, hi, signed, hint))
+            for w in range(cw):
+                c0 = 64 * w
+                m = min(64, c - c0)
+                if signed:  # branch-free (as _qpack_cf): the loop vectorizes
+                    for k in range(m):
+                        v = (x[b, i, c0 + k] + bias[c0 + k]) / step
+                        v = lo if v < lo else v
+                        v = hi if v > hi else v
+                        code = (hint - np.int32(two * np.floor(v / two) + one)) >> 1
+                        codes[k] = code if v == v else np.int32(0)
+                else:
+                    for k in range(m):
+                        v = (x[b, i, c0 + k] + bias[c0 + k]) / step
+                        v = lo if v < lo else v
+                        v = hi if v > hi else v
+                        code = np.int32(np.floor(v + half))
+                        codes[k] = code if v == v else np.int32(0)
+                for k in range(m, 64):
+                    codes[k] = 0
+                for j in range(bits):
+                    acc = np.uint64(0)
+                    for k in range(64):
+                        acc |= np.uint64((codes[k] >> j) & 1) << np.uint64(k)
+                    out[j * n + b, i, w] = acc
 
 
 @njit(nogil=True, cache=True)
@@ -188,7 +204,7 @@ def _qpack_cf(x, bias, step, lo, hi, signed, hint, bits, tmp, out):  # type: ign
 def _pack_sign_step(x, bias, step, out, pad):  # type: ignore[no-untyped-def]
     """The 1-bit signed codes of x float32 (N, H, W, C), packed into the interior of out
     uint64 (N, H + 2*pad, W + 2*pad, Cw) (border kept): bit = (x + b) / step < 0 in float32,
-    the 1-bit grid point -1 of :func:`_code` (v >= 0, -0.0 and NaN included, give +1)."""
+    the 1-bit grid point -1 of :func:`_qpack_cl` (v >= 0, -0.0 and NaN included, give +1)."""
     n_, h, w, c_ = x.shape
     cw = out.shape[3]
     for n in range(n_):
@@ -201,23 +217,6 @@ def _pack_sign_step(x, bias, step, out, pad):  # type: ignore[no-untyped-def]
                         v = (x[n, y, i, c0 + k] + bias[c0 + k]) / step
                         wd |= np.uint64(v < 0) << np.uint64(k)
                     out[n, y + pad, i + pad, j] = wd
-
-
-@njit(nogil=True, cache=True)
-def _pack_codes(codes, bits, out):  # type: ignore[no-untyped-def]
-    """codes uint8 (N, P, 64*Cw) -> out uint64 (bits*N, P, Cw): bit c of word w of plane j is
-    bit j of codes[..., 64*w + c]."""
-    n, p, cp = codes.shape
-    cw = cp // 64
-    for b in range(n):
-        for i in range(p):
-            for w in range(cw):
-                base = 64 * w
-                for j in range(bits):
-                    acc = np.uint64(0)
-                    for c in range(64):
-                        acc |= np.uint64((codes[b, i, base + c] >> j) & 1) << np.uint64(c)
-                    out[j * n + b, i, w] = acc
 
 
 @njit(nogil=True, cache=True)
@@ -299,9 +298,7 @@ def quantize_pack(
         tmp = np.empty((bits, cw, h * w), np.uint64)
         _qpack_cf(x.reshape(n, c, h * w), *args, np.int64(hi), bits, tmp, out)
     else:
-        codes = np.zeros((n, h * w, cw * 64), np.uint8)
-        _codes_cl(x.reshape(n, h * w, c), *args, np.int64(hi), codes)
-        _pack_codes(codes, bits, out)
+        _qpack_cl(x.reshape(n, h * w, c), *args, np.int64(hi), bits, out)
     return out.reshape(bits * n, h, w, cw)
 
 
