@@ -17,7 +17,8 @@ __all__ = ["warm", "warm_pbatch"]
 
 
 def warm(batches: tuple[int, ...] = (1,)) -> list[str]:
-    """Run every shipped ``.bcnn`` once per batch size on zero images; returns their names."""
+    """Run every shipped ``.bcnn`` once per batch size on zero images (an any-precision one at
+    each uniform precision); returns their names."""
     from . import load
     from ._fastplan import _FastPlan
 
@@ -28,6 +29,11 @@ def warm(batches: tuple[int, ...] = (1,)) -> list[str]:
         for n in batches:
             x = np.zeros((n, model.in_channels, h, w), np.uint8)
             model(x)  # the step-by-step kernels (single-threaded use)
+            sets = [set(w) & set(a) for w, a in model.precision_layers.values()]
+            bits = sorted(set.intersection(*sets)) if sets else []
+            for k in bits[:-1]:  # any-precision: the other uniform settings (W1A1's routes)
+                with model.precision(weight_bits=k, act_bits=k):
+                    model(x)
             plan = _FastPlan(model, x.shape)
             plan.use_runner()  # the compiled runner (calls from several threads)
             plan(x)
