@@ -125,6 +125,7 @@ def main() -> None:
 
     ps = sorted(set(args.precisions))
     tag = f"{'_joint' if args.joint else ''}{'_kd' if args.distill else ''}"
+    tag += "" if args.schedule == "bitmixer" else f"_{args.schedule}"  # its own run
     any_cfg = run_config(
         args, root / f"any_{args.bn}{tag}",
         steps="2", epochs=args.epochs, init=init, ap_schedule=args.schedule,
