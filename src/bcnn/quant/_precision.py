@@ -208,9 +208,11 @@ def search_precision(
     set for both, as any-precision layers are; otherwise the weights alone), and the step that
     loses the least ``metric(model, data)`` per unit of cost saved is kept (a step into a
     precision the model was never trained at, :class:`UntrainedPrecision`, is skipped, and so
-    is a step that saves nothing). Returns the chosen ``{name: (w, a)}`` (the model is left at
-    it) and its metric; the budget may stay unmet when no further step is possible (check the
-    cost of the returned plan)."""
+    is a step that saves nothing). Last, every uniform setting (one bit width for all layers)
+    within the budget is scored too, and the best one replaces the greedy plan when it scores
+    higher: a search never returns less than the best uniform precision that fits. Returns
+    the chosen ``{name: (w, a)}`` (the model is left at it) and its metric; the budget may
+    stay unmet when no further step is possible (check the cost of the returned plan)."""
     found = switchable_layers(model)
     if not found:
         raise ValueError(f"{type(model).__name__} has no precision-switchable layer")
@@ -262,5 +264,20 @@ def search_precision(
             break
         _, n, wa, score = best
         plan[n] = wa
+    # the best uniform setting within the budget, when it beats the greedy path (whose
+    # per-layer mixes can score below it, e.g. when their batch-norm sets trained less)
+    fits = cost(plan) <= limit
+    common = set.intersection(*(set(m.allowed_precision[0]) for m in found.values()))
+    for k in sorted(common):
+        trial = {n: (k, k if _tied(m) else plan[n][1]) for n, m in found.items()}
+        if trial == plan or cost(trial) > limit:
+            continue
+        set_precision(model, layers=trial)
+        try:
+            s = metric(model, data)
+        except UntrainedPrecision:
+            continue
+        if s > score or not fits:
+            plan, score, fits = trial, s, True
     set_precision(model, layers=plan)
     return plan, score
