@@ -563,6 +563,7 @@ class _FastPlan:
         return run
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.ref.calls += 1  # the k-bit ops' steps run in the reference plan (_kbit)
         if self._runner is not None and self._threads() == 1:
             self._runner(x)  # the hot steps' serial calls, in one compiled call
             return np.array(self._runner_out, dtype=np.float32, copy=True)

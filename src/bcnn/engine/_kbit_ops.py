@@ -52,6 +52,17 @@ def _emitter(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     return emit
 
 
+class _Route:
+    """A layer's W1A1 route (:meth:`_Variants.binary`): ``run`` calls its kernels; ``spec`` =
+    (bias, bits, border): where a producing route's kernel may pack this route's input signs
+    (None: it always packs them itself); ``fresh``: the plan call in which a producer did."""
+
+    __slots__ = ("fresh", "run", "spec")
+
+    def __init__(self, run: Any = None, spec: Any = None) -> None:
+        self.run, self.spec, self.fresh = run, spec, -1
+
+
 class _Variants:
     """An op's run-time variants (any-precision ``.bcnn``): its act steps, and its epilogue
     emitters and ``pre`` functions per step-list index, built on first use (-1: the op's own).
@@ -66,8 +77,9 @@ class _Variants:
         self.step = float(t[op["act_step"]][0]) if "act_step" in op else 1.0
         self._emit: dict[int, Any] = {}
         self._pre: dict[int, tuple[Any, np.ndarray | None]] = {}
-        self._binary: dict[tuple[int, int, int], Any] = {}
+        self._binary: dict[tuple[int, ...], Any] = {}
         self._last: tuple[Any, Any] = (self, None)  # (setting's selection, its route)
+        self._consumer: Any = False  # (variants, layer) of the qconv reading the output
 
     def emit(self, j: int) -> Any:
         e = self._emit.get(j)
@@ -103,18 +115,40 @@ class _Variants:
         if s is None or s.weight_bits != 1 or (x is None and s.act_bits != 1):
             self._last = (sel, None)
             return None
-        key = (s.act_index, s.pre, s.epilogue)
+        nxt = None  # the consumer's route, when this route's kernel can pack its input signs
+        if not isinstance(layer, BitSerialLinear):
+            c = self.consumer()
+            nr = c[0].binary(precision, c[1]) if c is not None else None
+            nxt = nr if nr is not None and nr.spec is not None else None
+        key = (s.act_index, s.pre, s.epilogue, id(nxt))
         r = self._binary.get(key, False)
         if r is False:
             if x is not None:
-                r = _route_stem(self, s, layer, x)
+                r = _route_stem(self, s, layer, x, nxt)
             elif isinstance(layer, BitSerialLinear):
                 r = _route_linear(self, s, layer)
             else:
-                r = _route(self, s, layer)
+                r = _route(self, s, layer, nxt)
             self._binary[key] = r
         self._last = (sel, r)
         return r
+
+    def consumer(self) -> Any:
+        """(variants, layer) of the qconv that quantizes this op's output, when it is the only
+        op reading that output as its input (a residual read of the float stream is fine),
+        else None."""
+        if self._consumer is False:
+            name, c = self.op["output"], None
+            first = [o for o in self.plan.ops if o["inputs"] and o["inputs"][0] == name]
+            if len(first) == 1 and first[0]["op"] == "qconv":
+                c = self.plan.kbit.get(first[0]["name"])
+            self._consumer = c
+        return self._consumer
+
+
+def _packs_as_sign(step: float) -> bool:
+    """Whether :func:`_sign_packer` packs the sign of x + b alone at this step."""
+    return bool(0 < np.float32(step) < 2)
 
 
 def _sign_packer(step: float) -> Any:
@@ -125,14 +159,14 @@ def _sign_packer(step: float) -> Any:
     magnitude, so it does not round to -0. Larger steps can flush a denormal s to -0 (code
     +1): those run the division."""
     st = np.float32(step)
-    if 0 < st < 2:
+    if _packs_as_sign(st):
         from ._kernels._packing import _pack_rows_padded
 
         return _pack_rows_padded
     return lambda x, b, out, pad: _pack_sign_step(x, b, st, out, pad)
 
 
-def _route(v: _Variants, s: Any, layer: BitSerialConv) -> Any:
+def _route(v: _Variants, s: Any, layer: BitSerialConv, nxt: _Route | None = None) -> Any:
     """A conv at W1A1 is a binary conv: run it on the binary model's fused kernels, or None
     when this selection does not fit them.
 
@@ -142,7 +176,11 @@ def _route(v: _Variants, s: Any, layer: BitSerialConv) -> Any:
     so the combined integer is acc << d and its scale step gives
     float32(acc) * (2^d * scale) exactly (a power of two). Then batch norm (the same fma),
     RPReLU and the residual add: the fused epilogue of :func:`bind_conv_affine` with that
-    ``prescale``. Same bits as the bit-serial path (tests/test_engine_any_precision.py)."""
+    ``prescale``. Same bits as the bit-serial path (tests/test_engine_any_precision.py).
+
+    When the consumer of the output is a W1A1 route too (``nxt``), this kernel also packs the
+    consumer's input signs (its ``spec``: the sign of out + b, as the binary models' fused
+    pack) and marks them fresh for this call; the consumer then skips its own pack."""
     from . import _kernels as K
 
     plan, op, t = v.plan, v.op, v.t
@@ -176,13 +214,19 @@ def _route(v: _Variants, s: Any, layer: BitSerialConv) -> Any:
         bits.shape, pw,
         f32(bn["alpha"]), f32(bn["beta"]), stride=layer.stride, padding=0, rprelu=rp,
         residual_channels=rb.channels if rb is not None else None, fma=True, prescale=pre,
+        pack=nxt.spec if nxt is not None else None,
     )  # fmt: skip
+    route = _Route(spec=(b, bits, p) if _packs_as_sign(step) else None)
 
     def run() -> None:
-        pack(src.array, b, bits, p)
+        if route.fresh != plan.calls:  # no producer packed them in this call
+            pack(src.array, b, bits, p)
         conv(bits, rb.array if rb is not None else None, out.array)
+        if nxt is not None:
+            nxt.fresh = plan.calls
 
-    return run
+    route.run = run
+    return route
 
 
 def _route_linear(v: _Variants, s: Any, layer: BitSerialLinear) -> Any:
@@ -212,7 +256,7 @@ def _route_linear(v: _Variants, s: Any, layer: BitSerialLinear) -> Any:
         fused_sign_linear(a, b, st, w, layer.k, d, acc, bits)
         emit(acc)
 
-    return run
+    return _Route(run)
 
 
 def _prescale(v: _Variants, steps: list[dict[str, Any]], bits: int) -> np.ndarray | None:
@@ -226,10 +270,13 @@ def _prescale(v: _Variants, steps: list[dict[str, Any]], bits: int) -> np.ndarra
     return pre
 
 
-def _route_stem(v: _Variants, s: Any, layer: BitSerialStem, x: np.ndarray) -> Any:
+def _route_stem(
+    v: _Variants, s: Any, layer: BitSerialStem, x: np.ndarray, nxt: _Route | None = None
+) -> Any:
     """A bit-plane stem at W1 is the binary models' stem: its top weight plane on the fused
     stem kernel, with the weight scale as its ``prescale`` (as :func:`_route`), batch norm and
-    RPReLU from registers; None when the selection does not fit."""
+    RPReLU from registers (and the consumer's input signs packed, as :func:`_route`); None
+    when the selection does not fit."""
     from . import _kernels as K
 
     op, t = v.op, v.t
@@ -249,15 +296,19 @@ def _route_stem(v: _Variants, s: Any, layer: BitSerialStem, x: np.ndarray) -> An
     stem = K.bind_stem_affine(
         x.shape, pw, f32(steps[1]["alpha"]), f32(steps[1]["beta"]), stride=layer.stride,
         padding=layer.padding, rprelu=rp, fma=True, prescale=pre,
+        pack=nxt.spec if nxt is not None else None,
     )  # fmt: skip
-    out = v.plan.bufs[op["output"]]
+    plan = v.plan
+    out = plan.bufs[op["output"]]
 
     def run(x: np.ndarray) -> None:
         y = stem(x, out.array)
         if y is not out.array:
             out.array[...] = y
+        if nxt is not None:
+            nxt.fresh = plan.calls
 
-    return run
+    return _Route(run)
 
 
 def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
@@ -268,11 +319,12 @@ def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     v = _Variants(plan, op, t)
     src = plan.bufs[op["inputs"][0]]
     precision = plan.precision
+    plan.kbit[op["name"]] = (v, layer)
 
     def run(x: np.ndarray) -> None:
         fast = v.binary(precision, layer)
         if fast is not None:
-            fast()
+            fast.run()
             return
         wb, ab, step, pre, bias, emit = v.pick(precision)
         a = src.array if pre is None else pre(src.array)
@@ -289,11 +341,12 @@ def bind_qlinear(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any
     v = _Variants(plan, op, t)
     src = plan.bufs[op["inputs"][0]]
     precision = plan.precision
+    plan.kbit[op["name"]] = (v, layer)
 
     def run(x: np.ndarray) -> None:
         fast = v.binary(precision, layer)
         if fast is not None:
-            fast()
+            fast.run()
             return
         wb, ab, step, pre, bias, emit = v.pick(precision)
         a = src.array if pre is None else pre(src.array)
@@ -313,7 +366,7 @@ def bind_qstem(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
     def run(x: np.ndarray) -> None:
         fast = v.binary(precision, layer, x)
         if fast is not None:
-            fast(x)
+            fast.run(x)
             return
         wb, _, _, _, _, emit = v.pick(precision)
         emit(layer(x, wb))

@@ -149,6 +149,11 @@ class _Plan:
         self.bufs = bufs
         # read at run time by the k-bit ops; the model copies its setting in before each call
         self.precision: dict[str, Any] = dict(model._precision)
+        # the k-bit ops' run-time variants by op name (_kbit_ops: a W1A1 route packs the signs
+        # its consumer reads), the graph's ops, and a call counter that marks those bits fresh
+        self.kbit: dict[str, Any] = {}
+        self.ops = ops
+        self.calls = 0
         self.steps: list[Callable[[np.ndarray], None]] = [self._bind(op, t) for op in ops]
         self.output = bufs[g["output"]]
 
@@ -318,6 +323,7 @@ class _Plan:
         """The reference plan has no compiled runner (see _fastplan._FastPlan.use_runner)."""
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.calls += 1
         for step in self.steps:
             step(x)
         assert self.output.array is not None
