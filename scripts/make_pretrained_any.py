@@ -163,7 +163,8 @@ def main() -> int:
                 "training",
                 f"{epochs} step-2 epochs from the shipped `bcnn_cifar10`, every precision each "
                 "iteration (`--ap-joint`), the highest teaching the others (`--ap-distill`), "
-                "uniform then per-layer precisions (`--ap-schedule bitmixer`); "
+                "each stage's precision schedule (`ap_schedule`: `bitmixer`, uniform then "
+                "per-layer, or `uniform`) in its config below; "
                 f"{secs / 60:.0f} min wall time in {len(stages)} stage(s) (below), CPU only "
                 f"({_machine()}, 2 cores, bf16 "
                 "autocast)",
