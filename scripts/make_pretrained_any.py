@@ -154,6 +154,13 @@ def main() -> int:
         f"\n| `bcnn_cifar10` (dedicated fully binary W1A1, 36 + 38 epochs) | "
         f"{100 * bin_top1:.2f}% | {binary_ms:.3f} ms | {twin_ms / binary_ms:.1f}x |"
     )
+    uniform_note = ""
+    if mixes and all(len({tuple(v) for v in m["layers"].values()}) == 1 for m in mixes):
+        uniform_note = (
+            "\nEvery search chose a uniform setting: this model's per-layer mixes score below "
+            "its\nuniform settings (its last stage trained uniform precisions only), and\n"
+            "`search_precision` then returns the best uniform setting within the budget."
+        )
     epochs = sum(sum(g["epochs"].values()) for g in stages)
     secs = sum(g["secs"] for g in stages)
     facts = "| | |\n|---|---|\n" + "\n".join(
@@ -226,7 +233,7 @@ used. Packed logits equal torch's at every row (max abs difference 0 on every im
 latency: one thread, medians of {args.repeat} interleaved rounds, {_machine()}. The searched
 mixes were chosen on {args.search_images:,} images drawn at random (seed 0) from the split,
 their top-1 is on all
-of it.
+of it.{uniform_note}
 
 {table}
 
