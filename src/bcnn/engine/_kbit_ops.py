@@ -146,7 +146,7 @@ class _Variants:
         return self._consumer
 
 
-def _packs_as_sign(step: float) -> bool:
+def _packs_as_sign(step: float | np.floating[Any]) -> bool:
     """Whether :func:`_sign_packer` packs the sign of x + b alone at this step."""
     return bool(0 < np.float32(step) < 2)
 
