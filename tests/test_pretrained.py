@@ -111,11 +111,10 @@ def test_shipped_bcnn_cifar10_any_switches_every_precision_without_a_repack() ->
     packed = load("bcnn_cifar10_any")
     layers = packed.precision_layers
     assert all(ws == (1, 2, 3, 4) for ws, _ in layers.values())
-    # a searched mix of the card (docs/results/bcnn_cifar10_any.json): every transition trained
-    card = Path(__file__).parents[1] / "docs" / "results" / "bcnn_cifar10_any.json"
-    rows = json.loads(card.read_text())["rows"]
-    mix = {n: tuple(v) for n, v in next(r["layers"] for r in rows if "layers" in r).items()}
-    assert len(set(mix.values())) > 1
+    # a per-layer mix whose transitions the bitmixer stage trained (its searched mix at
+    # 2.35 ms, before the uniform closing stage)
+    bits = [1, 1, 1, 3, 2, 1, 1, 4, 3, 4]
+    mix = {n: (k, k) for n, k in zip(layers, bits, strict=True)}
     x = np.random.default_rng(2).integers(0, 256, (7, 3, 32, 32), np.uint8)
     cfgs = [{"weight_bits": k, "act_bits": k} for k in (1, 2, 3, 4)] + [{"layers": mix}]
     outs = []
