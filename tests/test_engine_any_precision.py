@@ -193,10 +193,29 @@ def test_w1a1_layers_run_on_the_fused_binary_kernels(
         np.uint8
     )
     seen = _routes(monkeypatch)
+    packs = [0]  # the routes' own sign packs (the rest are packed by their producer's kernel)
+    real_packer = _kbit_ops._sign_packer
+
+    def counting_packer(step: float) -> Any:
+        f = real_packer(step)
+
+        def pack(*a: Any) -> None:
+            packs[0] += 1
+            f(*a)
+
+        return pack
+
+    monkeypatch.setattr(_kbit_ops, "_sign_packer", counting_packer)
     for cfg in ({"weight_bits": 1, "act_bits": 1}, {"layers": mix}):
         seen.clear()
         p.set_precision(**cfg)  # type: ignore[arg-type]
+        packs[0] = 0
         fast = p(x)
+        routed = sum(ok for n, ok in seen if n in convs[:-1])  # routed convs (not the head)
+        if "weight_bits" in cfg:  # W1A1 producers pack their W1A1 consumers' signs
+            assert 0 < packs[0] < routed, (packs, routed)
+        else:  # no two W1A1 layers are adjacent: every routed conv packs its own
+            assert packs[0] == routed, (packs, routed)
         np.testing.assert_array_equal(fast, _torch_logits(m, x, **cfg), err_msg=str(cfg))
         assert np.ptp(fast, axis=0).max() > 0  # not a constant network
         want = {n for n in convs if p.current_precision[n] == (1, 1)}

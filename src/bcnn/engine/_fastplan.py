@@ -113,7 +113,7 @@ class _FastPlan:
         return run
 
     def _kbit(self, op: dict[str, Any]) -> Any:
-        """A k-bit op (qconv, qlinear, qstem: :mod:`._bitserial`, which picks its kernels per
+        """A k-bit op (qconv, qlinear, qstem: :mod:`._kbit_ops`, which picks its kernels per
         call from the run-time precision) run in the reference plan's step without the
         fallback's copies: its float inputs are lent to the reference buffers it reads at run
         time, and its output buffer is handed on (it rewrites that buffer on every call)."""

@@ -311,11 +311,9 @@ def _route_stem(
     return _Route(run)
 
 
-def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
-    layer = BitSerialConv(
-        t[op["weight"]], op["in_channels"], op["act_bits"], op["act_signed"],
-        op["stride"][0], op["pad"][0], bool(op.get("weight_zero", False)),
-    )  # fmt: skip
+def _bind_stream_op(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray], layer: Any) -> Any:
+    """The step of a k-bit op reading a float input (qconv, qlinear): its W1A1 route when
+    the setting selects one, else the bit-serial layer."""
     v = _Variants(plan, op, t)
     src = plan.bufs[op["inputs"][0]]
     precision = plan.precision
@@ -331,6 +329,14 @@ def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
         emit(layer(a, step, bias, wb, act_bits=ab))
 
     return run
+
+
+def bind_qconv(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
+    layer = BitSerialConv(
+        t[op["weight"]], op["in_channels"], op["act_bits"], op["act_signed"],
+        op["stride"][0], op["pad"][0], bool(op.get("weight_zero", False)),
+    )  # fmt: skip
+    return _bind_stream_op(plan, op, t, layer)
 
 
 def bind_qlinear(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
@@ -338,21 +344,7 @@ def bind_qlinear(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any
         t[op["weight"]], op["in_features"], op["act_bits"], op["act_signed"],
         bool(op.get("weight_zero", False)),
     )  # fmt: skip
-    v = _Variants(plan, op, t)
-    src = plan.bufs[op["inputs"][0]]
-    precision = plan.precision
-    plan.kbit[op["name"]] = (v, layer)
-
-    def run(x: np.ndarray) -> None:
-        fast = v.binary(precision, layer)
-        if fast is not None:
-            fast.run()
-            return
-        wb, ab, step, pre, bias, emit = v.pick(precision)
-        a = src.array if pre is None else pre(src.array)
-        emit(layer(a, step, bias, wb, act_bits=ab))
-
-    return run
+    return _bind_stream_op(plan, op, t, layer)
 
 
 def bind_qstem(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
