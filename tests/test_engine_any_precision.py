@@ -206,6 +206,16 @@ def test_w1a1_layers_run_on_the_fused_binary_kernels(
         return pack
 
     monkeypatch.setattr(_kbit_ops, "_sign_packer", counting_packer)
+    from bcnn.engine import _fused
+
+    flags: list[tuple[bool, bool]] = []  # the classifier call's (has_bn, has_epi)
+    real_linear = _fused.fused_sign_linear
+
+    def spy_linear(*a: Any) -> None:
+        flags.append((a[3], a[12]))
+        real_linear(*a)
+
+    monkeypatch.setattr(_fused, "fused_sign_linear", spy_linear)
     for cfg in ({"weight_bits": 1, "act_bits": 1}, {"layers": mix}):
         seen.clear()
         p.set_precision(**cfg)  # type: ignore[arg-type]
@@ -221,6 +231,9 @@ def test_w1a1_layers_run_on_the_fused_binary_kernels(
         want = {n for n in convs if p.current_precision[n] == (1, 1)}
         want |= {stem} if p.current_precision[stem][0] == 1 else set()
         assert want and {n for n, ok in seen if ok} == want, (cfg, seen)
+        if p.current_precision[convs[-1]] == (1, 1):  # its BN and epilogue in the one call
+            assert flags and all(f == (True, True) for f in flags), flags
+        flags.clear()
         with monkeypatch.context() as mp:  # the bit-serial path of the same selection
             mp.setattr(_kbit_ops._Variants, "binary", lambda *a: None)
             slow = PackedModel(p.graph, p.tensors)
@@ -243,6 +256,39 @@ def test_w1a1_layers_run_on_the_fused_binary_kernels(
     p.set_precision(weight_bits=1, act_bits=1)
     q.set_precision(weight_bits=1, act_bits=1)
     assert not np.array_equal(q(x), p(x))
+
+
+def test_w1a1_residual_convs_write_over_their_input_and_the_others_do_not(
+    trained: Any, packed_file: Path
+) -> None:
+    """On the numba engine a residual conv on its W1A1 route adds into its input's array
+    (h += ..., as the binary models do; a widening one cannot); on the bit-serial path
+    (whose epilogue writes the output before it adds the residual) it keeps its own array.
+    Switching the setting back and forth between calls gives torch's logits each time."""
+    m, mixes = trained
+    p = load(packed_file)
+    if p.backend != "numba":
+        pytest.skip("the numba engine is not available")
+    x = np.random.default_rng(5).integers(0, 256, (1, 3, 33, 33), dtype=np.uint8)
+    res = [o for o in p.graph["ops"] if o["op"] == "qconv" and len(o["inputs"]) == 2]
+    assert res
+    cfgs: list[dict[str, Any]] = [
+        {"weight_bits": 1, "act_bits": 1},
+        {"weight_bits": 2, "act_bits": 2},
+        {"layers": mixes[0]},
+        {"weight_bits": 1, "act_bits": 1},
+    ]
+    for cfg in cfgs:
+        p.set_precision(**cfg)
+        np.testing.assert_array_equal(p(x), _torch_logits(m, x, **cfg), err_msg=str(cfg))
+        ((plan,),) = p._plans.values()  # the one plan of this shape, idle again
+        bufs = plan.ref.bufs
+        for o in res:
+            shared = np.shares_memory(bufs[o["output"]].array, bufs[o["inputs"][1]].array)
+            same = o["out_channels"] == bufs[o["inputs"][1]].channels  # not a widening one
+            routed = p.current_precision[o["precision"]["layer"]] == (1, 1)
+            assert shared == (routed and same), (cfg, o["name"])
+        assert any(bufs[o["inputs"][1]].channels == o["out_channels"] for o in res)
 
 
 def test_the_file_is_version_3_and_older_versions_refuse_sets(

@@ -116,7 +116,14 @@ class _FastPlan:
         """A k-bit op (qconv, qlinear, qstem: :mod:`._kbit_ops`, which picks its kernels per
         call from the run-time precision) run in the reference plan's step without the
         fallback's copies: its float inputs are lent to the reference buffers it reads at run
-        time, and its output buffer is handed on (it rewrites that buffer on every call)."""
+        time, and its output buffer is handed on (it rewrites that buffer on every call).
+
+        A conv whose residual input is read by no later op, when the call's setting runs it
+        on its W1A1 route (:func:`._kbit_ops._route`), writes its output over that input
+        (h += ..., as the binary models' convs do): :func:`._kernels.bind_conv_affine` reads
+        each residual value before writing the same index, and the route packs its input
+        signs before the conv runs. The bit-serial path keeps its own output array (its
+        epilogue writes the output before it adds the residual)."""
         ref, ref_step = self.ref, self.ref.steps[self._index]
         names = [n for n in op["inputs"] if n != "input"]
         bufs = [ref.bufs[n] for n in names]
@@ -124,6 +131,15 @@ class _FastPlan:
             return None
         own = [b.array for b in bufs]  # the buffers' own arrays, for inputs that do not fit
         out, oname = ref.bufs[op["output"]], op["output"]
+        rbuf = None  # the residual's buffer, when the output may overwrite it
+        if op["op"] == "qconv" and len(op["inputs"]) == 2:
+            res = op["inputs"][1]
+            rb = ref.bufs[res]
+            assert rb.array is not None and out.array is not None
+            if rb.array.shape == out.array.shape and self._can_overwrite(res):
+                self._root[oname] = self._root[res]
+                rbuf = rb
+        own_out, kbit = out.array, ref.kbit.get(op["name"])
 
         def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
             for n, b, o in zip(names, bufs, own, strict=True):
@@ -136,7 +152,13 @@ class _FastPlan:
                 else:
                     o[...] = a
                     b.array = o
-            ref_step(x)
+            fast = kbit[0].binary(ref.precision, kbit[1]) if kbit is not None else None
+            if rbuf is not None:  # in place on the W1A1 route only
+                out.array = rbuf.array if fast is not None else own_out
+            if fast is not None:  # the route the reference step would take, called directly
+                fast.run()
+            else:
+                ref_step(x)
             assert out.array is not None
             v[oname] = out.array
 

@@ -120,25 +120,38 @@ def fused_head(h, neg, w, nbits, scale, bias, out, bits, acc):  # type: ignore[n
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def fused_sign_linear(x, bias, step, w, nbits, shift, out, bits):  # type: ignore[no-untyped-def]
+def fused_sign_linear(
+    x, alpha, beta, has_bn, bias, step, w, nbits, shift, scale, aw, ab, has_epi, out, bits
+):  # type: ignore[no-untyped-def]
     """A k-bit linear layer at W1A1 in one call: x float32 (N, C) -> out float32 (N, O).
 
-    The 1-bit signed activation codes as ``_bitserial._pack_sign_step`` computes them (bit 1 =
-    -1 iff (x + bias[c]) / step < 0 in float32), the binary linear over one weight plane
-    w uint64 (O, Kw) (tail bits 0), then float32((nbits - 2*popcount) << shift): the plane's
-    place value 2^shift, one rounding, as ``_bitserial._combine`` for one plane of each.
-    Workspace: bits uint64 (Kw,)."""
+    An optional batch norm first (has_bn: float32(float64(x) * alpha[c] + beta[c]), alpha and
+    beta float64, as ``_epilogue._Epilogue``'s ``bn``), the 1-bit signed activation codes as
+    ``_bitserial._pack_sign_step`` computes them (bit 1 = -1 iff (v + bias[c]) / step < 0 in
+    float32), the binary linear over one weight plane w uint64 (O, Kw) (tail bits 0), then
+    float32((nbits - 2*popcount) << shift): the plane's place value 2^shift, one rounding, as
+    ``_bitserial._combine`` for one plane of each. With has_epi, the epilogue ``scale``,
+    ``affine`` in float32, torch's order: (y * scale[o]) * aw[o] + ab[o], two roundings
+    each. Workspace: bits uint64 (Kw,)."""
     n_, c_ = x.shape
     o_, kw = w.shape
     for n in range(n_):
         for j in range(kw):
             bits[j] = 0
         for c in range(c_):
-            v = (x[n, c] + bias[c]) / step
+            xv = x[n, c]
+            if has_bn:
+                xv = np.float32(np.float64(xv) * alpha[c] + beta[c])
+            v = (xv + bias[c]) / step
             if v < 0:
                 bits[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
         for o in range(o_):
             pc = 0
             for j in range(kw):
                 pc += _popcount64(bits[j] ^ w[o, j])
-            out[n, o] = np.float32(np.int64(nbits - 2 * pc) << np.int64(shift))
+            y = np.float32(np.int64(nbits - 2 * pc) << np.int64(shift))
+            if has_epi:
+                y = y * scale[o]
+                y = y * aw[o]
+                y = y + ab[o]
+            out[n, o] = y

@@ -233,7 +233,10 @@ def _route_linear(v: _Variants, s: Any, layer: BitSerialLinear) -> Any:
     """A linear layer at W1A1 is a binary linear layer: its pre-quantization steps, then sign
     codes, the top weight plane's XOR-popcount and its place value in one fused call
     (:func:`._fused.fused_sign_linear`: the bit-serial path's integers), then the op's
-    epilogue. None when the layer is not on a signed grid."""
+    epilogue. A batch norm before (the classifier's transitional BN) and a ``scale``,
+    ``affine`` epilogue after (float32 per-output vectors) run in that call too, with the
+    arithmetic of :class:`._epilogue._Epilogue`; other steps run as their own calls. None
+    when the layer is not on a signed grid."""
     from . import _kernels as K
     from ._fused import fused_sign_linear
 
@@ -242,19 +245,50 @@ def _route_linear(v: _Variants, s: Any, layer: BitSerialLinear) -> Any:
     d = layer.w.bits - 1
     layer.w.get(d, lambda a: K.prepare_dense_weights(a, layer.k))  # checks the plane's tail
     w = np.ascontiguousarray(layer.w.planes[d])  # (O, Kw) uint64, place 2^d
-    fn, bias = v.pre(s.pre)
-    emit = v.emit(s.epilogue)
-    src = v.plan.bufs[v.op["inputs"][0]]
+    op, t = v.op, v.t
+    pres = op.get("pre", []) if s.pre < 0 else op["precision"]["pres"]["steps"][s.pre]
+    epis = op["epilogue"] if s.epilogue < 0 else op["precision"]["epilogues"]["steps"][s.epilogue]
+    o_ = layer.w.out
+    e64 = np.zeros(0, np.float64)
+    e32 = np.zeros(0, np.float32)
+    if [p["kind"] for p in pres] == ["bn"]:
+        bn = (
+            np.asarray(t[pres[0]["alpha"]], np.float64),
+            np.asarray(t[pres[0]["beta"]], np.float64),
+        )
+        fn, bias = None, None
+    else:
+        bn = None
+        fn, bias = v.pre(s.pre)
+    vec = lambda k: t[k].dtype == np.float32 and t[k].shape == (o_,)  # noqa: E731
+    if [e["kind"] for e in epis] == ["scale", "affine"] and all(
+        vec(k) for k in (epis[0]["scale"], epis[1]["weight"], epis[1]["bias"])
+    ):
+        epi = tuple(
+            np.ascontiguousarray(t[k])
+            for k in (epis[0]["scale"], epis[1]["weight"], epis[1]["bias"])
+        )
+        emit = None
+    else:
+        epi = None
+        emit = v.emit(s.epilogue)
+    src = v.plan.bufs[op["inputs"][0]]
     n = src.array.shape[0]
     b = np.zeros(layer.k, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
     st = np.float32(v.steps[s.act_index] if v.steps else v.step)
-    acc = np.empty((n, layer.w.out), np.float32)  # (N, O)
+    acc = np.empty((n, o_), np.float32)  # (N, O)
     bits = np.empty(w.shape[1], np.uint64)  # (Kw,)
+    al, be = bn if bn is not None else (e64, e64)
+    sc, aw, ab = epi if epi is not None else (e32, e32, e32)
+    has_bn, has_epi = bn is not None, epi is not None
+    out = v.plan.bufs[op["output"]]
 
     def run() -> None:
         a = src.array if fn is None else fn(src.array)
-        fused_sign_linear(a, b, st, w, layer.k, d, acc, bits)
-        emit(acc)
+        y = acc if emit is not None else out.array
+        fused_sign_linear(a, al, be, has_bn, b, st, w, layer.k, d, sc, aw, ab, has_epi, y, bits)
+        if emit is not None:
+            emit(acc)
 
     return _Route(run)
 
