@@ -509,7 +509,8 @@ def test_cli_search_precision_and_eval_at_a_precision(
     assert lat(top) == lat.base_ms > 0 and set(lat.deltas) == set(names)
     assert all(len(d) == 9 for d in lat.deltas.values())  # every (w, a) of (1, 2, 4)^2
     mixed = {**top, names[1]: (1, 2)}
-    assert lat(mixed) == lat.base_ms + lat.deltas[names[1]][(1, 2)]
+    assert lat(mixed) == lat.base_ms + lat.scale * lat.deltas[names[1]][(1, 2)]
+    assert set(lat.uniform_ms) == {(1, 1), (2, 2)} and lat.scale >= 0.1  # calibrated on those
     budget = f"{100 * lat.base_ms:.3f}"
     assert main(["search-precision", ckpt, "--budget-ms", budget, "--json"]) == 0
     rs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -291,6 +291,28 @@ def test_w1a1_residual_convs_write_over_their_input_and_the_others_do_not(
         assert any(bufs[o["inputs"][1]].channels == o["out_channels"] for o in res)
 
 
+def test_latency_model_is_calibrated_on_the_uniform_settings(packed_file: Path) -> None:
+    """The op differences are scaled by the least-squares factor fitted to whole-model times
+    at the uniform settings: a closed form on fixed numbers, and on a real model a fit no
+    worse than the unscaled sum on the very settings it was fitted to."""
+    from bcnn.engine._latency import fit_scale, latency_model
+
+    assert fit_scale([-1.0, -2.0], [-2.0, -4.5]) == pytest.approx(11 / 5)  # (2 + 9) / (1 + 4)
+    assert fit_scale([0.0, 0.0], [1.0, 2.0]) == 1.0  # nothing to fit
+    assert fit_scale([1.0], [-5.0]) == 0.1  # a sign flip by noise: floored
+    p = load(packed_file)
+    lat = latency_model(p, repeat=2)
+    assert set(lat.uniform_ms) == {(k, k) for k in PRECISIONS[:-1]}
+    names = list(p.precision_layers)
+    cfgs = {wa: dict.fromkeys(names, wa) for wa in lat.uniform_ms}
+    err = lambda f: sum(  # noqa: E731
+        (lat.base_ms + f * lat.delta(c) - lat.uniform_ms[wa]) ** 2 for wa, c in cfgs.items()
+    )
+    assert err(lat.scale) <= err(1.0) + 1e-12
+    assert lat(cfgs[(1, 1)]) == lat.base_ms + lat.scale * lat.delta(cfgs[(1, 1)])
+    assert lat.to_dict()["scale"] == round(lat.scale, 4)
+
+
 def test_the_file_is_version_3_and_older_versions_refuse_sets(
     trained: Any, packed_file: Path
 ) -> None:

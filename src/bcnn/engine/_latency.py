@@ -9,6 +9,13 @@ the rest of the model; the op timings are interleaved round by round (medians ov
 drift on a busy machine hits all of them alike. :func:`measure_ms` times a mix end to end, to
 check the prediction.
 
+An op timed alone runs from warm caches and without its neighbours' fused work, so the sum
+of its differences can miss the whole model's by a common factor (2x was seen). The model is
+therefore calibrated end to end: every uniform setting the layers share is timed whole,
+interleaved with the highest, and the differences are scaled by the least-squares factor
+that maps the predicted onto the measured uniform differences (``scale``; the measured
+times are kept in ``uniform_ms``).
+
 Timing an op at (w, a) may need a batch-norm set that training never visited; the timing then
 folds the op's own set: the arithmetic, and so the time, is the same.
 """
@@ -23,32 +30,42 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LatencyModel", "latency_model", "measure_ms"]
+__all__ = ["LatencyModel", "fit_scale", "latency_model", "measure_ms"]
 
 Config = Mapping[str, tuple[int, int]]
 
 
 @dataclass
 class LatencyModel:
-    """``model(config) -> ms``: ``base_ms`` (every layer at its highest) plus, per changed
-    layer, ``deltas[layer][(w, a)]`` (ms, measured; may be slightly negative by noise)."""
+    """``model(config) -> ms``: ``base_ms`` (every layer at its highest) plus ``scale`` times
+    the sum, over changed layers, of ``deltas[layer][(w, a)]`` (ms, each op timed alone; may
+    be slightly negative by noise). ``uniform_ms[(w, a)]``: the whole model measured at each
+    uniform setting, which ``scale`` was fitted to."""
 
     base_ms: float
     deltas: dict[str, dict[tuple[int, int], float]] = field(default_factory=dict)
     batch: int = 1
     size: tuple[int, int] = (32, 32)
+    scale: float = 1.0
+    uniform_ms: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def delta(self, config: Config) -> float:
+        """The summed op differences of ``config`` (unscaled)."""
+        total = 0.0
+        for name, wa in config.items():
+            total += self.deltas[name].get((wa[0], wa[1]), 0.0)
+        return total
 
     def __call__(self, config: Config) -> float:
-        total = self.base_ms
-        for name, wa in config.items():
-            total += self.deltas[name].get(tuple(wa), 0.0)  # type: ignore[arg-type]
-        return total
+        return self.base_ms + self.scale * self.delta(config)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "base_ms": round(self.base_ms, 4),
             "batch": self.batch,
             "size": list(self.size),
+            "scale": round(self.scale, 4),
+            "uniform_ms": {f"W{w}A{a}": round(v, 4) for (w, a), v in self.uniform_ms.items()},
             "deltas": {
                 n: {f"W{w}A{a}": round(v, 4) for (w, a), v in d.items()}
                 for n, d in self.deltas.items()
@@ -60,6 +77,17 @@ def _images(packed: Any, batch: int, size: tuple[int, int] | None) -> np.ndarray
     h, w = size or packed.input_size or (32, 32)
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (batch, packed.in_channels, h, w), dtype=np.uint8)
+
+
+def fit_scale(predicted: list[float], measured: list[float]) -> float:
+    """The least-squares factor f minimising sum (f * p - m)^2 over pairs of predicted and
+    measured differences from the base; 1.0 when the predictions are all zero, and never
+    below 0.1 (a noisy fit must not flatten every difference)."""
+    p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
+    den = float(p @ p)
+    if den <= 0:
+        return 1.0
+    return max(0.1, float(p @ m) / den)
 
 
 def _median_ms(packed: Any, x: np.ndarray, repeat: int) -> float:
@@ -86,8 +114,21 @@ def latency_model(
         raise ValueError("batch and repeat must be >= 1")
     x = _images(packed, batch, size)
     top = table.default()
+    shared_w = set.intersection(*(set(w) for w, _ in table.layers.values()))
+    shared_a = set.intersection(*(set(a) for _, a in table.layers.values()))
+    uniform = [(w, w) for w in sorted(shared_w & shared_a)]
+    uniform = [wa for wa in uniform if any(top[n] != wa for n in top)]
+    settings = [None, *uniform]  # None: the highest; interleaved round by round
+    ends: dict[Any, list[float]] = {s: [] for s in settings}
     with packed.precision():
-        base = _median_ms(packed, x, repeat)
+        for r in range(repeat + 1):
+            for wa in settings:
+                packed.set_precision(*(wa or (None, None)))
+                t0 = time.perf_counter()
+                packed(x)
+                if r:  # round 0 warms each setting
+                    ends[wa].append((time.perf_counter() - t0) * 1e3)
+    base = float(np.median(ends[None]))
     plan = _Plan(packed, tuple(int(d) for d in x.shape))  # type: ignore[arg-type]
 
     def use(config: Config) -> None:
@@ -115,6 +156,11 @@ def latency_model(
         model.deltas[name] = {
             wa: float(np.median(times[(n, wa)])) - t_top for n, wa in trials if n == name
         }
+    model.uniform_ms = {wa: float(np.median(ends[wa])) for wa in uniform}
+    cfgs = [dict.fromkeys(top, wa) for wa in uniform]
+    model.scale = fit_scale(
+        [model.delta(c) for c in cfgs], [model.uniform_ms[wa] - base for wa in uniform]
+    )
     return model
 
 
