@@ -191,6 +191,29 @@ def test_float_twin_then_distillation(tmp_path: Path) -> None:
     assert all(torch.equal(sb[k], sc[k]) for k in sb)  # path and module teachers agree
 
 
+class _AutocastSpy(torch.nn.Module):
+    """A teacher that records whether CPU autocast was on when it ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(1, 4)  # DATA has 4 classes
+        self.seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(torch.is_autocast_enabled("cpu"))
+        return self.fc(x.float().mean(dim=(1, 2, 3))[:, None])
+
+
+@pytest.mark.parametrize("teacher_amp", [True, False])
+def test_teacher_fp32_runs_the_teacher_outside_autocast(tmp_path: Path, teacher_amp: bool) -> None:
+    """Under --amp the teacher runs in bf16 autocast like the student, unless teacher_amp is
+    False (--teacher-fp32: a binary teacher's signs flip in bf16)."""
+    spy = _AutocastSpy()
+    cfg = _cfg(tmp_path / "r", steps="1", epochs=1, amp="on", teacher_amp=teacher_amp)
+    train(cfg, teacher=spy)
+    assert spy.seen and set(spy.seen) == {teacher_amp}
+
+
 def test_init_continues_a_float_run(tmp_path: Path) -> None:
     """--init starts the first step of any run (here the float twin) from a checkpoint."""
     a = train(_cfg(tmp_path / "a", steps="float", epochs=1))

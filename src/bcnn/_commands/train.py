@@ -32,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=S, help="checkpoint of a float model to distil from")
     p.add_argument("--kd-alpha", type=float, default=S, help="distillation weight (0.5)")
     p.add_argument("--kd-temperature", type=float, default=S, help="softening temperature (2)")
+    p.add_argument(
+        "--teacher-fp32",
+        dest="teacher_amp",
+        action="store_false",
+        default=S,
+        help="run the teacher in float32 under --amp (binary teachers: bf16 flips their signs)",
+    )
     p.add_argument("--seed", type=int, default=S, help="run seed: init, data order, split (0)")
     p.add_argument("--val-split", type=float, default=S, help="held-out fraction (0.1)")
     p.add_argument("--image-size", type=int, default=S, help="crop size for large images")

@@ -39,6 +39,7 @@ class TrainConfig:
     teacher: str | None = None  # checkpoint of a float model to distil from
     kd_alpha: float = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)
     kd_temperature: float = 2.0
+    teacher_amp: bool = True  # False: the teacher runs in float32 under --amp (a binary one)
     seed: int = 0
     val_split: float = 0.1
     image_size: int | None = None  # large image folders: crop size (default 224)

@@ -17,6 +17,7 @@ checkpoint reaches the same weights as an unbroken run (bitwise, on a determinis
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -306,6 +307,11 @@ class Trainer:
         # evaluation and checkpoints keep using the eager modules.
         fwd: Callable[[Tensor], Tensor] = torch.compile(net) if cfg.compile else net
         teacher = self.teacher
+        teacher_precision = (  # the teacher in float32 inside the autocast region
+            contextlib.nullcontext
+            if cfg.teacher_amp or not self.amp
+            else lambda: torch.autocast(self.device.type, enabled=False)
+        )
         if teacher is not None and cfg.compile:
             teacher = torch.compile(teacher)  # type: ignore[assignment]
 
@@ -369,7 +375,7 @@ class Trainer:
                     with autocast_context(self.device, self.amp):
                         t_logits = None
                         if teacher is not None:
-                            with torch.no_grad():
+                            with torch.no_grad(), teacher_precision():
                                 t_logits = teacher(x)
                         if ap is None:
                             logits = fwd(x)
