@@ -5,6 +5,7 @@ precision and at random per-layer mixes, negative controls, and bad input."""
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 from pathlib import Path
 from typing import Any
@@ -207,32 +208,61 @@ def test_w1a1_layers_run_on_the_fused_binary_kernels(
 
     monkeypatch.setattr(_kbit_ops, "_sign_packer", counting_packer)
     from bcnn.engine import _fused
+    from bcnn.engine._kernels import _bound
 
-    flags: list[tuple[bool, bool]] = []  # the classifier call's (has_bn, has_epi)
-    real_linear = _fused.fused_sign_linear
+    pool_packs = [0]  # the pools' packs of their W1A1 consumers' signs
+    real_pool = _bound._avgpool_pack
+
+    def counting_pool(*a: Any) -> None:
+        pool_packs[0] += bool(a[-1])
+        real_pool(*a)
+
+    monkeypatch.setattr(_bound, "_avgpool_pack", counting_pool)
+
+    flags: list[tuple[str, bool, bool]] = []  # the classifier call's (kernel, has_bn, has_epi)
+    real_linear, real_gap = _fused.fused_sign_linear, _fused.fused_gap_sign_linear
 
     def spy_linear(*a: Any) -> None:
-        flags.append((a[3], a[12]))
+        flags.append(("linear", a[3], a[12]))
         real_linear(*a)
 
+    def spy_gap(*a: Any) -> None:
+        flags.append(("gap", a[5], a[14]))
+        real_gap(*a)
+
     monkeypatch.setattr(_fused, "fused_sign_linear", spy_linear)
+    monkeypatch.setattr(_fused, "fused_gap_sign_linear", spy_gap)
     for cfg in ({"weight_bits": 1, "act_bits": 1}, {"layers": mix}):
         seen.clear()
         p.set_precision(**cfg)  # type: ignore[arg-type]
-        packs[0] = 0
+        packs[0] = pool_packs[0] = 0
         fast = p(x)
         routed = sum(ok for n, ok in seen if n in convs[:-1])  # routed convs (not the head)
+        ((plan,),) = p._plans.values()
+        ops, kbit = plan._ops, plan.ref.kbit
+        specs = [  # pools before a W1A1 conv whose signs the pool's kernel can pack
+            kbit[b["name"]][0].binary(plan.ref.precision, kbit[b["name"]][1])
+            for a, b in itertools.pairwise(ops)
+            if a["op"] == "avgpool" and b["op"] == "qconv"
+        ]
+        assert pool_packs[0] == sum(r is not None and r.spec is not None for r in specs)
+        own = packs[0] + pool_packs[0]  # packed by the conv itself or by the pool before it
         if "weight_bits" in cfg:  # W1A1 producers pack their W1A1 consumers' signs
-            assert 0 < packs[0] < routed, (packs, routed)
-        else:  # no two W1A1 layers are adjacent: every routed conv packs its own
-            assert packs[0] == routed, (packs, routed)
+            assert 0 < own < routed, (packs, pool_packs, routed)
+        else:  # no two W1A1 convs are adjacent: each is packed by itself or a pool
+            assert own == routed, (packs, pool_packs, routed)
         np.testing.assert_array_equal(fast, _torch_logits(m, x, **cfg), err_msg=str(cfg))
         assert np.ptp(fast, axis=0).max() > 0  # not a constant network
         want = {n for n in convs if p.current_precision[n] == (1, 1)}
         want |= {stem} if p.current_precision[stem][0] == 1 else set()
         assert want and {n for n, ok in seen if ok} == want, (cfg, seen)
-        if p.current_precision[convs[-1]] == (1, 1):  # its BN and epilogue in the one call
-            assert flags and all(f == (True, True) for f in flags), flags
+        if p.current_precision[convs[-1]] == (1, 1):  # pool, BN, epilogue in the one call
+            assert flags == [("gap", True, True)], flags
+            flags.clear()  # the reference plan has no fused pool: the classifier's own call
+            ref = PackedModel(p.graph, p.tensors, backend="reference")
+            ref.set_precision(**cfg)  # type: ignore[arg-type]
+            np.testing.assert_array_equal(ref(x), fast)
+            assert flags == [("linear", True, True)], flags
         flags.clear()
         with monkeypatch.context() as mp:  # the bit-serial path of the same selection
             mp.setattr(_kbit_ops._Variants, "binary", lambda *a: None)

@@ -491,11 +491,42 @@ class _FastPlan:
                 v[bname] = bits
 
             return run_pack
+        reader = self._kbit_reader_conv(name)
+        if reader is not None:  # a k-bit conv: pack its W1A1 route's signs when it runs
+            from ._kernels._bound import _avgpool_pack
+
+            rv, layer = reader
+            precision, calls = self.ref.precision, self.ref
+            out = pool(np.zeros((self._shape[0], sb.h, sb.w, sb.channels), np.float32))
+
+            def run_kbit(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                r = rv.binary(precision, layer)
+                if r is not None and r.spec is not None:
+                    b, bits, p = r.spec
+                    _avgpool_pack(v[src], out, b, bits, p, True)
+                    r.fresh = calls.calls
+                else:
+                    pool(v[src])
+                v[name] = out
+
+            return run_kbit
 
         def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
             v[name] = pool(v[src])
 
         return run
+
+    def _kbit_reader_conv(self, name: str) -> Any:
+        """(variants, layer) of the next op when it is a k-bit conv quantizing ``name`` (its
+        first input) and no other op reads ``name`` as a first input, else None."""
+        i, ops = self._index, self._ops
+        if i + 1 >= len(ops) or name == self.output:
+            return None
+        nxt = ops[i + 1]
+        first = [o for o in ops if o["inputs"] and o["inputs"][0] == name]
+        if nxt["op"] != "qconv" or first != [nxt]:
+            return None
+        return self.ref.kbit.get(nxt["name"])
 
     @staticmethod
     def _op_done(op: dict[str, Any]) -> Any:
@@ -553,12 +584,39 @@ class _FastPlan:
 
         return run
 
+    def _kbit_reader(self, name: str) -> Any:
+        """(variants, layer) of the k-bit op that is the only reader of ``name`` and the next
+        op, when there is one (and ``name`` is not the graph output), else None."""
+        i = self._index
+        if name == self.output or self._readers(name) != [i + 1]:
+            return None
+        return self.ref.kbit.get(self._ops[i + 1]["name"])
+
     def _op_gap(self, op: dict[str, Any]) -> Any:
+        """The global average pool; the fused binary head when a binary classifier follows;
+        before a k-bit classifier, its W1A1 route's fused pool + classifier call when the
+        call's setting selects that route (the pooled vector is then not written)."""
         K = self.K
         src, name = op["inputs"][0], op["output"]
         head = self._head(op)
         if head is not None:
             return head
+        reader = self._kbit_reader(name)
+        if reader is not None:
+            rv, layer = reader
+            precision, ob = self.ref.precision, self.ref.bufs[name]
+            assert ob.array is not None
+            stale = np.empty(ob.array.shape, np.float32)  # what the skipped vector reads
+
+            def run_kbit(v: dict[str, np.ndarray], x: np.ndarray) -> None:
+                r = rv.binary(precision, layer)
+                if r is not None and r.gap is not None:
+                    r.gap(v[src])
+                    v[name] = stale
+                else:
+                    v[name] = K.global_avgpool(v[src])
+
+            return run_kbit
 
         def run(v: dict[str, np.ndarray], x: np.ndarray) -> None:
             v[name] = K.global_avgpool(v[src])

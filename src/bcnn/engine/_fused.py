@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["fused_epilogue", "fused_head", "fused_sign_linear"]
+__all__ = ["fused_epilogue", "fused_gap_sign_linear", "fused_head", "fused_sign_linear"]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -119,6 +119,33 @@ def fused_head(h, neg, w, nbits, scale, bias, out, bits, acc):  # type: ignore[n
             out[n, o] = np.float32(nbits - 2 * pc) * scale[o] + bias[o]
 
 
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _sign_linear_row(
+    xv, alpha, beta, has_bn, bias, step, w, nbits, shift, scale, aw, ab, has_epi, out, bits
+):  # type: ignore[no-untyped-def]
+    """One row of :func:`fused_sign_linear`: xv float32 (C,) -> out float32 (O,)."""
+    o_, kw = w.shape
+    for j in range(kw):
+        bits[j] = 0
+    for c in range(xv.shape[0]):
+        x = xv[c]
+        if has_bn:
+            x = np.float32(np.float64(x) * alpha[c] + beta[c])
+        v = (x + bias[c]) / step
+        if v < 0:
+            bits[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+    for o in range(o_):
+        pc = 0
+        for j in range(kw):
+            pc += _popcount64(bits[j] ^ w[o, j])
+        y = np.float32(np.int64(nbits - 2 * pc) << np.int64(shift))
+        if has_epi:
+            y = y * scale[o]
+            y = y * aw[o]
+            y = y + ab[o]
+        out[o] = y
+
+
 @njit(nogil=True, cache=True, boundscheck=False)
 def fused_sign_linear(
     x, alpha, beta, has_bn, bias, step, w, nbits, shift, scale, aw, ab, has_epi, out, bits
@@ -133,25 +160,47 @@ def fused_sign_linear(
     ``_bitserial._combine`` for one plane of each. With has_epi, the epilogue ``scale``,
     ``affine`` in float32, torch's order: (y * scale[o]) * aw[o] + ab[o], two roundings
     each. Workspace: bits uint64 (Kw,)."""
-    n_, c_ = x.shape
-    o_, kw = w.shape
+    for n in range(x.shape[0]):
+        _sign_linear_row(
+            x[n], alpha, beta, has_bn, bias, step, w, nbits, shift, scale, aw, ab, has_epi,
+            out[n], bits,
+        )  # fmt: skip
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def fused_gap_sign_linear(
+    h,
+    mean,
+    acc,
+    alpha,
+    beta,
+    has_bn,
+    bias,
+    step,
+    w,
+    nbits,
+    shift,
+    scale,
+    aw,
+    ab,
+    has_epi,
+    out,
+    bits,
+):  # type: ignore[no-untyped-def]
+    """Global average pool then :func:`fused_sign_linear`, one call: h float32 (N, P, C) ->
+    out float32 (N, O). The mean as ``_kernels.global_avgpool`` computes it (float64 sum,
+    one rounding). Workspaces: mean float32 (C,), acc float64 (C,), bits uint64 (Kw,)."""
+    n_, p_, c_ = h.shape
     for n in range(n_):
-        for j in range(kw):
-            bits[j] = 0
         for c in range(c_):
-            xv = x[n, c]
-            if has_bn:
-                xv = np.float32(np.float64(xv) * alpha[c] + beta[c])
-            v = (xv + bias[c]) / step
-            if v < 0:
-                bits[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
-        for o in range(o_):
-            pc = 0
-            for j in range(kw):
-                pc += _popcount64(bits[j] ^ w[o, j])
-            y = np.float32(np.int64(nbits - 2 * pc) << np.int64(shift))
-            if has_epi:
-                y = y * scale[o]
-                y = y * aw[o]
-                y = y + ab[o]
-            out[n, o] = y
+            acc[c] = 0.0
+        for p in range(p_):
+            row = h[n, p]
+            for c in range(c_):
+                acc[c] += np.float64(row[c])
+        for c in range(c_):
+            mean[c] = np.float32(acc[c] / p_)
+        _sign_linear_row(
+            mean, alpha, beta, has_bn, bias, step, w, nbits, shift, scale, aw, ab, has_epi,
+            out[n], bits,
+        )  # fmt: skip

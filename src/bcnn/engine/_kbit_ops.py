@@ -55,12 +55,15 @@ def _emitter(plan: Any, op: dict[str, Any], t: dict[str, np.ndarray]) -> Any:
 class _Route:
     """A layer's W1A1 route (:meth:`_Variants.binary`): ``run`` calls its kernels; ``spec`` =
     (bias, bits, border): where a producing route's kernel may pack this route's input signs
-    (None: it always packs them itself); ``fresh``: the plan call in which a producer did."""
+    (None: it always packs them itself); ``fresh``: the plan call in which a producer did.
+    ``gap``: a linear route's ``gap(h)``, which computes the layer from the global average
+    pool's input h (N, H, W, C) in one call (None: it cannot); the route then skips."""
 
-    __slots__ = ("fresh", "run", "spec")
+    __slots__ = ("fresh", "gap", "run", "spec")
 
     def __init__(self, run: Any = None, spec: Any = None) -> None:
         self.run, self.spec, self.fresh = run, spec, -1
+        self.gap: Any = None
 
 
 class _Variants:
@@ -238,7 +241,7 @@ def _route_linear(v: _Variants, s: Any, layer: BitSerialLinear) -> Any:
     arithmetic of :class:`._epilogue._Epilogue`; other steps run as their own calls. None
     when the layer is not on a signed grid."""
     from . import _kernels as K
-    from ._fused import fused_sign_linear
+    from ._fused import fused_gap_sign_linear, fused_sign_linear
 
     if layer.w.zero or not layer.w.act_signed:
         return None
@@ -281,16 +284,34 @@ def _route_linear(v: _Variants, s: Any, layer: BitSerialLinear) -> Any:
     al, be = bn if bn is not None else (e64, e64)
     sc, aw, ab = epi if epi is not None else (e32, e32, e32)
     has_bn, has_epi = bn is not None, epi is not None
-    out = v.plan.bufs[op["output"]]
+    plan = v.plan
+    out = plan.bufs[op["output"]]
+    route = _Route()
 
     def run() -> None:
+        if route.fresh == plan.calls:  # computed from the pool's input in this call
+            return
         a = src.array if fn is None else fn(src.array)
         y = acc if emit is not None else out.array
         fused_sign_linear(a, al, be, has_bn, b, st, w, layer.k, d, sc, aw, ab, has_epi, y, bits)
         if emit is not None:
             emit(acc)
 
-    return _Route(run)
+    mean = np.empty(layer.k, np.float32)
+    acc64 = np.empty(layer.k, np.float64)
+
+    def gap(h: np.ndarray) -> None:
+        h3 = h.reshape(h.shape[0], -1, h.shape[-1])  # (N, H*W, C)
+        fused_gap_sign_linear(
+            h3, mean, acc64, al, be, has_bn, b, st, w, layer.k, d, sc, aw, ab, has_epi,
+            out.array, bits,
+        )  # fmt: skip
+        route.fresh = plan.calls
+
+    route.run = run
+    if fn is None and emit is None:  # the whole layer is in the fused call
+        route.gap = gap
+    return route
 
 
 def _prescale(v: _Variants, steps: list[dict[str, Any]], bits: int) -> np.ndarray | None:
