@@ -163,13 +163,23 @@ def main() -> int:
         )
     epochs = sum(sum(g["epochs"].values()) for g in stages)
     secs = sum(g["secs"] for g in stages)
+    import yaml
+
+    def taught(g: dict[str, Any]) -> str:
+        c = yaml.safe_load(g["cfg"])
+        if c.get("teacher"):
+            fp = ", in float32" if c.get("teacher_amp") is False else ""
+            return f"`{Path(c['teacher']).stem}` (`teacher`{fp})"
+        return "the highest precision (`--ap-distill`)" if c.get("ap_distill") else "none"
+
+    kd = "; ".join(f"stage {i}: {taught(g)}" for i, g in enumerate(stages, 1))
     facts = "| | |\n|---|---|\n" + "\n".join(
         f"| {k} | {v} |"
         for k, v in [
             (
                 "training",
                 f"{epochs} step-2 epochs from the shipped `bcnn_cifar10`, every precision each "
-                "iteration (`--ap-joint`), the highest teaching the others (`--ap-distill`), "
+                f"iteration (`--ap-joint`), distilled from {kd}; "
                 "each stage's precision schedule (`ap_schedule`: `bitmixer`, uniform then "
                 "per-layer, or `uniform`) in its config below; "
                 f"{secs / 60:.0f} min wall time in {len(stages)} stage(s) (below), CPU only "
