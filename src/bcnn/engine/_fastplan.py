@@ -497,6 +497,7 @@ class _FastPlan:
 
             rv, layer = reader
             precision, calls = self.ref.precision, self.ref
+            self._records[self._index] = None  # never the plain pool's record in a runner
             out = pool(np.zeros((self._shape[0], sb.h, sb.w, sb.channels), np.float32))
 
             def run_kbit(v: dict[str, np.ndarray], x: np.ndarray) -> None:
