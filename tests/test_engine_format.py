@@ -54,6 +54,30 @@ def test_file_header(model_file: Path) -> None:
     assert all(v["dtype"] in ("U64", "F32", "I32", "I8") for k, v in header.items() if k[0] != "_")
 
 
+def test_the_same_model_gives_the_same_bytes(packed: PackedModel, tmp_path: Path) -> None:
+    """The header's keys are sorted (safetensors' writer emits them in hash order, which
+    differs between writes): saving one model repeatedly gives one file, which safetensors
+    reads back to the same tensors and metadata, its header padded to 8 bytes."""
+    files = []
+    for i in range(5):
+        packed.save(tmp_path / f"m{i}.bcnn")
+        files.append((tmp_path / f"m{i}.bcnn").read_bytes())
+    assert len(set(files)) == 1
+    data = files[0]
+    n = int.from_bytes(data[:8], "little")
+    text = data[8 : 8 + n].decode("utf-8")
+    assert n % 8 == 0 and text == text.rstrip() + " " * (len(text) - len(text.rstrip()))
+    header = json.loads(text)
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(
+        header["__metadata__"]
+    )
+    again = load(tmp_path / "m0.bcnn")
+    assert json.dumps(again.graph, sort_keys=True) == json.dumps(packed.graph, sort_keys=True)
+    t = st_load(data)
+    assert set(t) == set(packed.tensors)
+    assert all(np.array_equal(t[k], packed.tensors[k]) for k in t)
+
+
 def test_size_vs_float_state_dict(tmp_path: Path) -> None:
     import torch
 

@@ -531,7 +531,21 @@ def write_bcnn(
         "graph": json.dumps(graph, separators=(",", ":"), allow_nan=False),
     }
     data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
+    data = _canonical_header(data)
     atomic_write(path, lambda f: f.write(data))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """The same safetensors bytes with the header's keys sorted: safetensors' writer emits
+    its JSON keys in hash order, so the same model would give different files. The data
+    offsets are relative to the end of the header and do not change; the header is padded
+    with spaces to a multiple of 8 bytes, as safetensors does."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    raw = text.encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
 
 
 def _reject_constant(c: str) -> float:
