@@ -603,7 +603,8 @@ class _FastPlan:
         if head is not None:
             return head
         reader = self._kbit_reader(name)
-        if reader is not None:
+        sb = self.ref.bufs[src]
+        if reader is not None and getattr(reader[1], "k", None) == sb.channels:  # a linear
             rv, layer = reader
             precision, ob = self.ref.precision, self.ref.bufs[name]
             assert ob.array is not None

@@ -254,7 +254,9 @@ def _route_linear(v: _Variants, s: Any, layer: BitSerialLinear) -> Any:
     o_ = layer.w.out
     e64 = np.zeros(0, np.float64)
     e32 = np.zeros(0, np.float32)
-    if [p["kind"] for p in pres] == ["bn"]:
+    if [p["kind"] for p in pres] == ["bn"] and all(
+        t[pres[0][k]].shape == (layer.k,) for k in ("alpha", "beta")
+    ):  # the kernel indexes them by input feature, unchecked
         bn = (
             np.asarray(t[pres[0]["alpha"]], np.float64),
             np.asarray(t[pres[0]["beta"]], np.float64),
