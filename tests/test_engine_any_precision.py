@@ -227,7 +227,7 @@ def test_w1a1_layers_run_on_the_fused_binary_kernels(
         real_linear(*a)
 
     def spy_gap(*a: Any) -> None:
-        flags.append(("gap", a[5], a[14]))
+        flags.append(("gap", a[4], a[13]))
         real_gap(*a)
 
     monkeypatch.setattr(_fused, "fused_sign_linear", spy_linear)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ._epilogue import _Epilogue, _FusedEpilogue
 from ._format import words
+from ._kbit_ops import qconv_reader
 from ._kernels._bound import Record
 from ._plan import _Plan
 
@@ -491,7 +492,7 @@ class _FastPlan:
                 v[bname] = bits
 
             return run_pack
-        reader = self._kbit_reader_conv(name)
+        reader = qconv_reader(self.ref, name)
         if reader is not None:  # a k-bit conv: pack its W1A1 route's signs when it runs
             from ._kernels._bound import _avgpool_pack
 
@@ -516,18 +517,6 @@ class _FastPlan:
             v[name] = pool(v[src])
 
         return run
-
-    def _kbit_reader_conv(self, name: str) -> Any:
-        """(variants, layer) of the next op when it is a k-bit conv quantizing ``name`` (its
-        first input) and no other op reads ``name`` as a first input, else None."""
-        i, ops = self._index, self._ops
-        if i + 1 >= len(ops) or name == self.output:
-            return None
-        nxt = ops[i + 1]
-        first = [o for o in ops if o["inputs"] and o["inputs"][0] == name]
-        if nxt["op"] != "qconv" or first != [nxt]:
-            return None
-        return self.ref.kbit.get(nxt["name"])
 
     @staticmethod
     def _op_done(op: dict[str, Any]) -> Any:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._kernels._pool import _gap
+
 __all__ = ["fused_epilogue", "fused_gap_sign_linear", "fused_head", "fused_sign_linear"]
 
 
@@ -169,38 +171,14 @@ def fused_sign_linear(
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def fused_gap_sign_linear(
-    h,
-    mean,
-    acc,
-    alpha,
-    beta,
-    has_bn,
-    bias,
-    step,
-    w,
-    nbits,
-    shift,
-    scale,
-    aw,
-    ab,
-    has_epi,
-    out,
-    bits,
+    h, mean, alpha, beta, has_bn, bias, step, w, nbits, shift, scale, aw, ab, has_epi, out, bits
 ):  # type: ignore[no-untyped-def]
     """Global average pool then :func:`fused_sign_linear`, one call: h float32 (N, P, C) ->
-    out float32 (N, O). The mean as ``_kernels.global_avgpool`` computes it (float64 sum,
-    one rounding). Workspaces: mean float32 (C,), acc float64 (C,), bits uint64 (Kw,)."""
-    n_, p_, c_ = h.shape
-    for n in range(n_):
-        for c in range(c_):
-            acc[c] = 0.0
-        for p in range(p_):
-            row = h[n, p]
-            for c in range(c_):
-                acc[c] += np.float64(row[c])
-        for c in range(c_):
-            mean[c] = np.float32(acc[c] / p_)
+    out float32 (N, O). The mean is ``_kernels.global_avgpool``'s kernel (float64 sum, one
+    rounding). Workspaces: mean float32 (N, C), bits uint64 (Kw,)."""
+    _gap(h, mean)
+    for n in range(h.shape[0]):
         _sign_linear_row(
-            mean, alpha, beta, has_bn, bias, step, w, nbits, shift, scale, aw, ab, has_epi,
+            mean[n], alpha, beta, has_bn, bias, step, w, nbits, shift, scale, aw, ab, has_epi,
             out[n], bits,
         )  # fmt: skip

@@ -19,7 +19,7 @@ from ._bitserial import (
 )
 from ._epilogue import _Epilogue, _FusedEpilogue
 
-__all__ = ["bind_qconv", "bind_qlinear", "bind_qstem"]
+__all__ = ["bind_qconv", "bind_qlinear", "bind_qstem", "qconv_reader"]
 
 
 def _pre_fn(steps: list[dict[str, Any]], t: dict[str, np.ndarray]) -> tuple[Any, np.ndarray | None]:
@@ -141,12 +141,18 @@ class _Variants:
         op reading that output as its input (a residual read of the float stream is fine),
         else None."""
         if self._consumer is False:
-            name, c = self.op["output"], None
-            first = [o for o in self.plan.ops if o["inputs"] and o["inputs"][0] == name]
-            if len(first) == 1 and first[0]["op"] == "qconv":
-                c = self.plan.kbit.get(first[0]["name"])
-            self._consumer = c
+            self._consumer = qconv_reader(self.plan, self.op["output"])
         return self._consumer
+
+
+def qconv_reader(plan: Any, name: str) -> Any:
+    """(variants, layer) of the qconv that quantizes the value ``name``, when it is the only
+    op reading ``name`` as its input (a residual read of the float stream is fine), else
+    None. ``plan``: the reference plan (its ops and k-bit ops)."""
+    first = [o for o in plan.ops if o["inputs"] and o["inputs"][0] == name]
+    if len(first) == 1 and first[0]["op"] == "qconv":
+        return plan.kbit.get(first[0]["name"])
+    return None
 
 
 def _packs_as_sign(step: float | np.floating[Any]) -> bool:
@@ -299,15 +305,13 @@ def _route_linear(v: _Variants, s: Any, layer: BitSerialLinear) -> Any:
         if emit is not None:
             emit(acc)
 
-    mean = np.empty(layer.k, np.float32)
-    acc64 = np.empty(layer.k, np.float64)
+    mean = np.empty((n, layer.k), np.float32)  # (N, C)
 
     def gap(h: np.ndarray) -> None:
         h3 = h.reshape(h.shape[0], -1, h.shape[-1])  # (N, H*W, C)
         fused_gap_sign_linear(
-            h3, mean, acc64, al, be, has_bn, b, st, w, layer.k, d, sc, aw, ab, has_epi,
-            out.array, bits,
-        )  # fmt: skip
+            h3, mean, al, be, has_bn, b, st, w, layer.k, d, sc, aw, ab, has_epi, out.array, bits
+        )
         route.fresh = plan.calls
 
     route.run = run
