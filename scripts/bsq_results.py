@@ -131,6 +131,8 @@ def main() -> int:
     ap.add_argument("--bsq-lr", type=float, default=0.5)
     ap.add_argument("--bsq-optimizer", default="sgd", choices=["sgd", "adam"])
     ap.add_argument("--bsq-interval", type=float, default=0.25)
+    ap.add_argument("--bsq-finetune", type=int, default=1, help="of the second half's epochs")
+    ap.add_argument("--bsq-finetune-mode", default="bits", choices=["bits", "weights"])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -141,7 +143,9 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if args.epochs < 4 or args.epochs % 2:
-        ap.error("--epochs must be even and >= 4 (two halves; BSQ: 1 epoch of fine-tuning)")
+        ap.error("--epochs must be even and >= 4 (two halves)")
+    if not 1 <= args.bsq_finetune < args.epochs // 2:
+        ap.error("--bsq-finetune must leave the BSQ stage at least one of the half's epochs")
 
     root = Path(args.out)
     kw = {"width": args.width, "depth": args.depth, "act_bits": args.act_bits}
@@ -153,11 +157,14 @@ def main() -> int:
         runs.append((f"W{k}A{args.act_bits}", "uniform", cfg))
     step1 = run_config(args, root / "bsq_step1", steps="1", epochs=half, model_kw=kw)
     for a in args.alphas:
-        out = root / f"bsq_{a:g}"
+        ft, mode = args.bsq_finetune, args.bsq_finetune_mode
+        tag = "" if (ft, mode) == (1, "bits") else f"_ft{ft}{mode[0]}"  # e.g. bsq_0.05_ft2w
+        out = root / f"bsq_{a:g}{tag}"
         cfg = run_config(
-            args, out, steps="2", epochs2=half - 1, model_kw=kw, init=f"{step1.out}/final.pt",
+            args, out, steps="2", epochs2=half - ft, model_kw=kw, init=f"{step1.out}/final.pt",
             bsq_alpha=a, bsq_bits=args.bsq_bits, bsq_lr=args.bsq_lr,
-            bsq_interval=args.bsq_interval, bsq_finetune=1, bsq_optimizer=args.bsq_optimizer,
+            bsq_interval=args.bsq_interval, bsq_finetune=ft, bsq_optimizer=args.bsq_optimizer,
+            bsq_finetune_mode=mode,
         )  # fmt: skip
         runs.append((f"BSQ a={a:g}", "bsq", cfg))
 

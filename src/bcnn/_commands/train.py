@@ -101,6 +101,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bsq-finetune", type=int, default=S, help="BSQ: fine-tuning epochs, scheme frozen (0)"
     )
     p.add_argument(
+        "--bsq-finetune-mode",
+        choices=["bits", "weights"],
+        default=S,
+        help="BSQ fine-tuning trains the bit variables at lr/10 (official; default) or the "
+        "float weights through the frozen grid at step 2's lr",
+    )
+    p.add_argument(
         "--bsq-lr", type=float, default=S, help="BSQ: peak lr of the bit variables (0.5)"
     )
     p.add_argument(

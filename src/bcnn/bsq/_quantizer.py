@@ -24,6 +24,16 @@ Two deliberate differences from the official code, both documented in docs/bsq.m
   (only to the format's 8-bit range): a value past it is BSQ's *overflow*, and the next
   re-quantization raises the layer's precision so that its output does not change. Once the
   scheme is frozen (fine-tuning), ``v`` is clipped to ``+-(2^N - 1)`` as in the official code.
+
+Fine-tuning can also train the layer's float weight instead of the bits (``latent``, the
+trainer's ``bsq_finetune_mode: weights``): the scheme stays frozen, and the weight is
+quantized onto the same N-bit sign-magnitude grid with a straight-through rounding and an
+LSQ-scaled step gradient (Esser et al., ICLR 2020)::
+
+    W = round_half_away(clip(w / step, -(2^N - 1), 2^N - 1))   dW/dw = 1/step inside the range
+
+It starts from ``w = step * W`` (the bits' weights: nothing changes at the switch) and the
+bits are re-written from ``W`` when the stage ends, so a file holds both forms consistently.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..quant._uniform import _grad_scale
 
 __all__ = ["MAX_BITS", "BitQuantizer"]
 
@@ -63,7 +75,9 @@ class BitQuantizer(nn.Module):
         bits: starting precision N (0..8).
 
     State: ``pos``, ``neg`` (8, *shape) in [0, 2] (planes >= N stay 0), ``step`` (scalar,
-    learned), ``nbits`` (N), ``frozen`` (fine-tuning: N fixed, v clipped to the N-bit range).
+    learned), ``nbits`` (N), ``frozen`` (fine-tuning: N fixed, v clipped to the N-bit range),
+    ``latent`` (fine-tuning through the layer's float weight, passed as ``integer``'s argument,
+    instead of the bits).
     """
 
     signed = True  # for the engine: a signed weight grid (with 0: see ``zero_grid``)
@@ -72,6 +86,7 @@ class BitQuantizer(nn.Module):
     step: Tensor
     nbits: Tensor
     frozen: Tensor
+    latent: Tensor
     initialized: Tensor
 
     def __init__(self, shape: tuple[int, ...] | torch.Size, bits: int = 8) -> None:
@@ -84,7 +99,14 @@ class BitQuantizer(nn.Module):
         self.step = nn.Parameter(torch.ones(()))
         self.register_buffer("nbits", torch.tensor(int(bits), dtype=torch.int64))
         self.register_buffer("frozen", torch.tensor(False))
+        self.register_buffer("latent", torch.tensor(False))
         self.register_buffer("initialized", torch.tensor(True))
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        key = prefix + "latent"  # files written before the weights fine-tuning mode existed
+        if key not in state_dict:
+            state_dict[key] = torch.tensor(False)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # ------------------------------------------------------------------ state
     @property
@@ -114,7 +136,10 @@ class BitQuantizer(nn.Module):
         return ((self.pos - self.neg) * self._place()).sum(0)
 
     def integer(self, x: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(W, step): the integer weights (straight-through rounding) and the step ()."""
+        """(W, step): the integer weights (straight-through rounding) and the step (). ``x``
+        is the layer's weight: read only in ``latent`` mode (otherwise only its dtype)."""
+        if bool(self.latent):
+            return self._from_weight(x)
         v = self.continuous()
         hi = torch.where(self.frozen, 2.0**self.nbits - 1.0, float(2**MAX_BITS - 1))
         v = torch.maximum(torch.minimum(v, hi.to(v.dtype)), -hi.to(v.dtype))
@@ -123,6 +148,17 @@ class BitQuantizer(nn.Module):
         if x is not None:
             w, step = w.to(x.dtype), step.to(x.dtype)
         return w, step
+
+    def _from_weight(self, x: Tensor | None) -> tuple[Tensor, Tensor]:
+        if x is None:
+            raise ValueError("this BSQ layer fine-tunes its float weight: pass it to integer()")
+        hi = 2.0 ** int(self.nbits) - 1.0
+        step = self.step.abs().clamp_min(1e-8)
+        if self.training and self.step.requires_grad:
+            step = _grad_scale(step, 1.0 / math.sqrt(x.numel() * max(hi, 1.0)))
+        step = step.to(x.dtype)
+        v = (x / step).clamp(-hi, hi)
+        return v + (_round_away(v) - v).detach(), step
 
     def forward(self, x: Tensor | None = None) -> Tensor:
         w, step = self.integer(x)
@@ -186,15 +222,17 @@ class BitQuantizer(nn.Module):
         self.neg.mul_(keep)
 
     @torch.no_grad()
-    def requantize(self, adjust: bool = True) -> dict[str, Any]:
+    def requantize(self, adjust: bool = True, weight: Tensor | None = None) -> dict[str, Any]:
         """BSQ's periodic re-quantization: the rounded weights W back into sign-magnitude
         bits. With ``adjust`` (the scheme is not frozen) also: precision +1 per overflowing bit
         (|W| > 2^N - 1; at most 8 bits), all-zero MSB planes dropped, and all-zero LSB planes
         dropped with the step doubled. The layer's output is unchanged (the step doubles
-        exactly), except that a frozen or 8-bit layer clips W to its range.
+        exactly), except that a frozen or 8-bit layer clips W to its range. ``weight``: the
+        layer's weight (read in ``latent`` mode, which never adjusts: the bits follow W).
         Returns {"before": N, "after": N', "overflow": bool}."""
         before = self.bits
-        w: Tensor = self.integer()[0].detach()
+        adjust = adjust and not bool(self.latent)
+        w: Tensor = self.integer(weight)[0].detach()
         m = int(w.abs().max()) if w.numel() else 0
         n = before
         overflow = m > 2**n - 1

@@ -53,9 +53,11 @@ def quantizable_layers(model: nn.Module) -> dict[str, Any]:
 
 @torch.no_grad()
 def _sync_weight(layer: Any) -> None:
-    """Keep the layer's (frozen) float weight equal to step * W, for anything reading it."""
+    """Keep the layer's (frozen) float weight equal to step * W, for anything reading it (not
+    in ``latent`` mode: there the weight is what trains)."""
     q = layer.weight_quantizer
-    layer.weight.copy_(q().to(layer.weight.dtype))
+    if not bool(q.latent):
+        layer.weight.copy_(q().to(layer.weight.dtype))
 
 
 def bsq_(model: nn.Module, bits: int = 8, *, init: bool = True) -> nn.Module:
@@ -127,17 +129,34 @@ def requantize_(model: nn.Module, adjust: bool = True) -> dict[str, dict[str, An
     out = {}
     for name, layer in bsq_layers(model).items():
         q = layer.weight_quantizer
-        out[name] = q.requantize(adjust=adjust and not bool(q.frozen))
+        out[name] = q.requantize(adjust=adjust and not bool(q.frozen), weight=layer.weight)
         _sync_weight(layer)
     if not out:
         raise ValueError(f"{type(model).__name__} has no BSQ layer (convert it with bsq_ first)")
     return out
 
 
-def freeze_(model: nn.Module, frozen: bool = True) -> None:
-    """Freeze the precision scheme (fine-tuning): N stays fixed, W is clipped to its range."""
-    for q in _quantizers(model):
+def freeze_(model: nn.Module, frozen: bool = True, *, weights: bool = False) -> None:
+    """Freeze the precision scheme (fine-tuning): N stays fixed, W is clipped to its range.
+    ``weights``: fine-tune each layer's float weight (starting at ``step * W``) through the
+    frozen grid instead of its bits (:class:`BitQuantizer`'s ``latent`` mode); the weight
+    trains, the bits follow at the next re-quantization. Needs ``frozen``."""
+    if weights and not frozen:
+        raise ValueError("BSQ fine-tuning through the weights needs a frozen scheme")
+    _quantizers(model)  # ValueError if there is no BSQ layer
+    for layer in bsq_layers(model).values():
+        q = layer.weight_quantizer
         q.frozen.fill_(bool(frozen))
+        if bool(q.latent) == weights:
+            pass  # a resumed fine-tuning keeps its trained weights
+        elif weights:  # start from exactly step * W: the output does not move
+            _sync_weight(layer)
+            q.latent.fill_(True)
+        else:  # the bits take over again from the weights' W
+            q.requantize(adjust=False, weight=layer.weight)
+            q.latent.fill_(False)
+            _sync_weight(layer)
+        layer.weight.requires_grad_(bool(weights))
 
 
 def check_(model: nn.Module) -> None:

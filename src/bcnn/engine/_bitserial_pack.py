@@ -38,7 +38,7 @@ def _weight_planes(b: Any, layer: Any, what: str, err: type) -> tuple[np.ndarray
     q = layer.weight_quantizer
     if is_kbit(q) and getattr(q, "zero_grid", False):
         with torch.no_grad():
-            w, sw = q.integer(None)
+            w, sw = q.integer(layer.weight.detach().float())
         wi = w.detach().cpu().numpy().astype(np.int64)
         n = int(np.abs(wi).max()).bit_length() if wi.size else 0
         if n > 8:

@@ -8,7 +8,10 @@
   interval) the model is re-quantized with precision adjustment; a last re-quantization ends
   the stage.
 * step ``ft`` (``bsq_finetune`` epochs) fine-tunes with the scheme frozen: no regularizer,
-  no precision change, weights clipped to each layer's range.
+  no precision change, weights clipped to each layer's range. ``bsq_finetune_mode`` says
+  what trains: the bit variables at a tenth of the lr (``bits``, the official code), or each
+  layer's float weight through its frozen grid with a straight-through rounding, at step 2's
+  lr (``weights``: the quantization-aware training the uniform models get).
 
 Re-quantization rewrites the bit variables, so their momentum (or Adam moments) is reset
 (as the official code re-creates its optimizer). Everything here is a function of
@@ -47,6 +50,7 @@ class BsqStage:
         bits_lr: float,
         finetune: bool,
         kind: str = "sgd",
+        through_weights: bool = False,
     ) -> None:
         if kind not in ("sgd", "adam"):
             raise ValueError(f"BSQ optimizer must be sgd or adam, got {kind!r}")
@@ -58,6 +62,7 @@ class BsqStage:
         self.bits_lr = float(bits_lr)
         self.every = 0  # iterations between re-quantizations (set by ``start``)
         self.finetune = finetune
+        self.through_weights = finetune and through_weights
         self.base_lr = 1.0
         self._momentum: dict[str, Tensor] = {}
         self._last_reg = 0.0
@@ -75,10 +80,12 @@ class BsqStage:
         bsq_(model, self.bits, init=True)
 
     def start(self, model: nn.Module, per_epoch: int) -> None:
+        """Before the optimizer is made: the schedule, and which tensors train (fine-tuning
+        ``through_weights``: the float weights, not the bits)."""
         from ..bsq import freeze_
 
         self.every = max(1, round(self.interval * per_epoch))
-        freeze_(model, self.finetune)
+        freeze_(model, self.finetune, weights=self.through_weights)
 
     def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Adam:
         """Adam (no weight decay) over everything but the bit variables (``"adam"``: them
@@ -174,6 +181,8 @@ class BsqStage:
         return out
 
     def describe(self) -> str:
+        if self.through_weights:
+            return ", BSQ fine-tuning (scheme frozen, float weights through it)"
         if self.finetune:
             return f", BSQ fine-tuning (scheme frozen, bits lr {self.bits_lr:g})"
         return (
@@ -194,4 +203,5 @@ def make_bsq_stage(cfg: Any, step: str) -> BsqStage | None:
         cfg.bsq_lr * (0.1 if ft else 1.0),
         ft,
         cfg.bsq_optimizer,
+        cfg.bsq_finetune_mode == "weights",
     )

@@ -59,6 +59,9 @@ class TrainConfig:
     bsq_finetune: int = 0  # epochs of the fine-tuning step `ft` (scheme frozen, lr / 10)
     bsq_lr: float = 0.5  # peak lr of the bit variables (SGD, momentum 0.9: docs/bsq.md)
     bsq_optimizer: str = "sgd"  # sgd (official) | adam (group Lasso decoupled, docs/bsq.md)
+    # fine-tuning trains: bits (official, at lr / 10) | weights (float weights through the
+    # frozen grid, straight-through, at step 2's lr: docs/bsq.md)
+    bsq_finetune_mode: str = "bits"
     # any-precision (docs/any_precision.md): model_kw precisions=[...] trains in step 2
     ap_schedule: str = "bitmixer"  # uniform | layerwise | bitmixer (uniform, then per layer)
     ap_distill: bool = False  # distil each sampled precision from the highest (2 forwards)
@@ -79,8 +82,8 @@ class TrainConfig:
         return self.epochs if e is None else e
 
     def lr_for(self, step: str) -> float:
-        if step == "ft":  # BSQ fine-tuning: a tenth of step 2's peak lr
-            return 0.1 * self.lr_for("2")
+        if step == "ft":  # BSQ fine-tuning: a tenth of step 2's peak lr (bits), or all of it
+            return self.lr_for("2") * (1.0 if self.bsq_finetune_mode == "weights" else 0.1)
         return self.lr2 if step == "2" and self.lr2 is not None else self.lr
 
     def validate(self) -> None:
@@ -137,6 +140,10 @@ class TrainConfig:
             raise ValueError(f"bsq_bits must be in 1..8, got {self.bsq_bits!r}")
         if not self.bsq_interval > 0:
             raise ValueError(f"bsq_interval must be > 0 epochs, got {self.bsq_interval}")
+        if self.bsq_finetune_mode not in ("bits", "weights"):
+            raise ValueError(
+                f"bsq_finetune_mode must be bits or weights, got {self.bsq_finetune_mode!r}"
+            )
         if self.bsq_optimizer not in ("sgd", "adam"):
             raise ValueError(f"bsq_optimizer must be sgd or adam, got {self.bsq_optimizer!r}")
         if not self.bsq_lr > 0:

@@ -265,16 +265,15 @@ class Trainer:
         if clip:
             clip_latent_weights(clip_params)
 
+        train_loader, val_loader = self.loaders()
+        epochs = cfg.epochs_for(step)
+        per_epoch = len(train_loader)
         wd = 0.0 if step in ("2", "ft") else cfg.weight_decay
         if bsq is None:
             opt = make_optimizer(model, cfg.lr_for(step), wd)
         else:
+            bsq.start(model, per_epoch)  # first: it sets which tensors train
             opt = bsq.optimizer(model, cfg.lr_for(step))
-        train_loader, val_loader = self.loaders()
-        epochs = cfg.epochs_for(step)
-        per_epoch = len(train_loader)
-        if bsq is not None:
-            bsq.start(model, per_epoch)
         total = epochs * per_epoch
         if ap is not None:
             ap.start(total)
