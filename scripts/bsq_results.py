@@ -131,7 +131,12 @@ def main() -> int:
     ap.add_argument("--bsq-lr", type=float, default=0.5)
     ap.add_argument("--bsq-optimizer", default="sgd", choices=["sgd", "adam"])
     ap.add_argument("--bsq-interval", type=float, default=0.25)
-    ap.add_argument("--bsq-finetune", type=int, default=1, help="of the second half's epochs")
+    ap.add_argument("--bsq-finetune", type=int, default=1, help="fine-tuning epochs (default 1)")
+    ap.add_argument(
+        "--bsq-epochs", type=int, default=None,
+        help="BSQ stage epochs (default: the second half's epochs less the fine-tuning); "
+        "step 1 gets the rest of --epochs",
+    )  # fmt: skip
     ap.add_argument("--bsq-finetune-mode", default="bits", choices=["bits", "weights"])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -144,24 +149,28 @@ def main() -> int:
     args = ap.parse_args()
     if args.epochs < 4 or args.epochs % 2:
         ap.error("--epochs must be even and >= 4 (two halves)")
-    if not 1 <= args.bsq_finetune < args.epochs // 2:
-        ap.error("--bsq-finetune must leave the BSQ stage at least one of the half's epochs")
+    half = args.epochs // 2
+    bsq_epochs = half - args.bsq_finetune if args.bsq_epochs is None else args.bsq_epochs
+    step1_epochs = args.epochs - bsq_epochs - args.bsq_finetune
+    if bsq_epochs < 1 or args.bsq_finetune < 1 or step1_epochs < 1:
+        ap.error("step 1, the BSQ stage and the fine-tuning need >= 1 of --epochs each")
 
     root = Path(args.out)
     kw = {"width": args.width, "depth": args.depth, "act_bits": args.act_bits}
-    half = args.epochs // 2
     runs: list[tuple[str, str, Any]] = []
     for k in args.uniform:
         out = root / f"W{k}A{args.act_bits}"
         cfg = run_config(args, out, steps="1,2", epochs=half, model_kw={**kw, "weight_bits": k})
         runs.append((f"W{k}A{args.act_bits}", "uniform", cfg))
-    step1 = run_config(args, root / "bsq_step1", steps="1", epochs=half, model_kw=kw)
+    s1 = "bsq_step1" if step1_epochs == half else f"bsq_step1_e{step1_epochs}"
+    step1 = run_config(args, root / s1, steps="1", epochs=step1_epochs, model_kw=kw)
     for a in args.alphas:
         ft, mode = args.bsq_finetune, args.bsq_finetune_mode
         tag = "" if (ft, mode) == (1, "bits") else f"_ft{ft}{mode[0]}"  # e.g. bsq_0.05_ft2w
+        tag += "" if step1_epochs == half else f"_s{step1_epochs}"
         out = root / f"bsq_{a:g}{tag}"
         cfg = run_config(
-            args, out, steps="2", epochs2=half - ft, model_kw=kw, init=f"{step1.out}/final.pt",
+            args, out, steps="2", epochs2=bsq_epochs, model_kw=kw, init=f"{step1.out}/final.pt",
             bsq_alpha=a, bsq_bits=args.bsq_bits, bsq_lr=args.bsq_lr,
             bsq_interval=args.bsq_interval, bsq_finetune=ft, bsq_optimizer=args.bsq_optimizer,
             bsq_finetune_mode=mode,

@@ -572,3 +572,40 @@ def test_search_precision_scores_a_random_sample_of_the_split() -> None:
     assert len(a) == 100 and np.array_equal(a.labels.numpy(), b.labels.numpy())
     assert len(set(a.labels.numpy().tolist())) == 10  # not the first 100 (two classes)
     assert sample(ds, 500) is ds
+
+
+def test_joint_loss_weights_closed_form_and_validation(tmp_path: Path) -> None:
+    from bcnn.train._any_precision import AnyPrecisionStage
+
+    st = AnyPrecisionStage((1, 2, 4), "uniform", True, seed=0, joint=True, loss_weights={4: 2})
+    assert st.weights() == [2.0, 1.0, 1.0]  # passes' order: 4, 2, 1
+    ls = [torch.tensor(v, requires_grad=True) for v in (0.5, 1.5, 3.0)]
+    total = st.total_loss(ls)
+    assert float(total.detach()) == 2 * 0.5 + 1.5 + 3.0
+    total.backward()
+    assert [float(t.grad) for t in ls] == [2.0, 1.0, 1.0]  # type: ignore[arg-type]
+    plain = AnyPrecisionStage((1, 2, 4), "uniform", True, seed=0, joint=True)
+    assert plain.weights() is None and float(plain.total_loss(ls).detach()) == 5.0
+    cfg = _ap_cfg(tmp_path / "a", ap_joint=True, ap_loss_weights={"4": "2", 1: 0.5})
+    cfg.validate()
+    assert cfg.ap_loss_weights == {4: 2.0, 1: 0.5}
+    for kw, match in (
+        ({"ap_loss_weights": {4: 2}}, "weigh the passes of --ap-joint"),
+        ({"ap_joint": True, "ap_loss_weights": {3: 2}}, "3 bits is not one of the precisions"),
+        ({"ap_joint": True, "ap_loss_weights": {4: -1}}, "a weight must be >= 0"),
+        ({"ap_joint": True, "ap_loss_weights": {"x": 1}}, "is not bits=weight"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            _ap_cfg(tmp_path / "b", **kw).validate()
+
+
+def test_joint_loss_weights_change_the_training(tmp_path: Path) -> None:
+    from bcnn.train import train
+
+    torch.set_num_threads(1)
+    runs = {}
+    for name, w in (("plain", {}), ("w4x3", {4: 3.0})):
+        train(_ap_cfg(tmp_path / name, ap_joint=True, ap_loss_weights=w))
+        runs[name] = torch.load(tmp_path / name / "final.pt", weights_only=True)["state_dict"]
+    a, b = runs["plain"], runs["w4x3"]
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())

@@ -136,6 +136,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="any-precision: run every precision each iteration and sum the losses "
         "(Any-Precision DNN; one forward per precision)",
     )
+    p.add_argument(
+        "--ap-loss-weights",
+        nargs="+",
+        default=S,
+        metavar="BITS=W",
+        help="any-precision, --ap-joint: weigh a precision's loss in the sum, e.g. 4=2 (others 1)",
+    )
     p.add_argument("--resume", action="store_true", default=S, help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", default=S, help="no progress output")
 
@@ -172,6 +179,8 @@ def resolve_config(args: argparse.Namespace) -> Any:
         flags["model_kw"] = parse_model_kw(flags["model_kw"])
     if "fp8" in flags:
         flags["fp8"] = parse_model_kw(flags["fp8"], "--fp8")
+    if "ap_loss_weights" in flags:
+        flags["ap_loss_weights"] = parse_model_kw(flags["ap_loss_weights"], "--ap-loss-weights")
     base: dict[str, Any] = {}
     if cfg_file:
         base = load_config_file(cfg_file)

@@ -21,6 +21,7 @@ forward each, highest first, and sums their losses: each precision gets as many 
 dedicated model (at P forwards per iteration). The schedule still decides the layer-wise
 mixing: pass k uses the network-wide width k, and each layer draws its own width with the
 schedule's probability. With ``distill`` the highest pass (kept uniform) teaches the others.
+``loss_weights`` ({bits: weight}, unlisted 1) weigh the passes' losses in the sum.
 
 Validation reports top-1 at every uniform precision.
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..models import precision_layers
 from ..quant import UntrainedPrecision, precision
@@ -48,6 +49,7 @@ class AnyPrecisionStage:
         distill: bool,
         seed: int,
         joint: bool = False,
+        loss_weights: dict[int, float] | None = None,
     ):
         if schedule not in AP_SCHEDULES:
             raise ValueError(
@@ -57,6 +59,7 @@ class AnyPrecisionStage:
         self.schedule = schedule
         self.distill = distill
         self.joint = bool(joint)
+        self.loss_weights = {int(k): float(v) for k, v in (loss_weights or {}).items()}
         self.seed = int(seed)
         self.total = 1
 
@@ -105,10 +108,25 @@ class AnyPrecisionStage:
         drawn = self.draw(model, iteration)
         return [None, drawn] if self.distill else [drawn]
 
+    def weights(self) -> list[float] | None:
+        """The loss weight of each joint pass, in ``passes``' order (None: all 1)."""
+        if not self.joint or not self.loss_weights:
+            return None
+        return [self.loss_weights.get(k, 1.0) for k in sorted(self.precisions, reverse=True)]
+
+    def total_loss(self, losses: list[Tensor]) -> Tensor:
+        """The passes' losses summed, each times its weight (:meth:`weights`)."""
+        w = self.weights()
+        if w is None:
+            return torch.stack(losses).sum()
+        return torch.stack([wi * li for wi, li in zip(w, losses, strict=True)]).sum()
+
     def describe(self) -> str:
         d = ", distilled from the highest" if self.distill else ""
         j = ", every precision each iteration" if self.joint else ""
-        return f", any-precision {self.precisions} ({self.schedule}{j}{d})"
+        w = self.weights()
+        lw = f", loss weights {dict(zip(sorted(self.precisions, reverse=True), w))}" if w else ""
+        return f", any-precision {self.precisions} ({self.schedule}{j}{d}{lw})"
 
     def evaluate(self, model: nn.Module, run_eval: Any) -> dict[str, float]:
         """Top-1 at every uniform precision (``run_eval()`` -> evaluate's dict)."""
@@ -132,4 +150,5 @@ def make_any_precision_stage(cfg: Any, step: str) -> AnyPrecisionStage | None:
         cfg.ap_distill,
         cfg.seed,
         joint=cfg.ap_joint,
+        loss_weights=cfg.ap_loss_weights,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ class TrainConfig:
     ap_schedule: str = "bitmixer"  # uniform | layerwise | bitmixer (uniform, then per layer)
     ap_distill: bool = False  # distil each sampled precision from the highest (2 forwards)
     ap_joint: bool = False  # every precision every iteration, losses summed (P forwards)
+    # joint: a precision's loss weight in the sum, {bits: weight} (unlisted: 1)
+    ap_loss_weights: dict[int, float] = field(default_factory=dict)
     quiet: bool = False
     resume: bool = False
 
@@ -129,6 +132,26 @@ class TrainConfig:
             )
         if self.bsq_alpha is not None:
             raise ValueError("--bsq-alpha and an any-precision model do not combine")
+        self._validate_ap_loss_weights()
+
+    def _validate_ap_loss_weights(self) -> None:
+        if not self.ap_loss_weights:
+            return
+        ps = sorted(int(p) for p in self.model_kw.get("precisions") or ())
+        if not ps or not self.ap_joint:
+            raise ValueError("ap_loss_weights weigh the passes of --ap-joint any-precision runs")
+        out: dict[int, float] = {}
+        for k, w in dict(self.ap_loss_weights).items():
+            try:
+                bits, weight = int(k), float(w)
+            except (TypeError, ValueError):
+                raise ValueError(f"ap_loss_weights: {k!r}={w!r} is not bits=weight") from None
+            if bits not in ps:
+                raise ValueError(f"ap_loss_weights: {bits} bits is not one of the precisions {ps}")
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"ap_loss_weights: {bits} bits: a weight must be >= 0, got {w}")
+            out[bits] = weight
+        self.ap_loss_weights = out
 
     def _validate_bsq(self) -> None:
         a = self.bsq_alpha

@@ -390,7 +390,7 @@ class Trainer:
                         target = outs[0].detach() if ap.distill else t_logits
                         losses += [self.criterion(o, y, target) for o in outs[1:]]
                         logits, task = outs[-1], losses[-1]  # reported: the last pass
-                        loss = torch.stack(losses).sum()
+                        loss = ap.total_loss(losses)
                     penalty = bsq.penalty(model) if bsq is not None else None
                     if penalty is not None:
                         loss = task + penalty
