@@ -16,7 +16,7 @@ from bcnn import bsq
 from bcnn.bsq import BitQuantizer
 from bcnn.bsq._quantizer import _sign_magnitude_bits
 from bcnn.engine import pack
-from bcnn.models import load_checkpoint
+from bcnn.models import load_checkpoint, save_checkpoint
 
 
 def test_weights_mode_forward_and_gradients_closed_form() -> None:
@@ -39,6 +39,20 @@ def test_weights_mode_forward_and_gradients_closed_form() -> None:
     assert q.pos.grad is None and q.neg.grad is None  # the bits do not train
     with pytest.raises(ValueError, match="pass it to integer"):
         q.integer(None)
+    # per output channel (2 channels of 2): each step's LSQ scale is 1/sqrt(2 * hi)
+    r = BitQuantizer((2, 2), 2)
+    r.frozen.fill_(True)
+    r.latent.fill_(True)
+    r.per_channel_()
+    with torch.no_grad():
+        r.step.copy_(torch.tensor([0.5, 0.25]))
+    r.train()
+    w2 = torch.tensor([[0.74, -0.2], [0.3, 2.0]])  # / step: [1.48, -0.4], [1.2, 8.0]
+    W2, s2 = r.integer(w2)
+    assert W2.tolist() == [[1.0, 0.0], [1.0, 3.0]] and s2.shape == (2, 1)
+    (W2 * s2).sum().backward()
+    want2 = [((1 - 1.48) + 0.4) / math.sqrt(6), ((1 - 1.2) + 3.0) / math.sqrt(6)]
+    assert torch.allclose(r.step.grad, torch.tensor(want2), rtol=1e-5)  # type: ignore[arg-type]
 
 
 def test_switching_to_weights_keeps_the_output_and_trains_the_weights() -> None:
@@ -46,8 +60,11 @@ def test_switching_to_weights_keeps_the_output_and_trains_the_weights() -> None:
     x = _images(4, 33, 0)
     before = _logits(m, x)
     bsq.freeze_(m, weights=True)
-    assert torch.equal(_logits(m, x), before)  # w = step * W exactly
+    assert torch.equal(_logits(m, x), before)  # w = step * W exactly, every channel's step
     layers = bsq.bsq_layers(m)
+    for layer in layers.values():  # one step per output channel, each the layer's
+        st = layer.weight_quantizer.step
+        assert st.shape == (layer.weight.shape[0],) and bool((st == st[0]).all())
     assert all(layer.weight.requires_grad for layer in layers.values())
     m.train()
     m(x).square().mean().backward()
@@ -58,7 +75,7 @@ def test_switching_to_weights_keeps_the_output_and_trains_the_weights() -> None:
     layer = layers["blocks.1.conv"]
     q = layer.weight_quantizer
     with torch.no_grad():
-        layer.weight.add_(torch.randn_like(layer.weight) * float(q.step))
+        layer.weight.add_(torch.randn_like(layer.weight) * q._step(q.step))
     m.eval()
     moved = _logits(m, x)
     assert not torch.equal(moved, before)
@@ -92,10 +109,12 @@ def test_weights_mode_packs_exactly_with_mixed_bits_and_a_zero_bit_layer() -> No
             q.neg.copy_(_sign_magnitude_bits(w, n)[1])
     bsq.freeze_(m, weights=True)
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # "trained" weights: off the grid, some past the range
+    with torch.no_grad():  # "trained": weights off the grid (some past it), per-channel steps
         for layer in qs:
             q = layer.weight_quantizer
-            layer.weight.add_(torch.randn(layer.weight.shape, generator=g) * 2 * float(q.step))
+            assert q.step.shape == (layer.weight.shape[0],)
+            q.step.mul_(torch.rand(q.step.shape, generator=g) + 0.5)
+            layer.weight.add_(torch.randn(layer.weight.shape, generator=g) * 2 * q._step(q.step))
     assert 0 in bsq.layer_bits(m).values()
     p = pack(m)
     for hw, n in ((32, 7), (33, 1)):
@@ -109,13 +128,24 @@ def test_weights_mode_packs_exactly_with_mixed_bits_and_a_zero_bit_layer() -> No
     assert not np.array_equal(pack(m)(x.numpy()), p(x.numpy()))
 
 
-def test_old_files_without_the_mode_still_load() -> None:
+def test_old_files_load_and_per_channel_steps_round_trip(tmp_path: Path) -> None:
     q = BitQuantizer((2, 3), 2)
-    sd = {k: v for k, v in q.state_dict().items() if k != "latent"}
+    sd = {k: v for k, v in q.state_dict().items() if k != "latent"}  # before the mode
     r = BitQuantizer((2, 3), 2)
     r.latent.fill_(True)
     r.load_state_dict(sd)
     assert not bool(r.latent)
+    m = _bsq_model(bits=3)
+    bsq.freeze_(m, weights=True)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, m)
+    back, _ = load_checkpoint(path)  # a fresh model has scalar steps: they become vectors
+    x = _images(2, 32, 3)
+    assert torch.equal(_logits(back, x), _logits(m, x))
+    with torch.no_grad():
+        bsq.bsq_layers(back)["head.fc"].weight_quantizer.step.zero_()
+    with pytest.raises(ValueError, match="step must be finite and non-zero"):
+        bsq.check_(back)
 
 
 def test_weights_mode_run_fine_tunes_weights_and_resumes_exactly(

@@ -28,12 +28,13 @@ Two deliberate differences from the official code, both documented in docs/bsq.m
 Fine-tuning can also train the layer's float weight instead of the bits (``latent``, the
 trainer's ``bsq_finetune_mode: weights``): the scheme stays frozen, and the weight is
 quantized onto the same N-bit sign-magnitude grid with a straight-through rounding and an
-LSQ-scaled step gradient (Esser et al., ICLR 2020)::
+LSQ step per output channel (Esser et al., ICLR 2020; the uniform models' quantizer)::
 
-    W = round_half_away(clip(w / step, -(2^N - 1), 2^N - 1))   dW/dw = 1/step inside the range
+    W = round_half_away(clip(w / step_o, -(2^N - 1), 2^N - 1))  dW/dw = 1/step_o inside
 
-It starts from ``w = step * W`` (the bits' weights: nothing changes at the switch) and the
-bits are re-written from ``W`` when the stage ends, so a file holds both forms consistently.
+It starts from ``w = step * W`` with every ``step_o`` = the layer's step (the bits' weights:
+nothing changes at the switch), and the bits are re-written from ``W`` when the stage ends,
+so a file holds both forms consistently. ``step`` is then a vector (O,).
 """
 
 from __future__ import annotations
@@ -106,7 +107,26 @@ class BitQuantizer(nn.Module):
         key = prefix + "latent"  # files written before the weights fine-tuning mode existed
         if key not in state_dict:
             state_dict[key] = torch.tensor(False)
+        step = state_dict.get(prefix + "step")
+        if isinstance(step, Tensor) and step.dim() == 1 and self.step.dim() == 0:
+            self.per_channel_()  # a fine-tuned layer's per-channel steps (shape checked below)
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The layer's weight shape."""
+        return tuple(self.pos.shape[1:])
+
+    @torch.no_grad()
+    def per_channel_(self) -> None:
+        """One step per output channel (weights fine-tuning), each the layer's step."""
+        if self.step.dim() == 0:
+            step = self.step.detach().expand(self.shape[0]).clone()
+            self.step = nn.Parameter(step, requires_grad=self.step.requires_grad)
+
+    def _step(self, step: Tensor) -> Tensor:
+        """A per-channel step (O,) viewed to broadcast over the weight (O, ...)."""
+        return step.view(-1, *([1] * (self.pos.dim() - 2))) if step.dim() else step
 
     # ------------------------------------------------------------------ state
     @property
@@ -144,7 +164,7 @@ class BitQuantizer(nn.Module):
         hi = torch.where(self.frozen, 2.0**self.nbits - 1.0, float(2**MAX_BITS - 1))
         v = torch.maximum(torch.minimum(v, hi.to(v.dtype)), -hi.to(v.dtype))
         w = v + (_round_away(v) - v).detach()
-        step = self.step.abs().clamp_min(1e-8)
+        step = self._step(self.step.abs().clamp_min(1e-8))
         if x is not None:
             w, step = w.to(x.dtype), step.to(x.dtype)
         return w, step
@@ -155,8 +175,9 @@ class BitQuantizer(nn.Module):
         hi = 2.0 ** int(self.nbits) - 1.0
         step = self.step.abs().clamp_min(1e-8)
         if self.training and self.step.requires_grad:
-            step = _grad_scale(step, 1.0 / math.sqrt(x.numel() * max(hi, 1.0)))
-        step = step.to(x.dtype)
+            n = x[0].numel() if step.dim() else x.numel()  # weights per step
+            step = _grad_scale(step, 1.0 / math.sqrt(n * max(hi, 1.0)))
+        step = self._step(step).to(x.dtype)
         v = (x / step).clamp(-hi, hi)
         return v + (_round_away(v) - v).detach(), step
 
@@ -183,9 +204,11 @@ class BitQuantizer(nn.Module):
                 raise ValueError(f"BSQ {what} bit variables outside [0, 2]")
             if bool((t[n:] != 0).any()):
                 raise ValueError(f"BSQ {what} bit variables set above the layer's {n} bits")
-        s = float(self.step.detach().abs())
-        if not (math.isfinite(s) and s > 0):
-            raise ValueError(f"BSQ step must be finite and non-zero, got {s}")
+        st = self.step.detach().abs()
+        if st.shape not in ((), (self.shape[0],)):
+            raise ValueError(f"BSQ step must be a scalar or one per output channel, got {st.shape}")
+        if not bool(torch.isfinite(st).all()) or bool((st == 0).any()):
+            raise ValueError("BSQ step must be finite and non-zero")
 
     # ------------------------------------------------------------------ BSQ operations
     @torch.no_grad()

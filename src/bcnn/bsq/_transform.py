@@ -139,8 +139,9 @@ def requantize_(model: nn.Module, adjust: bool = True) -> dict[str, dict[str, An
 def freeze_(model: nn.Module, frozen: bool = True, *, weights: bool = False) -> None:
     """Freeze the precision scheme (fine-tuning): N stays fixed, W is clipped to its range.
     ``weights``: fine-tune each layer's float weight (starting at ``step * W``) through the
-    frozen grid instead of its bits (:class:`BitQuantizer`'s ``latent`` mode); the weight
-    trains, the bits follow at the next re-quantization. Needs ``frozen``."""
+    frozen grid, with a step per output channel, instead of its bits (:class:`BitQuantizer`'s
+    ``latent`` mode); the weight trains, the bits follow at the next re-quantization. Needs
+    ``frozen``. Call it before making the optimizer (it replaces the step parameters)."""
     if weights and not frozen:
         raise ValueError("BSQ fine-tuning through the weights needs a frozen scheme")
     _quantizers(model)  # ValueError if there is no BSQ layer
@@ -151,6 +152,7 @@ def freeze_(model: nn.Module, frozen: bool = True, *, weights: bool = False) -> 
             pass  # a resumed fine-tuning keeps its trained weights
         elif weights:  # start from exactly step * W: the output does not move
             _sync_weight(layer)
+            q.per_channel_()  # every channel starts at the layer's step
             q.latent.fill_(True)
         else:  # the bits take over again from the weights' W
             q.requantize(adjust=False, weight=layer.weight)
