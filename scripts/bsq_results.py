@@ -1,15 +1,17 @@
 """Issue 12's results: BSQ at several alphas vs uniform-precision models, same budget.
 
     python scripts/bsq_results.py --data imagefolder:DIR [--width 16] [--epochs 6] [--out DIR]
-        [--alphas 0.3 1 3] [--uniform 2 3 4] [--bsq-bits 4] [--plot docs/results/bsq.png]
+        [--alphas 0.3 1 3] [--uniform 2 3 4] [--bsq-bits 4] [--bsq-finetune 2]
+        [--bsq-finetune-mode weights|bits] [--plot docs/results/bsq.png]
 
 Every model is ``bcnn_cifar`` (--width/--depth) with 4-bit activations (--act-bits), trained
 for --epochs epochs in total on the run's fixed seeded validation split:
 
 * uniform WkA4: k-bit LSQ weights, two steps of epochs/2 (as scripts/kbit_results.py);
-* BSQ alpha: step 1 (epochs/2, float weights, 4-bit activations; trained once, shared by
-  every alpha), then the BSQ stage (epochs/2 - 1, from --bsq-bits bits) and one epoch of
-  fine-tuning with the scheme frozen.
+* BSQ alpha: step 1 (float weights, 4-bit activations; trained once, shared by every
+  alpha), then the BSQ stage (--bsq-epochs, from --bsq-bits bits) and --bsq-finetune epochs
+  of fine-tuning with the scheme frozen (--bsq-finetune-mode); step 1 gets the rest of
+  --epochs (by default epochs/2: the BSQ stage and the fine-tuning share the second half).
 
 For each: validation top-1 (float32 torch; the packed model is checked to give the same
 logits), average weight bits as stored (BSQ: sign + N magnitude bits per weight; uniform: k),
@@ -131,13 +133,13 @@ def main() -> int:
     ap.add_argument("--bsq-lr", type=float, default=0.5)
     ap.add_argument("--bsq-optimizer", default="sgd", choices=["sgd", "adam"])
     ap.add_argument("--bsq-interval", type=float, default=0.25)
-    ap.add_argument("--bsq-finetune", type=int, default=1, help="fine-tuning epochs (default 1)")
+    ap.add_argument("--bsq-finetune", type=int, default=2, help="fine-tuning epochs (default 2)")
     ap.add_argument(
         "--bsq-epochs", type=int, default=None,
         help="BSQ stage epochs (default: the second half's epochs less the fine-tuning); "
         "step 1 gets the rest of --epochs",
     )  # fmt: skip
-    ap.add_argument("--bsq-finetune-mode", default="bits", choices=["bits", "weights"])
+    ap.add_argument("--bsq-finetune-mode", default="weights", choices=["bits", "weights"])
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)

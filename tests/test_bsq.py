@@ -376,12 +376,13 @@ def test_summary_reports_bits_per_layer_and_average() -> None:
 # ---------------------------------------------------------------- the trainer
 def _cfg(out: Path, **kw: Any) -> Any:
     """test_train's tiny synthetic run (4 iterations per epoch, 2 epochs per step), A4, with
-    BSQ from 4 bits: re-quantization every 2 iterations, one fine-tuning epoch."""
+    BSQ from 4 bits: re-quantization every 2 iterations, one fine-tuning epoch of the bit
+    variables (the official mode; test_bsq_finetune runs the default, the weights)."""
     from test_train import _cfg as train_cfg
 
     bsq_kw: dict[str, Any] = dict(
         model_kw={"width": 8, "depth": 1, "act_bits": 4}, bsq_alpha=5.0, bsq_bits=4,
-        bsq_finetune=1, bsq_lr=0.5, bsq_interval=0.5,
+        bsq_finetune=1, bsq_lr=0.5, bsq_interval=0.5, bsq_finetune_mode="bits",
     )  # fmt: skip
     return train_cfg(out, **{**bsq_kw, **kw})
 

@@ -151,12 +151,15 @@ def test_old_files_load_and_per_channel_steps_round_trip(tmp_path: Path) -> None
 def test_weights_mode_run_fine_tunes_weights_and_resumes_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bcnn.train import train
+    from bcnn.train import TrainConfig, train
 
     torch.set_num_threads(1)
     kw = {"bsq_finetune_mode": "weights"}
     cfg = _cfg(tmp_path / "a", **kw)
     assert cfg.lr_for("ft") == cfg.lr_for("2")  # the uniform models' QAT lr, not a tenth
+    assert TrainConfig().bsq_finetune_mode == "weights"  # the default
+    bits = _cfg(tmp_path / "bits", bsq_finetune_mode="bits")
+    assert bits.lr_for("ft") == 0.1 * bits.lr_for("2")
     train(cfg)
     m, meta = load_checkpoint(tmp_path / "a" / "final.pt")
     assert meta["steps"] == ["1", "2", "ft"]

@@ -104,8 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bsq-finetune-mode",
         choices=["bits", "weights"],
         default=S,
-        help="BSQ fine-tuning trains the bit variables at lr/10 (official; default) or the "
-        "float weights through the frozen grid at step 2's lr",
+        help="BSQ fine-tuning trains the float weights through the frozen grid at step 2's lr "
+        "(default) or the bit variables at lr/10 (the official code)",
     )
     p.add_argument(
         "--bsq-lr", type=float, default=S, help="BSQ: peak lr of the bit variables (0.5)"

@@ -60,9 +60,9 @@ class TrainConfig:
     bsq_finetune: int = 0  # epochs of the fine-tuning step `ft` (scheme frozen, lr / 10)
     bsq_lr: float = 0.5  # peak lr of the bit variables (SGD, momentum 0.9: docs/bsq.md)
     bsq_optimizer: str = "sgd"  # sgd (official) | adam (group Lasso decoupled, docs/bsq.md)
-    # fine-tuning trains: bits (official, at lr / 10) | weights (float weights through the
-    # frozen grid, straight-through, at step 2's lr: docs/bsq.md)
-    bsq_finetune_mode: str = "bits"
+    # fine-tuning trains: weights (float weights through the frozen grid, straight-through,
+    # per-channel steps, at step 2's lr) | bits (the official code, at lr / 10): docs/bsq.md
+    bsq_finetune_mode: str = "weights"
     # any-precision (docs/any_precision.md): model_kw precisions=[...] trains in step 2
     ap_schedule: str = "bitmixer"  # uniform | layerwise | bitmixer (uniform, then per layer)
     ap_distill: bool = False  # distil each sampled precision from the highest (2 forwards)
