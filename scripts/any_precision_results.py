@@ -93,6 +93,10 @@ def main() -> None:
     ap.add_argument("--bn", default="transitional", choices=["transitional", "switchable"])
     ap.add_argument("--distill", action="store_true")
     ap.add_argument("--joint", action="store_true", help="every precision each iteration")
+    ap.add_argument(
+        "--loss-weights", nargs="*", default=[], metavar="BITS=W",
+        help="--joint: weigh a precision's loss, e.g. 4=2 1=0.5 (others 1)",
+    )  # fmt: skip
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -126,10 +130,12 @@ def main() -> None:
     ps = sorted(set(args.precisions))
     tag = f"{'_joint' if args.joint else ''}{'_kd' if args.distill else ''}"
     tag += "" if args.schedule == "bitmixer" else f"_{args.schedule}"  # its own run
+    weights = {int(k): float(v) for k, v in (w.split("=") for w in args.loss_weights)}
+    tag += "".join(f"_w{k}x{v:g}" for k, v in sorted(weights.items()))  # e.g. _w4x2
     any_cfg = run_config(
         args, root / f"any_{args.bn}{tag}",
         steps="2", epochs=args.epochs, init=init, ap_schedule=args.schedule,
-        ap_distill=args.distill, ap_joint=args.joint,
+        ap_distill=args.distill, ap_joint=args.joint, ap_loss_weights=weights,
         model_kw={**kw, "precisions": ps, "precision_bn": args.bn},
     )  # fmt: skip
     secs = train_cached("any-precision", any_cfg)
