@@ -122,9 +122,12 @@ class BsqStage:
     def step_bits(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
         """After the optimizer's step (before the scheduler's), at the lr it just used: the
         bits' SGD-momentum step (``"sgd"``) or the decoupled group-Lasso step (``"adam"``),
-        then the clamp into [0, 2]."""
+        then the clamp into [0, 2]. Nothing when fine-tuning through the weights (the bits
+        do not train then; the stage's last re-quantization re-writes them)."""
         from ..bsq import bit_group_lasso, clamp_
 
+        if self.through_weights:
+            return
         lr = self.bits_lr * float(opt.param_groups[0]["lr"]) / self.base_lr
         if self.kind == "adam":  # Adam stepped them; now the decoupled group-Lasso step
             if not self.finetune and self.alpha != 0.0:
