@@ -2,7 +2,7 @@
 
     python scripts/bsq_results.py --data imagefolder:DIR [--width 16] [--epochs 6] [--out DIR]
         [--alphas 0.3 1 3] [--uniform 2 3 4] [--bsq-bits 4] [--bsq-finetune 2]
-        [--bsq-finetune-mode weights|bits] [--plot docs/results/bsq.png]
+        [--bsq-finetune-mode weights|bits] [--bsq-grid zero|odd] [--plot docs/results/bsq.png]
 
 Every model is ``bcnn_cifar`` (--width/--depth) with 4-bit activations (--act-bits), trained
 for --epochs epochs in total on the run's fixed seeded validation split:
@@ -14,7 +14,8 @@ for --epochs epochs in total on the run's fixed seeded validation split:
   --epochs (by default epochs/2: the BSQ stage and the fine-tuning share the second half).
 
 For each: validation top-1 (float32 torch; the packed model is checked to give the same
-logits), average weight bits as stored (BSQ: sign + N magnitude bits per weight; uniform: k),
+logits), average weight bits as stored (BSQ: sign + N magnitude bits per weight on the zero
+grid, k on the odd grid; uniform: k),
 each layer's bits, and the packed engine's batch-1 latency (one thread, median of --repeat;
 all models timed in the same run, after training). Writes OUT/bsq_results.json, prints the
 tables, and draws accuracy vs bits and vs latency (--plot).
@@ -140,6 +141,10 @@ def main() -> int:
         "step 1 gets the rest of --epochs",
     )  # fmt: skip
     ap.add_argument("--bsq-finetune-mode", default="weights", choices=["bits", "weights"])
+    ap.add_argument(
+        "--bsq-grid", default="zero", choices=["zero", "odd"],
+        help="BSQ's sign-magnitude grid (zero) or the engine's odd grid (--bsq-bits = its width)",
+    )  # fmt: skip
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -170,12 +175,13 @@ def main() -> int:
         ft, mode = args.bsq_finetune, args.bsq_finetune_mode
         tag = "" if (ft, mode) == (1, "bits") else f"_ft{ft}{mode[0]}"  # e.g. bsq_0.05_ft2w
         tag += "" if step1_epochs == half else f"_s{step1_epochs}"
+        tag += "" if args.bsq_grid == "zero" else f"_{args.bsq_grid}"
         out = root / f"bsq_{a:g}{tag}"
         cfg = run_config(
             args, out, steps="2", epochs2=bsq_epochs, model_kw=kw, init=f"{step1.out}/final.pt",
             bsq_alpha=a, bsq_bits=args.bsq_bits, bsq_lr=args.bsq_lr,
             bsq_interval=args.bsq_interval, bsq_finetune=ft, bsq_optimizer=args.bsq_optimizer,
-            bsq_finetune_mode=mode,
+            bsq_finetune_mode=mode, bsq_grid=args.bsq_grid,
         )  # fmt: skip
         runs.append((f"BSQ a={a:g}", "bsq", cfg))
 
@@ -217,7 +223,10 @@ def main() -> int:
             f"| {r['model']} | {100 * r['val_top1']:.2f}% | {r['avg_weight_bits']:.2f} | "
             f"{r['batch1_ms']:.3f} | {r['packed_equals_torch']} | {r['train_seconds']} |"
         )
-    print("\nlearned precisions (BSQ N per layer; stored bits = N + 1, 0 for N = 0)")
+    if args.bsq_grid == "zero":
+        print("\nlearned precisions (BSQ N per layer; stored bits = N + 1, 0 for N = 0)")
+    else:
+        print("\nlearned precisions (odd-grid width k per layer = stored bits)")
     for r in rows:
         if r["kind"] == "bsq":
             print(f"{r['model']}: {r['bsq_bits']}")

@@ -190,7 +190,7 @@ def summary(
             row.input_bits, row.weight_bits = ib, wb
             row.weight_params = mod.weight.numel()
             wq: Any = getattr(mod, "weight_quantizer", None)
-            if getattr(wq, "zero_grid", False):
+            if getattr(wq, "bsq", False):  # BSQ's own count (zero grid: N; odd grid: k)
                 row.bsq_bits = int(wq.bits)
             out_per_sample = math.prod(out_shape)
             if isinstance(mod, nn.Conv2d):
@@ -218,7 +218,7 @@ def summary(
 
     names: dict[nn.Module, str] = {}
     for n, m in model.named_modules():
-        if getattr(m, "zero_grid", False):  # BSQ bit variables: the layer's weight counts
+        if getattr(m, "bsq", False):  # BSQ bit variables: the layer's weight counts
             continue
         if not list(m.children()) or _own_params(m):
             names[m] = n or type(m).__name__

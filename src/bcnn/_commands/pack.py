@@ -23,7 +23,7 @@ def float_state_dict_bytes(model) -> int:  # type: ignore[no-untyped-def]
     skip = {
         f"{n}." if n else ""
         for n, m in model.named_modules()
-        if getattr(m, "zero_grid", False)  # bcnn.bsq.BitQuantizer
+        if getattr(m, "bsq", False)  # bcnn.bsq.BitQuantizer (either grid)
     }
     sd = {
         k: v.float()

@@ -111,6 +111,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--bsq-lr", type=float, default=S, help="BSQ: peak lr of the bit variables (0.5)"
     )
     p.add_argument(
+        "--bsq-grid",
+        choices=["zero", "odd"],
+        default=S,
+        help="BSQ weight grid: zero (sign-magnitude, the paper's; default) or odd (the "
+        "engine's grid: --bsq-bits is its width, binary layers allowed)",
+    )
+    p.add_argument(
         "--bsq-optimizer",
         choices=["sgd", "adam"],
         default=S,

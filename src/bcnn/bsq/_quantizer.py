@@ -83,6 +83,8 @@ class BitQuantizer(nn.Module):
 
     signed = True  # for the engine: a signed weight grid (with 0: see ``zero_grid``)
     zero_grid = True  # sign-magnitude integers, 0 included (not the odd grid)
+    grid = "zero"  # the trainer's ``bsq_grid``
+    bsq = True  # a BSQ bit quantizer (either grid), for code that must not import torch
 
     step: Tensor
     nbits: Tensor
@@ -144,6 +146,10 @@ class BitQuantizer(nn.Module):
     @property
     def numel(self) -> int:
         return int(self.pos[0].numel())
+
+    def bit_parameters(self) -> dict[str, nn.Parameter]:
+        """The bit variables that BSQ's optimizer trains, by attribute name."""
+        return {"pos": self.pos, "neg": self.neg}
 
     def _place(self) -> Tensor:
         """2^b for b < N, else 0, shaped to broadcast over (8, *shape) (no host sync)."""

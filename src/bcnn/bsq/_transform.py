@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._odd import OddBitQuantizer
 from ._quantizer import MAX_BITS, BitQuantizer
 
 __all__ = [
+    "GRIDS",
     "avg_weight_bits",
     "bit_group_lasso",
     "bsq_",
@@ -29,6 +31,9 @@ __all__ = [
     "quantizable_layers",
     "requantize_",
 ]
+
+
+GRIDS = {"zero": BitQuantizer, "odd": OddBitQuantizer}  # the trainer's ``bsq_grid``
 
 
 def bsq_layers(model: nn.Module) -> dict[str, Any]:
@@ -60,14 +65,19 @@ def _sync_weight(layer: Any) -> None:
         layer.weight.copy_(q().to(layer.weight.dtype))
 
 
-def bsq_(model: nn.Module, bits: int = 8, *, init: bool = True) -> nn.Module:
+def bsq_(model: nn.Module, bits: int = 8, *, init: bool = True, grid: str = "zero") -> nn.Module:
     """Convert every layer with a weight quantizer (sign or k-bit) to BSQ bit variables at
     ``bits`` bits (BSQ's N; 8 in the paper), in place, initialised from the layer's trained
     weights (``init``; the k-bit weights as the layer computes them, or the latent float
     weights of a sign quantizer). The layer's ``weight`` stops training (it mirrors
-    ``step * W``). Returns ``model``. Raises ``ValueError`` if there is no such layer."""
+    ``step * W``). ``grid``: ``"zero"`` (BSQ's sign-magnitude grid, :class:`BitQuantizer`)
+    or ``"odd"`` (the engine's odd grid, ``bits`` = its width k, :class:`OddBitQuantizer`).
+    Returns ``model``. Raises ``ValueError`` if there is no such layer."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
         raise ValueError(f"BSQ bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"BSQ grid must be one of {sorted(GRIDS)}, got {grid!r}")
+    cls = GRIDS[grid]
     layers = quantizable_layers(model)
     if not layers:
         raise ValueError(
@@ -77,13 +87,15 @@ def bsq_(model: nn.Module, bits: int = 8, *, init: bool = True) -> nn.Module:
     for layer in layers.values():
         old = layer.weight_quantizer
         if isinstance(old, BitQuantizer):
+            if type(old) is not cls:
+                raise ValueError(f"the model's BSQ layers use the {old.grid!r} grid, not {grid!r}")
             continue
         w = layer.weight.detach()
         if callable(getattr(old, "integer", None)):
             with torch.no_grad():
                 x, s = old.integer(w.float())
                 w = x * s
-        q = BitQuantizer(layer.weight.shape, bits).to(layer.weight.device)
+        q = cls(layer.weight.shape, bits).to(layer.weight.device)
         if init:
             q.init_from(w, bits)
         layer.weight_quantizer = q
@@ -91,7 +103,8 @@ def bsq_(model: nn.Module, bits: int = 8, *, init: bool = True) -> nn.Module:
         _sync_weight(layer)
     cfg = getattr(model, "bcnn_config", None)
     if isinstance(cfg, dict):
-        setattr(model, "bcnn_config", {**cfg, "bsq": True})  # noqa: B010 (an nn.Module attr)
+        extra = {"bsq_grid": grid} if grid != "zero" else {}  # zero-grid files stay as they were
+        setattr(model, "bcnn_config", {**cfg, "bsq": True, **extra})  # noqa: B010 (nn.Module)
     return model
 
 

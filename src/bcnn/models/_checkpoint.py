@@ -157,7 +157,11 @@ def load_checkpoint(
     if cfg.get("bsq"):  # BSQ bit variables (bcnn.bsq): the structure, then the state
         from ..bsq import bsq_
 
-        bsq_(model, init=False)
+        grid = cfg.get("bsq_grid", "zero")
+        try:
+            bsq_(model, init=False, grid=grid)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as e:

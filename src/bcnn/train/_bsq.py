@@ -51,6 +51,7 @@ class BsqStage:
         finetune: bool,
         kind: str = "sgd",
         through_weights: bool = False,
+        grid: str = "zero",
     ) -> None:
         if kind not in ("sgd", "adam"):
             raise ValueError(f"BSQ optimizer must be sgd or adam, got {kind!r}")
@@ -63,6 +64,7 @@ class BsqStage:
         self.every = 0  # iterations between re-quantizations (set by ``start``)
         self.finetune = finetune
         self.through_weights = finetune and through_weights
+        self.grid = grid
         self.base_lr = 1.0
         self._momentum: dict[str, Tensor] = {}
         self._last_reg = 0.0
@@ -71,13 +73,13 @@ class BsqStage:
         """Give a freshly built model the BSQ structure (its state is loaded afterwards)."""
         from ..bsq import bsq_
 
-        bsq_(model, self.bits, init=False)
+        bsq_(model, self.bits, init=False, grid=self.grid)
 
     def convert(self, model: nn.Module) -> None:
         """Convert a model holding trained weights (the start of the BSQ stage)."""
         from ..bsq import bsq_
 
-        bsq_(model, self.bits, init=True)
+        bsq_(model, self.bits, init=True, grid=self.grid)
 
     def start(self, model: nn.Module, per_epoch: int) -> None:
         """Before the optimizer is made: the schedule, and which tensors train (fine-tuning
@@ -105,8 +107,8 @@ class BsqStage:
 
         out = {}
         for name, layer in bsq_layers(model).items():
-            q = layer.weight_quantizer
-            out[f"{name}.pos"], out[f"{name}.neg"] = q.pos, q.neg
+            for k, p in layer.weight_quantizer.bit_parameters().items():
+                out[f"{name}.{k}"] = p
         return out
 
     def penalty(self, model: nn.Module) -> Tensor | None:
@@ -189,8 +191,8 @@ class BsqStage:
         if self.finetune:
             return f", BSQ fine-tuning (scheme frozen, bits lr {self.bits_lr:g})"
         return (
-            f", BSQ alpha {self.alpha:g} from {self.bits} bits, bits lr {self.bits_lr:g}, "
-            f"re-quantize every {self.every} it"
+            f", BSQ alpha {self.alpha:g} from {self.bits} bits ({self.grid} grid), "
+            f"bits lr {self.bits_lr:g}, re-quantize every {self.every} it"
         )
 
 
@@ -207,4 +209,5 @@ def make_bsq_stage(cfg: Any, step: str) -> BsqStage | None:
         ft,
         cfg.bsq_optimizer,
         cfg.bsq_finetune_mode == "weights",
+        getattr(cfg, "bsq_grid", "zero"),
     )

@@ -63,6 +63,9 @@ class TrainConfig:
     # fine-tuning trains: weights (float weights through the frozen grid, straight-through,
     # per-channel steps, at step 2's lr) | bits (the official code, at lr / 10): docs/bsq.md
     bsq_finetune_mode: str = "weights"
+    # the weight grid: zero (BSQ's sign-magnitude, 0 included, N magnitude bits) | odd (the
+    # engine's odd grid, bsq_bits = its width k, binary layers allowed): docs/bsq.md
+    bsq_grid: str = "zero"
     # any-precision (docs/any_precision.md): model_kw precisions=[...] trains in step 2
     ap_schedule: str = "bitmixer"  # uniform | layerwise | bitmixer (uniform, then per layer)
     ap_distill: bool = False  # distil each sampled precision from the highest (2 forwards)
@@ -167,6 +170,8 @@ class TrainConfig:
             raise ValueError(
                 f"bsq_finetune_mode must be bits or weights, got {self.bsq_finetune_mode!r}"
             )
+        if self.bsq_grid not in ("zero", "odd"):
+            raise ValueError(f"bsq_grid must be zero or odd, got {self.bsq_grid!r}")
         if self.bsq_optimizer not in ("sgd", "adam"):
             raise ValueError(f"bsq_optimizer must be sgd or adam, got {self.bsq_optimizer!r}")
         if not self.bsq_lr > 0:
