@@ -156,6 +156,10 @@ def test_packed_odd_bsq_model_equals_torch_with_mixed_bits(act_bits: int, tmp_pa
         out = p(x.numpy())
         assert np.array_equal(out, _logits(m, x).numpy())  # max |diff| 0
     p.save(tmp_path / "b.bcnn")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "b.bcnn"), "np") as f:
+        assert f.metadata()["format_version"] == "1"  # nothing new in the file
     assert np.array_equal(load(tmp_path / "b.bcnn")(x.numpy()), out)
     r = PackedModel(p.graph, p.tensors, backend="reference")
     assert np.array_equal(r(x.numpy()), out)

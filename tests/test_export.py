@@ -339,19 +339,22 @@ def test_cli_bad_input_leaves_no_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not out.exists()
 
 
-def test_bsq_model_exports_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grid", ["zero", "odd"])
+def test_bsq_model_exports_exactly(tmp_path: Path, grid: str) -> None:
     """BSQ layers (bcnn.bsq: a per-layer step, zero-grid integers, mixed bits with a 0-bit
-    layer) export to ONNX and QONNX with torch's logits."""
+    layer; or odd-grid integers with a binary layer) export to ONNX and QONNX with torch's
+    logits."""
     from bcnn import bsq
 
     model = _bcnn(weight_bits=2, act_bits=4)
-    bsq.bsq_(model, bits=3)
+    bsq.bsq_(model, bits=3, grid=grid)
     q = model.blocks[1].conv.weight_quantizer
     with torch.no_grad():
-        q.pos.zero_()
-        q.neg.zero_()
+        for p in q.bit_parameters().values():
+            if p is q.pos or grid == "zero":
+                p.zero_()
     bsq.requantize_(model)
-    assert 0 in bsq.layer_bits(model).values()
+    assert (0 if grid == "zero" else 1) in bsq.layer_bits(model).values()
     x = _images(3)
     ref = _torch(model, x)
     np.testing.assert_array_equal(_ort(to_onnx(model, tmp_path / "b.onnx", batch=3), x), ref)
