@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,29 @@ def _latencies(models: list[Any], x: np.ndarray, repeat: int, rounds: int = 5) -
     return [float(np.median(v)) for v in meds]
 
 
+def _means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one model trained with several seeds (names suffixed _tN) -> one row each: the
+    mean top-1, bits and latency, and each seed's top-1."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(re.sub(r"_t\d+$", "", r["model"]), []).append(r)
+    out = []
+    for name, rs in groups.items():
+        out.append(
+            {
+                "model": name,
+                "kind": rs[0]["kind"],
+                "seeds": len(rs),
+                "val_top1_each": [r["val_top1"] for r in rs],
+                **{
+                    k: float(np.mean([r[k] for r in rs]))
+                    for k in ("val_top1", "avg_weight_bits", "batch1_ms")
+                },
+            }
+        )
+    return out
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -147,7 +171,12 @@ def main() -> int:
     )  # fmt: skip
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the split's (and the runs') seed")
+    ap.add_argument(
+        "--train-seeds", type=int, nargs="*", default=[],
+        help="also train every model with these seeds on --seed's split (run directories "
+        "suffixed _tN; the table adds the mean over seeds)",
+    )  # fmt: skip
     ap.add_argument("--val-split", type=float, default=0.1)
     ap.add_argument("--amp", default="on", help="bf16 autocast on CPU (on|off)")
     ap.add_argument("--repeat", type=int, default=200)
@@ -164,45 +193,56 @@ def main() -> int:
 
     root = Path(args.out)
     kw = {"width": args.width, "depth": args.depth, "act_bits": args.act_bits}
-    runs: list[tuple[str, str, Any]] = []
-    for k in args.uniform:
-        out = root / f"W{k}A{args.act_bits}"
-        cfg = run_config(args, out, steps="1,2", epochs=half, model_kw={**kw, "weight_bits": k})
-        runs.append((f"W{k}A{args.act_bits}", "uniform", cfg))
-    s1 = "bsq_step1" if step1_epochs == half else f"bsq_step1_e{step1_epochs}"
-    step1 = run_config(args, root / s1, steps="1", epochs=step1_epochs, model_kw=kw)
-    for a in args.alphas:
-        ft, mode = args.bsq_finetune, args.bsq_finetune_mode
-        tag = "" if (ft, mode) == (1, "bits") else f"_ft{ft}{mode[0]}"  # e.g. bsq_0.05_ft2w
-        tag += "" if step1_epochs == half else f"_s{step1_epochs}"
-        tag += "" if args.bsq_grid == "zero" else f"_{args.bsq_grid}"
-        out = root / f"bsq_{a:g}{tag}"
-        cfg = run_config(
-            args, out, steps="2", epochs2=bsq_epochs, model_kw=kw, init=f"{step1.out}/final.pt",
-            bsq_alpha=a, bsq_bits=args.bsq_bits, bsq_lr=args.bsq_lr,
-            bsq_interval=args.bsq_interval, bsq_finetune=ft, bsq_optimizer=args.bsq_optimizer,
-            bsq_finetune_mode=mode, bsq_grid=args.bsq_grid,
-        )  # fmt: skip
-        runs.append((f"BSQ a={a:g}", "bsq", cfg))
+    runs: list[tuple[str, str, Any, Any]] = []  # (name, kind, config, BSQ's step 1 config)
+    for seed in [args.seed, *args.train_seeds]:
+        ts = "" if seed == args.seed else f"_t{seed}"  # another training seed, same split
+        sk = {} if seed == args.seed else {"seed": seed, "split_seed": args.seed}
+        for k in args.uniform:
+            out = root / f"W{k}A{args.act_bits}{ts}"
+            mk = {**kw, "weight_bits": k}
+            cfg = run_config(args, out, steps="1,2", epochs=half, model_kw=mk, **sk)
+            runs.append((f"W{k}A{args.act_bits}{ts}", "uniform", cfg, None))
+        s1 = ("bsq_step1" if step1_epochs == half else f"bsq_step1_e{step1_epochs}") + ts
+        step1 = run_config(args, root / s1, steps="1", epochs=step1_epochs, model_kw=kw, **sk)
+        for a in args.alphas:
+            ft, mode = args.bsq_finetune, args.bsq_finetune_mode
+            tag = "" if (ft, mode) == (1, "bits") else f"_ft{ft}{mode[0]}"  # bsq_0.05_ft2w
+            tag += "" if step1_epochs == half else f"_s{step1_epochs}"
+            tag += ("" if args.bsq_grid == "zero" else f"_{args.bsq_grid}") + ts
+            out = root / f"bsq_{a:g}{tag}"
+            cfg = run_config(
+                args, out, steps="2", epochs2=bsq_epochs, model_kw=kw,
+                init=f"{step1.out}/final.pt", bsq_alpha=a, bsq_bits=args.bsq_bits,
+                bsq_lr=args.bsq_lr, bsq_interval=args.bsq_interval, bsq_finetune=ft,
+                bsq_optimizer=args.bsq_optimizer, bsq_finetune_mode=mode,
+                bsq_grid=args.bsq_grid, **sk,
+            )  # fmt: skip
+            runs.append((f"BSQ a={a:g}{ts}", "bsq", cfg, step1))
 
+    # the extra training seeds train first (the --seed runs may be cached from an earlier call)
+    for name, _, cfg, step1 in sorted(runs, key=lambda r: r[2].seed == args.seed):
+        if step1 is not None:
+            train_cached(f"BSQ step 1 -> {name}", step1)
+        train_cached(name, cfg)
     rows = []
-    if args.alphas:
-        step1_seconds = train_cached("BSQ step 1 (shared)", step1)
-    for name, kind, cfg in runs:
+    for name, kind, cfg, step1 in runs:
+        step1_seconds = 0.0 if step1 is None else train_cached(f"BSQ step 1 -> {name}", step1)
         secs = train_cached(name, cfg)
         r = _measure(args, name, Path(cfg.out) / "final.pt")
-        r.update(kind=kind, train_seconds=secs + (step1_seconds if kind == "bsq" else 0.0))
+        r.update(kind=kind, train_seconds=secs + step1_seconds, seed=cfg.seed)
         rows.append(r)
     x, _ = _val(args)
     lat = _latencies([r.pop("packed") for r in rows], x, args.repeat)  # after all training
     for r, ms in zip(rows, lat, strict=True):
         r["batch1_ms"] = ms
 
+    means = _means(rows)
     res = {
         "args": vars(args),
         "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
+        "means": means,
     }
     root.mkdir(parents=True, exist_ok=True)
     text = json.dumps(res, indent=1)
@@ -210,7 +250,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(text)
     if args.plot:
-        _plot(rows, Path(args.plot))
+        _plot(means, Path(args.plot))
 
     print(
         f"bcnn_cifar width={args.width} depth={args.depth}, A{args.act_bits}, {args.epochs} "
@@ -223,6 +263,16 @@ def main() -> int:
             f"| {r['model']} | {100 * r['val_top1']:.2f}% | {r['avg_weight_bits']:.2f} | "
             f"{r['batch1_ms']:.3f} | {r['packed_equals_torch']} | {r['train_seconds']} |"
         )
+    if len(means) < len(rows):
+        print("\nmean over the training seeds (same split)")
+        print("| model | seeds | val top-1 (each) | mean top-1 | mean avg weight bits |")
+        print("|---|---|---|---|---|")
+        for m in means:
+            each = " / ".join(f"{100 * v:.2f}" for v in m["val_top1_each"])
+            print(
+                f"| {m['model']} | {m['seeds']} | {each} | {100 * m['val_top1']:.2f}% | "
+                f"{m['avg_weight_bits']:.2f} |"
+            )
     if args.bsq_grid == "zero":
         print("\nlearned precisions (BSQ N per layer; stored bits = N + 1, 0 for N = 0)")
     else:

@@ -242,6 +242,26 @@ def test_zero_val_split_and_bad_config(tmp_path: Path) -> None:
     )
 
 
+def test_split_seed_keeps_the_split_and_changes_the_run(tmp_path: Path) -> None:
+    """split_seed: another training seed on the same validation split (meta records the
+    split's seed, which bcnn eval re-makes); None keeps the old behaviour (seed for both)."""
+    a = Trainer(_cfg(tmp_path / "a", seed=3))
+    b = Trainer(_cfg(tmp_path / "b", seed=4, split_seed=3))
+    c = Trainer(_cfg(tmp_path / "c", seed=4))
+    assert torch.equal(a.val_set.images, b.val_set.images)  # same split
+    assert not torch.equal(a.val_set.images, c.val_set.images)  # seed alone moves it
+    train(_cfg(tmp_path / "a", seed=3, steps="1", epochs=1))
+    train(_cfg(tmp_path / "b", seed=4, split_seed=3, steps="1", epochs=1))
+    _, ma = load_checkpoint(tmp_path / "a" / "final.pt")
+    _, mb = load_checkpoint(tmp_path / "b" / "final.pt")
+    assert ma["seed"] == mb["seed"] == 3 and mb["train_config"]["seed"] == 4
+    wa, wb = _weights(tmp_path / "a" / "final.pt"), _weights(tmp_path / "b" / "final.pt")
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # a different run
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="split_seed must be an integer >= 0"):
+            _cfg(tmp_path / "x", split_seed=bad).validate()
+
+
 def test_compiled_training_step_matches_eager(tmp_path: Path) -> None:
     """compile=True: the compiled forward/backward gives the eager loss and gradients (to float
     rounding: fused element-wise ops), and the trainer saves the eager module's keys (no

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run the teacher in float32 under --amp (binary teachers: bf16 flips their signs)",
     )
     p.add_argument("--seed", type=int, default=S, help="run seed: init, data order, split (0)")
+    p.add_argument(
+        "--split-seed", type=int, default=S, help="the validation split's seed (default: --seed)"
+    )
     p.add_argument("--val-split", type=float, default=S, help="held-out fraction (0.1)")
     p.add_argument("--image-size", type=int, default=S, help="crop size for large images")
     p.add_argument("--device", default=S, help="auto | cpu | cuda (default auto)")

@@ -42,6 +42,8 @@ class TrainConfig:
     kd_temperature: float = 2.0
     teacher_amp: bool = True  # False: the teacher runs in float32 under --amp (a binary one)
     seed: int = 0
+    # the validation split's seed (None: `seed`): other training seeds on the same split
+    split_seed: int | None = None
     val_split: float = 0.1
     image_size: int | None = None  # large image folders: crop size (default 224)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -96,6 +98,9 @@ class TrainConfig:
         self.step_list()
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        ss = self.split_seed
+        if ss is not None and (isinstance(ss, bool) or not isinstance(ss, int) or ss < 0):
+            raise ValueError(f"split_seed must be an integer >= 0, got {ss!r}")
         for s in self.step_list():
             if self.epochs_for(s) < 0:
                 raise ValueError(f"epochs must be >= 0, got {self.epochs_for(s)}")

@@ -100,10 +100,11 @@ class Trainer:
         )
         self.main = self.dist.is_main
         self.verbose = self.main and not config.quiet
+        self.split_seed = config.seed if config.split_seed is None else config.split_seed
         self.train_set, self.val_set = load_splits(
             config.data,
             config.val_split,
-            config.seed,
+            self.split_seed,
             image_size=config.image_size,
             progress=self.verbose and sys.stderr.isatty(),
         )
@@ -157,7 +158,7 @@ class Trainer:
             "classes": list(self.classes),
             "data": str(self.cfg.data),
             "val_split": self.cfg.val_split,
-            "seed": self.cfg.seed,
+            "seed": self.split_seed,  # the split's (bcnn eval re-makes it); the run's: train_config
             "image_size": self.cfg.image_size,
             "input_shape": list(self.train_set.image_shape),
             "train_config": self.cfg.to_dict(),
