@@ -228,10 +228,11 @@ def test_odd_checkpoint_round_trip_and_bad_state(tmp_path: Path) -> None:
             load_checkpoint(tmp_path / "bad.pt")
         assert "blocks.0.conv" in str(e.value) and "\n" not in str(e.value)
     obj = torch.load(tmp_path / "m.pt", weights_only=True)
-    obj["config"]["bsq_grid"] = "even"
-    torch.save(obj, tmp_path / "grid.pt")
-    with pytest.raises(ValueError, match="BSQ grid must be one of"):
-        load_checkpoint(tmp_path / "grid.pt")
+    for bad in ("even", ["odd"]):
+        obj["config"]["bsq_grid"] = bad
+        torch.save(obj, tmp_path / "grid.pt")
+        with pytest.raises(ValueError, match="BSQ grid must be one of"):
+            load_checkpoint(tmp_path / "grid.pt")
     with pytest.raises(ValueError, match=r"odd-grid BSQ bits must be in 1\.\.8"):
         OddBitQuantizer((2,), 0)
     with pytest.raises(ValueError, match="use the 'odd' grid, not 'zero'"):

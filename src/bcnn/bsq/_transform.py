@@ -75,7 +75,7 @@ def bsq_(model: nn.Module, bits: int = 8, *, init: bool = True, grid: str = "zer
     Returns ``model``. Raises ``ValueError`` if there is no such layer."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
         raise ValueError(f"BSQ bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
-    if grid not in GRIDS:
+    if not isinstance(grid, str) or grid not in GRIDS:
         raise ValueError(f"BSQ grid must be one of {sorted(GRIDS)}, got {grid!r}")
     cls = GRIDS[grid]
     layers = quantizable_layers(model)
