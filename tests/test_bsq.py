@@ -338,13 +338,23 @@ def test_checkpoint_round_trip_and_out_of_range_bits(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "m.pt", m)
     r, _ = load_checkpoint(tmp_path / "m.pt")
     assert torch.equal(_logits(r, x), _logits(m, x)) and bsq.layer_bits(r) == bsq.layer_bits(m)
-    for edit, match in [
-        (lambda q: q.pos.data.__setitem__((0, 0), 2.5), r"outside \[0, 2\]"),
-        (lambda q: q.neg.data.__setitem__((0, 0), float("nan")), r"outside \[0, 2\]"),
-        (lambda q: q.pos.data.__setitem__((7, 0), 1.0), "above the layer's"),
-        (lambda q: q.nbits.fill_(9), "not in 0..8"),
-        (lambda q: q.step.data.fill_(0.0), "step"),
-    ]:
+    assert_bad_states_rejected(
+        m,
+        tmp_path,
+        [
+            (lambda q: q.pos.data.__setitem__((0, 0), 2.5), r"outside \[0, 2\]"),
+            (lambda q: q.neg.data.__setitem__((0, 0), float("nan")), r"outside \[0, 2\]"),
+            (lambda q: q.pos.data.__setitem__((7, 0), 1.0), "above the layer's"),
+            (lambda q: q.nbits.fill_(9), "not in 0..8"),
+            (lambda q: q.step.data.fill_(0.0), "step"),
+        ],
+    )
+
+
+def assert_bad_states_rejected(m: nn.Module, tmp_path: Path, edits: list[Any]) -> None:
+    """Each (edit of blocks.0's quantizer, message) saved to a checkpoint: loading it is a
+    one-line ValueError naming the layer and matching the message."""
+    for edit, match in edits:
         bad = copy.deepcopy(m)
         edit(bad.blocks[0].conv.weight_quantizer)
         save_checkpoint(tmp_path / "bad.pt", bad)

@@ -25,13 +25,11 @@ no zero grid.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..quant._uniform import _grad_scale
 from ._quantizer import MAX_BITS, BitQuantizer
 
 __all__ = ["OddBitQuantizer"]
@@ -113,17 +111,11 @@ class OddBitQuantizer(BitQuantizer):
             w, step = w.to(x.dtype), step.to(x.dtype)
         return w, step
 
-    def _from_weight(self, x: Tensor | None) -> tuple[Tensor, Tensor]:
-        if x is None:
-            raise ValueError("this BSQ layer fine-tunes its float weight: pass it to integer()")
-        hi = 2.0 ** int(self.nbits) - 1.0
-        step = self.step.abs().clamp_min(1e-8)
-        if self.training and self.step.requires_grad:
-            n = x[0].numel() if step.dim() else x.numel()  # weights per step
-            step = _grad_scale(step, 1.0 / math.sqrt(n * hi))
-        step = self._step(step).to(x.dtype)
-        v = (x / step).clamp(-hi, hi)
-        return v + (_odd_round(v, hi) - v).detach(), step
+    @staticmethod
+    def _grid_round(v: Tensor, hi: float) -> Tensor:
+        """Weights fine-tuning rounds onto the k-bit odd grid (the base class's
+        ``_from_weight``: straight-through, per-channel LSQ steps)."""
+        return _odd_round(v, hi)
 
     def plane_norms(self) -> Tensor:
         """sqrt(1e-8 + sum over the layer's weights of p_b^2) per magnitude plane b < k - 1
@@ -147,11 +139,7 @@ class OddBitQuantizer(BitQuantizer):
         z = self.sign.detach()
         if not bool(torch.isfinite(z).all()) or bool((z.abs() > 1).any()):
             raise ValueError("BSQ sign variables outside [-1, 1]")
-        st = self.step.detach().abs()
-        if st.shape not in ((), (self.shape[0],)):
-            raise ValueError(f"BSQ step must be a scalar or one per output channel, got {st.shape}")
-        if not bool(torch.isfinite(st).all()) or bool((st == 0).any()):
-            raise ValueError("BSQ step must be finite and non-zero")
+        self._check_step()
 
     @torch.no_grad()
     def init_from(self, weight: Tensor, bits: int) -> None:
@@ -166,8 +154,8 @@ class OddBitQuantizer(BitQuantizer):
         step = s / hi if s > 0 else 1.0
         x = _odd_round(w / step, hi)
         self.pos.copy_(_magnitude_bits((x.abs() - 1) / 2, bits - 1))
-        z = (w / s).clamp(-1.0, 1.0) if s > 0 else torch.zeros_like(w)
-        self.sign.copy_(torch.where((z >= 0) == (x > 0), z, torch.zeros_like(z)))
+        # sign(z) = sign(x): both are + exactly where w >= 0 (an all-zero weight: z = 0, x = 1)
+        self.sign.copy_((w / s).clamp(-1.0, 1.0) if s > 0 else torch.zeros_like(w))
         self.step.fill_(step)
         self.nbits.fill_(bits)
         self.frozen.fill_(False)

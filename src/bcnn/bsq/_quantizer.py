@@ -185,7 +185,19 @@ class BitQuantizer(nn.Module):
             step = _grad_scale(step, 1.0 / math.sqrt(n * max(hi, 1.0)))
         step = self._step(step).to(x.dtype)
         v = (x / step).clamp(-hi, hi)
-        return v + (_round_away(v) - v).detach(), step
+        return v + (self._grid_round(v, hi) - v).detach(), step
+
+    @staticmethod
+    def _grid_round(v: Tensor, hi: float) -> Tensor:
+        """The grid's nearest point of ``v`` (already within +-hi): sign-magnitude integers."""
+        return _round_away(v)
+
+    def _check_step(self) -> None:
+        st = self.step.detach().abs()
+        if st.shape not in ((), (self.shape[0],)):
+            raise ValueError(f"BSQ step must be a scalar or one per output channel, got {st.shape}")
+        if not bool(torch.isfinite(st).all()) or bool((st == 0).any()):
+            raise ValueError("BSQ step must be finite and non-zero")
 
     def forward(self, x: Tensor | None = None) -> Tensor:
         w, step = self.integer(x)
@@ -210,11 +222,7 @@ class BitQuantizer(nn.Module):
                 raise ValueError(f"BSQ {what} bit variables outside [0, 2]")
             if bool((t[n:] != 0).any()):
                 raise ValueError(f"BSQ {what} bit variables set above the layer's {n} bits")
-        st = self.step.detach().abs()
-        if st.shape not in ((), (self.shape[0],)):
-            raise ValueError(f"BSQ step must be a scalar or one per output channel, got {st.shape}")
-        if not bool(torch.isfinite(st).all()) or bool((st == 0).any()):
-            raise ValueError("BSQ step must be finite and non-zero")
+        self._check_step()
 
     # ------------------------------------------------------------------ BSQ operations
     @torch.no_grad()
