@@ -36,7 +36,7 @@ class LayerRow:
     binary_macs: int = 0
     float_macs: int = 0
     packed_bytes: int = 0
-    bsq_bits: int | None = None  # BSQ layers: the learned precision N (magnitude bits)
+    bsq_bits: int | None = None  # BSQ layers: the learned precision (zero grid: N; odd: k)
     weight_params: int = 0  # the layer's weight count (conv/linear)
 
 
