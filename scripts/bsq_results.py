@@ -8,6 +8,8 @@ Every model is ``bcnn_cifar`` (--width/--depth) with 4-bit activations (--act-bi
 for --epochs epochs in total on the run's fixed seeded validation split:
 
 * uniform WkA4: k-bit LSQ weights, two steps of epochs/2 (as scripts/kbit_results.py);
+  with --paired, step 2 only (the rest of --epochs), from BSQ's step 1, so that the models
+  of one seed differ only after their shared step 1;
 * BSQ alpha: step 1 (float weights, 4-bit activations; trained once, shared by every
   alpha), then the BSQ stage (--bsq-epochs, from --bsq-bits bits) and --bsq-finetune epochs
   of fine-tuning with the scheme frozen (--bsq-finetune-mode); step 1 gets the rest of
@@ -177,6 +179,11 @@ def main() -> int:
         help="also train every model with these seeds on --seed's split (run directories "
         "suffixed _tN; the table adds the mean over seeds)",
     )  # fmt: skip
+    ap.add_argument(
+        "--paired", action="store_true",
+        help="the uniform models also start from BSQ's shared step 1 (step 2 only, the same "
+        "epochs as BSQ's stage + fine-tuning): every model of a seed shares one step 1",
+    )  # fmt: skip
     ap.add_argument("--val-split", type=float, default=0.1)
     ap.add_argument("--amp", default="on", help="bf16 autocast on CPU (on|off)")
     ap.add_argument("--repeat", type=int, default=200)
@@ -197,13 +204,22 @@ def main() -> int:
     for seed in [args.seed, *args.train_seeds]:
         ts = "" if seed == args.seed else f"_t{seed}"  # another training seed, same split
         sk = {} if seed == args.seed else {"seed": seed, "split_seed": args.seed}
-        for k in args.uniform:
-            out = root / f"W{k}A{args.act_bits}{ts}"
-            mk = {**kw, "weight_bits": k}
-            cfg = run_config(args, out, steps="1,2", epochs=half, model_kw=mk, **sk)
-            runs.append((f"W{k}A{args.act_bits}{ts}", "uniform", cfg, None))
         s1 = ("bsq_step1" if step1_epochs == half else f"bsq_step1_e{step1_epochs}") + ts
         step1 = run_config(args, root / s1, steps="1", epochs=step1_epochs, model_kw=kw, **sk)
+        for k in args.uniform:
+            mk = {**kw, "weight_bits": k}
+            if args.paired:  # step 2 only, from the step 1 BSQ starts from
+                out = root / f"W{k}A{args.act_bits}_p{step1_epochs}{ts}"
+                e2 = args.epochs - step1_epochs
+                cfg = run_config(
+                    args, out, steps="2", epochs2=e2, model_kw=mk, init=f"{step1.out}/final.pt",
+                    **sk,
+                )  # fmt: skip
+                runs.append((f"W{k}A{args.act_bits}{ts}", "uniform", cfg, step1))
+            else:
+                out = root / f"W{k}A{args.act_bits}{ts}"
+                cfg = run_config(args, out, steps="1,2", epochs=half, model_kw=mk, **sk)
+                runs.append((f"W{k}A{args.act_bits}{ts}", "uniform", cfg, None))
         for a in args.alphas:
             ft, mode = args.bsq_finetune, args.bsq_finetune_mode
             tag = "" if (ft, mode) == (1, "bits") else f"_ft{ft}{mode[0]}"  # bsq_0.05_ft2w

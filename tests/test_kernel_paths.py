@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from bcnn.engine import kernel_path
-from bcnn.engine._paths import PATHS, target_features
+from bcnn.engine._paths import PATHS, _host_features, runnable_paths, target_features
 
 # run in a fresh interpreter on a given path: binary GEMMs at awkward sizes, then a
-# randomized bcnn_cifar packed vs torch at 33 px, batch 1 and 7
+# randomized bcnn_cifar packed vs torch at 33 px, batch 1 and 7, and bit-serial W1A2 / W2A2
 _PROBE = r"""
 import json, sys
 import numpy as np
@@ -28,7 +28,7 @@ sys.path.insert(0, sys.argv[1])
 from test_engine_exact import assert_exact, randomize, images, torch_logits
 from bcnn.models import create_model
 rng = np.random.default_rng(0)
-out = {"path": E.kernel_path(), "gemm": True, "logits": True}
+out = {"path": E.kernel_path(), "gemm": True, "logits": True, "nibbles": True}
 for m, n, k in [(1, 1, 1), (7, 63, 65), (3, 65, 130), (5, 130, 64)]:
     kw = (k + 63) // 64
     def rows(r):
@@ -38,11 +38,16 @@ for m, n, k in [(1, 1, 1), (7, 63, 65), (3, 65, 130), (5, 130, 64)]:
     a, w = rows(m), rows(n)
     ref = k - 2 * np.bitwise_count(a[:, None, :] ^ w[None]).sum(-1, dtype=np.int64)
     out["gemm"] &= bool(np.array_equal(K.bgemm(a, w, k), ref))
+    out["nibbles"] = bool(K.prepare_dense_weights(w, k).blocks.dtype == np.uint8)  # lut layout
 model = randomize(create_model("bcnn_cifar", width=8, depth=1), in_size=33)
 packed = E.pack(model)
 for n in (1, 7):
     x = images(n, 3, 33, 33, seed=n)
     assert_exact(packed(x), torch_logits(model, x))  # raises (the test fails) if not
+from test_engine_kbit import _model, _check  # bit-serial W1A2 / W2A2 (stem, conv, head)
+for wb, ab in ((1, 2), (2, 2)):
+    m = _model(wb, ab)
+    _check(m, E.pack(m), 33)
 print(json.dumps(out))
 """
 
@@ -76,19 +81,24 @@ def test_kernel_path_names_the_target() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_every_runnable_path_is_exact(path: str) -> None:
-    """The default path, and generic forced on a VPOPCNTDQ machine (compiled anew)."""
-    if path == "vpopcnt" and kernel_path() != "vpopcnt":
-        pytest.skip("this CPU has no AVX-512 VPOPCNTDQ")
+    """Every path this CPU runs, forced in a fresh interpreter (generic on a VPOPCNTDQ machine
+    is compiled anew): GEMMs, a binary and two bit-serial models packed == torch."""
+    if path not in runnable_paths():
+        pytest.skip(f"this CPU cannot run the {path} path")
     r = _run({"BCNN_KERNEL_PATH": path}, _PROBE, str(Path(__file__).parent))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res == {"path": path, "gemm": True, "logits": True}
+    assert res == {"path": path, "gemm": True, "logits": True, "nibbles": path == "lut"}
 
 
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"BCNN_KERNEL_PATH": "lut"}, "BCNN_KERNEL_PATH='lut': unknown kernel path"),
+        ({"BCNN_KERNEL_PATH": "avx9"}, "BCNN_KERNEL_PATH='avx9': unknown kernel path"),
+        (
+            {"BCNN_KERNEL_PATH": "lut", "NUMBA_CPU_NAME": "x86-64", "NUMBA_CPU_FEATURES": ""},
+            "BCNN_KERNEL_PATH=lut: the compile target has no AVX2",
+        ),
         (
             {"BCNN_KERNEL_PATH": "vpopcnt", "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""},
             "the compile target has no AVX-512 VPOPCNTDQ",
@@ -118,10 +128,24 @@ def test_bench_isa_avx2_measures_the_avx2_profile() -> None:
 @pytest.mark.slow
 def test_bench_compares_kernel_paths_in_one_run() -> None:
     res: dict[str, Any] = _json_out(_run({}, _CLI, *_TINY_BENCH, "--json", "--paths", "all"))
-    want = ["vpopcnt", "generic"] if kernel_path() == "vpopcnt" else ["generic"]
-    assert list(res["paths"]) == want
+    want = runnable_paths()
+    assert list(res["paths"]) == want and want[-1] == "generic"
+    assert ("lut" in want) == ("avx2" in target_features())
     for p in want:
         assert res["paths"][p]["kernel_path"] == p and res["paths"][p]["binary_exact"]
     assert res[f"speed_vs_{want[0]}"][want[0]] == 1.0
-    bad = _run({}, _CLI, *_TINY_BENCH, "--paths", "lut")
+    bad = _run({}, _CLI, *_TINY_BENCH, "--paths", "avx9")
     assert bad.returncode != 0 and "not a kernel path this CPU runs" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_compares_the_avx2_profiles_paths() -> None:
+    """--isa avx2 --paths all: lut against generic, both compiled for haswell."""
+    if "avx2" not in _host_features():
+        pytest.skip("this CPU has no AVX2")
+    args = [*_TINY_BENCH, "--json", "--isa", "avx2", "--paths", "all"]
+    res: dict[str, Any] = _json_out(_run({}, _CLI, *args))
+    assert list(res["paths"]) == ["lut", "generic"]
+    for p in ("lut", "generic"):
+        r = res["paths"][p]
+        assert r["kernel_path"] == p and r["isa"] == "AVX2" and r["binary_exact"]

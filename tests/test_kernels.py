@@ -19,6 +19,27 @@ from bcnn.engine import get_num_threads, num_threads, set_num_threads
 CHANNELS = [1, 63, 64, 65, 130]
 
 
+def _has_avx2() -> bool:
+    from bcnn.engine._paths import target_features
+
+    return "avx2" in target_features()
+
+
+@pytest.fixture(
+    params=[
+        "active",
+        pytest.param("lut", marks=pytest.mark.skipif(not _has_avx2(), reason="no AVX2")),
+    ]
+)
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a conv / dense test twice: on the active kernel path's weights, and on the lut
+    path's nibbles (``BCNN_KERNEL_PATH=lut`` for the prepare_* calls; any AVX2 target runs
+    those kernels)."""
+    if request.param == "lut":
+        monkeypatch.setenv("BCNN_KERNEL_PATH", "lut")
+    return str(request.param)
+
+
 def _sign(a: np.ndarray) -> np.ndarray:
     return np.where(a >= 0, 1.0, -1.0).astype(np.float32)
 
@@ -161,6 +182,7 @@ CONV_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("layout")
 @pytest.mark.parametrize("cin,cout,size,k,stride,batch", CONV_CASES)
 def test_bconv2d_matches_torch_and_reference(
     cin: int, cout: int, size: int, k: int, stride: int, batch: int
@@ -176,6 +198,7 @@ def test_bconv2d_matches_torch_and_reference(
     assert np.array_equal(got, R.bconv2d(xp, wp, cin, stride, pad))
 
 
+@pytest.mark.usefixtures("layout")
 @pytest.mark.parametrize("cin,k,stride,pad", [(65, 3, 1, 0), (130, 3, 2, 0), (1, 1, 2, 0)])
 def test_bconv2d_without_padding(cin: int, k: int, stride: int, pad: int) -> None:
     rng = np.random.default_rng(3)
@@ -203,6 +226,7 @@ def _affine_torch(acc: np.ndarray, scale, bias, rprelu=None, residual=None):  # 
     return y.numpy()
 
 
+@pytest.mark.usefixtures("layout")
 @pytest.mark.parametrize("cout", [64, 70, 128])
 @pytest.mark.parametrize("use_rp", [False, True])
 @pytest.mark.parametrize("res_kind", [None, "same", "repeat", "inplace"])
@@ -236,6 +260,7 @@ def test_bconv2d_affine_epilogues(cout: int, use_rp: bool, res_kind: str | None)
     assert np.array_equal(got, want_torch)
 
 
+@pytest.mark.usefixtures("layout")
 @pytest.mark.parametrize("cout", [64, 70])
 @pytest.mark.parametrize("res_kind", [None, "same", "repeat"])
 def test_affine_fma_is_torch_batch_norm(cout: int, res_kind: str | None) -> None:
@@ -289,6 +314,7 @@ def test_affine_fma_is_torch_batch_norm(cout: int, res_kind: str | None) -> None
     )
 
 
+@pytest.mark.usefixtures("layout")
 @pytest.mark.parametrize(
     ("cin", "cout", "size", "stride", "n", "res_kind"),
     [
@@ -364,6 +390,7 @@ def test_prescaled_fma_stem(cout: int, stride: int, n: int) -> None:
         K.stem_conv_affine(x, ps, alpha, beta, prescale=pre)
 
 
+@pytest.mark.usefixtures("layout")
 @pytest.mark.parametrize("cout", [1, 64, 65, 130])
 def test_bconv2d_threshold(cout: int) -> None:
     rng = np.random.default_rng(cout)
@@ -381,6 +408,7 @@ def test_bconv2d_threshold(cout: int) -> None:
     assert np.array_equal(K.unpack_bits(got, cout), np.where(want, -1, 1))
 
 
+@pytest.mark.usefixtures("layout")
 @pytest.mark.parametrize("k", [*CHANNELS, 2304])
 @pytest.mark.parametrize("n,o", [(1, 10), (7, 64), (5, 130)])
 def test_blinear_and_bgemm(k: int, n: int, o: int) -> None:
@@ -400,6 +428,29 @@ def test_blinear_and_bgemm(k: int, n: int, o: int) -> None:
     assert np.array_equal(aff, _affine_torch(want, scale, bias))
 
 
+def test_prepared_layout_of_each_path(layout: str) -> None:
+    """The lut path's weights are the words' nibbles (bits 4q..4q+3 of word k at row 16k + q);
+    the kernels read whichever layout they are given; a bad path or layout is refused."""
+    rng = np.random.default_rng(5)
+    w = K.pack_weights(_rand(rng, 70, 65, 3, 3))
+    pw = K.prepare_conv_weights(w, 65)
+    words = K.prepare_conv_weights(w, 65, path="generic").blocks  # (3, 18, 32) uint64
+    if layout == "lut":
+        assert pw.blocks.dtype == np.uint8 and pw.blocks.shape == (3, 16 * 18, 32)
+        for q in (0, 5, 15):
+            want = (words >> np.uint64(4 * q)) & np.uint64(15)
+            assert np.array_equal(pw.blocks[:, q::16, :], want.astype(np.uint8))
+    else:
+        assert pw.blocks.dtype == np.uint64 and np.array_equal(pw.blocks, words)
+    with pytest.raises(ValueError, match="unknown kernel path 'avx9'"):
+        K.prepare_dense_weights(w.reshape(70, -1), 9 * 128, path="avx9")
+    bad = pw._replace(blocks=np.zeros((3, 18 * 3, 32), np.uint8))
+    x = K.pack_sign(_rand(rng, 1, 5, 5, 65))
+    with pytest.raises(ValueError, match="inconsistent PreparedWeights"):
+        K.bconv2d(x, bad, 1, 1)
+
+
+@pytest.mark.usefixtures("layout")
 def test_bgemm_full_words_random_bits() -> None:
     rng = np.random.default_rng(5)
     a = rng.integers(0, 2**64, (37, 9), dtype=np.uint64)
@@ -485,6 +536,7 @@ def test_avgpool2x2_and_global(h: int, w: int) -> None:
 # ----------------------------------------------------------------------------------- threads
 
 
+@pytest.mark.usefixtures("layout")
 def test_num_threads_context_and_parallel_path(monkeypatch: pytest.MonkeyPatch) -> None:
     prev = get_num_threads()
     with num_threads(1) as n:

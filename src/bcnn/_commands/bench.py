@@ -49,8 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--paths",
         default=None,
         metavar="P[,P]",
-        help="time the same command on several kernel paths (vpopcnt, generic; 'all': every "
-        "path this CPU runs), one subprocess each, and report them side by side",
+        help="time the same command on several kernel paths (vpopcnt, lut, generic; 'all': "
+        "every path this CPU runs; with --isa avx2, those of the AVX2 profile), one subprocess "
+        "each, and report them side by side",
     )
     _add_layer_arguments(p)
 
@@ -126,10 +127,9 @@ def _rerun(argv: list[str], env: dict[str, str]) -> int:
 def _compare_paths(argv: list[str], spec: str, as_json: bool) -> int:
     """Run the command once per kernel path (BCNN_KERNEL_PATH, one process each, in turn) and
     report the results side by side, with each path's time relative to the first's."""
-    from ..engine._paths import PATHS, kernel_path
+    from ..engine._paths import runnable_paths
 
-    native = kernel_path()
-    runnable = [p for p in PATHS if p == "generic" or p == native]
+    runnable = runnable_paths()
     paths = runnable if spec == "all" else [p.strip() for p in spec.split(",") if p.strip()]
     for p in paths:
         if p not in runnable:
@@ -167,12 +167,10 @@ def _context() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     argv = getattr(args, "_argv", sys.argv[1:])
-    if args.paths is not None:
-        if args.isa != "native":
-            raise ValueError("--paths and --isa are separate ways to pick kernels: give one")
-        return _compare_paths(argv, args.paths, args.json)
     if args.isa == "avx2" and not _in_profile(AVX2_PROFILE):
-        return _rerun(argv, AVX2_PROFILE)
+        return _rerun(argv, AVX2_PROFILE)  # with --paths: every path of the AVX2 profile
+    if args.paths is not None:
+        return _compare_paths(argv, args.paths, args.json)
     if args.layer is not None:
         if args.model is not None:
             raise ValueError("give either MODEL or --layer, not both")

@@ -5,13 +5,16 @@ with ``NUMBA_CPU_FEATURES``). The same kernel source becomes:
 
 * ``vpopcnt``: targets with AVX-512 VPOPCNTDQ (Zen 4/5, Ice Lake server and later): the
   micro-kernels' ``llvm.ctpop.v8i64`` is one ``VPOPCNTQ`` per 512 binary MACs;
-* ``generic``: any other target: LLVM lowers the same popcounts to its portable sequence
-  (``vpshufb`` nibble tables on AVX2 / AVX-512BW, bit tricks elsewhere).
+* ``lut``: targets with AVX2: the binary conv / dense / bit-serial tiles use ``vpshufb``
+  lookup tables on nibble weights instead of popcounts (``_kernels/_lut_conv.py``); the stem
+  and the other small kernels keep LLVM's popcount sequence;
+* ``generic``: any target: LLVM lowers the same popcounts to its portable sequence
+  (``vpshufb`` nibble tables with a ``vpsadbw`` reduction on AVX2, bit tricks elsewhere).
 
-(The lookup-table GEMM of ``_kernels/_lut.py``, the future ``lut`` path for AVX2, is not wired
-into the executor yet; see docs/kernels.md.)
+Chosen by default: ``vpopcnt`` where the target has VPOPCNTDQ, else ``generic``. ``lut`` is
+opt-in until it is measured faster on an AVX2-only core (see docs/kernels.md).
 
-``BCNN_KERNEL_PATH=vpopcnt|generic`` forces a path (benchmarks, tests); it is applied when
+``BCNN_KERNEL_PATH=vpopcnt|lut|generic`` forces a path (benchmarks, tests); it is applied when
 ``bcnn.engine`` is imported, before numba compiles anything: ``generic`` compiles for the host
 without VPOPCNTDQ. A path the CPU cannot run is a one-line ``ValueError``, never an
 illegal-instruction crash. :func:`kernel_path` names the active path.
@@ -22,9 +25,16 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["PATHS", "apply_kernel_path_env", "isa", "kernel_path", "target_features"]
+__all__ = [
+    "PATHS",
+    "apply_kernel_path_env",
+    "isa",
+    "kernel_path",
+    "runnable_paths",
+    "target_features",
+]
 
-PATHS = ("vpopcnt", "generic")
+PATHS = ("vpopcnt", "lut", "generic")
 _VPOPCNT = "avx512vpopcntdq"
 # CPU names whose default features include these (for NUMBA_CPU_NAME with empty features)
 _NAMED = {
@@ -70,8 +80,18 @@ def isa() -> str:
 
 
 def kernel_path() -> str:
-    """The active kernel path: 'vpopcnt' or 'generic' (see the module docstring)."""
-    return "vpopcnt" if _VPOPCNT in target_features() else "generic"
+    """The active kernel path: 'vpopcnt', 'lut' or 'generic' (see the module docstring)."""
+    f = target_features()
+    if os.environ.get("BCNN_KERNEL_PATH", "").strip() == "lut" and "avx2" in f:
+        return "lut"
+    return "vpopcnt" if _VPOPCNT in f else "generic"
+
+
+def runnable_paths() -> list[str]:
+    """The kernel paths the compile target can run, in :data:`PATHS` order."""
+    f = target_features()
+    ok = {"vpopcnt": _VPOPCNT in f, "lut": "avx2" in f, "generic": True}
+    return [p for p in PATHS if ok[p]]
 
 
 def apply_kernel_path_env() -> None:
@@ -89,6 +109,8 @@ def apply_kernel_path_env() -> None:
             "BCNN_KERNEL_PATH=vpopcnt: the compile target has no AVX-512 VPOPCNTDQ "
             "(use generic, or unset it)"
         )
+    if want == "lut":
+        raise ValueError("BCNN_KERNEL_PATH=lut: the compile target has no AVX2 (use generic)")
     # generic on a VPOPCNTDQ target: the same target less that feature
     if "numba" in sys.modules:
         raise ValueError(

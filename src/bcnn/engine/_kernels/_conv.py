@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .. import _threads
+from ._conv_epi import (
+    _MODE_AFFINE,
+    _MODE_AFFINE_FMA,
+    _MODE_INT,
+    _MODE_PRESCALE_FMA,
+    _MODE_THRESHOLD,
+    _ctl,
+    _epilogue,
+)
 from ._llvm import (
     _MB,
     _PARALLEL_MIN_WORK,
     LANES,
     MR,
-    _epi_affine,
-    _epi_int,
-    _epi_res,
-    _epi_rp,
-    _epi_rp_res,
-    _fma32,
     _mk,
     _mkf_affine,
     _mkf_int,
@@ -25,6 +29,7 @@ from ._llvm import (
     _mkf_rp,
     _mkf_rp_res,
 )
+from ._lut_conv import _conv_range_lut
 from ._weights import (
     PreparedWeights,
     _check_packed,
@@ -36,93 +41,9 @@ from ._weights import (
 
 # ------------------------------------------------------------------------ conv / GEMM kernels
 
-_MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD, _MODE_AFFINE_FMA, _MODE_PRESCALE_FMA = 0, 1, 2, 3, 4
-
-
-@njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _ctl(mode, o_):  # type: ignore[no-untyped-def]
-    """The float epilogue's control word (:func:`._llvm._emit_epilogue`): 0 multiply-add,
-    1 fma, 3 | (O << 2) the prescaled fma (pre[o] = scale[O + o])."""
-    if mode == 3:
-        return np.int64(1)
-    if mode == 4:
-        return np.int64(3) | (np.int64(o_) << np.int64(2))
-    return np.int64(0)
-
-
-@njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _affine_rp(x, o, scale, bias, rp_g, rp_s, rp_z, has_rp, fma):  # type: ignore[no-untyped-def]
-    """One channel's scalar float epilogue: x * scale + bias (one rounding with fma), then
-    RPReLU when has_rp. ``fma`` is a bool or the control word of :func:`_ctl` (prescaled:
-    x * pre[o] rounded first). Shared by the conv and stem kernels' partial tiles."""
-    c = np.int64(fma)
-    if c & 2:
-        x = x * scale[(c >> 2) + o]
-    y = _fma32(x, scale[o], bias[o]) if c & 1 else x * scale[o] + bias[o]
-    if has_rp:
-        y = y - rp_g[o]
-        y = y * rp_s[o] if y < 0 else y
-        y = y + rp_z[o]
-    return y
-
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _epilogue(  # type: ignore[no-untyped-def]
-    acc, rows, m0, o0, lmax, nbits, mode, out_i, out_f, out_b, ob,
-    scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
-):  # fmt: skip
-    """acc rows 0..rows-1 (LANES popcounts each) -> outputs m0.., channels o0..o0+lmax-1.
-    Full rows of 32 channels go through the vector intrinsics; a partial last block of
-    channels through the scalar loops (same arithmetic)."""
-    cr = res.shape[1]
-    o_ = out_i.shape[1] if mode == 0 else out_f.shape[1]
-    fma = _ctl(mode, o_)
-    full = lmax == LANES
-    for r in range(rows):
-        m = m0 + r
-        base = r * LANES
-        if mode == 0:
-            if full:
-                _epi_int(acc, base, nbits, out_i, m * o_ + o0, scale, bias, rp_g, rp_s, rp_z,
-                         res, 0, o0, fma)  # fmt: skip
-            else:
-                for l in range(lmax):
-                    out_i[m, o0 + l] = nbits - 2 * acc[base + l]
-        elif mode != 2:
-            if full and (not has_res or cr == o_):
-                oo = m * o_ + o0
-                if not has_rp and not has_res:
-                    _epi_affine(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                                res, 0, o0, fma)  # fmt: skip
-                elif not has_res:
-                    _epi_rp(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                            res, 0, o0, fma)  # fmt: skip
-                elif not has_rp:
-                    _epi_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                             res, oo, o0, fma)  # fmt: skip
-                else:
-                    _epi_rp_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                                res, oo, o0, fma)  # fmt: skip
-            else:
-                for l in range(lmax):
-                    o = o0 + l
-                    x = np.float32(nbits - 2 * acc[base + l])
-                    y = _affine_rp(x, o, scale, bias, rp_g, rp_s, rp_z, has_rp, fma)
-                    if has_res:
-                        y = res[m, o % cr] + y
-                    out_f[m, o] = y
-        else:
-            word = np.uint64(0)
-            for l in range(lmax):
-                o = o0 + l
-                v = np.float32(nbits - 2 * acc[base + l])
-                bit = (v > thr[o]) if flip[o] else (v < thr[o])
-                word |= np.uint64(bit) << np.uint64(l)
-            out_b[m, ob] = np.uint32(word)
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def _conv_range(  # type: ignore[no-untyped-def]
+def _conv_range_pop(  # type: ignore[no-untyped-def]
     t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
@@ -207,6 +128,47 @@ def _conv_range(  # type: ignore[no-untyped-def]
                     acc, mrows - u0 * MR, mt0 + u0 * MR, o0, lmax, nbits, mode, out_i, out_f,
                     out_b, ob, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
                 )  # fmt: skip
+
+
+def _conv_range(  # type: ignore[no-untyped-def]
+    t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
+    out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+):  # fmt: skip
+    """The conv tiles of the weights' kernel path, chosen when compiled: popcounts on uint64
+    words (:func:`_conv_range_pop`), lookup tables on uint8 nibbles (``_lut_conv``)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_conv_range, jit_options={"nogil": True})
+def _conv_range_typed(  # type: ignore[no-untyped-def]
+    t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
+    out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+):  # fmt: skip
+    if blocks.dtype == types.uint8:
+
+        def lut(  # type: ignore[no-untyped-def]
+            t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
+            out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+        ):  # fmt: skip
+            _conv_range_lut(
+                t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
+                out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr,
+                flip,
+            )  # fmt: skip
+
+        return lut
+
+    def pop(  # type: ignore[no-untyped-def]
+        t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
+        out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+    ):  # fmt: skip
+        _conv_range_pop(
+            t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
+            out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr,
+            flip,
+        )  # fmt: skip
+
+    return pop
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -387,7 +349,7 @@ def _run_conv(
         result = np.zeros((n, ho, wo, cwo), np.uint64)
         out_b = result.reshape(m, cwo).view(np.uint32)
     ntiles = -(-m // (MR * _MB))
-    nob, wk, _ = w.blocks.shape
+    nob, wk = w.blocks.shape[0], w.kh * w.kw * w.words
     nbits = w.kh * w.kw * w.in_channels
     args = (
         x, w.blocks, o, nbits, w.kh, w.kw, int(stride), int(padding), ho, wo, mode,

@@ -15,12 +15,11 @@ from ._conv import (
     _MODE_AFFINE_FMA,
     _MODE_INT,
     _MODE_PRESCALE_FMA,
-    _affine_rp,
     _chunks,
-    _ctl,
     _out_hw,
     _prescaled,
 )
+from ._conv_epi import _affine_rp, _ctl
 from ._llvm import LANES, MR, _mk_shift, _mkf_shift_affine, _mkf_shift_int, _mkf_shift_rp
 from ._weights import (
     PreparedStem,

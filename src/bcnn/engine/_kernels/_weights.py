@@ -17,10 +17,12 @@ class PreparedWeights(NamedTuple):
 
     ``blocks[j, k, l]`` is word ``k`` of the canonical packed weights of output channel
     ``32*j + l`` (``k`` runs over (ky, kx, channel word): the canonical (O, KH, KW, Cw) layout
-    flattened); padded channels (``32*j + l >= out_channels``) are 0.
+    flattened); padded channels (``32*j + l >= out_channels``) are 0. On the ``lut`` kernel
+    path the words are split into nibbles, one per byte: uint8 ``blocks[j, 16*k + q, l]`` =
+    bits 4q..4q+3 of that word (``_lut_conv.lut_blocks``); the kernels dispatch on the dtype.
     """
 
-    blocks: np.ndarray  # uint64 (ceil(O/32), KH*KW*Cw, 32)
+    blocks: np.ndarray  # uint64 (ceil(O/32), KH*KW*Cw, 32); lut: uint8 (.., 16*KH*KW*Cw, 32)
     out_channels: int
     in_channels: int  # Cin of a conv, K of a dense layer (bits per tap)
     kh: int
@@ -121,6 +123,22 @@ def _blocks_from_rows(rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(nob, LANES, wk).transpose(0, 2, 1))
 
 
+def _kernel_blocks(words: np.ndarray, path: str | None) -> np.ndarray:
+    """Prepared words in the layout of ``path`` (None: the active :func:`kernel_path`)."""
+    from .._paths import PATHS, kernel_path, target_features
+
+    path = kernel_path() if path is None else path
+    if path not in PATHS:
+        raise ValueError(f"unknown kernel path {path!r} (use one of {PATHS})")
+    if path != "lut":
+        return words
+    if "avx2" not in target_features():
+        raise ValueError("the lut kernel path needs a compile target with AVX2")
+    from ._lut_conv import lut_blocks
+
+    return lut_blocks(words)
+
+
 def _check_tail_zero(w: np.ndarray, n: int, name: str) -> None:
     tail = w.shape[-1] * 64 - n
     if tail:
@@ -129,8 +147,11 @@ def _check_tail_zero(w: np.ndarray, n: int, name: str) -> None:
             raise ValueError(f"{name}: unused tail bits (past {n} channels) must be 0")
 
 
-def prepare_conv_weights(w_packed: np.ndarray, in_channels: int) -> PreparedWeights:
-    """Canonical packed conv weights (O, KH, KW, Cw) uint64 -> :class:`PreparedWeights`."""
+def prepare_conv_weights(
+    w_packed: np.ndarray, in_channels: int, *, path: str | None = None
+) -> PreparedWeights:
+    """Canonical packed conv weights (O, KH, KW, Cw) uint64 -> :class:`PreparedWeights` in
+    the layout of kernel path ``path`` (default: the active one, ``bcnn.engine.kernel_path``)."""
     w = _check_packed(w_packed, 4, "conv weights")
     o, kh, kw, cw = w.shape
     if in_channels < 1 or cw != _words(in_channels):
@@ -141,11 +162,15 @@ def prepare_conv_weights(w_packed: np.ndarray, in_channels: int) -> PreparedWeig
     if o < 1 or kh < 1 or kw < 1:
         raise ValueError(f"conv weights shape {w.shape} is empty")
     _check_tail_zero(w, in_channels, "conv weights")
-    return PreparedWeights(_blocks_from_rows(w.reshape(o, kh * kw * cw)), o, in_channels, kh, kw)
+    blocks = _kernel_blocks(_blocks_from_rows(w.reshape(o, kh * kw * cw)), path)
+    return PreparedWeights(blocks, o, in_channels, kh, kw)
 
 
-def prepare_dense_weights(w_packed: np.ndarray, in_features: int) -> PreparedWeights:
-    """Canonical packed dense weights (O, Kw) uint64 -> :class:`PreparedWeights`."""
+def prepare_dense_weights(
+    w_packed: np.ndarray, in_features: int, *, path: str | None = None
+) -> PreparedWeights:
+    """Canonical packed dense weights (O, Kw) uint64 -> :class:`PreparedWeights` (``path``:
+    as :func:`prepare_conv_weights`)."""
     w = _check_packed(w_packed, 2, "dense weights")
     o, kw_ = w.shape
     if in_features < 1 or kw_ != _words(in_features):
@@ -156,7 +181,7 @@ def prepare_dense_weights(w_packed: np.ndarray, in_features: int) -> PreparedWei
     if o < 1:
         raise ValueError("dense weights have no output features")
     _check_tail_zero(w, in_features, "dense weights")
-    return PreparedWeights(_blocks_from_rows(w), o, in_features, 1, 1)
+    return PreparedWeights(_kernel_blocks(_blocks_from_rows(w), path), o, in_features, 1, 1)
 
 
 def _check_prepared(w: object) -> PreparedWeights:
@@ -164,10 +189,11 @@ def _check_prepared(w: object) -> PreparedWeights:
         raise ValueError("weights must be PreparedWeights (see prepare_conv_weights)")
     b = w.blocks
     words = (w.in_channels + 63) >> 6
+    per = {np.dtype(np.uint64): 1, np.dtype(np.uint8): 16}.get(b.dtype, 0)  # lut: nibbles
     if (
-        b.dtype != np.uint64
+        not per
         or not b.flags.c_contiguous
-        or b.shape != ((w.out_channels + LANES - 1) // LANES, w.kh * w.kw * words, LANES)
+        or b.shape != ((w.out_channels + LANES - 1) // LANES, per * w.kh * w.kw * words, LANES)
     ):
         raise ValueError(f"inconsistent PreparedWeights: blocks {b.dtype} {b.shape}")
     return w

@@ -1,0 +1,96 @@
+"""The float / threshold epilogue of the binary conv kernels' unfused tiles, shared by the
+popcount (``_conv``) and lookup-table (``_lut_conv``) paths and the stem: popcounts -> int32
+dot products, an affine (+ RPReLU, + residual) float32 output, or packed threshold bits."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._llvm import LANES, _epi_affine, _epi_int, _epi_res, _epi_rp, _epi_rp_res, _fma32
+
+__all__: list[str] = []  # private: the conv and stem kernels import the names they need
+
+_MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD, _MODE_AFFINE_FMA, _MODE_PRESCALE_FMA = 0, 1, 2, 3, 4
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _ctl(mode, o_):  # type: ignore[no-untyped-def]
+    """The float epilogue's control word (:func:`._llvm._emit_epilogue`): 0 multiply-add,
+    1 fma, 3 | (O << 2) the prescaled fma (pre[o] = scale[O + o])."""
+    if mode == 3:
+        return np.int64(1)
+    if mode == 4:
+        return np.int64(3) | (np.int64(o_) << np.int64(2))
+    return np.int64(0)
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _affine_rp(x, o, scale, bias, rp_g, rp_s, rp_z, has_rp, fma):  # type: ignore[no-untyped-def]
+    """One channel's scalar float epilogue: x * scale + bias (one rounding with fma), then
+    RPReLU when has_rp. ``fma`` is a bool or the control word of :func:`_ctl` (prescaled:
+    x * pre[o] rounded first). Shared by the conv and stem kernels' partial tiles."""
+    c = np.int64(fma)
+    if c & 2:
+        x = x * scale[(c >> 2) + o]
+    y = _fma32(x, scale[o], bias[o]) if c & 1 else x * scale[o] + bias[o]
+    if has_rp:
+        y = y - rp_g[o]
+        y = y * rp_s[o] if y < 0 else y
+        y = y + rp_z[o]
+    return y
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _epilogue(  # type: ignore[no-untyped-def]
+    acc, rows, m0, o0, lmax, nbits, mode, out_i, out_f, out_b, ob,
+    scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+):  # fmt: skip
+    """acc rows 0..rows-1 (LANES popcounts each) -> outputs m0.., channels o0..o0+lmax-1.
+    Full rows of 32 channels go through the vector intrinsics; a partial last block of
+    channels through the scalar loops (same arithmetic)."""
+    cr = res.shape[1]
+    o_ = out_i.shape[1] if mode == 0 else out_f.shape[1]
+    fma = _ctl(mode, o_)
+    full = lmax == LANES
+    for r in range(rows):
+        m = m0 + r
+        base = r * LANES
+        if mode == 0:
+            if full:
+                _epi_int(acc, base, nbits, out_i, m * o_ + o0, scale, bias, rp_g, rp_s, rp_z,
+                         res, 0, o0, fma)  # fmt: skip
+            else:
+                for l in range(lmax):
+                    out_i[m, o0 + l] = nbits - 2 * acc[base + l]
+        elif mode != 2:
+            if full and (not has_res or cr == o_):
+                oo = m * o_ + o0
+                if not has_rp and not has_res:
+                    _epi_affine(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
+                                res, 0, o0, fma)  # fmt: skip
+                elif not has_res:
+                    _epi_rp(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
+                            res, 0, o0, fma)  # fmt: skip
+                elif not has_rp:
+                    _epi_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
+                             res, oo, o0, fma)  # fmt: skip
+                else:
+                    _epi_rp_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
+                                res, oo, o0, fma)  # fmt: skip
+            else:
+                for l in range(lmax):
+                    o = o0 + l
+                    x = np.float32(nbits - 2 * acc[base + l])
+                    y = _affine_rp(x, o, scale, bias, rp_g, rp_s, rp_z, has_rp, fma)
+                    if has_res:
+                        y = res[m, o % cr] + y
+                    out_f[m, o] = y
+        else:
+            word = np.uint64(0)
+            for l in range(lmax):
+                o = o0 + l
+                v = np.float32(nbits - 2 * acc[base + l])
+                bit = (v > thr[o]) if flip[o] else (v < thr[o])
+                word |= np.uint64(bit) << np.uint64(l)
+            out_b[m, ob] = np.uint32(word)

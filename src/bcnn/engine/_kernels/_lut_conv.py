@@ -1,0 +1,205 @@
+"""The ``lut`` kernel path's binary conv / dense tiles: lookup tables instead of popcounts.
+
+For CPUs with AVX2 but no VPOPCNTDQ, where ``llvm.ctpop`` lowers to a nibble-table sequence
+with a ``vpsadbw`` reduction at every step (about 9 vector operations per 256 binary MACs).
+Here the table is the method (see docs/kernels.md, "the lut path"):
+
+* weights are nibbles, one per byte (:func:`lut_blocks`): ``blocks[j, 16*k + q, l]`` is bits
+  4q..4q+3 of word k of output channel 32*j + l, so one 256-bit vector holds one nibble of 32
+  channels;
+* for an activation nibble ``v`` the table ``T_v[n] = popcount(n XOR v)``: one ``vpshufb``
+  gives ``popcount(a XOR w)`` for those 4 bits of all 32 channels, one ``vpaddb`` accumulates
+  it: 128 binary MACs for two vector operations, plus the nibble's table address, which is
+  shared by the :data:`NBL` channel blocks of a tile;
+* byte accumulators take at most :data:`_RUN` words (16 nibbles each, 4 per nibble: <= 192)
+  before they are widened into int32 sums.
+
+:func:`_conv_range_lut` has the signature and the outputs of ``_conv._conv_range_pop``
+(macro tiles of MB*MR pixels, the same row offsets into the padded input, the same epilogue),
+so the conv, dense, threshold and bit-serial kernels run on either path: ``_conv`` dispatches
+on the weights' dtype (uint64 words: popcounts; uint8 nibbles: lookup tables). Exactness is
+tested against the numpy reference and the popcount path (tests/test_kernels.py runs every
+conv test on both layouts; tests/test_kernel_paths.py whole models on ``BCNN_KERNEL_PATH=lut``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from ._conv_epi import _epilogue
+from ._ir import counted_loop, pshufb
+from ._llvm import _MB, LANES, MR, _arg_readers, _args_ok
+
+__all__ = ["NBL", "lut_blocks"]
+
+MRL = 2  # rows (pixels) per lookup micro-tile: MR = 4 rows are two calls
+NBL = 4  # blocks of 32 output channels per micro-tile (each table load serves NBL shuffles)
+_RUN = 3  # words per byte-accumulation run: 3 * 16 nibbles * 4 <= 192 < 256
+
+# T_v[n] = popcount(n ^ v), each 16-byte table repeated for both 128-bit lanes: (16 * 32,)
+TABLES = np.array(
+    [[bin(n ^ v).count("1") for n in list(range(16)) * 2] for v in range(16)], np.uint8
+).reshape(-1)
+
+
+def lut_blocks(words: np.ndarray) -> np.ndarray:
+    """Prepared weight words uint64 (nob, K, 32) -> nibbles uint8 (nob, 16*K, 32):
+    ``out[j, 16*k + q, l] = (words[j, k, l] >> 4q) & 15``."""
+    nob, k, lanes = words.shape
+    by = np.ascontiguousarray(words.transpose(0, 2, 1)).view(np.uint8)  # (nob, 32, 8K)
+    nib = np.empty((nob, lanes, 16 * k), np.uint8)
+    nib[..., 0::2] = by & 15
+    nib[..., 1::2] = by >> 4
+    return np.ascontiguousarray(nib.transpose(0, 2, 1))
+
+
+def _make_mk_lut(nbl: int):  # type: ignore[no-untyped-def]
+    """The micro-kernel for ``nbl`` blocks: ``acc[acc_off + j*jstride + r*32 + l] += sum over
+    words w < nw, nibbles q < 16 of T[(xp[roffs[r0 + r] + add + w] >> 4q) & 15][blocks[boff +
+    j*bstride + ((k0 + w)*16 + q)*32 + l]]`` for r < MRL, j < nbl, l < 32 (nw <= _RUN)."""
+
+    @intrinsic
+    def mk(
+        typingctx, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride
+    ):  # type: ignore[no-untyped-def]
+        ints = (r0, add, k0, nw, boff, bstride, acc_off, jstride)
+        arrays = [(xp, types.uint64), (roffs, types.int64), (blocks, types.uint8)]
+        if not _args_ok([*arrays, (tab, types.uint8), (acc, types.int32)], ints):
+            return None
+        sig = types.void(
+            xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride
+        )
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+            v8, v32 = ir.VectorType(i8, 32), ir.VectorType(i32, 32)
+            data, idx = _arg_readers(context, builder, signature, args)
+            xpp, rop, blp, tabp, accp = data(0), data(1), data(6, i8), data(9, i8), data(10, i32)
+            r0_, add_, k0_, nw_, boff_, bstride_, acc_off_, jstride_ = (
+                idx(k) for k in (2, 3, 4, 5, 7, 8, 11, 12)
+            )
+            shuf = pshufb(builder, 32)
+            c = lambda v: ir.Constant(i64, v)  # noqa: E731
+            rows = [
+                builder.add(builder.load(builder.gep(rop, [builder.add(r0_, c(r))])), add_)
+                for r in range(MRL)
+            ]  # each row's first word
+            blk = [
+                builder.gep(blp, [builder.add(boff_, builder.mul(bstride_, c(j)))])
+                for j in range(nbl)
+            ]
+
+            def body(w, accs):  # type: ignore[no-untyped-def]
+                words = [
+                    builder.load(builder.gep(xpp, [builder.add(rows[r], w)])) for r in range(MRL)
+                ]
+                kq = builder.mul(builder.add(k0_, w), c(16 * 32))  # the word's first nibble
+                accs = list(accs)
+                for q in range(16):
+                    off = builder.add(kq, c(32 * q))
+                    wv = [
+                        builder.load(
+                            builder.bitcast(builder.gep(blk[j], [off]), v8.as_pointer()), align=1
+                        )
+                        for j in range(nbl)
+                    ]
+                    for r in range(MRL):
+                        v = builder.and_(builder.lshr(words[r], c(4 * q)), c(15))
+                        tp = builder.gep(tabp, [builder.shl(v, c(5))])
+                        tv = builder.load(builder.bitcast(tp, v8.as_pointer()), align=1)
+                        for j in range(nbl):
+                            i = r * nbl + j
+                            accs[i] = builder.add(accs[i], builder.call(shuf, [tv, wv[j]]))
+                return accs
+
+            zero = ir.Constant(v8, None)
+            finals = counted_loop(builder, c(0), nw_, 1, [zero] * (MRL * nbl), body, "lutc")
+            for r in range(MRL):
+                for j in range(nbl):
+                    at = builder.add(acc_off_, builder.add(builder.mul(jstride_, c(j)), c(32 * r)))
+                    ptr = builder.bitcast(builder.gep(accp, [at]), v32.as_pointer())
+                    old = builder.load(ptr, align=4)
+                    new = builder.add(old, builder.zext(finals[r * nbl + j], v32))
+                    builder.store(new, ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return mk
+
+
+_mk_lut1, _mk_lut2, _mk_lut3, _mk_lut4 = (_make_mk_lut(n) for n in (1, 2, 3, 4))
+assert NBL == 4  # one intrinsic per group size 1..NBL
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _mk_lut(nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
+    if nbl == 4:
+        _mk_lut4(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, TABLES, acc, acc_off, jstride)
+    elif nbl == 3:
+        _mk_lut3(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, TABLES, acc, acc_off, jstride)
+    elif nbl == 2:
+        _mk_lut2(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, TABLES, acc, acc_off, jstride)
+    else:
+        _mk_lut1(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, TABLES, acc, acc_off, jstride)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _conv_range_lut(  # type: ignore[no-untyped-def]
+    t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
+    out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+):  # fmt: skip
+    """``_conv._conv_range_pop`` on nibble weights (uint8 (nob, 16*K, 32)): macro tiles
+    t0..t1, output blocks ob0..ob1 in groups of NBL, every tile through ``_epilogue``."""
+    n_, hp, wp, cw = xp.shape
+    bstride = blocks.shape[1] * LANES  # bytes per block
+    m_ = n_ * ho * wo
+    howo = ho * wo
+    roffs = np.empty(_MB * MR, np.int64)
+    jstride = _MB * MR * LANES
+    acc = np.empty(NBL * jstride, np.int32)
+    acc64 = np.empty(jstride, np.int64)
+    sw = kw * cw
+    ss = wp * cw
+    for t in range(t0, t1):
+        mt0 = t * _MB * MR
+        mrows = min(_MB * MR, m_ - mt0)
+        nrp = -(-mrows // MRL)  # row pairs
+        n = mt0 // howo
+        rem = mt0 - n * howo
+        oy = rem // wo
+        ox = rem - oy * wo
+        last = 0
+        for i in range(nrp * MRL):
+            if i < mrows:
+                last = ((n * hp + oy * stride) * wp + ox * stride) * cw
+                ox += 1
+                if ox == wo:
+                    ox = 0
+                    oy += 1
+                    if oy == ho:
+                        oy = 0
+                        n += 1
+            roffs[i] = last  # rows past the end repeat the last one
+        for g in range(ob0, ob1, NBL):
+            nbl = min(NBL, ob1 - g)
+            acc[: nbl * jstride] = 0
+            boff = g * bstride
+            for p in range(nrp):
+                for seg in range(kh):
+                    for i0 in range(0, sw, _RUN):
+                        _mk_lut(nbl, xp, roffs, p * MRL, seg * ss + i0, seg * sw + i0,
+                                min(_RUN, sw - i0), blocks, boff, bstride, acc, p * MRL * LANES,
+                                jstride)  # fmt: skip
+            for j in range(nbl):
+                ob = g + j
+                o0 = ob * LANES
+                for i in range(mrows * LANES):
+                    acc64[i] = acc[j * jstride + i]
+                _epilogue(
+                    acc64, mrows, mt0, o0, min(LANES, o_ - o0), nbits, mode, out_i, out_f,
+                    out_b, ob, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+                )  # fmt: skip
