@@ -2,7 +2,7 @@
 PyTorch float vs PyTorch int8 x86/fbgemm, float in / float out), at 1 and 2 threads.
 
     python scripts/bench_kernels.py [--repeat R] [--threads 1 2] [--json]
-    python scripts/bench_kernels.py --lut     # lookup-table GEMM vs the popcount GEMM
+    python scripts/bench_kernels.py --lut     # the lut path's GEMM / conv tiles vs popcount
     NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES= python scripts/bench_kernels.py --lut  # AVX2
 
 All figures are medians of repeated runs; the implementations of one layer are timed in the
@@ -131,37 +131,47 @@ def bench_chain(repeat: int = 100) -> dict[str, float]:
 
 
 def bench_lut(repeat: int) -> list[dict[str, float]]:
-    """The lookup-table binary GEMM (the ``lut`` path in progress, _kernels/_lut.py) vs the
-    popcount GEMM on the same operands, 1 thread, interleaved medians, exactness checked."""
+    """The lut path's lookup-table tiles vs the popcount tiles (the words layout: VPOPCNTQ on
+    a VPOPCNTDQ target, LLVM's popcount sequence elsewhere) on the same operands: the GEMMs,
+    then 3x3 convolutions (stride 1, padding 1, batch 1). 1 thread, interleaved medians,
+    exactness checked."""
     import time
 
     import numpy as np
 
     from bcnn.engine import _kernels as K
-    from bcnn.engine._kernels._lut import lut_bgemm, prepare_lut_weights
 
     rng = np.random.default_rng(0)
+    cases: list[tuple[str, int, int, int, int]] = [("gemm", m, n, k, 0) for m, n, k in GEMMS]
+    cases += [("conv3x3", 14 * 14, 256, 256, 14), ("conv3x3", 16 * 16, 128, 128, 16)]
+    cases += [("conv3x3", 32 * 32, 64, 64, 32)]
     rows = []
-    for m, n, k in GEMMS:
-        a = rng.integers(0, 2**63, (m, k // 64), dtype=np.uint64)
-        w = rng.integers(0, 2**63, (n, k // 64), dtype=np.uint64)
-        pw, lw = K.prepare_dense_weights(w, k), prepare_lut_weights(w, k)
-        exact = bool(np.array_equal(K.bgemm(a, pw), lut_bgemm(a, lw)))
+    for kind, m, n, k, size in cases:
+        if kind == "gemm":
+            a = rng.integers(0, 2**63, (m, k // 64), dtype=np.uint64)
+            w = rng.integers(0, 2**63, (n, k // 64), dtype=np.uint64)
+            pw, lw = (K.prepare_dense_weights(w, k, path=p) for p in ("generic", "lut"))
+            run = lambda p: K.bgemm(a, p)  # noqa: E731
+            macs = m * n * k
+        else:
+            x = K.pack_sign(rng.standard_normal((1, size, size, k)).astype(np.float32))
+            w = K.pack_weights(rng.standard_normal((n, k, 3, 3)).astype(np.float32))
+            pw, lw = (K.prepare_conv_weights(w, k, path=p) for p in ("generic", "lut"))
+            run = lambda p: K.bconv2d(x, p, 1, 1)  # noqa: E731
+            macs = m * n * k * 9
+        exact = bool(np.array_equal(run(pw), run(lw)))
         ts: dict[str, list[float]] = {"popcount": [], "lut": []}
         for _ in range(repeat):
-            t0 = time.perf_counter()
-            K.bgemm(a, pw)
-            t1 = time.perf_counter()
-            lut_bgemm(a, lw)
-            t2 = time.perf_counter()
-            ts["popcount"].append(t1 - t0)
-            ts["lut"].append(t2 - t1)
+            for name, p in (("popcount", pw), ("lut", lw)):
+                t0 = time.perf_counter()
+                run(p)
+                ts[name].append(time.perf_counter() - t0)
         med = {name: float(np.median(v)) for name, v in ts.items()}
         rows.append(
             {
-                "m": m, "n": n, "k": k, "exact": exact,
-                "popcount_gmacs": m * n * k / med["popcount"] / 1e9,
-                "lut_gmacs": m * n * k / med["lut"] / 1e9,
+                "kind": kind, "m": m, "n": n, "k": k, "exact": exact,
+                "popcount_gmacs": macs / med["popcount"] / 1e9,
+                "lut_gmacs": macs / med["lut"] / 1e9,
                 "lut_vs_popcount": med["popcount"] / med["lut"],
             }
         )  # fmt: skip
@@ -174,7 +184,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--asm", action="store_true", help="only check the micro-kernel's asm")
-    ap.add_argument("--lut", action="store_true", help="only the lookup-table GEMM vs popcount")
+    ap.add_argument("--lut", action="store_true", help="only the lut path's tiles vs popcount")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import llvmlite.binding as llvm
@@ -188,7 +198,7 @@ def main() -> None:
                 print(json.dumps({"bench": "lut_gemm", "target": target, **r}))
             else:
                 print(
-                    f"gemm  M={r['m']:5d} N={r['n']:4d} K={r['k']:5d}: popcount "
+                    f"{r['kind']:7s} M={r['m']:5d} N={r['n']:4d} K={r['k']:5d}: popcount "
                     f"{r['popcount_gmacs']:6.0f} G/s  lut {r['lut_gmacs']:6.0f} G/s  "
                     f"x{r['lut_vs_popcount']:.2f}  exact={r['exact']}"
                 )

@@ -73,9 +73,20 @@ def _json_out(r: subprocess.CompletedProcess[str]) -> dict[str, object]:
     return out
 
 
-def test_kernel_path_names_the_target() -> None:
-    assert kernel_path() in PATHS
-    assert (kernel_path() == "vpopcnt") == ("avx512vpopcntdq" in target_features())
+def test_kernel_path_names_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    f = target_features()
+    assert kernel_path() in runnable_paths()
+    want = "vpopcnt" if "avx512vpopcntdq" in f else "lut" if "avx2" in f else "generic"
+    assert kernel_path() == want  # the default: the fastest path the target runs
+    # the profile of an AVX2-only CPU defaults to lut; generic when forced
+    monkeypatch.setenv("NUMBA_CPU_NAME", "haswell")
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "")
+    monkeypatch.setattr("numba.core.config.CPU_NAME", "haswell", raising=False)
+    monkeypatch.setattr("numba.core.config.CPU_FEATURES", "", raising=False)
+    assert target_features() == {"avx2"} and kernel_path() == "lut"
+    assert runnable_paths() == ["lut", "generic"]
+    monkeypatch.setenv("BCNN_KERNEL_PATH", "generic")
+    assert kernel_path() == "generic"
 
 
 @pytest.mark.slow
@@ -122,7 +133,7 @@ def test_a_path_the_target_cannot_run_is_a_one_line_error(
 def test_bench_isa_avx2_measures_the_avx2_profile() -> None:
     """`bcnn bench --isa avx2` re-runs in the AVX2 profile and says so next to its figures."""
     res = _json_out(_run({}, _CLI, *_TINY_BENCH, "--json", "--isa", "avx2"))
-    assert res["kernel_path"] == "generic" and res["isa"] == "AVX2" and res["binary_exact"]
+    assert res["kernel_path"] == "lut" and res["isa"] == "AVX2" and res["binary_exact"]
 
 
 @pytest.mark.slow

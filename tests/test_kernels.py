@@ -451,6 +451,23 @@ def test_prepared_layout_of_each_path(layout: str) -> None:
 
 
 @pytest.mark.usefixtures("layout")
+@pytest.mark.parametrize("k", [4 * 63 * 3 + 5, 2305])
+def test_bgemm_extremes(k: int) -> None:
+    """All-equal and all-opposite rows: every nibble counts 4 (the lut path's byte
+    accumulators at their largest, widened between runs of words), tails masked."""
+    kw = (k + 63) // 64
+    zero = np.zeros((1, kw), np.uint64)
+    ones = np.full((1, kw), np.uint64(2**64 - 1))
+    ones[:, -1] &= np.uint64((1 << (k % 64)) - 1)
+    rows = np.concatenate([zero, ones])
+    want = np.array([[k, -k], [-k, k]], np.int32)
+    assert np.array_equal(K.bgemm(rows, rows, k), want)
+    wide = np.repeat(rows, 70, axis=0)  # several channel blocks, a partial one, 70 pixels
+    got = K.bgemm(wide, wide, k)
+    assert np.array_equal(got, np.kron(want, np.ones((70, 70), np.int32)))
+
+
+@pytest.mark.usefixtures("layout")
 def test_bgemm_full_words_random_bits() -> None:
     rng = np.random.default_rng(5)
     a = rng.integers(0, 2**64, (37, 9), dtype=np.uint64)

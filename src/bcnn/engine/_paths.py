@@ -11,8 +11,8 @@ with ``NUMBA_CPU_FEATURES``). The same kernel source becomes:
 * ``generic``: any target: LLVM lowers the same popcounts to its portable sequence
   (``vpshufb`` nibble tables with a ``vpsadbw`` reduction on AVX2, bit tricks elsewhere).
 
-Chosen by default: ``vpopcnt`` where the target has VPOPCNTDQ, else ``generic``. ``lut`` is
-opt-in until it is measured faster on an AVX2-only core (see docs/kernels.md).
+Chosen by default: ``vpopcnt`` where the target has VPOPCNTDQ, else ``lut`` where it has
+AVX2, else ``generic`` (measured figures in docs/kernels.md).
 
 ``BCNN_KERNEL_PATH=vpopcnt|lut|generic`` forces a path (benchmarks, tests); it is applied when
 ``bcnn.engine`` is imported, before numba compiles anything: ``generic`` compiles for the host
@@ -82,9 +82,12 @@ def isa() -> str:
 def kernel_path() -> str:
     """The active kernel path: 'vpopcnt', 'lut' or 'generic' (see the module docstring)."""
     f = target_features()
-    if os.environ.get("BCNN_KERNEL_PATH", "").strip() == "lut" and "avx2" in f:
+    want = os.environ.get("BCNN_KERNEL_PATH", "").strip()
+    if want == "lut" and "avx2" in f:
         return "lut"
-    return "vpopcnt" if _VPOPCNT in f else "generic"
+    if _VPOPCNT in f:  # (a forced generic has had the feature removed at import)
+        return "vpopcnt"
+    return "generic" if want == "generic" or "avx2" not in f else "lut"
 
 
 def runnable_paths() -> list[str]:

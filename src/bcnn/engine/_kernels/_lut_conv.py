@@ -38,6 +38,7 @@ __all__ = ["NBL", "lut_blocks"]
 MRL = 2  # rows (pixels) per lookup micro-tile: MR = 4 rows are two calls
 NBL = 4  # blocks of 32 output channels per micro-tile (each table load serves NBL shuffles)
 _RUN = 3  # words per byte-accumulation run: 3 * 16 nibbles * 4 <= 192 < 256
+_ROWS = -(-_MB * MR // MRL) * MRL  # a macro tile's rows, rounded up to whole micro-tiles
 
 # T_v[n] = popcount(n ^ v), each 16-byte table repeated for both 128-bit lanes: (16 * 32,)
 TABLES = np.array(
@@ -158,8 +159,8 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
     bstride = blocks.shape[1] * LANES  # bytes per block
     m_ = n_ * ho * wo
     howo = ho * wo
-    roffs = np.empty(_MB * MR, np.int64)
-    jstride = _MB * MR * LANES
+    roffs = np.empty(_ROWS, np.int64)
+    jstride = _ROWS * LANES
     acc = np.empty(NBL * jstride, np.int32)
     acc64 = np.empty(jstride, np.int64)
     sw = kw * cw
