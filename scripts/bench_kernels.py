@@ -135,6 +135,7 @@ def bench_lut(repeat: int) -> list[dict[str, float]]:
     a VPOPCNTDQ target, LLVM's popcount sequence elsewhere) on the same operands: the GEMMs,
     then 3x3 convolutions (stride 1, padding 1, batch 1). 1 thread, interleaved medians,
     exactness checked."""
+    import functools
     import time
 
     import numpy as np
@@ -151,13 +152,13 @@ def bench_lut(repeat: int) -> list[dict[str, float]]:
             a = rng.integers(0, 2**63, (m, k // 64), dtype=np.uint64)
             w = rng.integers(0, 2**63, (n, k // 64), dtype=np.uint64)
             pw, lw = (K.prepare_dense_weights(w, k, path=p) for p in ("generic", "lut"))
-            run = lambda p: K.bgemm(a, p)  # noqa: E731
+            run = functools.partial(K.bgemm, a)
             macs = m * n * k
         else:
             x = K.pack_sign(rng.standard_normal((1, size, size, k)).astype(np.float32))
             w = K.pack_weights(rng.standard_normal((n, k, 3, 3)).astype(np.float32))
             pw, lw = (K.prepare_conv_weights(w, k, path=p) for p in ("generic", "lut"))
-            run = lambda p: K.bconv2d(x, p, 1, 1)  # noqa: E731
+            run = functools.partial(K.bconv2d, x, stride=1, padding=1)
             macs = m * n * k * 9
         exact = bool(np.array_equal(run(pw), run(lw)))
         ts: dict[str, list[float]] = {"popcount": [], "lut": []}
