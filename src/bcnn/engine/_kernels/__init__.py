@@ -12,7 +12,9 @@ Conventions (a contract, tested in tests/test_kernels.py; see docs/kernels.md):
   (O, KH, KW, Cw); canonical dense weights (O, Kw). The kernels use a prepared layout
   (:class:`PreparedWeights`: output channels in blocks of ``LANES`` = 32, interleaved, so the
   inner loop broadcasts one activation word and XORs it with 32 output channels' words, four
-  512-bit vectors, with no horizontal sums).
+  512-bit vectors, with no horizontal sums). On the ``lut`` kernel path (AVX2) the prepared
+  words are split into nibbles and the conv / dense tiles use ``vpshufb`` lookup tables
+  instead of popcounts (``_lut_conv``); the results are the same bits.
 
 The compiled kernels do not bounds-check: every public function here validates shapes and
 dtypes first and raises ``ValueError``; the packed-model loader validates files before they
