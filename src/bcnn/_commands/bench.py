@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("native", "avx2"),
         default="native",
         help="avx2: measure the AVX2 profile on any x86 CPU (the engine compiled for haswell, "
-        "PyTorch's oneDNN limited to AVX2), in a subprocess",
+        "PyTorch's oneDNN, fbgemm and ATen limited to AVX2), in a subprocess",
     )
     p.add_argument(
         "--paths",
@@ -96,8 +96,15 @@ def _run_layer(args: argparse.Namespace) -> int:
 
 
 # the environment of the AVX2 profile: numba compiles for haswell without the host's extra
-# features (the name alone keeps them), oneDNN (PyTorch's float/int8 baseline) stops at AVX2
-AVX2_PROFILE = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# features (the name alone keeps them); PyTorch's baselines stop at AVX2: oneDNN (float conv),
+# fbgemm (int8) and ATen's own vectorized kernels
+AVX2_PROFILE = {
+    "NUMBA_CPU_NAME": "haswell",
+    "NUMBA_CPU_FEATURES": "",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
 
 
 def _in_profile(env: dict[str, str]) -> bool:
