@@ -37,6 +37,8 @@ def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     those kernels)."""
     if request.param == "lut":
         monkeypatch.setenv("BCNN_KERNEL_PATH", "lut")
+        # nibbles at every size here (by default short reductions keep the popcount layout)
+        monkeypatch.setattr("bcnn.engine._kernels._weights._LUT_MIN_WORDS", 0)
     return str(request.param)
 
 
@@ -448,6 +450,17 @@ def test_prepared_layout_of_each_path(layout: str) -> None:
     x = K.pack_sign(_rand(rng, 1, 5, 5, 65))
     with pytest.raises(ValueError, match="inconsistent PreparedWeights"):
         K.bconv2d(x, bad, 1, 1)
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="no AVX2")
+def test_lut_path_keeps_words_for_short_reductions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default the lut path prepares nibbles for reductions of 8 words or more only; an
+    explicit path="lut" always does."""
+    monkeypatch.setenv("BCNN_KERNEL_PATH", "lut")
+    one_word = np.zeros((10, 1), np.uint64)
+    assert K.prepare_dense_weights(one_word, 64).blocks.dtype == np.uint64
+    assert K.prepare_dense_weights(one_word, 64, path="lut").blocks.dtype == np.uint8
+    assert K.prepare_conv_weights(np.zeros((8, 3, 3, 1), np.uint64), 64).blocks.dtype == np.uint8
 
 
 @pytest.mark.usefixtures("layout")

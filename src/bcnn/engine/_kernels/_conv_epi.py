@@ -64,8 +64,10 @@ def _epilogue(  # type: ignore[no-untyped-def]
                 for l in range(lmax):
                     out_i[m, o0 + l] = nbits - 2 * acc[base + l]
         elif mode != 2:
-            if full and (not has_res or cr == o_):
+            # a full block reads res[m, o % cr] contiguously unless it wraps (cr % 32 != 0)
+            if full and (not has_res or cr == o_ or cr % LANES == 0):
                 oo = m * o_ + o0
+                ro = m * cr + o0 % cr
                 if not has_rp and not has_res:
                     _epi_affine(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
                                 res, 0, o0, fma)  # fmt: skip
@@ -74,10 +76,10 @@ def _epilogue(  # type: ignore[no-untyped-def]
                             res, 0, o0, fma)  # fmt: skip
                 elif not has_rp:
                     _epi_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                             res, oo, o0, fma)  # fmt: skip
+                             res, ro, o0, fma)  # fmt: skip
                 else:
                     _epi_rp_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                                res, oo, o0, fma)  # fmt: skip
+                                res, ro, o0, fma)  # fmt: skip
             else:
                 for l in range(lmax):
                     o = o0 + l

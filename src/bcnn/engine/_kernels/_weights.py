@@ -123,11 +123,21 @@ def _blocks_from_rows(rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(nob, LANES, wk).transpose(0, 2, 1))
 
 
+# On the lut path, layers whose reduction is shorter than this many words keep the popcount
+# layout: their tiles are too short to pay for the tables' widening and the row epilogue
+# (1x1 convs over 64-128 channels ran 0.7-1.0x; docs/kernels.md).
+_LUT_MIN_WORDS = 8
+
+
 def _kernel_blocks(words: np.ndarray, path: str | None) -> np.ndarray:
-    """Prepared words in the layout of ``path`` (None: the active :func:`kernel_path`)."""
+    """Prepared words in the layout of ``path``: ``"lut"`` always nibbles; None: the active
+    :func:`kernel_path`, where the lut path keeps words for reductions < _LUT_MIN_WORDS."""
     from .._paths import PATHS, kernel_path, target_features
 
-    path = kernel_path() if path is None else path
+    if path is None:
+        path = kernel_path()
+        if path == "lut" and words.shape[1] < _LUT_MIN_WORDS:
+            path = "generic"
     if path not in PATHS:
         raise ValueError(f"unknown kernel path {path!r} (use one of {PATHS})")
     if path != "lut":
