@@ -16,6 +16,7 @@ from ._conv_epi import (
     _MODE_THRESHOLD,
     _ctl,
     _epilogue,
+    _tile_rows,
 )
 from ._llvm import (
     _MB,
@@ -53,7 +54,6 @@ def _conv_range_pop(  # type: ignore[no-untyped-def]
     n_, hp, wp, cw = xp.shape
     wk = blocks.shape[1]
     m_ = n_ * ho * wo
-    howo = ho * wo
     roffs = np.empty((_MB, MR), np.int64)
     ooffs = np.empty((_MB, MR), np.int64)
     acc = np.empty(_MB * MR * LANES, np.int64)
@@ -65,6 +65,8 @@ def _conv_range_pop(  # type: ignore[no-untyped-def]
     # a residual of Cr < O channels is read at o % Cr: fused when no 32-block wraps around
     fuse = mode == 0 or (mode != 2 and (not has_res or cr == o_out or cr % LANES == 0))
     rbase = np.empty((_MB, MR), np.int64)
+    # flat views: the rows of micro tile u are roffs[u] (ooffs[u], rbase[u])
+    rflat, oflat, bflat = roffs.reshape(_MB * MR), ooffs.reshape(_MB * MR), rbase.reshape(_MB * MR)
     rr = np.empty(MR, np.int64)
     sw = kw * cw
     ss = wp * cw
@@ -72,25 +74,10 @@ def _conv_range_pop(  # type: ignore[no-untyped-def]
         mt0 = t * _MB * MR
         mrows = min(_MB * MR, m_ - mt0)
         nmt = -(-mrows // MR)
-        n = mt0 // howo  # (n, oy, ox) of pixel mt0, then stepped without divisions
-        rem = mt0 - n * howo
-        oy = rem // wo
-        ox = rem - oy * wo
-        last = 0
-        for u in range(nmt):
-            for r in range(MR):
-                if u * MR + r < mrows:
-                    last = ((n * hp + oy * stride) * wp + ox * stride) * cw
-                    ox += 1
-                    if ox == wo:
-                        ox = 0
-                        oy += 1
-                        if oy == ho:
-                            oy = 0
-                            n += 1
-                roffs[u, r] = last  # rows past the end repeat the last one
-                ooffs[u, r] = (mt0 + u * MR + r) * o_out
-                rbase[u, r] = (mt0 + u * MR + r) * cr
+        _tile_rows(mt0, mrows, nmt * MR, ho, wo, hp, wp, cw, stride, rflat)
+        for i in range(nmt * MR):
+            oflat[i] = (mt0 + i) * o_out
+            bflat[i] = (mt0 + i) * cr
         nfull = mrows // MR if fuse else 0
         for ob in range(ob0, ob1):
             boff = ob * wk * LANES
@@ -144,31 +131,19 @@ def _conv_range_typed(  # type: ignore[no-untyped-def]
     t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
-    if blocks.dtype == types.uint8:
+    tiles = _conv_range_lut if blocks.dtype == types.uint8 else _conv_range_pop
 
-        def lut(  # type: ignore[no-untyped-def]
-            t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
-            out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
-        ):  # fmt: skip
-            _conv_range_lut(
-                t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
-                out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr,
-                flip,
-            )  # fmt: skip
-
-        return lut
-
-    def pop(  # type: ignore[no-untyped-def]
+    def run(  # type: ignore[no-untyped-def]
         t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
         out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     ):  # fmt: skip
-        _conv_range_pop(
+        tiles(
             t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
             out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr,
             flip,
         )  # fmt: skip
 
-    return pop
+    return run
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

@@ -1,6 +1,7 @@
-"""The float / threshold epilogue of the binary conv kernels' unfused tiles, shared by the
-popcount (``_conv``) and lookup-table (``_lut_conv``) paths and the stem: popcounts -> int32
-dot products, an affine (+ RPReLU, + residual) float32 output, or packed threshold bits."""
+"""What the popcount (``_conv``) and lookup-table (``_lut_conv``) conv tiles share, and the
+stem too: the row offsets of a macro tile's output pixels, and the float / threshold epilogue
+of unfused tiles (popcounts -> int32 dot products, an affine (+ RPReLU, + residual) float32
+output, or packed threshold bits)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,29 @@ from ._llvm import LANES, _epi_affine, _epi_int, _epi_res, _epi_rp, _epi_rp_res,
 __all__: list[str] = []  # private: the conv and stem kernels import the names they need
 
 _MODE_INT, _MODE_AFFINE, _MODE_THRESHOLD, _MODE_AFFINE_FMA, _MODE_PRESCALE_FMA = 0, 1, 2, 3, 4
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _tile_rows(mt0, mrows, nrows, ho, wo, hp, wp, cw, stride, roffs):  # type: ignore[no-untyped-def]
+    """roffs[i], i < nrows: the first word of output pixel mt0 + i's patch in the padded input
+    (N, Hp, Wp, Cw) (stride ``stride``); rows from mrows on repeat the last real one."""
+    howo = ho * wo
+    n = mt0 // howo  # (n, oy, ox) of pixel mt0, then stepped without divisions
+    rem = mt0 - n * howo
+    oy = rem // wo
+    ox = rem - oy * wo
+    last = 0
+    for i in range(nrows):
+        if i < mrows:
+            last = ((n * hp + oy * stride) * wp + ox * stride) * cw
+            ox += 1
+            if ox == wo:
+                ox = 0
+                oy += 1
+                if oy == ho:
+                    oy = 0
+                    n += 1
+        roffs[i] = last
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)

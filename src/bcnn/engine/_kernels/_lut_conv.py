@@ -29,7 +29,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ._conv_epi import _epilogue
+from ._conv_epi import _epilogue, _tile_rows
 from ._ir import counted_loop, pshufb
 from ._llvm import _MB, LANES, MR, _arg_readers, _args_ok
 
@@ -158,7 +158,6 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
     n_, hp, wp, cw = xp.shape
     bstride = blocks.shape[1] * LANES  # bytes per block
     m_ = n_ * ho * wo
-    howo = ho * wo
     roffs = np.empty(_ROWS, np.int64)
     jstride = _ROWS * LANES
     acc = np.empty(NBL * jstride, np.int32)
@@ -169,22 +168,7 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
         mt0 = t * _MB * MR
         mrows = min(_MB * MR, m_ - mt0)
         nrp = -(-mrows // MRL)  # row pairs
-        n = mt0 // howo
-        rem = mt0 - n * howo
-        oy = rem // wo
-        ox = rem - oy * wo
-        last = 0
-        for i in range(nrp * MRL):
-            if i < mrows:
-                last = ((n * hp + oy * stride) * wp + ox * stride) * cw
-                ox += 1
-                if ox == wo:
-                    ox = 0
-                    oy += 1
-                    if oy == ho:
-                        oy = 0
-                        n += 1
-            roffs[i] = last  # rows past the end repeat the last one
+        _tile_rows(mt0, mrows, nrp * MRL, ho, wo, hp, wp, cw, stride, roffs)
         for g in range(ob0, ob1, NBL):
             nbl = min(NBL, ob1 - g)
             acc[: nbl * jstride] = 0
