@@ -72,17 +72,28 @@ def test_shipped_bcnn_cifar10_runs_offline_on_both_engines(tmp_path: Path, capsy
 
 
 def test_running_a_pretrained_packed_model_does_not_import_torch() -> None:
-    """load(name) + a call stay on the torch-free path (fast start, no torch needed)."""
+    """load(name) + a call stay on the torch-free path (fast start, no torch needed), and
+    one thread compiles (or loads) only the bound kernels the plan calls: not the public
+    wrappers' serial kernels, whose code the bound ones hold again (docs/kernels.md,
+    Start-up)."""
+    import ast
     import subprocess
     import sys
 
     code = (
         "import sys, numpy as np; from bcnn.engine import load; "
+        "from bcnn.engine._kernels import _bound, _conv, _stem; "
         "m = load('bcnn_cifar10'); y = m(np.zeros((1, 3, 32, 32), np.uint8)); "
-        "print(y.shape, 'torch' in sys.modules)"
+        "print(y.shape, 'torch' in sys.modules); "
+        "print([len(f.signatures) for f in (_conv._conv_serial, _stem._stem_fast_serial, "
+        "_bound._conv_serial_pack, _bound._stem_fast_pack)])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "(1, 10) False"
+    first, compiled = out.stdout.strip().splitlines()
+    assert first == "(1, 10) False"
+    n_serial, n_stem_serial, n_pack, n_stem_pack = ast.literal_eval(compiled)
+    assert (n_serial, n_stem_serial) == (0, 0), compiled
+    assert n_pack >= 1 and n_stem_pack == 1, compiled
 
 
 def test_predict_on_a_packed_model_does_not_import_torch(tmp_path: Path) -> None:

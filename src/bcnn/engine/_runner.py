@@ -28,7 +28,6 @@ from numba import njit
 
 from ._fused import fused_head
 from ._kernels._bound import _avgpool_pack, _conv_serial_pack, _stem_fast_pack
-from ._kernels._conv import _conv_serial
 from ._kernels._packing import _pack_rows_padded
 
 __all__ = ["GROUPS", "build_runner"]
@@ -56,18 +55,11 @@ def _run_steps(x, kinds, stems, convs, pools, packs, heads):  # type: ignore[no-
             if convs is not None:
                 c = convs[i_c]
                 i_c += 1
-                if c[29]:
-                    _conv_serial_pack(
-                        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10],
-                        c[11], c[12], c[13], c[14], c[15], c[16], c[17], c[18], c[19], c[20],
-                        c[21], c[22], c[23], c[24], c[25], c[26], c[27], c[28],
-                    )  # fmt: skip
-                else:
-                    _conv_serial(
-                        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10],
-                        c[11], c[12], c[13], c[14], c[15], c[16], c[17], c[18], c[19], c[20],
-                        c[21], c[22], c[23], c[24],
-                    )  # fmt: skip
+                _conv_serial_pack(
+                    c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10],
+                    c[11], c[12], c[13], c[14], c[15], c[16], c[17], c[18], c[19], c[20],
+                    c[21], c[22], c[23], c[24], c[25], c[26], c[27], c[28], c[29],
+                )  # fmt: skip
         elif k == 2:
             if pools is not None:
                 p = pools[i_p]

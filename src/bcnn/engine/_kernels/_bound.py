@@ -24,15 +24,16 @@ from ._conv import (
     _MODE_AFFINE_FMA,
     _MODE_PRESCALE_FMA,
     _U00,
-    _conv_serial,
+    _conv_range,
     _out_hw,
+    _pad_bits,
     _prescaled,
     _run_conv,
 )
 from ._llvm import MR
 from ._packing import _pack_rows_padded
 from ._pool import _avgpool2
-from ._stem import _fast_stem, _run_stem, _stem_fast_into
+from ._stem import _fast_stem, _run_stem, _stem_fast_range, _stem_patches, _stem_planes
 from ._weights import PreparedStem, PreparedWeights, _vec, _words
 
 # (group, arguments) of the serial kernel call a bound closure makes on fixed arrays: what the
@@ -46,16 +47,20 @@ _NO_PACK: tuple[np.ndarray, np.ndarray, int] = (_F0, np.zeros((0, 0, 0, 0), np.u
 def _conv_serial_pack(  # type: ignore[no-untyped-def]
     ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
-    out4, pk_bias, pk_out, pk_pad,
+    out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
-    """:func:`_conv_serial`, then the signs of its float output (``out4``, the same array
-    as ``out_f``) packed into the interior of ``pk_out`` (one call: the binarize that
-    follows a block)."""
-    _conv_serial(
-        ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    """The serial conv (as :func:`_conv_serial`), then (``do_pack``) the signs of its float
+    output ``out4`` (the same array as ``out_f``) packed into the interior of ``pk_out``
+    (one call: the binarize that follows a block). It calls the tiles itself, not
+    :func:`_conv_serial`: numba optimises and emits a callee's code again in every caller it
+    compiles, so each wrapper level adds start-up time (docs/kernels.md, Start-up)."""
+    xp = _pad_bits(x, pad)
+    _conv_range(
+        0, ntiles, 0, blocks.shape[0], xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
         out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     )  # fmt: skip
-    _pack_rows_padded(out4, pk_bias, pk_out, pk_pad)
+    if do_pack:
+        _pack_rows_padded(out4, pk_bias, pk_out, pk_pad)
 
 
 def _check_pack(
@@ -112,12 +117,12 @@ def bind_conv_affine(
     rp = (_F0, _F0, _F0) if rprelu is None else tuple(_vec(v, o, "rprelu") for v in rprelu)
     has_rp = rprelu is not None
     cr = 1 if residual_channels is None else int(residual_channels)
-    # the full check (and compilation) once, on zero inputs of these shapes
+    # the full check once, on zero inputs of these shapes (compiling only what run() calls)
     _run_conv(
         np.zeros(x_shape, np.uint64), w, stride, padding, mode, scale=sc, bias=bi,
         rprelu=rp if rprelu is not None else None,  # type: ignore[arg-type]
         residual=None if residual_channels is None else np.zeros((n, ho, wo, cr), np.float32),
-        out=np.zeros((n, ho, wo, o), np.float32),
+        out=np.zeros((n, ho, wo, o), np.float32), check_only=True,
     )  # fmt: skip
     _check_pack(pack, n, ho, wo, o)
     m = n * ho * wo
@@ -126,6 +131,8 @@ def bind_conv_affine(
     blocks, kh, kw, stride, padding = w.blocks, w.kh, w.kw, int(stride), int(padding)
     g, s, z = rp
     get_threads = _threads.get_num_threads
+    pk = pack if pack is not None else _NO_PACK
+    do_pack = pack is not None
 
     def run(x: np.ndarray, residual: np.ndarray | None, out: np.ndarray) -> np.ndarray:
         if get_threads() != 1:
@@ -137,23 +144,13 @@ def bind_conv_affine(
             if pack is not None:
                 _pack_rows_padded(out, pack[0], pack[1], pack[2])
             return out
-        if pack is None:
-            _conv_serial(
-                ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
-                _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp,
-                _F00 if residual is None else residual.reshape(m, cr), residual is not None,
-                _F0, _B0,
-            )  # fmt: skip
-            return out
         _conv_serial_pack(
             ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
             _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp,
             _F00 if residual is None else residual.reshape(m, cr), residual is not None,
-            _F0, _B0, out, pack[0], pack[1], pack[2],
+            _F0, _B0, out, pk[0], pk[1], pk[2], do_pack,
         )  # fmt: skip
         return out
-
-    pk = pack if pack is not None else _NO_PACK
 
     def record(x: np.ndarray, residual: np.ndarray | None, out: np.ndarray) -> Record:
         """The serial call ``run`` makes on these arrays, for the plan runner."""
@@ -161,7 +158,7 @@ def bind_conv_affine(
         return "conv", (
             ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
             _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp, res, residual is not None,
-            _F0, _B0, out, pk[0], pk[1], pk[2], pack is not None,
+            _F0, _B0, out, pk[0], pk[1], pk[2], do_pack,
         )  # fmt: skip
 
     run.record = record  # type: ignore[attr-defined]
@@ -174,11 +171,16 @@ def _stem_fast_pack(  # type: ignore[no-untyped-def]
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
-    """:func:`_stem_fast_into`, then (``do_pack``) the signs of its float output ``out4``
-    (the same array as ``out_f``) packed into the interior of ``pk_out``."""
-    _stem_fast_into(
-        x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
-        out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
+    """The first layer's fast path with its workspaces: ``cp`` uint8 (G, N, H + 2*pad,
+    W + 2*pad) with a zero border (its interior is rewritten), ``patch`` uint64 (G, N*Ho*Wo);
+    then (``do_pack``) the signs of its float output ``out4`` (the same array as ``out_f``)
+    packed into the interior of ``pk_out``. Its steps are called here, not through a wrapper
+    (each wrapper level is compiled again: see :func:`_conv_serial_pack`)."""
+    _stem_planes(x, bit, pad, cp)
+    _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch)
+    _stem_fast_range(
+        0, -(-(x.shape[0] * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i,
+        out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
     )  # fmt: skip
     if do_pack:
         _pack_rows_padded(out4, pk_bias, pk_out, pk_pad)
@@ -214,7 +216,10 @@ def bind_stem_affine(
         if not fma:
             raise ValueError("prescale needs fma=True")
         sc, mode = _prescaled(sc, prescale, o), _MODE_PRESCALE_FMA
-    _run_stem(np.zeros((n, c, h, wd), np.uint8), w, stride, padding, mode, sc, bi, rprelu)
+    _run_stem(
+        np.zeros((n, c, h, wd), np.uint8), w, stride, padding, mode, sc, bi, rprelu,
+        check_only=True,
+    )  # fmt: skip
     ho, wo = _out_hw(h, wd, w.kh, w.kw, stride, padding)
     _check_pack(pack, n, ho, wo, o)
     has_rp = rprelu is not None

@@ -126,27 +126,18 @@ def _conv_range(  # type: ignore[no-untyped-def]
     raise NotImplementedError("compiled code only")
 
 
-@overload(_conv_range, jit_options={"nogil": True})
+@overload(_conv_range, jit_options={"nogil": True, "boundscheck": False})
 def _conv_range_typed(  # type: ignore[no-untyped-def]
     t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
-    tiles = _conv_range_lut if blocks.dtype == types.uint8 else _conv_range_pop
-
-    def run(  # type: ignore[no-untyped-def]
-        t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
-        out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
-    ):  # fmt: skip
-        tiles(
-            t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
-            out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr,
-            flip,
-        )  # fmt: skip
-
-    return run
+    # the tiles' Python source is the implementation (not a wrapper calling the compiled
+    # tiles): numba re-emits a callee's code in every caller, so a wrapper level would cost
+    # start-up time
+    return (_conv_range_lut if blocks.dtype == types.uint8 else _conv_range_pop).py_func
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _pad_bits(x, pad):  # type: ignore[no-untyped-def]
     """One-padding of packed bits: a zero border (bit 0 = +1)."""
     if pad == 0:
@@ -253,7 +244,10 @@ def _run_conv(
     out: np.ndarray | None = None,
     thr: np.ndarray = _F0,
     flip: np.ndarray = _B0,
+    check_only: bool = False,
 ) -> np.ndarray:
+    """Check every argument, then run the kernels (``check_only``: return the unwritten
+    result after the checks, compiling nothing: the bound closures' one-time check)."""
     x = _check_packed(x, 4, "x")
     w = _check_prepared(w)
     n, h, wd, cw = x.shape
@@ -323,6 +317,8 @@ def _run_conv(
         cwo = _words(o)
         result = np.zeros((n, ho, wo, cwo), np.uint64)
         out_b = result.reshape(m, cwo).view(np.uint32)
+    if check_only:
+        return result
     ntiles = -(-m // (MR * _MB))
     nob, wk = w.blocks.shape[0], w.kh * w.kw * w.words
     nbits = w.kh * w.kw * w.in_channels

@@ -77,7 +77,7 @@ def _pack_thr_rows(x, thr, flip, fwords, out):  # type: ignore[no-untyped-def]
             out[m, full] = w
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _pack_rows_padded(x, bias, out, pad):  # type: ignore[no-untyped-def]
     """x (N, H, W, C) float32 -> the interior of out (N, H + 2*pad, W + 2*pad, Cw), bits as
     :func:`_pack_rows`; the border of ``out`` is left as it is (zero: one-padding)."""

@@ -50,7 +50,7 @@ def maxpool_packed(
     return out
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _avgpool2(h, out):  # type: ignore[no-untyped-def]
     n_, hh, ww, c_ = h.shape
     _, ho, wo, _ = out.shape

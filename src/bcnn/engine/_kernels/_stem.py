@@ -209,7 +209,7 @@ def _stem_parallel(  # type: ignore[no-untyped-def]
         )  # fmt: skip
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _stem_planes(x, bit, pad, cp):  # type: ignore[no-untyped-def]
     """Bit-planes, one byte per pixel: cp[g, n, y + pad, x + pad] = OR_c ((pixel[n, c, y, x]
     >> bit[g]) & 1) << c (uint8; C <= 8). The interior is overwritten, the border (the
@@ -231,7 +231,7 @@ def _stem_planes(x, bit, pad, cp):  # type: ignore[no-untyped-def]
                         row[i] |= ((src[i] >> b) & np.uint8(1)) << sh
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-untyped-def]
     """patch[g, m] = the dense KH*KW*cg-bit patch of group g at output pixel m (one word):
     OR over taps of cp[g, n, oy*stride + ky, ox*stride + kx] << ((ky*KW + kx) * cg)."""
@@ -274,7 +274,7 @@ def _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-unt
                             prow[ox] |= np.uint64(src[ox * stride + kx]) << sh
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _stem_fast_range(  # type: ignore[no-untyped-def]
     t0, t1, patch, blocks, shifts, const, o_, mode, out_i, out_f, scale, bias, rp_g, rp_s,
     rp_z, has_rp,
@@ -318,22 +318,6 @@ def _stem_fast_range(  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _stem_fast_into(  # type: ignore[no-untyped-def]
-    x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
-    out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
-):  # fmt: skip
-    """The fast path with its workspaces: cp uint8 (G, N, H + 2*pad, W + 2*pad) with a zero
-    border (its interior is rewritten), patch uint64 (G, N*Ho*Wo)."""
-    n_ = x.shape[0]
-    _stem_planes(x, bit, pad, cp)
-    _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch)
-    _stem_fast_range(
-        0, -(-(n_ * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i, out_f,
-        scale, bias, rp_g, rp_s, rp_z, has_rp,
-    )  # fmt: skip
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
 def _stem_fast_serial(  # type: ignore[no-untyped-def]
     x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
@@ -342,9 +326,11 @@ def _stem_fast_serial(  # type: ignore[no-untyped-def]
     g_ = bit.shape[0]
     cp = np.zeros((g_, n_, h + 2 * pad, w + 2 * pad), np.uint8)
     patch = np.empty((g_, n_ * ho * wo), np.uint64)
-    _stem_fast_into(
-        x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
-        out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
+    _stem_planes(x, bit, pad, cp)
+    _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch)
+    _stem_fast_range(
+        0, -(-(n_ * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i, out_f,
+        scale, bias, rp_g, rp_s, rp_z, has_rp,
     )  # fmt: skip
 
 
@@ -443,7 +429,10 @@ def _run_stem(
     scale: object = None,
     bias: object = None,
     rprelu: tuple[object, object, object] | None = None,
+    check_only: bool = False,
 ) -> np.ndarray:
+    """Check every argument, then run the kernels (``check_only``: return the unwritten
+    result after the checks, compiling nothing: the bound closures' one-time check)."""
     if not isinstance(w, PreparedStem):
         raise ValueError("weights must be PreparedStem (see prepare_stem_weights)")
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
@@ -481,6 +470,8 @@ def _run_stem(
         if rprelu is not None:
             rp = tuple(_vec(v, o, "rprelu") for v in rprelu)  # type: ignore[assignment]
         result = out_f = np.empty((m, o), np.float32)
+    if check_only:
+        return result.reshape(n, ho, wo, o)
     if _fast_stem(w) and _threads.get_num_threads() == 1:
         # bit-planes whose patches are one word per plane: built with row-wise vector loops
         _stem_fast_serial(
