@@ -38,7 +38,7 @@ for m, n, k in [(1, 1, 1), (7, 63, 65), (3, 65, 130), (5, 130, 64)]:
     a, w = rows(m), rows(n)
     ref = k - 2 * np.bitwise_count(a[:, None, :] ^ w[None]).sum(-1, dtype=np.int64)
     out["gemm"] &= bool(np.array_equal(K.bgemm(a, w, k), ref))
-# the lut layout (a 3x3 conv of 9 words; shorter reductions keep words on every path)
+# the lut layout (a 3x3 conv of 9 words)
 nine = K.prepare_conv_weights(np.zeros((8, 3, 3, 1), np.uint64), 64)
 out["nibbles"] = nine.blocks.dtype.name == "uint8"
 model = randomize(create_model("bcnn_cifar", width=8, depth=1), in_size=33)

@@ -37,7 +37,7 @@ def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     those kernels)."""
     if request.param == "lut":
         monkeypatch.setenv("BCNN_KERNEL_PATH", "lut")
-        # nibbles at every size here (by default short reductions keep the popcount layout)
+        # nibbles at every size here (whatever the short-reduction rule)
         monkeypatch.setattr("bcnn.engine._kernels._weights._LUT_MIN_WORDS", 0)
     return str(request.param)
 
@@ -453,14 +453,19 @@ def test_prepared_layout_of_each_path(layout: str) -> None:
 
 
 @pytest.mark.skipif(not _has_avx2(), reason="no AVX2")
-def test_lut_path_keeps_words_for_short_reductions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """By default the lut path prepares nibbles for reductions of 8 words or more only; an
-    explicit path="lut" always does."""
+def test_lut_path_layout_follows_the_min_words_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default the lut path prepares nibbles for every layer (one layout per model); with
+    a minimum reduction length, shorter reductions keep words; an explicit path="lut" always
+    takes nibbles, path="generic" never."""
     monkeypatch.setenv("BCNN_KERNEL_PATH", "lut")
     one_word = np.zeros((10, 1), np.uint64)
+    nine = np.zeros((8, 3, 3, 1), np.uint64)
+    assert K.prepare_dense_weights(one_word, 64).blocks.dtype == np.uint8
+    assert K.prepare_dense_weights(one_word, 64, path="generic").blocks.dtype == np.uint64
+    monkeypatch.setattr("bcnn.engine._kernels._weights._LUT_MIN_WORDS", 8)
     assert K.prepare_dense_weights(one_word, 64).blocks.dtype == np.uint64
     assert K.prepare_dense_weights(one_word, 64, path="lut").blocks.dtype == np.uint8
-    assert K.prepare_conv_weights(np.zeros((8, 3, 3, 1), np.uint64), 64).blocks.dtype == np.uint8
+    assert K.prepare_conv_weights(nine, 64).blocks.dtype == np.uint8
 
 
 @pytest.mark.usefixtures("layout")

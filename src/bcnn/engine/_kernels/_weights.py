@@ -18,7 +18,7 @@ class PreparedWeights(NamedTuple):
     ``blocks[j, k, l]`` is word ``k`` of the canonical packed weights of output channel
     ``32*j + l`` (``k`` runs over (ky, kx, channel word): the canonical (O, KH, KW, Cw) layout
     flattened); padded channels (``32*j + l >= out_channels``) are 0. On the ``lut`` kernel
-    path (reductions of ``_LUT_MIN_WORDS`` words or more) the words are split into nibbles,
+    path (reductions of ``_LUT_MIN_WORDS`` words or more: all by default) the words are split into nibbles,
     one per byte: uint8 ``blocks[j, 16*k + q, l]`` = bits 4q..4q+3 of that word
     (``_lut_conv.lut_blocks``); the kernels dispatch on the dtype.
     """
@@ -124,10 +124,12 @@ def _blocks_from_rows(rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(nob, LANES, wk).transpose(0, 2, 1))
 
 
-# On the lut path, layers whose reduction is shorter than this many words keep the popcount
-# layout: their tiles are too short to pay for the tables' widening and the row epilogue
-# (1x1 convs over 64-128 channels ran 0.7-1.0x; docs/kernels.md).
-_LUT_MIN_WORDS = 8
+# On the lut path, layers whose reduction is shorter than this many words would keep the
+# popcount layout. 0: every layer takes nibbles. A 1x1 conv over 64 channels alone ran
+# 0.7-0.9x on tables, but a whole bcnn_cifar10 ran 1.02x with nibbles everywhere (against
+# words below 8), and one layout compiles one conv specialisation instead of two (about 3 s
+# of an empty-cache start) and lets the whole-plan runner take the model (docs/kernels.md).
+_LUT_MIN_WORDS = 0
 
 
 def _kernel_blocks(words: np.ndarray, path: str | None) -> np.ndarray:
