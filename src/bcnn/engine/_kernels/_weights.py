@@ -18,8 +18,8 @@ class PreparedWeights(NamedTuple):
     ``blocks[j, k, l]`` is word ``k`` of the canonical packed weights of output channel
     ``32*j + l`` (``k`` runs over (ky, kx, channel word): the canonical (O, KH, KW, Cw) layout
     flattened); padded channels (``32*j + l >= out_channels``) are 0. On the ``lut`` kernel
-    path (reductions of ``_LUT_MIN_WORDS`` words or more: all by default) the words are split into nibbles,
-    one per byte: uint8 ``blocks[j, 16*k + q, l]`` = bits 4q..4q+3 of that word
+    path (reductions of ``_LUT_MIN_WORDS`` words or more: all by default) the words are split
+    into nibbles, one per byte: uint8 ``blocks[j, 16*k + q, l]`` = bits 4q..4q+3 of that word
     (``_lut_conv.lut_blocks``); the kernels dispatch on the dtype.
     """
 
