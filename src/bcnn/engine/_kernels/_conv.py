@@ -126,7 +126,7 @@ def _conv_range(  # type: ignore[no-untyped-def]
     raise NotImplementedError("compiled code only")
 
 
-@overload(_conv_range, jit_options={"nogil": True, "boundscheck": False})
+@overload(_conv_range, jit_options={"nogil": True})
 def _conv_range_typed(  # type: ignore[no-untyped-def]
     t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
