@@ -339,7 +339,10 @@ def test_latency_model_is_calibrated_on_the_uniform_settings(packed_file: Path) 
         (lat.base_ms + f * lat.delta(c) - lat.uniform_ms[wa]) ** 2 for wa, c in cfgs.items()
     )
     assert err(lat.scale) <= err(1.0) + 1e-12
-    assert lat(cfgs[(1, 1)]) == lat.base_ms + lat.scale * lat.delta(cfgs[(1, 1)])
+    for wa, c in cfgs.items():  # a uniform setting is its whole-model measurement
+        assert lat(c) == lat.uniform_ms[wa]
+    mixed = {**cfgs[(1, 1)], names[0]: (2, 2)}  # a mix: the calibrated sum of op differences
+    assert lat(mixed) == lat.base_ms + lat.scale * lat.delta(mixed)
     assert lat.to_dict()["scale"] == round(lat.scale, 4)
 
 

@@ -14,7 +14,7 @@ of its differences can miss the whole model's by a common factor (2x was seen). 
 therefore calibrated end to end: every uniform setting the layers share is timed whole,
 interleaved with the highest, and the differences are scaled by the least-squares factor
 that maps the predicted onto the measured uniform differences (``scale``; the measured
-times are kept in ``uniform_ms``).
+times are kept in ``uniform_ms``, and a uniform setting is predicted by its own measurement).
 
 Timing an op at (w, a) may need a batch-norm set that training never visited; the timing then
 folds the op's own set: the arithmetic, and so the time, is the same.
@@ -40,7 +40,7 @@ class LatencyModel:
     """``model(config) -> ms``: ``base_ms`` (every layer at its highest) plus ``scale`` times
     the sum, over changed layers, of ``deltas[layer][(w, a)]`` (ms, each op timed alone; may
     be slightly negative by noise). ``uniform_ms[(w, a)]``: the whole model measured at each
-    uniform setting, which ``scale`` was fitted to."""
+    uniform setting, which ``scale`` was fitted to and which a uniform ``config`` returns."""
 
     base_ms: float
     deltas: dict[str, dict[tuple[int, int], float]] = field(default_factory=dict)
@@ -57,6 +57,15 @@ class LatencyModel:
         return total
 
     def __call__(self, config: Config) -> float:
+        """Predicted ms of ``config``; a uniform setting over every layer that was timed whole
+        returns its measured ``uniform_ms`` (the scaled sum is a least-squares fit over all the
+        uniform settings, so it can miss any one of them by several percent)."""
+        settings = set(config.values())
+        if len(settings) == 1 and set(config) >= set(self.deltas):
+            (wa,) = settings
+            measured = self.uniform_ms.get((wa[0], wa[1]))
+            if measured is not None:
+                return measured
         return self.base_ms + self.scale * self.delta(config)
 
     def to_dict(self) -> dict[str, Any]:
