@@ -174,6 +174,7 @@ def _torch_conv(xi: np.ndarray, wi: np.ndarray, stride: int, pad: int, pad_value
     return F.conv2d(xt, wt, stride=stride).numpy().transpose(0, 2, 3, 1)
 
 
+@pytest.mark.usefixtures("layout")  # the lut layout runs activation planes in pairs
 @pytest.mark.parametrize(
     "cin,hw,stride,n,wb,ab,signed",
     [

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import has_avx2 as _has_avx2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,29 +18,6 @@ from bcnn.engine import _reference as R
 from bcnn.engine import get_num_threads, num_threads, set_num_threads
 
 CHANNELS = [1, 63, 64, 65, 130]
-
-
-def _has_avx2() -> bool:
-    from bcnn.engine._paths import target_features
-
-    return "avx2" in target_features()
-
-
-@pytest.fixture(
-    params=[
-        "active",
-        pytest.param("lut", marks=pytest.mark.skipif(not _has_avx2(), reason="no AVX2")),
-    ]
-)
-def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a conv / dense test twice: on the active kernel path's weights, and on the lut
-    path's nibbles (``BCNN_KERNEL_PATH=lut`` for the prepare_* calls; any AVX2 target runs
-    those kernels)."""
-    if request.param == "lut":
-        monkeypatch.setenv("BCNN_KERNEL_PATH", "lut")
-        # nibbles at every size here (whatever the short-reduction rule)
-        monkeypatch.setattr("bcnn.engine._kernels._weights._LUT_MIN_WORDS", 0)
-    return str(request.param)
 
 
 def _sign(a: np.ndarray) -> np.ndarray:
@@ -198,6 +176,53 @@ def test_bconv2d_matches_torch_and_reference(
     assert got.dtype == np.int32
     assert np.array_equal(got, _torch_conv(_sign(x), _sign(w), stride, pad))
     assert np.array_equal(got, R.bconv2d(xp, wp, cin, stride, pad))
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="no AVX2")
+@pytest.mark.parametrize("cin,cout,size,k,stride,batch", CONV_CASES)
+def test_bconv2d_pairs_matches_two_planes(
+    cin: int, cout: int, size: int, k: int, stride: int, batch: int
+) -> None:
+    """The lut path's plane pairs: one lookup per two activation planes gives conv(a0, W) +
+    2 conv(a1, W), as torch and the reference compute them plane by plane."""
+    rng = np.random.default_rng(cin * 1000 + cout + size + k + stride)
+    pad = k // 2
+    x, w = _rand(rng, 2 * batch, cin, size, size), _rand(rng, cout, cin, k, k)
+    xp, wp = K.pack_sign(x, channels_first=True), K.pack_weights(w)
+    got = K.bconv2d_pairs(K.pair_bytes(xp, batch), K.prepare_conv_weights(wp, cin, path="lut"),
+                          stride, pad)  # fmt: skip
+    t = _torch_conv(_sign(x), _sign(w), stride, pad)
+    assert got.dtype == np.int32
+    assert np.array_equal(got, t[:batch] + 2 * t[batch:])
+    r = R.bconv2d(xp, wp, cin, stride, pad)
+    assert np.array_equal(got, r[:batch] + 2 * r[batch:])
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="no AVX2")
+@pytest.mark.parametrize("cin", [4 * 63 + 5, 1000])
+def test_bconv2d_pairs_extremes_and_bad_input(cin: int) -> None:
+    """Both planes opposite to every weight: each nibble sums 4 + 2*4 = 12, the pair path's
+    byte accumulators at their largest (one word per run); a pair layout needs nibble weights
+    and an even number of planes."""
+    kw = K._words(cin)
+    ones = np.full((1, 1, 1, kw), np.uint64(2**64 - 1))
+    if cin % 64:
+        ones[..., -1] &= np.uint64((1 << (cin % 64)) - 1)
+    zero = np.zeros_like(ones)
+    w = np.concatenate([zero, ones])  # (2, 1, 1, kw): an all-(+1) and an all-(-1) channel
+    x = np.concatenate([ones, zero, ones, ones])  # images (a0, a1): (-1, -1) and (+1, -1)
+    got = K.bconv2d_pairs(K.pair_bytes(x, 2), K.prepare_conv_weights(w, cin, path="lut"))
+    want = np.array([[-3 * cin, 3 * cin], [-cin, cin]], np.int32)
+    assert np.array_equal(got.reshape(2, 2), want)
+    with pytest.raises(ValueError, match="nibble weights"):
+        K.bconv2d_pairs(K.pair_bytes(x, 2), K.prepare_conv_weights(w, cin, path="generic"))
+    with pytest.raises(ValueError, match="even number of uint64 planes"):
+        K.pair_bytes(x[:3], 1)
+    wider = K.prepare_conv_weights(np.zeros((2, 1, 1, kw + 1), np.uint64), 64 * kw + 64, path="lut")
+    with pytest.raises(ValueError, match="words per pixel"):
+        K.bconv2d_pairs(K.pair_bytes(x, 2), wider)
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        K.bconv2d_pairs(K.pair_bytes(x, 2)[..., 1:], K.prepare_conv_weights(w, cin, path="lut"))
 
 
 @pytest.mark.usefixtures("layout")

@@ -220,9 +220,13 @@ def _pack_sign_step(x, bias, step, out, pad):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def _combine(r, nact, n, nw, o, shift0, signed, amax, wsum, affine, scale, bias, ones, ntaps, out):  # type: ignore[no-untyped-def]
+def _combine(
+    r, nact, jstep, n, nw, o, shift0, signed, amax, wsum, affine, scale, bias, ones, ntaps, out
+):  # type: ignore[no-untyped-def]
     """r int32 (nact*n, P, nw*o [+ 1]) -> out float32 (n, P, o):
-    sum_j sum_i 2^(i + j + shift0) r[j*n + b, p, i*o + c]; unsigned: (amax*wsum[c] - s) / 2;
+    sum_j sum_i 2^(i + jstep*j + shift0) r[j*n + b, p, i*o + c] (``jstep`` 2: each r row
+    holds a pair of activation planes, conv(a_2j) + 2 conv(a_2j+1)); unsigned:
+    (amax*wsum[c] - s) / 2;
     with ``affine``: then float32 ``y * scale[c] + bias[c]`` (two roundings).
     Zero-grid weights W = (X - 1) / 2 (``ones`` >= 0: r's channel of the all-(+1) row, whose
     ``ntaps`` taps are summed the same way): (conv(A, X) - conv(A, 1)) / 2, exact (even)."""
@@ -237,9 +241,9 @@ def _combine(r, nact, n, nw, o, shift0, signed, amax, wsum, affine, scale, bias,
             for j in range(nact):
                 row = r[j * n + b, q]
                 if zero:
-                    corr += np.int64(row[ones]) << j
+                    corr += np.int64(row[ones]) << (jstep * j)
                 for i in range(nw):
-                    sh = i + j + shift0
+                    sh = i + jstep * j + shift0
                     base = i * o
                     for c in range(o):
                         tmp[c] += np.int64(row[base + c]) << sh
@@ -357,14 +361,17 @@ class _Planes:
         wsum: np.ndarray,
         affine: tuple[np.ndarray, np.ndarray] | None = None,
         act_bits: int | None = None,
+        jstep: int = 1,
     ) -> np.ndarray:
+        """The float32 conv from ``r``, the int32 results of every (activation plane, weight
+        plane), or with ``jstep`` 2 of every (activation plane pair, weight plane)."""
         out = np.empty((n, r.shape[1], r.shape[2], self.out), np.float32)
         ab = self.act_bits if act_bits is None else act_bits
         amax = np.int64((1 << ab) - 1)
         sc, bi = affine if affine is not None else (_E32, _E32)
         m, ho, wo, cc = r.shape
         _combine(
-            r.reshape(m, ho * wo, cc), ab, n, self.bits - d, self.out, d,
+            r.reshape(m, ho * wo, cc), m // n, jstep, n, self.bits - d, self.out, d,
             self.act_signed, amax, wsum, affine is not None, sc, bi,
             np.int64(self.bits * self.out if self.zero else -1), np.int64(self.nbits),
             out.reshape(n, ho * wo, self.out),
@@ -406,8 +413,16 @@ class BitSerialConv:
 
         d = self.w.drop_for(weight_bits)
         pw, wsum = self.w.get(d, lambda a: K.prepare_conv_weights(a, self.cin))
-        r = K.bconv2d(xp, pw, self.stride, self.padding)
-        return self.w.combine(r, n, d, wsum, affine, act_bits)
+        nact = xp.shape[0] // n
+        if nact < 2 or pw.blocks.dtype != np.uint8:
+            r = K.bconv2d(xp, pw, self.stride, self.padding)
+            return self.w.combine(r, n, d, wsum, affine, act_bits)
+        # lut path: one table lookup per pair of activation planes (an odd last plane alone)
+        even = nact - nact % 2
+        r = K.bconv2d_pairs(K.pair_bytes(xp[: even * n], n), pw, self.stride, self.padding)
+        if even < nact:  # the last plane's place is 2^(nact - 1) = 2^(2 * npairs): jstep 2
+            r = np.concatenate([r, K.bconv2d(xp[even * n :], pw, self.stride, self.padding)])
+        return self.w.combine(r, n, d, wsum, affine, act_bits, jstep=2)
 
     def __call__(
         self,

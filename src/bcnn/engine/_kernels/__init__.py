@@ -33,9 +33,18 @@ from ._bound import bind_avgpool2x2 as bind_avgpool2x2
 from ._bound import bind_conv_affine as bind_conv_affine
 from ._bound import bind_pack_sign_padded as bind_pack_sign_padded
 from ._bound import bind_stem_affine as bind_stem_affine
-from ._conv import bconv2d, bconv2d_affine, bconv2d_threshold, bgemm, blinear, blinear_affine
+from ._conv import (
+    bconv2d,
+    bconv2d_affine,
+    bconv2d_pairs,
+    bconv2d_threshold,
+    bgemm,
+    blinear,
+    blinear_affine,
+)
 from ._llvm import LANES, MR
 from ._llvm import _mk as _mk
+from ._lut_conv import pair_bytes
 from ._packing import pack_sign, pack_threshold, unpack_bits
 from ._pool import avgpool2x2, global_avgpool, maxpool_packed
 from ._stem import prepare_stem_weights, stem_conv, stem_conv_affine
@@ -58,6 +67,7 @@ __all__ = [
     "avgpool2x2",
     "bconv2d",
     "bconv2d_affine",
+    "bconv2d_pairs",
     "bconv2d_threshold",
     "bgemm",
     "blinear",
@@ -67,6 +77,7 @@ __all__ = [
     "pack_sign",
     "pack_threshold",
     "pack_weights",
+    "pair_bytes",
     "prepare_conv_weights",
     "prepare_dense_weights",
     "prepare_stem_weights",

@@ -139,11 +139,11 @@ def _conv_range_typed(  # type: ignore[no-untyped-def]
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _pad_bits(x, pad):  # type: ignore[no-untyped-def]
-    """One-padding of packed bits: a zero border (bit 0 = +1)."""
+    """One-padding of packed bits (words, or plane-pair bytes): a zero border (bit 0 = +1)."""
     if pad == 0:
         return x
     n_, h, w, cw = x.shape
-    xp = np.zeros((n_, h + 2 * pad, w + 2 * pad, cw), np.uint64)
+    xp = np.zeros((n_, h + 2 * pad, w + 2 * pad, cw), x.dtype)
     for n in range(n_):
         for y in range(h):
             for i in range(w):
@@ -245,12 +245,24 @@ def _run_conv(
     thr: np.ndarray = _F0,
     flip: np.ndarray = _B0,
     check_only: bool = False,
+    pairs: bool = False,
 ) -> np.ndarray:
     """Check every argument, then run the kernels (``check_only``: return the unwritten
-    result after the checks, compiling nothing: the bound closures' one-time check)."""
-    x = _check_packed(x, 4, "x")
+    result after the checks, compiling nothing: the bound closures' one-time check).
+    ``pairs``: x holds plane-pair bytes (:func:`bconv2d_pairs`)."""
     w = _check_prepared(w)
-    n, h, wd, cw = x.shape
+    if pairs:
+        if w.blocks.dtype != np.uint8:
+            raise ValueError("plane pairs need the lut path's nibble weights")
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
+            raise ValueError(f"x must be plane-pair bytes uint8 (N, H, W, 16*Cw), got {x!r:.80}")
+        x = np.ascontiguousarray(x)
+        n, h, wd, cw = (*x.shape[:3], x.shape[3] // 16)
+        if x.shape[3] != 16 * cw:
+            raise ValueError(f"x has {x.shape[3]} bytes per pixel, not a multiple of 16")
+    else:
+        x = _check_packed(x, 4, "x")
+        n, h, wd, cw = x.shape
     if cw != (w.in_channels + 63) >> 6:
         raise ValueError(
             f"x has {cw} words per pixel, the weights expect {w.words} ({w.in_channels} channels)"
@@ -321,7 +333,7 @@ def _run_conv(
         return result
     ntiles = -(-m // (MR * _MB))
     nob, wk = w.blocks.shape[0], w.kh * w.kw * w.words
-    nbits = w.kh * w.kw * w.in_channels
+    nbits = w.kh * w.kw * w.in_channels * (3 if pairs else 1)  # pairs: pc0 + 2 pc1
     args = (
         x, w.blocks, o, nbits, w.kh, w.kw, int(stride), int(padding), ho, wo, mode,
         out_i, out_f, out_b, scale, bias, rp[0], rp[1], rp[2], rprelu is not None,
@@ -347,6 +359,16 @@ def bconv2d(x: np.ndarray, w: PreparedWeights, stride: int = 1, padding: int = 0
     """Binary conv2d: packed x (N, H, W, Cw) uint64 -> int32 (N, Ho, Wo, O), the exact ±1 dot
     products (one-padding; n - 2*popcount(a XOR w) with n = KH*KW*Cin)."""
     return _run_conv(x, w, stride, padding, _MODE_INT)
+
+
+def bconv2d_pairs(
+    xq: np.ndarray, w: PreparedWeights, stride: int = 1, padding: int = 0
+) -> np.ndarray:
+    """Two activation planes per lookup (lut path): ``xq`` plane-pair bytes uint8 (M, H, W,
+    16*Cw) (:func:`~._lut_conv.pair_bytes`), ``w`` nibble weights -> int32 (M, Ho, Wo, O):
+    ``conv(a0, W) + 2 * conv(a1, W)`` of each pair's planes a0, a1 (one table lookup serves
+    both planes: half the shuffles of two :func:`bconv2d` planes)."""
+    return _run_conv(xq, w, stride, padding, _MODE_INT, pairs=True)
 
 
 def bconv2d_affine(

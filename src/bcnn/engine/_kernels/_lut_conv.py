@@ -27,23 +27,27 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._conv_epi import _epilogue, _tile_rows
 from ._ir import counted_loop, pshufb
 from ._llvm import _MB, LANES, MR, _arg_readers, _args_ok
 
-__all__ = ["NBL", "lut_blocks"]
+__all__ = ["NBL", "PAIR_TABLES", "lut_blocks", "pair_bytes"]
 
 MRL = 2  # rows (pixels) per lookup micro-tile: MR = 4 rows are two calls
 NBL = 4  # blocks of 32 output channels per micro-tile (each table load serves NBL shuffles)
 _RUN = 3  # words per byte-accumulation run: 3 * 16 nibbles * 4 <= 192 < 256
 _ROWS = -(-_MB * MR // MRL) * MRL  # a macro tile's rows, rounded up to whole micro-tiles
 
+_RUN_PAIR = 1  # words per run on plane pairs: 16 nibbles * 12 <= 192
+
 # T_v[n] = popcount(n ^ v), each 16-byte table repeated for both 128-bit lanes: (16 * 32,)
 TABLES = np.array(
     [[bin(n ^ v).count("1") for n in list(range(16)) * 2] for v in range(16)], np.uint8
 ).reshape(-1)
+# plane pairs: T2_{v0 | v1 << 4}[n] = popcount(n ^ v0) + 2 popcount(n ^ v1): (256 * 32,)
+PAIR_TABLES = (TABLES.reshape(16, 1, 32) * 2 + TABLES.reshape(1, 16, 32)).reshape(-1)
 
 
 def lut_blocks(words: np.ndarray) -> np.ndarray:
@@ -57,17 +61,20 @@ def lut_blocks(words: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nib.transpose(0, 2, 1))
 
 
-def _make_mk_lut(nbl: int):  # type: ignore[no-untyped-def]
+def _make_mk_lut(nbl: int, pair: bool = False):  # type: ignore[no-untyped-def]
     """The micro-kernel for ``nbl`` blocks: ``acc[acc_off + j*jstride + r*32 + l] += sum over
     words w < nw, nibbles q < 16 of T[(xp[roffs[r0 + r] + add + w] >> 4q) & 15][blocks[boff +
-    j*bstride + ((k0 + w)*16 + q)*32 + l]]`` for r < MRL, j < nbl, l < 32 (nw <= _RUN)."""
+    j*bstride + ((k0 + w)*16 + q)*32 + l]]`` for r < MRL, j < nbl, l < 32 (nw <= _RUN).
+    ``pair``: xp holds plane-pair bytes (:func:`pair_bytes`, 16 per word) and the table is
+    ``T2[xp8[(roffs[r0 + r] + add + w)*16 + q]]`` (:data:`PAIR_TABLES`, nw <= _RUN_PAIR)."""
 
     @intrinsic
     def mk(
         typingctx, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride
     ):  # type: ignore[no-untyped-def]
         ints = (r0, add, k0, nw, boff, bstride, acc_off, jstride)
-        arrays = [(xp, types.uint64), (roffs, types.int64), (blocks, types.uint8)]
+        xdt = types.uint8 if pair else types.uint64
+        arrays = [(xp, xdt), (roffs, types.int64), (blocks, types.uint8)]
         if not _args_ok([*arrays, (tab, types.uint8), (acc, types.int32)], ints):
             return None
         sig = types.void(
@@ -78,7 +85,8 @@ def _make_mk_lut(nbl: int):  # type: ignore[no-untyped-def]
             i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
             v8, v32 = ir.VectorType(i8, 32), ir.VectorType(i32, 32)
             data, idx = _arg_readers(context, builder, signature, args)
-            xpp, rop, blp, tabp, accp = data(0), data(1), data(6, i8), data(9, i8), data(10, i32)
+            xpp = data(0, i8 if pair else i64)
+            rop, blp, tabp, accp = data(1), data(6, i8), data(9, i8), data(10, i32)
             r0_, add_, k0_, nw_, boff_, bstride_, acc_off_, jstride_ = (
                 idx(k) for k in (2, 3, 4, 5, 7, 8, 11, 12)
             )
@@ -93,10 +101,24 @@ def _make_mk_lut(nbl: int):  # type: ignore[no-untyped-def]
                 for j in range(nbl)
             ]
 
+            def table(words, r, q):  # type: ignore[no-untyped-def]
+                """Row r's table for nibble q: a pointer to its 32 bytes."""
+                if pair:  # the byte is the index: two planes' nibbles
+                    b = builder.load(builder.gep(xpp, [builder.add(words[r], c(q))]))
+                    v = builder.zext(b, i64)
+                else:
+                    v = builder.and_(builder.lshr(words[r], c(4 * q)), c(15))
+                tp = builder.gep(tabp, [builder.shl(v, c(5))])
+                return builder.load(builder.bitcast(tp, v8.as_pointer()), align=1)
+
             def body(w, accs):  # type: ignore[no-untyped-def]
-                words = [
-                    builder.load(builder.gep(xpp, [builder.add(rows[r], w)])) for r in range(MRL)
-                ]
+                if pair:  # each row's first byte of word w
+                    words = [builder.mul(builder.add(rows[r], w), c(16)) for r in range(MRL)]
+                else:
+                    words = [
+                        builder.load(builder.gep(xpp, [builder.add(rows[r], w)]))
+                        for r in range(MRL)
+                    ]
                 kq = builder.mul(builder.add(k0_, w), c(16 * 32))  # the word's first nibble
                 accs = list(accs)
                 for q in range(16):
@@ -108,9 +130,7 @@ def _make_mk_lut(nbl: int):  # type: ignore[no-untyped-def]
                         for j in range(nbl)
                     ]
                     for r in range(MRL):
-                        v = builder.and_(builder.lshr(words[r], c(4 * q)), c(15))
-                        tp = builder.gep(tabp, [builder.shl(v, c(5))])
-                        tv = builder.load(builder.bitcast(tp, v8.as_pointer()), align=1)
+                        tv = table(words, r, q)
                         for j in range(nbl):
                             i = r * nbl + j
                             accs[i] = builder.add(accs[i], builder.call(shuf, [tv, wv[j]]))
@@ -133,11 +153,17 @@ def _make_mk_lut(nbl: int):  # type: ignore[no-untyped-def]
 
 
 _mk_lut1, _mk_lut2, _mk_lut3, _mk_lut4 = (_make_mk_lut(n) for n in (1, 2, 3, 4))
+_mk_pair1, _mk_pair2, _mk_pair3, _mk_pair4 = (_make_mk_lut(n, True) for n in (1, 2, 3, 4))
 assert NBL == 4  # one intrinsic per group size 1..NBL
 
 
-@njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _mk_lut(nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
+    """One micro-tile of ``nbl`` blocks; single planes (uint64 xp) or plane pairs (uint8)."""
+    raise NotImplementedError  # compiled code only: see the overload below
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _mk_single(nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
     if nbl == 4:
         _mk_lut4(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, TABLES, acc, acc_off, jstride)
     elif nbl == 3:
@@ -148,14 +174,49 @@ def _mk_lut(nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off
         _mk_lut1(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, TABLES, acc, acc_off, jstride)
 
 
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _mk_pair(nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
+    t = PAIR_TABLES
+    if nbl == 4:
+        _mk_pair4(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, t, acc, acc_off, jstride)
+    elif nbl == 3:
+        _mk_pair3(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, t, acc, acc_off, jstride)
+    elif nbl == 2:
+        _mk_pair2(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, t, acc, acc_off, jstride)
+    else:
+        _mk_pair1(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, t, acc, acc_off, jstride)
+
+
+@overload(_mk_lut, inline="always", jit_options={"nogil": True})
+def _mk_lut_typed(nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
+    return (_mk_pair if xp.dtype == types.uint8 else _mk_single).py_func
+
+
+def _geometry(xp):  # type: ignore[no-untyped-def]
+    """(bytes per packed word, words per byte-accumulation run) of an input layout."""
+    raise NotImplementedError  # compiled code only: see the overload below
+
+
+@overload(_geometry, inline="always")
+def _geometry_typed(xp):  # type: ignore[no-untyped-def]
+    if xp.dtype == types.uint8:
+        return lambda xp: (16, _RUN_PAIR)
+    return lambda xp: (1, _RUN)
+
+
 @njit(nogil=True, cache=True, boundscheck=False)
 def _conv_range_lut(  # type: ignore[no-untyped-def]
     t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
     """``_conv._conv_range_pop`` on nibble weights (uint8 (nob, 16*K, 32)): macro tiles
-    t0..t1, output blocks ob0..ob1 in groups of NBL, every tile through ``_epilogue``."""
-    n_, hp, wp, cw = xp.shape
+    t0..t1, output blocks ob0..ob1 in groups of NBL, every tile through ``_epilogue``. With
+    plane-pair bytes for ``xp`` (uint8 (N, Hp, Wp, 16*Cw), :func:`pair_bytes`) the sums are
+    ``pc0 + 2*pc1`` of the pair's two planes (pass ``nbits`` = 3 * taps*Cin: the int output is
+    then ``conv(a0, w) + 2*conv(a1, w)``)."""
+    n_, hp, wp, cwb = xp.shape
+    wbytes, run = _geometry(xp)
+    cw = cwb // wbytes  # words per pixel
     bstride = blocks.shape[1] * LANES  # bytes per block
     m_ = n_ * ho * wo
     roffs = np.empty(_ROWS, np.int64)
@@ -175,9 +236,9 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
             boff = g * bstride
             for p in range(nrp):
                 for seg in range(kh):
-                    for i0 in range(0, sw, _RUN):
+                    for i0 in range(0, sw, run):
                         _mk_lut(nbl, xp, roffs, p * MRL, seg * ss + i0, seg * sw + i0,
-                                min(_RUN, sw - i0), blocks, boff, bstride, acc, p * MRL * LANES,
+                                min(run, sw - i0), blocks, boff, bstride, acc, p * MRL * LANES,
                                 jstride)  # fmt: skip
             for j in range(nbl):
                 ob = g + j
@@ -188,3 +249,37 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
                     acc64, mrows, mt0, o0, min(LANES, o_ - o0), nbits, mode, out_i, out_f,
                     out_b, ob, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
                 )  # fmt: skip
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _pair_bytes_into(xp, n, out):  # type: ignore[no-untyped-def]
+    npairs = out.shape[0] // n
+    rows = xp.shape[1] * xp.shape[2]
+    cw = xp.shape[3]
+    a = xp.reshape(xp.shape[0], rows, cw)
+    o = out.reshape(out.shape[0], rows, 16 * cw)
+    for p in range(npairs):
+        for b in range(n):
+            lo, hi, dst = a[2 * p * n + b], a[(2 * p + 1) * n + b], o[p * n + b]
+            for r in range(rows):
+                for k in range(cw):
+                    w0, w1 = lo[r, k], hi[r, k]
+                    for q in range(16):
+                        v0 = (w0 >> np.uint64(4 * q)) & np.uint64(15)
+                        v1 = (w1 >> np.uint64(4 * q)) & np.uint64(15)
+                        dst[r, 16 * k + q] = np.uint8(v0 | (v1 << np.uint64(4)))
+
+
+def pair_bytes(xp: np.ndarray, n: int) -> np.ndarray:
+    """Packed activation planes uint64 (P*n, H, W, Cw), plane j of image b at j*n + b (P
+    even) -> plane-pair bytes uint8 (P/2*n, H, W, 16*Cw): byte 16k + q of pair p holds nibble
+    q of word k of plane 2p in its low half and of plane 2p + 1 in its high half (the index
+    of :data:`PAIR_TABLES`). Zero bytes are the one-padding of both planes."""
+    if xp.dtype != np.uint64 or xp.ndim != 4 or n < 1 or xp.shape[0] % (2 * n):
+        raise ValueError(
+            f"expected an even number of uint64 planes of {n} images, got {xp.dtype} {xp.shape}"
+        )
+    m, h, w, cw = xp.shape
+    out = np.empty((m // 2, h, w, 16 * cw), np.uint8)
+    _pair_bytes_into(np.ascontiguousarray(xp), n, out)
+    return out
