@@ -307,6 +307,23 @@ def quantize_pack(
 
 
 # ------------------------------------------------------------------ layers
+def _plane_convs(xp: np.ndarray, n: int, pw: Any, stride: int, pad: int) -> tuple[np.ndarray, int]:
+    """(r int32, jstep) for :meth:`_Planes.combine`: the binary conv of every activation plane
+    of ``xp`` (planes*n, H, W, Cw) with the prepared weight planes ``pw`` (jstep 1), or on the
+    lut path's nibble weights, of every pair of planes at once (one table lookup for two
+    planes, :func:`~._kernels.bconv2d_pairs`; jstep 2, an odd last plane alone)."""
+    from . import _kernels as K
+
+    nact = xp.shape[0] // n
+    if nact < 2 or pw.blocks.dtype != np.uint8:
+        return K.bconv2d(xp, pw, stride, pad), 1
+    even = nact - nact % 2
+    r = K.bconv2d_pairs(K.pair_bytes(xp[: even * n], n), pw, stride, pad)
+    if even < nact:  # the last plane's place 2^(nact - 1) = 2^(2 * npairs): jstep 2 still
+        r = np.concatenate([r, K.bconv2d(xp[even * n :], pw, stride, pad)])
+    return r, 2
+
+
 class _Planes:
     """Weight planes (Wb, O, ...) uint64 with the prepared layout cached per dropped count.
     ``zero``: zero-grid weights W = (X - 1) / 2 (the planes hold X; see ``_combine``):
@@ -413,16 +430,8 @@ class BitSerialConv:
 
         d = self.w.drop_for(weight_bits)
         pw, wsum = self.w.get(d, lambda a: K.prepare_conv_weights(a, self.cin))
-        nact = xp.shape[0] // n
-        if nact < 2 or pw.blocks.dtype != np.uint8:
-            r = K.bconv2d(xp, pw, self.stride, self.padding)
-            return self.w.combine(r, n, d, wsum, affine, act_bits)
-        # lut path: one table lookup per pair of activation planes (an odd last plane alone)
-        even = nact - nact % 2
-        r = K.bconv2d_pairs(K.pair_bytes(xp[: even * n], n), pw, self.stride, self.padding)
-        if even < nact:  # the last plane's place is 2^(nact - 1) = 2^(2 * npairs): jstep 2
-            r = np.concatenate([r, K.bconv2d(xp[even * n :], pw, self.stride, self.padding)])
-        return self.w.combine(r, n, d, wsum, affine, act_bits, jstep=2)
+        r, jstep = _plane_convs(xp, n, pw, self.stride, self.padding)
+        return self.w.combine(r, n, d, wsum, affine, act_bits, jstep)
 
     def __call__(
         self,
@@ -467,8 +476,8 @@ class BitSerialLinear:
         xp = quantize_pack(x.reshape(n, 1, 1, -1), step, ab, self.w.act_signed, bias)
         d = self.w.drop_for(weight_bits)
         pw, wsum = self.w.get(d, lambda a: K.prepare_dense_weights(a, self.k))
-        r = K.blinear(xp.reshape(xp.shape[0], -1), pw)
-        out = self.w.combine(r.reshape(r.shape[0], 1, 1, -1), n, d, wsum, None, ab)
+        r, jstep = _plane_convs(xp, n, pw, 1, 0)  # dense weights: a 1x1 conv of 1x1 images
+        out = self.w.combine(r, n, d, wsum, None, ab, jstep)
         return out.reshape(n, -1)
 
 
