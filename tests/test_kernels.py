@@ -225,6 +225,27 @@ def test_bconv2d_pairs_extremes_and_bad_input(cin: int) -> None:
         K.bconv2d_pairs(K.pair_bytes(x, 2)[..., 1:], K.prepare_conv_weights(w, cin, path="lut"))
 
 
+@pytest.mark.skipif(not _has_avx2(), reason="no AVX2")
+@pytest.mark.parametrize("pairs", [False, True])
+def test_lut_long_reductions_do_not_wrap(pairs: bool) -> None:
+    """The lut tiles sum byte runs into uint16 and add those into int64 before they could
+    wrap: a 1x1 conv over more bits than 65535 / (max per bit) with every bit opposite to the
+    weight reaches sums past 2**16 (single planes: 1030 words; pairs, 3 per bit: 350 words)."""
+    kw = 350 if pairs else 1030
+    cin = 64 * kw - 7  # a partial last word
+    ones = np.full((1, 1, 1, kw), np.uint64(2**64 - 1))
+    ones[..., -1] &= np.uint64((1 << (cin % 64)) - 1)
+    zero = np.zeros_like(ones)
+    w = K.prepare_conv_weights(np.concatenate([zero, ones]), cin, path="lut")
+    if pairs:
+        got = K.bconv2d_pairs(K.pair_bytes(np.concatenate([ones, ones]), 1), w)
+        want = np.array([-3 * cin, 3 * cin], np.int64)  # 3 * cin > 65535
+    else:
+        got = K.bconv2d(ones, w)
+        want = np.array([-cin, cin], np.int64)  # cin > 65535
+    assert np.array_equal(got.reshape(2), want)
+
+
 @pytest.mark.usefixtures("layout")
 @pytest.mark.parametrize("cin,k,stride,pad", [(65, 3, 1, 0), (130, 3, 2, 0), (1, 1, 2, 0)])
 def test_bconv2d_without_padding(cin: int, k: int, stride: int, pad: int) -> None:

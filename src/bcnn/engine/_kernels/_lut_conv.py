@@ -12,7 +12,9 @@ Here the table is the method (see docs/kernels.md, "the lut path"):
   it: 128 binary MACs for two vector operations, plus the nibble's table address, which is
   shared by the :data:`NBL` channel blocks of a tile;
 * byte accumulators take at most :data:`_RUN` words (16 nibbles each, 4 per nibble: <= 192)
-  before they are widened into int32 sums.
+  before they are widened into the tile's uint16 sums (two 256-bit adds per 32 channels, half
+  the memory traffic of int32), which are added into int64 once per tile, or sooner for
+  reductions longer than :func:`_geometry`'s limit (uint16 never wraps).
 
 :func:`_conv_range_lut` has the signature and the outputs of ``_conv._conv_range_pop``
 (macro tiles of MB*MR pixels, the same row offsets into the padded input, the same epilogue),
@@ -41,6 +43,8 @@ _RUN = 3  # words per byte-accumulation run: 3 * 16 nibbles * 4 <= 192 < 256
 _ROWS = -(-_MB * MR // MRL) * MRL  # a macro tile's rows, rounded up to whole micro-tiles
 
 _RUN_PAIR = 1  # words per run on plane pairs: 16 nibbles * 12 <= 192
+# words a uint16 tile sum takes before it is added into int64: 1023 * 64 and 341 * 192 <= 65535
+_FLUSH, _FLUSH_PAIR = 1023, 341
 
 # T_v[n] = popcount(n ^ v), each 16-byte table repeated for both 128-bit lanes: (16 * 32,)
 TABLES = np.array(
@@ -62,8 +66,8 @@ def lut_blocks(words: np.ndarray) -> np.ndarray:
 
 
 def _make_mk_lut(nbl: int, pair: bool = False):  # type: ignore[no-untyped-def]
-    """The micro-kernel for ``nbl`` blocks: ``acc[acc_off + j*jstride + r*32 + l] += sum over
-    words w < nw, nibbles q < 16 of T[(xp[roffs[r0 + r] + add + w] >> 4q) & 15][blocks[boff +
+    """The micro-kernel for ``nbl`` blocks (``acc`` uint16): ``acc[acc_off + j*jstride + r*32 +
+    l] += sum over words w < nw, nibbles q < 16 of T[(xp[roffs[r0 + r] + add + w] >> 4q) & 15][blocks[boff +
     j*bstride + ((k0 + w)*16 + q)*32 + l]]`` for r < MRL, j < nbl, l < 32 (nw <= _RUN).
     ``pair``: xp holds plane-pair bytes (:func:`pair_bytes`, 16 per word) and the table is
     ``T2[xp8[(roffs[r0 + r] + add + w)*16 + q]]`` (:data:`PAIR_TABLES`, nw <= _RUN_PAIR)."""
@@ -75,18 +79,18 @@ def _make_mk_lut(nbl: int, pair: bool = False):  # type: ignore[no-untyped-def]
         ints = (r0, add, k0, nw, boff, bstride, acc_off, jstride)
         xdt = types.uint8 if pair else types.uint64
         arrays = [(xp, xdt), (roffs, types.int64), (blocks, types.uint8)]
-        if not _args_ok([*arrays, (tab, types.uint8), (acc, types.int32)], ints):
+        if not _args_ok([*arrays, (tab, types.uint8), (acc, types.uint16)], ints):
             return None
         sig = types.void(
             xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride
         )
 
         def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-            v8, v32 = ir.VectorType(i8, 32), ir.VectorType(i32, 32)
+            i8, i16, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(64)
+            v8, v16 = ir.VectorType(i8, 32), ir.VectorType(i16, 32)
             data, idx = _arg_readers(context, builder, signature, args)
             xpp = data(0, i8 if pair else i64)
-            rop, blp, tabp, accp = data(1), data(6, i8), data(9, i8), data(10, i32)
+            rop, blp, tabp, accp = data(1), data(6, i8), data(9, i8), data(10, i16)
             r0_, add_, k0_, nw_, boff_, bstride_, acc_off_, jstride_ = (
                 idx(k) for k in (2, 3, 4, 5, 7, 8, 11, 12)
             )
@@ -141,10 +145,10 @@ def _make_mk_lut(nbl: int, pair: bool = False):  # type: ignore[no-untyped-def]
             for r in range(MRL):
                 for j in range(nbl):
                     at = builder.add(acc_off_, builder.add(builder.mul(jstride_, c(j)), c(32 * r)))
-                    ptr = builder.bitcast(builder.gep(accp, [at]), v32.as_pointer())
-                    old = builder.load(ptr, align=4)
-                    new = builder.add(old, builder.zext(finals[r * nbl + j], v32))
-                    builder.store(new, ptr, align=4)
+                    ptr = builder.bitcast(builder.gep(accp, [at]), v16.as_pointer())
+                    old = builder.load(ptr, align=2)
+                    new = builder.add(old, builder.zext(finals[r * nbl + j], v16))
+                    builder.store(new, ptr, align=2)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -193,15 +197,26 @@ def _mk_lut_typed(nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, a
 
 
 def _geometry(xp):  # type: ignore[no-untyped-def]
-    """(bytes per packed word, words per byte-accumulation run) of an input layout."""
+    """(bytes per packed word, words per byte-accumulation run, words per uint16 sum) of an
+    input layout."""
     raise NotImplementedError  # compiled code only: see the overload below
 
 
 @overload(_geometry, inline="always")
 def _geometry_typed(xp):  # type: ignore[no-untyped-def]
     if xp.dtype == types.uint8:
-        return lambda xp: (16, _RUN_PAIR)
-    return lambda xp: (1, _RUN)
+        return lambda xp: (16, _RUN_PAIR, _FLUSH_PAIR)
+    return lambda xp: (1, _RUN, _FLUSH)
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _flush_rows(acc, acc64, i0, n, nbl, jstride):  # type: ignore[no-untyped-def]
+    """acc64 += acc, acc = 0 over rows i0..i0+n of each block (a long reduction's uint16
+    sums, before they could wrap)."""
+    for j in range(nbl):
+        for i in range(j * jstride + i0, j * jstride + i0 + n):
+            acc64[i] += acc[i]
+            acc[i] = 0
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -215,16 +230,17 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
     ``pc0 + 2*pc1`` of the pair's two planes (pass ``nbits`` = 3 * taps*Cin: the int output is
     then ``conv(a0, w) + 2*conv(a1, w)``)."""
     n_, hp, wp, cwb = xp.shape
-    wbytes, run = _geometry(xp)
+    wbytes, run, flush = _geometry(xp)
     cw = cwb // wbytes  # words per pixel
     bstride = blocks.shape[1] * LANES  # bytes per block
     m_ = n_ * ho * wo
     roffs = np.empty(_ROWS, np.int64)
     jstride = _ROWS * LANES
-    acc = np.empty(NBL * jstride, np.int32)
-    acc64 = np.empty(jstride, np.int64)
+    acc = np.empty(NBL * jstride, np.uint16)  # byte runs widened: (NBL, rows, 32)
+    acc64 = np.empty(NBL * jstride, np.int64)  # the tile's sums
     sw = kw * cw
     ss = wp * cw
+    long = kh * sw > flush  # a row's reduction overflows uint16: add into int64 on the way
     for t in range(t0, t1):
         mt0 = t * _MB * MR
         mrows = min(_MB * MR, m_ - mt0)
@@ -233,20 +249,33 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
         for g in range(ob0, ob1, NBL):
             nbl = min(NBL, ob1 - g)
             acc[: nbl * jstride] = 0
+            if long:
+                acc64[: nbl * jstride] = 0
             boff = g * bstride
             for p in range(nrp):
+                done = 0  # words in the row pair's uint16 sums
                 for seg in range(kh):
                     for i0 in range(0, sw, run):
-                        _mk_lut(nbl, xp, roffs, p * MRL, seg * ss + i0, seg * sw + i0,
-                                min(run, sw - i0), blocks, boff, bstride, acc, p * MRL * LANES,
-                                jstride)  # fmt: skip
+                        nw = min(run, sw - i0)
+                        if done + nw > flush:
+                            _flush_rows(acc, acc64, p * MRL * LANES, MRL * LANES, nbl, jstride)
+                            done = 0
+                        _mk_lut(nbl, xp, roffs, p * MRL, seg * ss + i0, seg * sw + i0, nw,
+                                blocks, boff, bstride, acc, p * MRL * LANES, jstride)  # fmt: skip
+                        done += nw
             for j in range(nbl):
                 ob = g + j
                 o0 = ob * LANES
-                for i in range(mrows * LANES):
-                    acc64[i] = acc[j * jstride + i]
+                a64 = acc64[j * jstride : (j + 1) * jstride]
+                a16 = acc[j * jstride : (j + 1) * jstride]
+                if long:
+                    for i in range(mrows * LANES):
+                        a64[i] += a16[i]
+                else:
+                    for i in range(mrows * LANES):
+                        a64[i] = a16[i]
                 _epilogue(
-                    acc64, mrows, mt0, o0, min(LANES, o_ - o0), nbits, mode, out_i, out_f,
+                    a64, mrows, mt0, o0, min(LANES, o_ - o0), nbits, mode, out_i, out_f,
                     out_b, ob, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
                 )  # fmt: skip
 
