@@ -37,10 +37,13 @@ from ._llvm import _MB, LANES, MR, _arg_readers, _args_ok
 
 __all__ = ["NBL", "PAIR_TABLES", "lut_blocks", "pair_bytes"]
 
-MRL = 2  # rows (pixels) per lookup micro-tile: MR = 4 rows are two calls
+MRL = 2  # rows (pixels) per lookup micro-tile of 3 or 4 blocks (8 or 6 byte accumulators)
+MRL_NARROW = 4  # rows per micro-tile of 1 or 2 blocks (4 or 8 accumulators; each table load
+# then serves as many shuffles as it can: 2 rows x 2 blocks issued 1.3x the scalar work)
 NBL = 4  # blocks of 32 output channels per micro-tile (each table load serves NBL shuffles)
 _RUN = 3  # words per byte-accumulation run: 3 * 16 nibbles * 4 <= 192 < 256
-_ROWS = -(-_MB * MR // MRL) * MRL  # a macro tile's rows, rounded up to whole micro-tiles
+_ROWS = -(-_MB * MR // MRL_NARROW) * MRL_NARROW  # a macro tile's rows, in whole micro-tiles
+assert _ROWS % MRL == 0
 
 _RUN_PAIR = 1  # words per run on plane pairs: 16 nibbles * 12 <= 192
 # words a uint16 tile sum takes before it is added into int64: 1023 * 64 and 341 * 192 <= 65535
@@ -65,10 +68,10 @@ def lut_blocks(words: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nib.transpose(0, 2, 1))
 
 
-def _make_mk_lut(nbl: int, pair: bool = False):  # type: ignore[no-untyped-def]
+def _make_mk_lut(nbl: int, pair: bool = False, mrl: int = MRL):  # type: ignore[no-untyped-def]
     """The micro-kernel for ``nbl`` blocks (``acc`` uint16): ``acc[acc_off + j*jstride + r*32 +
     l] += sum over words w < nw, nibbles q < 16 of T[(xp[roffs[r0 + r] + add + w] >> 4q) & 15][blocks[boff +
-    j*bstride + ((k0 + w)*16 + q)*32 + l]]`` for r < MRL, j < nbl, l < 32 (nw <= _RUN).
+    j*bstride + ((k0 + w)*16 + q)*32 + l]]`` for r < mrl, j < nbl, l < 32 (nw <= _RUN).
     ``pair``: xp holds plane-pair bytes (:func:`pair_bytes`, 16 per word) and the table is
     ``T2[xp8[(roffs[r0 + r] + add + w)*16 + q]]`` (:data:`PAIR_TABLES`, nw <= _RUN_PAIR)."""
 
@@ -98,7 +101,7 @@ def _make_mk_lut(nbl: int, pair: bool = False):  # type: ignore[no-untyped-def]
             c = lambda v: ir.Constant(i64, v)  # noqa: E731
             rows = [
                 builder.add(builder.load(builder.gep(rop, [builder.add(r0_, c(r))])), add_)
-                for r in range(MRL)
+                for r in range(mrl)
             ]  # each row's first word
             blk = [
                 builder.gep(blp, [builder.add(boff_, builder.mul(bstride_, c(j)))])
@@ -117,11 +120,11 @@ def _make_mk_lut(nbl: int, pair: bool = False):  # type: ignore[no-untyped-def]
 
             def body(w, accs):  # type: ignore[no-untyped-def]
                 if pair:  # each row's first byte of word w
-                    words = [builder.mul(builder.add(rows[r], w), c(16)) for r in range(MRL)]
+                    words = [builder.mul(builder.add(rows[r], w), c(16)) for r in range(mrl)]
                 else:
                     words = [
                         builder.load(builder.gep(xpp, [builder.add(rows[r], w)]))
-                        for r in range(MRL)
+                        for r in range(mrl)
                     ]
                 kq = builder.mul(builder.add(k0_, w), c(16 * 32))  # the word's first nibble
                 accs = list(accs)
@@ -133,7 +136,7 @@ def _make_mk_lut(nbl: int, pair: bool = False):  # type: ignore[no-untyped-def]
                         )
                         for j in range(nbl)
                     ]
-                    for r in range(MRL):
+                    for r in range(mrl):
                         tv = table(words, r, q)
                         for j in range(nbl):
                             i = r * nbl + j
@@ -141,8 +144,8 @@ def _make_mk_lut(nbl: int, pair: bool = False):  # type: ignore[no-untyped-def]
                 return accs
 
             zero = ir.Constant(v8, None)
-            finals = counted_loop(builder, c(0), nw_, 1, [zero] * (MRL * nbl), body, "lutc")
-            for r in range(MRL):
+            finals = counted_loop(builder, c(0), nw_, 1, [zero] * (mrl * nbl), body, "lutc")
+            for r in range(mrl):
                 for j in range(nbl):
                     at = builder.add(acc_off_, builder.add(builder.mul(jstride_, c(j)), c(32 * r)))
                     ptr = builder.bitcast(builder.gep(accp, [at]), v16.as_pointer())
@@ -156,8 +159,18 @@ def _make_mk_lut(nbl: int, pair: bool = False):  # type: ignore[no-untyped-def]
     return mk
 
 
-_mk_lut1, _mk_lut2, _mk_lut3, _mk_lut4 = (_make_mk_lut(n) for n in (1, 2, 3, 4))
-_mk_pair1, _mk_pair2, _mk_pair3, _mk_pair4 = (_make_mk_lut(n, True) for n in (1, 2, 3, 4))
+def _rows(nbl):  # type: ignore[no-untyped-def]
+    """Rows per micro-tile of ``nbl`` blocks."""
+    return MRL_NARROW if nbl <= 2 else MRL
+
+
+_mk_lut1, _mk_lut2, _mk_lut3, _mk_lut4 = (
+    _make_mk_lut(n, False, _rows(n)) for n in (1, 2, 3, 4)
+)
+_mk_pair1, _mk_pair2, _mk_pair3, _mk_pair4 = (
+    _make_mk_lut(n, True, _rows(n)) for n in (1, 2, 3, 4)
+)
+_rows_jit = njit(inline="always", nogil=True, cache=True)(_rows)
 assert NBL == 4  # one intrinsic per group size 1..NBL
 
 
@@ -244,10 +257,12 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
     for t in range(t0, t1):
         mt0 = t * _MB * MR
         mrows = min(_MB * MR, m_ - mt0)
-        nrp = -(-mrows // MRL)  # row pairs
-        _tile_rows(mt0, mrows, nrp * MRL, ho, wo, hp, wp, cw, stride, roffs)
+        _tile_rows(mt0, mrows, -(-mrows // MRL_NARROW) * MRL_NARROW, ho, wo, hp, wp, cw, stride,
+                   roffs)  # fmt: skip
         for g in range(ob0, ob1, NBL):
             nbl = min(NBL, ob1 - g)
+            mrl = _rows_jit(nbl)
+            nrp = -(-mrows // mrl)  # micro-tiles of mrl rows
             acc[: nbl * jstride] = 0
             if long:
                 acc64[: nbl * jstride] = 0
@@ -258,10 +273,10 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
                     for i0 in range(0, sw, run):
                         nw = min(run, sw - i0)
                         if done + nw > flush:
-                            _flush_rows(acc, acc64, p * MRL * LANES, MRL * LANES, nbl, jstride)
+                            _flush_rows(acc, acc64, p * mrl * LANES, mrl * LANES, nbl, jstride)
                             done = 0
-                        _mk_lut(nbl, xp, roffs, p * MRL, seg * ss + i0, seg * sw + i0, nw,
-                                blocks, boff, bstride, acc, p * MRL * LANES, jstride)  # fmt: skip
+                        _mk_lut(nbl, xp, roffs, p * mrl, seg * ss + i0, seg * sw + i0, nw,
+                                blocks, boff, bstride, acc, p * mrl * LANES, jstride)  # fmt: skip
                         done += nw
             for j in range(nbl):
                 ob = g + j
