@@ -412,6 +412,7 @@ def test_prescaled_fma_epilogue(
         K.bconv2d_affine(xp, pw, alpha, beta, prescale=pre[:-1], fma=True)
 
 
+@pytest.mark.usefixtures("layout")
 @pytest.mark.parametrize(("cout", "stride", "n"), [(1, 1, 1), (64, 2, 7), (65, 1, 2)])
 def test_prescaled_fma_stem(cout: int, stride: int, n: int) -> None:
     """The stem's prescaled epilogue (a k-bit stem's top plane): fast path and general path,
@@ -542,6 +543,7 @@ def test_bgemm_full_words_random_bits() -> None:
 # ------------------------------------------------------------------------------- first layer
 
 
+@pytest.mark.usefixtures("layout")
 @pytest.mark.parametrize(
     "encoding,planes,c,size,stride,batch",
     [
@@ -584,6 +586,42 @@ def test_stem_conv_matches_encoded_conv(
     rp = (_rand(rng, 70), _rand(rng, 70), _rand(rng, 70))
     aff = K.stem_conv_affine(x.numpy(), ps, scale, bias, stride=stride, padding=1, rprelu=rp)
     assert np.array_equal(aff, _affine_torch(s, scale, bias, rp))
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="no AVX2")
+@pytest.mark.parametrize(
+    "cout,size,stride,batch,planes,c",
+    [(1, 5, 1, 7, 8, 3), (63, 14, 2, 1, 8, 3), (65, 5, 1, 1, 4, 3), (64, 9, 2, 7, 8, 1),
+     (130, 1, 1, 1, 8, 3), (33, 7, 1, 2, 2, 7)],
+)  # fmt: skip
+def test_lut_stem_matches_popcount_stem(
+    cout: int, size: int, stride: int, batch: int, planes: int, c: int
+) -> None:
+    """The lut path's fast stem (nibble weights, one lookup per 4 bits of 32 channels) ==
+    the popcount stem == the reference, one thread, int and float epilogues, full and
+    partial tiles (1, 63, 65, 130 channels; odd sizes; stride 2; batch 1 and 7; 7 channels x 9
+    taps = 63 bits: all 16 nibbles)."""
+    rng = np.random.default_rng(cout * 100 + size + c)
+    wp = K.pack_weights(_rand(rng, cout, c * planes, 3, 3))
+    x = rng.integers(0, 256, (batch, c, size, size), dtype=np.uint8)
+    x[0, 0, 0] = 255
+    lut = K.prepare_stem_weights(wp, c, planes, path="lut")
+    pop = K.prepare_stem_weights(wp, c, planes, path="generic")
+    assert lut.nibbles.size and not pop.nibbles.size  # the fast stem has nibbles on lut only
+    scale, bias = _rand(rng, cout), _rand(rng, cout)
+    rp = (_rand(rng, cout), _rand(rng, cout), _rand(rng, cout))
+    with num_threads(1):
+        want = R.stem_conv(x, wp, planes, "bitplane", None, stride, 1)
+        assert np.array_equal(K.stem_conv(x, lut, stride, 1), want)
+        assert np.array_equal(K.stem_conv(x, pop, stride, 1), want)
+        for r in (None, rp):
+            a = K.stem_conv_affine(x, lut, scale, bias, stride=stride, padding=1, rprelu=r)
+            b = K.stem_conv_affine(x, pop, scale, bias, stride=stride, padding=1, rprelu=r)
+            assert np.array_equal(a, b)
+            assert np.array_equal(a, _affine_torch(want, scale, bias, r))
+    bad = lut._replace(nibbles=lut.nibbles[:, 1:])  # edited: rejected before any kernel
+    with pytest.raises(ValueError, match="inconsistent PreparedStem"):
+        K.stem_conv(x, bad, stride, 1)
 
 
 # ----------------------------------------------------------------------------------- pooling

@@ -33,7 +33,14 @@ from ._conv import (
 from ._llvm import MR
 from ._packing import _pack_rows_padded
 from ._pool import _avgpool2
-from ._stem import _fast_stem, _run_stem, _stem_fast_range, _stem_patches, _stem_planes
+from ._stem import (
+    _fast_blocks,
+    _fast_stem,
+    _run_stem,
+    _stem_fast_range,
+    _stem_patches,
+    _stem_planes,
+)
 from ._weights import PreparedStem, PreparedWeights, _vec, _words
 
 # (group, arguments) of the serial kernel call a bound closure makes on fixed arrays: what the
@@ -236,6 +243,7 @@ def bind_stem_affine(
     patch = np.empty((g_, n * ho * wo), np.uint64)
     cg = w.image_channels * w.group_planes
     fast = _fast_stem(w)
+    fblocks = _fast_blocks(w)  # nibbles on the lut path
     get_threads = _threads.get_num_threads
     pk = pack if pack is not None else _NO_PACK
 
@@ -246,7 +254,7 @@ def bind_stem_affine(
                 _pack_rows_padded(y, pack[0], pack[1], pack[2])
             return y
         _stem_fast_pack(
-            x, w.plane_bits, cg, w.kh, w.kw, stride, padding, ho, wo, w.blocks, w.shifts,
+            x, w.plane_bits, cg, w.kh, w.kw, stride, padding, ho, wo, fblocks, w.shifts,
             w.const, o, mode, _I00, out.reshape(n * ho * wo, o), sc, bi, rp[0], rp[1], rp[2],
             has_rp, cp, patch, out, pk[0], pk[1], pk[2], pack is not None,
         )  # fmt: skip
@@ -257,7 +265,7 @@ def bind_stem_affine(
         if not fast:
             return None
         return "stem", (
-            w.plane_bits, cg, w.kh, w.kw, stride, padding, ho, wo, w.blocks, w.shifts,
+            w.plane_bits, cg, w.kh, w.kw, stride, padding, ho, wo, fblocks, w.shifts,
             w.const, o, mode, _I00, out.reshape(n * ho * wo, o), sc, bi, rp[0], rp[1], rp[2],
             has_rp, cp, patch, out, pk[0], pk[1], pk[2], pack is not None,
         )  # fmt: skip

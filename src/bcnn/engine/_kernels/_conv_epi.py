@@ -120,3 +120,24 @@ def _epilogue(  # type: ignore[no-untyped-def]
                 bit = (v > thr[o]) if flip[o] else (v < thr[o])
                 word |= np.uint64(bit) << np.uint64(l)
             out_b[m, ob] = np.uint32(word)
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _store_tile(  # type: ignore[no-untyped-def]
+    acc, rows, m0, o0, lmax, mode, const, out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+    fma,
+):  # fmt: skip
+    """Write a (rows, lmax) tile of XOR-popcount counts: mode 0 the integer dot products
+    const - 2 * count, else the float affine (+ RPReLU) of them."""
+    for r in range(rows):
+        m = m0 + r
+        base = r * LANES
+        if mode == 0:
+            for l in range(lmax):
+                out_i[m, o0 + l] = const - 2 * acc[base + l]
+        else:
+            for l in range(lmax):
+                xv = np.float32(const - 2 * acc[base + l])
+                out_f[m, o0 + l] = _affine_rp(
+                    xv, o0 + l, scale, bias, rp_g, rp_s, rp_z, has_rp, fma
+                )

@@ -91,7 +91,8 @@ def _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, ctl):
     def emit(use_fma: bool, pre: list | None = None) -> None:  # type: ignore[type-arg]
         for d, out_off, res_off in rows:
             for j in range(_NV):
-                x = builder.sitofp(d[j], vf)
+                # |d| < 2^31: via int32, whose conversion AVX2 has (an i64 one is scalarized)
+                x = builder.sitofp(builder.trunc(d[j], v32), vf)
                 if pre is not None:
                     x = builder.fmul(x, pre[j])
                 sc, bi = ch["scale"][j], ch["bias"][j]

@@ -69,9 +69,10 @@ def lut_blocks(words: np.ndarray) -> np.ndarray:
 
 
 def _make_mk_lut(nbl: int, pair: bool = False, mrl: int = MRL):  # type: ignore[no-untyped-def]
-    """The micro-kernel for ``nbl`` blocks (``acc`` uint16): ``acc[acc_off + j*jstride + r*32 +
-    l] += sum over words w < nw, nibbles q < 16 of T[(xp[roffs[r0 + r] + add + w] >> 4q) & 15][blocks[boff +
-    j*bstride + ((k0 + w)*16 + q)*32 + l]]`` for r < mrl, j < nbl, l < 32 (nw <= _RUN).
+    """The micro-kernel for ``nbl`` blocks and ``mrl`` rows (``acc`` uint16):
+    ``acc[acc_off + j*jstride + r*32 + l] += sum over words w < nw, nibbles q < 16 of
+    T[(xp[roffs[r0 + r] + add + w] >> 4q) & 15][blocks[boff + j*bstride + ((k0 + w)*16 + q)*32
+    + l]]`` for r < mrl, j < nbl, l < 32 (nw <= _RUN).
     ``pair``: xp holds plane-pair bytes (:func:`pair_bytes`, 16 per word) and the table is
     ``T2[xp8[(roffs[r0 + r] + add + w)*16 + q]]`` (:data:`PAIR_TABLES`, nw <= _RUN_PAIR)."""
 
@@ -164,12 +165,8 @@ def _rows(nbl):  # type: ignore[no-untyped-def]
     return MRL_NARROW if nbl <= 2 else MRL
 
 
-_mk_lut1, _mk_lut2, _mk_lut3, _mk_lut4 = (
-    _make_mk_lut(n, False, _rows(n)) for n in (1, 2, 3, 4)
-)
-_mk_pair1, _mk_pair2, _mk_pair3, _mk_pair4 = (
-    _make_mk_lut(n, True, _rows(n)) for n in (1, 2, 3, 4)
-)
+_mk_lut1, _mk_lut2, _mk_lut3, _mk_lut4 = (_make_mk_lut(n, False, _rows(n)) for n in (1, 2, 3, 4))
+_mk_pair1, _mk_pair2, _mk_pair3, _mk_pair4 = (_make_mk_lut(n, True, _rows(n)) for n in (1, 2, 3, 4))
 _rows_jit = njit(inline="always", nogil=True, cache=True)(_rows)
 assert NBL == 4  # one intrinsic per group size 1..NBL
 

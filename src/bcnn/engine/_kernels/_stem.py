@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .. import _threads
 from ._conv import (
@@ -19,13 +20,15 @@ from ._conv import (
     _out_hw,
     _prescaled,
 )
-from ._conv_epi import _affine_rp, _ctl
+from ._conv_epi import _ctl, _store_tile
 from ._llvm import LANES, MR, _mk_shift, _mkf_shift_affine, _mkf_shift_int, _mkf_shift_rp
+from ._lut_stem import _stem_fast_range_lut, stem_nibbles
 from ._weights import (
     PreparedStem,
     _blocks_from_rows,
     _check_packed,
     _check_tail_zero,
+    _layout_path,
     _pack_bool_rows,
     _unpack_bool_rows,
     _vec,
@@ -33,27 +36,6 @@ from ._weights import (
 )
 
 # ------------------------------------------------------------------------------- first layer
-
-
-@njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _store_tile(  # type: ignore[no-untyped-def]
-    acc, rows, m0, o0, lmax, mode, const, out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
-    fma,
-):  # fmt: skip
-    """Write a (rows, lmax) tile of XOR-popcount counts: mode 0 the integer dot products
-    const - 2 * count, else the float affine (+ RPReLU) of them."""
-    for r in range(rows):
-        m = m0 + r
-        base = r * LANES
-        if mode == 0:
-            for l in range(lmax):
-                out_i[m, o0 + l] = const - 2 * acc[base + l]
-        else:
-            for l in range(lmax):
-                xv = np.float32(const - 2 * acc[base + l])
-                out_f[m, o0 + l] = _affine_rp(
-                    xv, o0 + l, scale, bias, rp_g, rp_s, rp_z, has_rp, fma
-                )
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -274,8 +256,26 @@ def _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-unt
                             prow[ox] |= np.uint64(src[ox * stride + kx]) << sh
 
 
-@njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _stem_fast_range(  # type: ignore[no-untyped-def]
+    t0, t1, patch, blocks, shifts, const, o_, mode, out_i, out_f, scale, bias, rp_g, rp_s,
+    rp_z, has_rp,
+):  # fmt: skip
+    """The fast stem's tiles on the weights' kernel path, chosen when compiled: popcounts on
+    uint64 words (:func:`_stem_fast_range_pop`), lookup tables on uint8 nibbles
+    (``_lut_stem``)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_stem_fast_range, inline="always", jit_options={"nogil": True})
+def _stem_fast_range_typed(  # type: ignore[no-untyped-def]
+    t0, t1, patch, blocks, shifts, const, o_, mode, out_i, out_f, scale, bias, rp_g, rp_s,
+    rp_z, has_rp,
+):  # fmt: skip
+    return (_stem_fast_range_lut if blocks.dtype == types.uint8 else _stem_fast_range_pop).py_func
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _stem_fast_range_pop(  # type: ignore[no-untyped-def]
     t0, t1, patch, blocks, shifts, const, o_, mode, out_i, out_f, scale, bias, rp_g, rp_s,
     rp_z, has_rp,
 ):  # fmt: skip
@@ -340,6 +340,8 @@ def prepare_stem_weights(
     planes: int,
     encoding: str = "bitplane",
     thresholds: object = None,
+    *,
+    path: str | None = None,
 ) -> PreparedStem:
     """First-layer weights -> :class:`PreparedStem`.
 
@@ -351,6 +353,9 @@ def prepare_stem_weights(
       has place value 2^p; one group per plane (word shifts p).
     - ``"thermometer"``: plane p is ``pixel >= thresholds[p]`` (thresholds: ints, (planes,));
       all place values 1 (the model multiplies by its step); one group of all planes.
+
+    ``path``: the kernel path whose layout to add (default: the active one): on ``lut``,
+    bit-planes whose patch fits one word per plane also carry nibble weights (``nibbles``).
     """
     w = _check_packed(w_packed, 4, "stem weights")
     o, kh, kw, cw = w.shape
@@ -397,8 +402,13 @@ def prepare_stem_weights(
     lut = np.ascontiguousarray(lut, dtype=np.uint64)
     lutc = np.stack([lut.T << np.uint64(ci * gp) for ci in range(c)])
     bits_g = [8 - p + q for q in range(p)] if encoding == "bitplane" else []
+    blocks = _blocks_from_rows(rows)
+    nibbles = np.zeros((0, 0, LANES), np.uint8)
+    on_lut = _layout_path(path) == "lut"
+    if on_lut and encoding == "bitplane" and wg == 1 and cg <= 8:
+        nibbles = stem_nibbles(blocks, kg)  # the lut path's fast stem (see _fast_stem)
     return PreparedStem(
-        _blocks_from_rows(rows),
+        blocks,
         lut,
         np.ascontiguousarray(lutc, dtype=np.uint64),
         np.asarray(bits_g, np.int64),
@@ -411,7 +421,29 @@ def prepare_stem_weights(
         wg,
         kh,
         kw,
+        nibbles,
     )
+
+
+def _nibbles_ok(w: PreparedStem) -> bool:
+    """No nibbles, or the layout :func:`stem_nibbles` makes for a fast stem's words."""
+    nb = w.nibbles
+    if not isinstance(nb, np.ndarray) or nb.dtype != np.uint8 or not nb.flags.c_contiguous:
+        return False
+    if nb.size == 0:
+        return True
+    kg = w.kh * w.kw * w.image_channels * w.group_planes
+    nob, g_ = w.blocks.shape[0], w.groups
+    return bool(
+        _fast_stem(w) and nb.ndim == 3 and nb.shape[0] == nob and nb.shape[2] == LANES
+        and nb.shape[1] % g_ == 0 and 4 * (nb.shape[1] // g_) >= kg
+        and nb.shape[1] // g_ <= 16 and (nb.shape[1] // g_) % 4 == 0
+    )  # fmt: skip
+
+
+def _fast_blocks(w: PreparedStem) -> np.ndarray:
+    """The fast stem's weights: nibbles on the lut path, else words."""
+    return w.nibbles if w.nibbles.size else w.blocks
 
 
 def _fast_stem(w: PreparedStem) -> bool:
@@ -453,6 +485,7 @@ def _run_stem(
         or w.shifts.shape != (wt,)
         or w.lut.shape != (w.groups, 256)
         or w.lutc.shape != (w.image_channels, 256, w.groups)
+        or not _nibbles_ok(w)
         or nob != -(-w.out_channels // LANES)
     ):
         raise ValueError("inconsistent PreparedStem")
@@ -476,7 +509,7 @@ def _run_stem(
         # bit-planes whose patches are one word per plane: built with row-wise vector loops
         _stem_fast_serial(
             np.ascontiguousarray(x), w.plane_bits, cg, w.kh, w.kw, int(stride),
-            int(padding), ho, wo, w.blocks, w.shifts, w.const, o, mode, out_i, out_f, sc, bi,
+            int(padding), ho, wo, _fast_blocks(w), w.shifts, w.const, o, mode, out_i, out_f, sc, bi,
             rp[0], rp[1], rp[2], rprelu is not None,
         )  # fmt: skip
         return result.reshape(n, ho, wo, o)

@@ -56,6 +56,9 @@ class PreparedStem(NamedTuple):
     group_words: int  # Wg
     kh: int
     kw: int
+    # the lut path's fast-stem weights (``_lut_stem.stem_nibbles``), uint8 (nob, G*nq, 32);
+    # (0, 0, 32) elsewhere
+    nibbles: np.ndarray = np.zeros((0, 0, 32), np.uint8)
 
 
 def _words(n: int) -> int:
@@ -132,21 +135,26 @@ def _blocks_from_rows(rows: np.ndarray) -> np.ndarray:
 _LUT_MIN_WORDS = 0
 
 
-def _kernel_blocks(words: np.ndarray, path: str | None) -> np.ndarray:
-    """Prepared words in the layout of ``path``: ``"lut"`` always nibbles; None: the active
+def _layout_path(path: str | None, nwords: int = _LUT_MIN_WORDS) -> str:
+    """The kernel path whose weight layout to prepare: ``path``, checked, or (None) the active
     :func:`kernel_path`, where the lut path keeps words for reductions < _LUT_MIN_WORDS."""
     from .._paths import PATHS, kernel_path, target_features
 
     if path is None:
         path = kernel_path()
-        if path == "lut" and words.shape[1] < _LUT_MIN_WORDS:
+        if path == "lut" and nwords < _LUT_MIN_WORDS:
             path = "generic"
     if path not in PATHS:
         raise ValueError(f"unknown kernel path {path!r} (use one of {PATHS})")
-    if path != "lut":
-        return words
-    if "avx2" not in target_features():
+    if path == "lut" and "avx2" not in target_features():
         raise ValueError("the lut kernel path needs a compile target with AVX2")
+    return path
+
+
+def _kernel_blocks(words: np.ndarray, path: str | None) -> np.ndarray:
+    """Prepared words in the layout of ``path`` (:func:`_layout_path`): nibbles on lut."""
+    if _layout_path(path, words.shape[1]) != "lut":
+        return words
     from ._lut_conv import lut_blocks
 
     return lut_blocks(words)
