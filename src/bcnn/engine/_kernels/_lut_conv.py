@@ -38,8 +38,8 @@ from ._llvm import _MB, LANES, MR, _arg_readers, _args_ok
 __all__ = ["NBL", "PAIR_TABLES", "lut_blocks", "pair_bytes"]
 
 MRL = 2  # rows (pixels) per lookup micro-tile of 3 or 4 blocks (8 or 6 byte accumulators)
-MRL_NARROW = 4  # rows per micro-tile of 1 or 2 blocks (4 or 8 accumulators; each table load
-# then serves as many shuffles as it can: 2 rows x 2 blocks issued 1.3x the scalar work)
+MRL_NARROW = 4  # rows per micro-tile of 1 or 2 blocks (4 or 8 accumulators): each weight
+# load serves 4 pixels, and as many accumulators are in flight as in the wide tiles
 NBL = 4  # blocks of 32 output channels per micro-tile (each table load serves NBL shuffles)
 _RUN = 3  # words per byte-accumulation run: 3 * 16 nibbles * 4 <= 192 < 256
 _ROWS = -(-_MB * MR // MRL_NARROW) * MRL_NARROW  # a macro tile's rows, in whole micro-tiles
