@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._llvm import LANES, _epi_affine, _epi_int, _epi_res, _epi_rp, _epi_rp_res, _fma32
+from ._llvm import LANES, MR, _epi_affine, _epi_int, _epi_res, _epi_rp, _epi_rp_res, _fma32
 
 __all__: list[str] = []  # private: the conv and stem kernels import the names they need
 
@@ -141,3 +141,15 @@ def _store_tile(  # type: ignore[no-untyped-def]
                 out_f[m, o0 + l] = _affine_rp(
                     xv, o0 + l, scale, bias, rp_g, rp_s, rp_z, has_rp, fma
                 )
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _stem_tile(t, m_, o_, roffs, ooffs):  # type: ignore[no-untyped-def]
+    """The fast stem's micro tile t of MR output pixels: roffs[r] its pixels (the last real
+    one repeated past m_), ooffs[r] their output rows' offsets; returns (first pixel, rows)."""
+    m0 = t * MR
+    for r in range(MR):
+        mm = min(m0 + r, m_ - 1)
+        roffs[r] = mm
+        ooffs[r] = mm * o_
+    return m0, min(MR, m_ - m0)

@@ -52,6 +52,19 @@ def _arg_readers(context, builder, signature, args):  # type: ignore[no-untyped-
 _EPI_KINDS = ("int", "affine", "affine_rp", "affine_res", "affine_rp_res")
 
 
+def _epi_args_ok(kind, nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma) -> bool:  # type: ignore[no-untyped-def]
+    """An intrinsic typer's check of the fused epilogue's arguments (:func:`_emit_epilogue`)."""
+    return bool(
+        _is_c_array(out, types.int32 if kind == "int" else types.float32)
+        and _is_c_array(ooffs, types.int64)
+        and _is_c_array(resoffs, types.int64)
+        and all(_is_c_array(t, types.float32) for t in (scale, bias, g, s, z, res))
+        and isinstance(nbits, types.Integer)
+        and isinstance(o0, types.Integer)
+        and isinstance(fma, types.Boolean | types.Integer)
+    )
+
+
 def _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, ctl):  # type: ignore[no-untyped-def]
     """Emit the epilogue of rows of 32 outputs: rows = [(d, out_off, res_off)], d four
     <8 x i64> dot products.
@@ -157,16 +170,8 @@ def _make_microkernel(with_shifts: bool, kind: str | None = None):  # type: igno
             nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma,
         ):  # fmt: skip
             base = (a, roffs, seg_words, seg_stride, nseg, b, b_off, shifts)
-            if not (
-                check_base(*base)
-                and _is_c_array(out, types.int32 if kind == "int" else types.float32)
-                and _is_c_array(ooffs, types.int64)
-                and _is_c_array(resoffs, types.int64)
-                and all(_is_c_array(t, types.float32) for t in (scale, bias, g, s, z, res))
-                and isinstance(nbits, types.Integer)
-                and isinstance(o0, types.Integer)
-                and isinstance(fma, types.Boolean | types.Integer)
-            ):
+            epi = (nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma)
+            if not (check_base(*base) and _epi_args_ok(kind, *epi)):
                 return None
             sig = types.void(*base, nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma)
             return sig, _codegen

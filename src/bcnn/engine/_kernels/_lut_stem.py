@@ -25,9 +25,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ._conv_epi import _ctl, _store_tile
+from ._conv_epi import _ctl, _stem_tile, _store_tile
 from ._ir import counted_loop, pshufb
-from ._llvm import _NV, _VL, LANES, MR, _arg_readers, _args_ok, _emit_epilogue, _is_c_array
+from ._llvm import _NV, _VL, LANES, MR, _arg_readers, _args_ok, _emit_epilogue, _epi_args_ok
 from ._lut_conv import TABLES
 
 __all__ = ["stem_nibbles"]
@@ -157,20 +157,10 @@ def _make_mk_stem(kind: str | None):  # type: ignore[no-untyped-def]
         nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma,
     ):  # fmt: skip
         base = (patch, roffs, m_, g_, nq, nib, boff, shifts, tab)
-        out_t = types.int32 if kind == "int" else types.float32
-        if not (
-            base_ok(*base)
-            and _is_c_array(out, out_t)
-            and _is_c_array(ooffs, types.int64)
-            and _is_c_array(resoffs, types.int64)
-            and all(_is_c_array(t, types.float32) for t in (scale, bias, g, s, z, res))
-            and isinstance(nbits, types.Integer)
-            and isinstance(o0, types.Integer)
-            and isinstance(fma, types.Boolean | types.Integer)
-        ):
+        epi = (nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma)
+        if not (base_ok(*base) and _epi_args_ok(kind, *epi)):
             return None
-        rest = (nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma)
-        return types.void(*base, *rest), codegen
+        return types.void(*base, *epi), codegen
 
     return mkf
 
@@ -197,12 +187,7 @@ def _stem_fast_range_lut(  # type: ignore[no-untyped-def]
     fma = _ctl(mode, o_)
     tab = TABLES
     for t in range(t0, t1):
-        m0 = t * MR
-        rows = min(MR, m_ - m0)
-        for r in range(MR):
-            mm = min(m0 + r, m_ - 1)
-            roffs[r] = mm
-            ooffs[r] = mm * o_
+        m0, rows = _stem_tile(t, m_, o_, roffs, ooffs)
         for ob in range(nob):
             o0 = ob * LANES
             lmax = min(LANES, o_ - o0)

@@ -20,7 +20,7 @@ from ._conv import (
     _out_hw,
     _prescaled,
 )
-from ._conv_epi import _ctl, _store_tile
+from ._conv_epi import _ctl, _stem_tile, _store_tile
 from ._llvm import LANES, MR, _mk_shift, _mkf_shift_affine, _mkf_shift_int, _mkf_shift_rp
 from ._lut_stem import _stem_fast_range_lut, stem_nibbles
 from ._weights import (
@@ -288,12 +288,7 @@ def _stem_fast_range_pop(  # type: ignore[no-untyped-def]
     acc = np.empty(MR * LANES, np.int64)
     fma = _ctl(mode, o_)
     for t in range(t0, t1):
-        m0 = t * MR
-        rows = min(MR, m_ - m0)
-        for r in range(MR):
-            mm = min(m0 + r, m_ - 1)
-            roffs[r] = mm
-            ooffs[r] = mm * o_
+        m0, rows = _stem_tile(t, m_, o_, roffs, ooffs)
         for ob in range(nob):
             o0 = ob * LANES
             lmax = min(LANES, o_ - o0)
