@@ -266,6 +266,7 @@ def _stem_fast_range(  # type: ignore[no-untyped-def]
     raise NotImplementedError("compiled code only")
 
 
+# not inline="always": numba would compile the chosen implementation once more just to type it
 @overload(_stem_fast_range, jit_options={"nogil": True})
 def _stem_fast_range_typed(  # type: ignore[no-untyped-def]
     t0, t1, patch, blocks, shifts, const, o_, mode, out_i, out_f, scale, bias, rp_g, rp_s,
