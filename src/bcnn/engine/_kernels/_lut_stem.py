@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 from ._conv_epi import _ctl, _stem_tile, _store_tile
 from ._ir import counted_loop, pshufb
 from ._llvm import _NV, _VL, LANES, MR, _arg_readers, _args_ok, _emit_epilogue, _epi_args_ok
-from ._lut_conv import TABLES
+from ._lut_conv import TABLES, lut_blocks
 
 __all__ = ["stem_nibbles"]
 
@@ -41,12 +41,8 @@ def stem_nibbles(blocks: np.ndarray, bits: int) -> np.ndarray:
     nob, g_, lanes = blocks.shape
     nib4 = -(-bits // 4)  # nibbles that hold the patch's bits
     nq = min(16, -(-nib4 // _QSTEP) * _QSTEP)
-    by = np.ascontiguousarray(blocks.transpose(0, 2, 1)).view(np.uint8)  # (nob, 32, 8G)
-    nib = np.empty((nob, lanes, 16 * g_), np.uint8)
-    nib[..., 0::2] = by & 15
-    nib[..., 1::2] = by >> 4
-    nib = nib.reshape(nob, lanes, g_, 16)[..., :nq].reshape(nob, lanes, g_ * nq)
-    return np.ascontiguousarray(nib.transpose(0, 2, 1))
+    nib = lut_blocks(blocks).reshape(nob, g_, 16, lanes)  # plane g's nibble q at [:, g, q]
+    return np.ascontiguousarray(nib[:, :, :nq].reshape(nob, g_ * nq, lanes))
 
 
 def _make_mk_stem(kind: str | None):  # type: ignore[no-untyped-def]

@@ -398,13 +398,9 @@ def prepare_stem_weights(
     lut = np.ascontiguousarray(lut, dtype=np.uint64)
     lutc = np.stack([lut.T << np.uint64(ci * gp) for ci in range(c)])
     bits_g = [8 - p + q for q in range(p)] if encoding == "bitplane" else []
-    blocks = _blocks_from_rows(rows)
-    nibbles = np.zeros((0, 0, LANES), np.uint8)
     on_lut = _layout_path(path) == "lut"
-    if on_lut and encoding == "bitplane" and wg == 1 and cg <= 8:
-        nibbles = stem_nibbles(blocks, kg)  # the lut path's fast stem (see _fast_stem)
-    return PreparedStem(
-        blocks,
+    prepared = PreparedStem(
+        _blocks_from_rows(rows),
         lut,
         np.ascontiguousarray(lutc, dtype=np.uint64),
         np.asarray(bits_g, np.int64),
@@ -417,8 +413,10 @@ def prepare_stem_weights(
         wg,
         kh,
         kw,
-        nibbles,
     )
+    if on_lut and _fast_stem(prepared):  # the lut path's fast stem looks up nibbles
+        prepared = prepared._replace(nibbles=stem_nibbles(prepared.blocks, kg))
+    return prepared
 
 
 def _nibbles_ok(w: PreparedStem) -> bool:
