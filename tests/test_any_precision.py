@@ -609,3 +609,58 @@ def test_joint_loss_weights_change_the_training(tmp_path: Path) -> None:
         runs[name] = torch.load(tmp_path / name / "final.pt", weights_only=True)["state_dict"]
     a, b = runs["plain"], runs["w4x3"]
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+def test_private_training_moves_only_its_own_precision(tmp_path: Path) -> None:
+    """ap_private=[2]: W2A2's own BN sets and activation steps train; every other tensor (and
+    so every other precision's logits) is unchanged bit for bit."""
+    from test_train import _weights
+
+    from bcnn.models import load_checkpoint
+    from bcnn.train import train
+
+    torch.set_num_threads(1)
+    base = tmp_path / "base"
+    train(_ap_cfg(base, ap_joint=True, epochs=1))
+    out = tmp_path / "w2"
+    init = str(base / "final.pt")
+    train(_ap_cfg(out, ap_joint=True, ap_distill=True, ap_private=[2], init=init, lr=0.01))
+    a, b = _weights(base / "final.pt"), _weights(out / "final.pt")
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    own = [k for k in a if ".sets.2_2_2." in k or ".quantizers.2." in k]
+    assert moved and moved <= set(own), sorted(moved - set(own))[:3]
+    assert any(".sets.2_2_2.running_" in k for k in moved)  # its statistics were re-estimated
+    x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    ma, _ = load_checkpoint(base / "final.pt")
+    mb, _ = load_checkpoint(out / "final.pt")
+    with torch.no_grad():
+        for k in (1, 2, 4):
+            set_precision(ma, weight_bits=k, act_bits=k)
+            set_precision(mb, weight_bits=k, act_bits=k)
+            same = torch.equal(ma(x), mb(x))
+            assert same == (k != 2), k  # only W2A2's logits move
+    with pytest.raises(ValueError, match="ap_private: 3 is not one of the precisions"):
+        _ap_cfg(tmp_path / "bad", ap_private=[3]).validate()
+    with pytest.raises(ValueError, match="ap_private names precisions"):
+        _ap_cfg(tmp_path / "bad", model_kw={"width": 8}, ap_private=[1]).validate()
+
+
+def test_private_stage_freezes_all_but_its_own_parameters() -> None:
+    from bcnn.train._any_precision import AnyPrecisionStage
+
+    model = _model()
+    st = AnyPrecisionStage(PRECISIONS, "layerwise", True, seed=0, joint=True, private=(3, 4))
+    n = st.freeze_shared(model)
+    train = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    for name in train:  # BN sets keyed by 3s and 4s only, and the 3- and 4-bit act steps
+        key = name.split(".sets.")[1].split(".")[0] if ".sets." in name else None
+        ok = key is not None and set(key.split("_")) <= {"3", "4"}
+        assert ok or ".quantizers.3." in name or ".quantizers.4." in name, name
+    assert any(".sets.3_4_3." in name for name in train)  # mixes of the private precisions
+    st.start(10)
+    teacher, *rest = st.passes(model, 0)
+    assert teacher is not None and {v for v in teacher.values()} == {(4, 4)}  # uniform
+    assert len(rest) == 1 and {w for w, _ in rest[0].values()} <= {3, 4}  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="not all in"):
+        AnyPrecisionStage(PRECISIONS, "uniform", False, seed=0, private=(5,))

@@ -153,6 +153,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="BITS=W",
         help="any-precision, --ap-joint: weigh a precision's loss in the sum, e.g. 4=2 (others 1)",
     )
+    p.add_argument(
+        "--ap-private",
+        nargs="+",
+        type=int,
+        default=S,
+        metavar="BITS",
+        help="any-precision: run only these precisions and train only their own parameters "
+        "(batch-norm sets, activation steps); shared weights stay frozen",
+    )
     p.add_argument("--resume", action="store_true", default=S, help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", default=S, help="no progress output")
 

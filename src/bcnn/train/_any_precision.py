@@ -23,6 +23,12 @@ mixing: pass k uses the network-wide width k, and each layer draws its own width
 schedule's probability. With ``distill`` the highest pass (kept uniform) teaches the others.
 ``loss_weights`` ({bits: weight}, unlisted 1) weigh the passes' losses in the sum.
 
+With ``private`` (a subset of the precisions) only those precisions run, and only their own
+parameters train: the batch-norm sets whose key holds no other precision and their activation
+quantizers' steps. Everything shared (weights, weight steps, thresholds, PReLUs, the classifier
+scale) is frozen, so every other precision's outputs stay exactly as they were: a way to lift
+one view without trading the others.
+
 Validation reports top-1 at every uniform precision.
 """
 
@@ -34,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from ..models import precision_layers
-from ..quant import UntrainedPrecision, precision
+from ..nn import SwitchableBatchNorm
+from ..quant import SwitchableQuantizer, UntrainedPrecision, precision
 
 __all__ = ["AP_SCHEDULES", "AnyPrecisionStage", "make_any_precision_stage"]
 
@@ -50,6 +57,7 @@ class AnyPrecisionStage:
         seed: int,
         joint: bool = False,
         loss_weights: dict[int, float] | None = None,
+        private: tuple[int, ...] = (),
     ):
         if schedule not in AP_SCHEDULES:
             raise ValueError(
@@ -61,7 +69,35 @@ class AnyPrecisionStage:
         self.joint = bool(joint)
         self.loss_weights = {int(k): float(v) for k, v in (loss_weights or {}).items()}
         self.seed = int(seed)
+        self.private = tuple(sorted({int(k) for k in private}))
+        if not set(self.private) <= set(precisions):
+            raise ValueError(f"private precisions {self.private} not all in {precisions}")
+        # the precisions that run in training (evaluation reports every one)
+        self.trained = self.private or self.precisions
         self.total = 1
+
+    def freeze_shared(self, model: nn.Module) -> int:
+        """With ``private``: every parameter but the private precisions' own stops training
+        (``requires_grad=False``). Returns the number of parameters that still train."""
+        if not self.private:
+            return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        own: set[int] = set()
+        mine = set(self.private)
+        for m in model.modules():
+            if isinstance(m, SwitchableBatchNorm):
+                for key in m.keys:
+                    if set(key) <= mine:
+                        own.update(id(p) for p in m.set_for(key).parameters())
+            elif isinstance(m, SwitchableQuantizer):
+                for k in self.private:
+                    own.update(id(p) for p in m.quantizers[str(k)].parameters())
+        n = 0
+        for p in model.parameters():
+            p.requires_grad_(id(p) in own)
+            n += p.numel() if id(p) in own else 0
+        if n == 0:
+            raise ValueError(f"private precisions {self.private}: the model has no own parameters")
+        return n
 
     def start(self, total_iterations: int) -> None:
         self.total = max(1, int(total_iterations))
@@ -80,7 +116,7 @@ class AnyPrecisionStage:
     ) -> dict[str, tuple[int, int]]:
         """The precisions of this iteration ``{layer: (k, k)}`` (deterministic per iteration;
         ``width``: the network-wide width of a joint pass, else the iteration's own)."""
-        ps = self.precisions
+        ps = self.trained
         if width is None:
             # the network-wide width: every precision once per round of len(ps) iterations, in
             # a shuffled order (balanced: each BN set of the uniform precisions keeps training)
@@ -102,17 +138,25 @@ class AnyPrecisionStage:
         """The forward passes of one iteration, in order (None: the default, highest,
         precision); with ``distill`` the first pass teaches the rest."""
         if self.joint:
-            top, *rest = sorted(self.precisions, reverse=True)
-            first = None if self.distill else self.draw(model, iteration, top)
+            top, *rest = sorted(self.trained, reverse=True)
+            first = self._teacher(model) if self.distill else self.draw(model, iteration, top)
             return [first] + [self.draw(model, iteration, k) for k in rest]
         drawn = self.draw(model, iteration)
-        return [None, drawn] if self.distill else [drawn]
+        return [self._teacher(model), drawn] if self.distill else [drawn]
+
+    def _teacher(self, model: nn.Module) -> dict[str, tuple[int, int]] | None:
+        """The distilling pass: the model's highest precision (None), or with ``private``
+        the highest private one, uniform (a shared view must not run in train mode)."""
+        if not self.private:
+            return None
+        k = max(self.private)
+        return {name: (k, k) for name, _ in precision_layers(model)}
 
     def weights(self) -> list[float] | None:
         """The loss weight of each joint pass, in ``passes``' order (None: all 1)."""
         if not self.joint or not self.loss_weights:
             return None
-        return [self.loss_weights.get(k, 1.0) for k in sorted(self.precisions, reverse=True)]
+        return [self.loss_weights.get(k, 1.0) for k in sorted(self.trained, reverse=True)]
 
     def total_loss(self, losses: list[Tensor]) -> Tensor:
         """The passes' losses summed, each times its weight (:meth:`weights`)."""
@@ -125,8 +169,9 @@ class AnyPrecisionStage:
         d = ", distilled from the highest" if self.distill else ""
         j = ", every precision each iteration" if self.joint else ""
         w = self.weights()
-        lw = f", loss weights {dict(zip(sorted(self.precisions, reverse=True), w))}" if w else ""
-        return f", any-precision {self.precisions} ({self.schedule}{j}{d}{lw})"
+        lw = f", loss weights {dict(zip(sorted(self.trained, reverse=True), w))}" if w else ""
+        pv = f", only {self.private}'s own parameters train" if self.private else ""
+        return f", any-precision {self.precisions} ({self.schedule}{j}{d}{lw}{pv})"
 
     def evaluate(self, model: nn.Module, run_eval: Any) -> dict[str, float]:
         """Top-1 at every uniform precision (``run_eval()`` -> evaluate's dict)."""
@@ -151,4 +196,5 @@ def make_any_precision_stage(cfg: Any, step: str) -> AnyPrecisionStage | None:
         cfg.seed,
         joint=cfg.ap_joint,
         loss_weights=cfg.ap_loss_weights,
+        private=tuple(cfg.ap_private or ()),
     )

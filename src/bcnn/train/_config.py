@@ -74,6 +74,9 @@ class TrainConfig:
     ap_joint: bool = False  # every precision every iteration, losses summed (P forwards)
     # joint: a precision's loss weight in the sum, {bits: weight} (unlisted: 1)
     ap_loss_weights: dict[int, float] = field(default_factory=dict)
+    # train only these precisions' own parameters (their batch-norm sets and activation steps);
+    # everything shared stays frozen, so every other precision is unchanged bit for bit
+    ap_private: list[int] = field(default_factory=list)
     quiet: bool = False
     resume: bool = False
 
@@ -131,6 +134,7 @@ class TrainConfig:
 
         if self.ap_schedule not in AP_SCHEDULES:
             raise ValueError(f"ap_schedule must be one of {AP_SCHEDULES}, got {self.ap_schedule!r}")
+        self._validate_ap_private()
         if not self.model_kw.get("precisions"):
             return
         if self.step_list() != ["2"]:
@@ -141,6 +145,20 @@ class TrainConfig:
         if self.bsq_alpha is not None:
             raise ValueError("--bsq-alpha and an any-precision model do not combine")
         self._validate_ap_loss_weights()
+
+    def _validate_ap_private(self) -> None:
+        if not self.ap_private:
+            return
+        ps = sorted(int(p) for p in self.model_kw.get("precisions") or ())
+        if not ps:
+            raise ValueError("ap_private names precisions of an any-precision model")
+        raw = self.ap_private if isinstance(self.ap_private, list | tuple) else [self.ap_private]
+        out = []
+        for k in raw:
+            if isinstance(k, bool) or not isinstance(k, int) or k not in ps:
+                raise ValueError(f"ap_private: {k!r} is not one of the precisions {ps}")
+            out.append(k)
+        self.ap_private = sorted(set(out))
 
     def _validate_ap_loss_weights(self) -> None:
         if not self.ap_loss_weights:

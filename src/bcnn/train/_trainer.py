@@ -261,7 +261,9 @@ class Trainer:
             names = binarised_weight_names(bin_model)  # type: ignore[arg-type]
         else:
             names = set()
-        clip_params = [p for n, p in model.named_parameters() if n in names]
+        if ap is not None:
+            ap.freeze_shared(model)  # with ap_private: only those precisions' own parameters
+        clip_params = [p for n, p in model.named_parameters() if n in names and p.requires_grad]
         clip = cfg.clip_latent and bool(clip_params) and bsq is None
         if clip:
             clip_latent_weights(clip_params)
