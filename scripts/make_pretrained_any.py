@@ -167,10 +167,18 @@ def main() -> int:
 
     def taught(g: dict[str, Any]) -> str:
         c = yaml.safe_load(g["cfg"])
+        if c.get("ap_private"):
+            views = ", ".join(f"W{k}A{k}" for k in c["ap_private"])
+            return (
+                f"{views} alone, only its own batch-norm sets and activation steps training "
+                "(`ap_private`: every other view unchanged)"
+            )
+        runs = "every precision each iteration (`--ap-joint`)" if c.get("ap_joint") else ""
         if c.get("teacher"):
             fp = ", in float32" if c.get("teacher_amp") is False else ""
-            return f"`{Path(c['teacher']).stem}` (`teacher`{fp})"
-        return "the highest precision (`--ap-distill`)" if c.get("ap_distill") else "none"
+            return f"{runs}, distilled from `{Path(c['teacher']).stem}` (`teacher`{fp})"
+        kd = "distilled from the highest precision (`--ap-distill`)"
+        return f"{runs}, {kd}" if c.get("ap_distill") else runs or "one precision per iteration"
 
     kd = "; ".join(f"stage {i}: {taught(g)}" for i, g in enumerate(stages, 1))
     facts = "| | |\n|---|---|\n" + "\n".join(
@@ -178,8 +186,7 @@ def main() -> int:
         for k, v in [
             (
                 "training",
-                f"{epochs} step-2 epochs from the shipped `bcnn_cifar10`, every precision each "
-                f"iteration (`--ap-joint`), distilled from {kd}; "
+                f"{epochs} step-2 epochs from the shipped `bcnn_cifar10`: {kd}; "
                 "each stage's precision schedule (`ap_schedule`: `bitmixer`, uniform then "
                 "per-layer, or `uniform`) in its config below; "
                 f"{secs / 60:.0f} min wall time in {len(stages)} stage(s) (below), CPU only "
