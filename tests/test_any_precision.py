@@ -645,6 +645,87 @@ def test_private_training_moves_only_its_own_precision(tmp_path: Path) -> None:
         _ap_cfg(tmp_path / "bad", model_kw={"width": 8}, ap_private=[1]).validate()
 
 
+def test_private_planes_train_weights_without_moving_shared_views(tmp_path: Path) -> None:
+    """ap_private=[4] + ap_private_planes: the latent weights train too, but every W1/W2
+    view (top 1 / 2 planes of the nested 4-bit weights) and so their logits stay the same;
+    W4A4's lowest planes and logits move."""
+    from test_train import _weights
+
+    from bcnn.models import load_checkpoint
+    from bcnn.train import train
+
+    torch.set_num_threads(1)
+    base = tmp_path / "base"
+    train(_ap_cfg(base, ap_joint=True, epochs=1))
+    out = tmp_path / "w4"
+    init = str(base / "final.pt")
+    cfg = _ap_cfg(out, ap_private=[4], ap_private_planes=True, init=init, lr=0.02)
+    train(cfg)
+    a, b = _weights(base / "final.pt"), _weights(out / "final.pt")
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert any(k.endswith("conv.weight") for k in moved)  # the weights trained
+    ma, _ = load_checkpoint(base / "final.pt")
+    mb, _ = load_checkpoint(out / "final.pt")
+    n_low = 0
+    for (name, la), (_, lb) in zip(precision_layers(ma), precision_layers(mb), strict=True):
+        qa, qb = la.weight_quantizer, lb.weight_quantizer
+        assert torch.equal(qa.step, qb.step), name  # the shared steps stay
+        with torch.no_grad():
+            xa, _ = qa.integer(la.weight)
+            xb, _ = qb.integer(lb.weight)
+        top = torch.div(xa + 15, 8, rounding_mode="floor")  # (X + 15) / 2 = the planes' bits
+        assert torch.equal(top, torch.div(xb + 15, 8, rounding_mode="floor")), name
+        n_low += int((xa != xb).sum())  # only the two low planes differ
+    assert n_low > 0
+    x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        for k in (1, 2, 4):
+            set_precision(ma, weight_bits=k, act_bits=k)
+            set_precision(mb, weight_bits=k, act_bits=k)
+            assert torch.equal(ma(x), mb(x)) == (k != 4), k  # only W4A4's logits move
+    with pytest.raises(ValueError, match="add 4 to ap_private"):
+        _ap_cfg(tmp_path / "bad", ap_private=[2], ap_private_planes=True).validate()
+    with pytest.raises(ValueError, match="needs ap_private"):
+        _ap_cfg(tmp_path / "bad", ap_private_planes=True).validate()
+
+
+def test_private_planes_projection_keeps_the_cells() -> None:
+    """A stage private to {3, 4} of a (1, 2, 3, 4) model: each latent weight may move within
+    the cell of its 2-bit view (width 8 steps); project() pulls far-moved weights back."""
+    from bcnn.train._any_precision import AnyPrecisionStage
+
+    model = _model()
+    st = AnyPrecisionStage(PRECISIONS, "uniform", False, seed=0, private=(3, 4), planes=True)
+    with pytest.raises(ValueError, match="untrained weight step"):
+        st.freeze_shared(model)
+    _train_at(model, (4,), steps=1)  # initialises the steps
+    st.freeze_shared(model)
+    layers = precision_layers(model)
+    assert all(m.weight.requires_grad for _, m in layers)
+
+    def view2() -> list[torch.Tensor]:
+        out = []
+        with precision(model, weight_bits=2, act_bits=2), torch.no_grad():
+            for _, m in layers:
+                out.append(m.weight_quantizer.integer(m.weight)[0].clone())
+        return out
+
+    before = view2()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, m in layers:
+            s = m.weight_quantizer.step.abs().view(-1, *([1] * (m.weight.dim() - 1)))
+            m.weight.add_(torch.randn(m.weight.shape, generator=g) * 6 * s)
+    assert any(not torch.equal(a, b) for a, b in zip(before, view2(), strict=True))  # control
+    st.project()
+    assert all(torch.equal(a, b) for a, b in zip(before, view2(), strict=True))
+    with pytest.raises(ValueError, match="need private precisions"):
+        AnyPrecisionStage(PRECISIONS, "uniform", False, seed=0, planes=True)
+    shared_top = AnyPrecisionStage(PRECISIONS, "uniform", False, seed=0, private=(2,), planes=True)
+    with pytest.raises(ValueError, match="the top precision 4 is shared"):
+        shared_top.freeze_shared(_model())
+
+
 def test_private_stage_freezes_all_but_its_own_parameters() -> None:
     from bcnn.train._any_precision import AnyPrecisionStage
 

@@ -162,6 +162,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="any-precision: run only these precisions and train only their own parameters "
         "(batch-norm sets, activation steps); shared weights stay frozen",
     )
+    p.add_argument(
+        "--ap-private-planes",
+        action="store_true",
+        default=S,
+        help="with --ap-private: the weights train too, within the low planes that only the "
+        "private precisions read (every other view unchanged)",
+    )
     p.add_argument("--resume", action="store_true", default=S, help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", default=S, help="no progress output")
 

@@ -27,13 +27,19 @@ With ``private`` (a subset of the precisions) only those precisions run, and onl
 parameters train: the batch-norm sets whose key holds no other precision and their activation
 quantizers' steps. Everything shared (weights, weight steps, thresholds, PReLUs, the classifier
 scale) is frozen, so every other precision's outputs stay exactly as they were: a way to lift
-one view without trading the others.
+one view without trading the others. With ``planes`` as well, the weights train too, but only
+in their lowest planes, the ones no other precision reads: the k-bit view of a nested b-bit
+weight is its top k planes, i.e. the cell ``[m c s, (m+1) c s)`` of ``w`` with
+``c = 2^(b - j + 1)`` and ``j`` the highest precision that is not private. After every update
+each latent weight is clamped back into the cell it started in (:meth:`project`), so the
+j-bit view, and every lower one, stays the same bit for bit.
 
 Validation reports top-1 at every uniform precision.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,7 +47,13 @@ from torch import Tensor, nn
 
 from ..models import precision_layers
 from ..nn import SwitchableBatchNorm
-from ..quant import SwitchableQuantizer, UntrainedPrecision, precision
+from ..quant import (
+    SwitchableQuantizer,
+    UniformQuantizer,
+    UntrainedPrecision,
+    grid_limits,
+    precision,
+)
 
 __all__ = ["AP_SCHEDULES", "AnyPrecisionStage", "make_any_precision_stage"]
 
@@ -58,6 +70,7 @@ class AnyPrecisionStage:
         joint: bool = False,
         loss_weights: dict[int, float] | None = None,
         private: tuple[int, ...] = (),
+        planes: bool = False,
     ):
         if schedule not in AP_SCHEDULES:
             raise ValueError(
@@ -72,9 +85,54 @@ class AnyPrecisionStage:
         self.private = tuple(sorted({int(k) for k in private}))
         if not set(self.private) <= set(precisions):
             raise ValueError(f"private precisions {self.private} not all in {precisions}")
+        if planes and not self.private:
+            raise ValueError("private weight planes need private precisions (ap_private)")
+        self.planes = bool(planes)
         # the precisions that run in training (evaluation reports every one)
         self.trained = self.private or self.precisions
         self.total = 1
+        # (latent weight, lowest, highest value) of each weight whose low planes train
+        self._cells: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def _cell_bounds(self, model: nn.Module) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The cell of every latent weight of the precision layers in which the views of the
+        non-private precisions stay the same (none when the top precision is shared)."""
+        shared = [k for k in self.precisions if k not in self.private]
+        top = self.precisions[-1]
+        if shared and max(shared) == top:
+            raise ValueError(
+                f"private weight planes: the top precision {top} is shared, so every weight "
+                f"plane is read by a shared view; make {top} private"
+            )
+        out: list[tuple[Tensor, Tensor, Tensor]] = []
+        for name, m in precision_layers(model):
+            q, w = m.weight_quantizer, m.weight
+            assert isinstance(w, Tensor)
+            if not isinstance(q, UniformQuantizer) or q.bits != top or not q.signed:
+                raise ValueError(f"{name}: not a nested {top}-bit weight; no private planes")
+            if not bool(q.initialized):
+                raise ValueError(f"{name}: untrained weight step; private planes need --init")
+            if not shared:  # every precision private: the weights are free
+                out.append((w, torch.full_like(w, -math.inf), torch.full_like(w, math.inf)))
+                continue
+            c = 2.0 ** (top - max(shared) + 1)  # the cell width, in steps
+            with torch.no_grad():
+                s = q.step.detach().abs().clamp_min(1e-8).view(-1, *([1] * (w.dim() - 1)))
+                lo_grid, hi_grid = grid_limits(top, True)
+                cell = torch.floor(w.detach().clamp(lo_grid * s, hi_grid * s) / s / c)
+                first, last = math.floor(lo_grid / c), math.floor(hi_grid / c)
+                margin = 1e-3 * c  # stay clear of the cell's edges (rounding of w / s)
+                lo = torch.where(cell <= first, -math.inf, (cell * c + margin) * s)
+                hi = torch.where(cell >= last, math.inf, ((cell + 1) * c - margin) * s)
+            out.append((w, lo, hi))
+        return out
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """With ``planes``: every latent weight back into its starting cell (after a step)."""
+        for w, lo, hi in self._cells:
+            torch.maximum(w, lo, out=w)
+            torch.minimum(w, hi, out=w)
 
     def freeze_shared(self, model: nn.Module) -> int:
         """With ``private``: every parameter but the private precisions' own stops training
@@ -91,6 +149,10 @@ class AnyPrecisionStage:
             elif isinstance(m, SwitchableQuantizer):
                 for k in self.private:
                     own.update(id(p) for p in m.quantizers[str(k)].parameters())
+        if self.planes:
+            self._cells = self._cell_bounds(model)
+            own.update(id(w) for w, _, _ in self._cells)
+            self.project()  # a latent weight on a cell's edge moves inside by the margin
         n = 0
         for p in model.parameters():
             p.requires_grad_(id(p) in own)
@@ -171,6 +233,7 @@ class AnyPrecisionStage:
         w = self.weights()
         lw = f", loss weights {dict(zip(sorted(self.trained, reverse=True), w))}" if w else ""
         pv = f", only {self.private}'s own parameters train" if self.private else ""
+        pv += " (and the weights' private low planes)" if self.planes else ""
         return f", any-precision {self.precisions} ({self.schedule}{j}{d}{lw}{pv})"
 
     def evaluate(self, model: nn.Module, run_eval: Any) -> dict[str, float]:
@@ -197,4 +260,5 @@ def make_any_precision_stage(cfg: Any, step: str) -> AnyPrecisionStage | None:
         joint=cfg.ap_joint,
         loss_weights=cfg.ap_loss_weights,
         private=tuple(cfg.ap_private or ()),
+        planes=cfg.ap_private_planes,
     )

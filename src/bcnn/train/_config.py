@@ -77,6 +77,8 @@ class TrainConfig:
     # train only these precisions' own parameters (their batch-norm sets and activation steps);
     # everything shared stays frozen, so every other precision is unchanged bit for bit
     ap_private: list[int] = field(default_factory=list)
+    # with ap_private: the weights train too, within the low planes no shared precision reads
+    ap_private_planes: bool = False
     quiet: bool = False
     resume: bool = False
 
@@ -147,6 +149,8 @@ class TrainConfig:
         self._validate_ap_loss_weights()
 
     def _validate_ap_private(self) -> None:
+        if self.ap_private_planes and not self.ap_private:
+            raise ValueError("ap_private_planes needs ap_private (the precisions that own them)")
         if not self.ap_private:
             return
         ps = sorted(int(p) for p in self.model_kw.get("precisions") or ())
@@ -159,6 +163,11 @@ class TrainConfig:
                 raise ValueError(f"ap_private: {k!r} is not one of the precisions {ps}")
             out.append(k)
         self.ap_private = sorted(set(out))
+        if self.ap_private_planes and ps[-1] not in self.ap_private:
+            raise ValueError(
+                f"ap_private_planes: every weight plane is read by the shared W{ps[-1]}; "
+                f"add {ps[-1]} to ap_private"
+            )
 
     def _validate_ap_loss_weights(self) -> None:
         if not self.ap_loss_weights:

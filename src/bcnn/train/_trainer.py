@@ -267,6 +267,8 @@ class Trainer:
         clip = cfg.clip_latent and bool(clip_params) and bsq is None
         if clip:
             clip_latent_weights(clip_params)
+        if ap is not None:
+            ap.project()  # private weight planes: every latent weight inside its cell
 
         train_loader, val_loader = self.loaders()
         epochs = cfg.epochs_for(step)
@@ -404,6 +406,8 @@ class Trainer:
                     sched.step()
                     if clip:
                         clip_latent_weights(clip_params)
+                    if ap is not None:
+                        ap.project()
                     iteration += 1
                     lv = float(task.detach())
                     corr = float((logits.detach().argmax(1) == y).sum())
