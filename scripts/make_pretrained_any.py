@@ -169,9 +169,14 @@ def main() -> int:
         c = yaml.safe_load(g["cfg"])
         if c.get("ap_private"):
             views = ", ".join(f"W{k}A{k}" for k in c["ap_private"])
+            planes = (
+                ", and the weights' low planes no other view reads (`ap_private_planes`)"
+                if c.get("ap_private_planes")
+                else ""
+            )
             return (
-                f"{views} alone, only its own batch-norm sets and activation steps training "
-                "(`ap_private`: every other view unchanged)"
+                f"{views} alone, only its own batch-norm sets and activation steps training"
+                f"{planes} (`ap_private`: every other view unchanged)"
             )
         runs = "every precision each iteration (`--ap-joint`)" if c.get("ap_joint") else ""
         if c.get("teacher"):
