@@ -673,7 +673,7 @@ def test_private_planes_train_weights_without_moving_shared_views(tmp_path: Path
         with torch.no_grad():
             xa, _ = qa.integer(la.weight)
             xb, _ = qb.integer(lb.weight)
-        top = torch.div(xa + 15, 8, rounding_mode="floor")  # (X + 15) / 2 = the planes' bits
+        top = torch.div(xa + 15, 8, rounding_mode="floor")  # X's top 2 planes, as 0..3
         assert torch.equal(top, torch.div(xb + 15, 8, rounding_mode="floor")), name
         n_low += int((xa != xb).sum())  # only the two low planes differ
     assert n_low > 0

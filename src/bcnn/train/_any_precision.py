@@ -104,6 +104,10 @@ class AnyPrecisionStage:
                 f"private weight planes: the top precision {top} is shared, so every weight "
                 f"plane is read by a shared view; make {top} private"
             )
+        lo_grid, hi_grid = grid_limits(top, True)
+        c = 2.0 ** (top - max(shared, default=top) + 1)  # the cell width, in steps
+        first, last = math.floor(lo_grid / c), math.floor(hi_grid / c)  # open-ended cells
+        margin = 1e-3 * c  # stay clear of the cell's edges (rounding of w / s)
         out: list[tuple[Tensor, Tensor, Tensor]] = []
         for name, m in precision_layers(model):
             q, w = m.weight_quantizer, m.weight
@@ -115,13 +119,9 @@ class AnyPrecisionStage:
             if not shared:  # every precision private: the weights are free
                 out.append((w, torch.full_like(w, -math.inf), torch.full_like(w, math.inf)))
                 continue
-            c = 2.0 ** (top - max(shared) + 1)  # the cell width, in steps
             with torch.no_grad():
-                s = q.step.detach().abs().clamp_min(1e-8).view(-1, *([1] * (w.dim() - 1)))
-                lo_grid, hi_grid = grid_limits(top, True)
-                cell = torch.floor(w.detach().clamp(lo_grid * s, hi_grid * s) / s / c)
-                first, last = math.floor(lo_grid / c), math.floor(hi_grid / c)
-                margin = 1e-3 * c  # stay clear of the cell's edges (rounding of w / s)
+                s = q.step.abs().clamp_min(1e-8).view(-1, *([1] * (w.dim() - 1)))
+                cell = torch.floor(w.clamp(lo_grid * s, hi_grid * s) / s / c)
                 lo = torch.where(cell <= first, -math.inf, (cell * c + margin) * s)
                 hi = torch.where(cell >= last, math.inf, ((cell + 1) * c - margin) * s)
             out.append((w, lo, hi))
