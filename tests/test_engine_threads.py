@@ -315,3 +315,39 @@ def test_overlapping_calls_switch_plans_to_the_runner() -> None:
             break
     assert model._concurrent
     assert any(p._runner is not None for p in model._plans[(1, 3, 32, 32)])
+
+
+_ONE_PARFOR = r"""
+import numpy as np
+from bcnn.engine import _kernels as K, num_threads
+from bcnn.engine._kernels import _conv as C
+rng = np.random.default_rng(0)
+w = K.prepare_conv_weights(K.pack_weights(rng.standard_normal((64, 64, 3, 3), np.float32)), 64)
+x = K.pack_sign(rng.standard_normal((8, 14, 14, 64)).astype(np.float32))
+with num_threads(2):
+    got = K.bconv2d(x, w, 1, 1)
+assert np.array_equal(got, K.bconv2d(x, w, 1, 1))
+(cres,) = C._conv_parallel.overloads.values()
+print(len(cres.metadata["parfor_diagnostics"].initial_parfors))
+"""
+
+
+@pytest.mark.slow
+def test_the_parallel_conv_schedules_only_its_prange(tmp_path: Any) -> None:
+    """The parallel conv's region holds one parfor, its prange over chunks. An array
+    expression beside it (np.zeros of the padded input once was) becomes a parfor of its own,
+    and under the conv's parallel chunk size of 1 every element a scheduled chunk: 2 threads
+    then ran 0.5-0.75x one thread (measured on Zen 3). Compiled afresh (an empty cache)."""
+    import os
+    import subprocess
+
+    pytest.importorskip("numba")
+    from bcnn.engine._threads import max_threads
+
+    if max_threads() < 2:
+        pytest.skip("one numba thread: the serial conv runs")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", _ONE_PARFOR], env=env, capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["1"]

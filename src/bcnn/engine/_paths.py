@@ -110,7 +110,7 @@ def apply_kernel_path_env() -> None:
     if want == "vpopcnt":
         raise ValueError(
             "BCNN_KERNEL_PATH=vpopcnt: the compile target has no AVX-512 VPOPCNTDQ "
-            "(use generic, or unset it)"
+            f"(it runs {', '.join(runnable_paths())}; or unset it)"
         )
     if want == "lut":
         raise ValueError("BCNN_KERNEL_PATH=lut: the compile target has no AVX2 (use generic)")
