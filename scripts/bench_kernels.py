@@ -3,6 +3,7 @@ PyTorch float vs PyTorch int8 x86/fbgemm, float in / float out), at 1 and 2 thre
 
     python scripts/bench_kernels.py [--repeat R] [--threads 1 2] [--json]
     python scripts/bench_kernels.py --lut     # the lut path's GEMM / conv tiles vs popcount
+    python scripts/bench_kernels.py --ceiling # the lut micro-kernel vs its vpshufb/vpaddb bound
     NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES= python scripts/bench_kernels.py --lut  # AVX2
 
 All figures are medians of repeated runs; the implementations of one layer are timed in the
@@ -179,6 +180,83 @@ def bench_lut(repeat: int) -> list[dict[str, float]]:
     return rows
 
 
+def bench_lut_ceiling(repeat: int) -> dict[str, float]:
+    """The lut path's throughput bound on this CPU and how close its micro-kernel comes.
+
+    A loop of independent ``acc += vpshufb(table, acc)`` (256-bit, 8 chains) measures the
+    rate of the (shuffle, byte add) pairs one lookup costs; each pair is 128 binary MACs, so
+    pairs/s x 128 bounds any lookup-table kernel. The micro-kernel (2 pixels x 4 blocks of
+    32 channels, 3 words per run, L1-resident operands, widening included) is timed alone.
+    Both are best-of-``repeat`` rates, interleaved."""
+    import time
+
+    import numpy as np
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    from bcnn.engine._kernels import _lut_conv as L
+    from bcnn.engine._kernels._ir import counted_loop, pshufb
+
+    @intrinsic
+    def pairs(typingctx, n):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            v8 = ir.VectorType(ir.IntType(8), 32)
+            shuf = pshufb(builder, 32)
+            tab = ir.Constant(v8, [(3 * j + 1) % 16 for j in range(32)])
+
+            def body(i, xs):  # type: ignore[no-untyped-def]
+                return [builder.add(x, builder.call(shuf, [tab, x])) for x in xs]
+
+            init = [ir.Constant(v8, [(i + j) % 16 for j in range(32)]) for i in range(8)]
+            xs = counted_loop(builder, ir.Constant(ir.IntType(64), 0), args[0], 1, init, body, "p")
+            s = xs[0]
+            for x in xs[1:]:
+                s = builder.xor(s, x)
+            return builder.zext(builder.extract_element(s, ir.Constant(ir.IntType(32), 0)),
+                                ir.IntType(64))  # fmt: skip
+
+        return types.int64(n), codegen
+
+    @njit
+    def run_pairs(n):  # type: ignore[no-untyped-def]
+        return pairs(n)
+
+    mk = L._make_mk_lut(4, False, 2)
+
+    @njit(boundscheck=False)
+    def run_mk(xp, roffs, blocks, tab, acc, n):  # type: ignore[no-untyped-def]
+        bstride = blocks.shape[1] * 32
+        for _ in range(n):
+            mk(xp, roffs, 0, 0, 0, 3, blocks, 0, bstride, tab, acc, 0, 32 * 32)
+
+    rng = np.random.default_rng(0)
+    xp = rng.integers(0, 2**63, size=8, dtype=np.uint64)
+    roffs = np.arange(2, dtype=np.int64) * 3
+    blocks = rng.integers(0, 16, size=(4, 16 * 3, 32), dtype=np.uint8)
+    acc = np.zeros(4 * 32 * 32, np.uint16)
+    n_pairs, n_mk = 20_000_000, 100_000
+    run_pairs(10)
+    run_mk(xp, roffs, blocks, L.TABLES, acc, 10)
+    best = {"pairs": 1e9, "mk": 1e9}
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run_pairs(n_pairs)
+        t1 = time.perf_counter()
+        run_mk(xp, roffs, blocks, L.TABLES, acc, n_mk)
+        t2 = time.perf_counter()
+        best["pairs"] = min(best["pairs"], t1 - t0)
+        best["mk"] = min(best["mk"], t2 - t1)
+    pair_rate = n_pairs * 8 / best["pairs"]
+    mk_gmacs = n_mk * 4 * 32 * 2 * 3 * 64 / best["mk"] / 1e9
+    return {
+        "shuffle_add_pairs_g_per_s": pair_rate / 1e9,
+        "ceiling_gmacs": pair_rate * 128 / 1e9,
+        "microkernel_gmacs": mk_gmacs,
+        "microkernel_vs_ceiling": mk_gmacs / (pair_rate * 128 / 1e9),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=50)
@@ -186,6 +264,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--asm", action="store_true", help="only check the micro-kernel's asm")
     ap.add_argument("--lut", action="store_true", help="only the lut path's tiles vs popcount")
+    ap.add_argument(
+        "--ceiling", action="store_true", help="only the lut micro-kernel vs its shuffle bound"
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import llvmlite.binding as llvm
@@ -193,6 +274,17 @@ def main() -> None:
     target = os.environ.get("NUMBA_CPU_NAME") or "host"
     print(f"# cpu: {llvm.get_host_cpu_name()}; compile target: {target}; "
           f"load average: {os.getloadavg()}")  # fmt: skip
+    if args.ceiling:
+        c = bench_lut_ceiling(max(5, args.repeat // 5))
+        if args.json:
+            print(json.dumps({"bench": "lut_ceiling", "target": target, **c}))
+        else:
+            print(
+                f"(vpshufb, vpaddb) pairs {c['shuffle_add_pairs_g_per_s']:.2f} G/s: lookup "
+                f"bound {c['ceiling_gmacs']:.0f} G binary MAC/s; lut micro-kernel alone "
+                f"{c['microkernel_gmacs']:.0f} G/s ({c['microkernel_vs_ceiling']:.0%} of it)"
+            )
+        return
     if args.lut:
         for r in bench_lut(args.repeat * 2):
             if args.json:
