@@ -589,11 +589,18 @@ def test_joint_loss_weights_closed_form_and_validation(tmp_path: Path) -> None:
     cfg = _ap_cfg(tmp_path / "a", ap_joint=True, ap_loss_weights={"4": "2", 1: 0.5})
     cfg.validate()
     assert cfg.ap_loss_weights == {4: 2.0, 1: 0.5}
+    cfg = _ap_cfg(tmp_path / "p", ap_joint=True, ap_private=[2, 4], ap_loss_weights={4: 2})
+    cfg.validate()  # a weight for a trained (private) precision is fine
+    assert cfg.ap_loss_weights == {4: 2.0}
     for kw, match in (
         ({"ap_loss_weights": {4: 2}}, "weigh the passes of --ap-joint"),
         ({"ap_joint": True, "ap_loss_weights": {3: 2}}, "3 bits is not one of the precisions"),
         ({"ap_joint": True, "ap_loss_weights": {4: -1}}, "a weight must be >= 0"),
         ({"ap_joint": True, "ap_loss_weights": {"x": 1}}, "is not bits=weight"),
+        (
+            {"ap_joint": True, "ap_private": [2, 4], "ap_loss_weights": {1: 2}},
+            r"1 bits is not trained in this run \(ap_private: \[2, 4\]",
+        ),
     ):
         with pytest.raises(ValueError, match=match):
             _ap_cfg(tmp_path / "b", **kw).validate()

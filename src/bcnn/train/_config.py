@@ -183,6 +183,11 @@ class TrainConfig:
                 raise ValueError(f"ap_loss_weights: {k!r}={w!r} is not bits=weight") from None
             if bits not in ps:
                 raise ValueError(f"ap_loss_weights: {bits} bits is not one of the precisions {ps}")
+            if self.ap_private and bits not in self.ap_private:
+                raise ValueError(
+                    f"ap_loss_weights: {bits} bits is not trained in this run "
+                    f"(ap_private: {self.ap_private}; the others' passes do not run)"
+                )
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"ap_loss_weights: {bits} bits: a weight must be >= 0, got {w}")
             out[bits] = weight
