@@ -736,5 +736,11 @@ def test_bench_layer_cli_json(layer: str, capsys: pytest.CaptureFixture[str]) ->
     for key in ("binary_ms", "float_ms", "int8_ms", "speedup_vs_float", "speedup_vs_int8"):
         assert res[key] > 0
     assert res["binary_exact"] is True and res["layer"] == layer
+    assert "thread_scaling" not in res  # one thread: nothing to scale against
+    if layer == "conv3x3":  # more threads: one thread's time of the same call, same run
+        assert main([*args, "--json", "--threads", "2", "--batch", "3"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["threads"] == 2 and res["binary_1_thread_ms"] > 0
+        assert res["thread_scaling"] == res["binary_1_thread_ms"] / res["binary_ms"]
     assert main(["bench"]) == 2  # neither MODEL nor --layer
     assert main(["bench", "bcnn_cifar", "--layer", "conv3x3"]) == 2

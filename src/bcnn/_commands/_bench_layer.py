@@ -86,7 +86,7 @@ def bench_layer(
     import torch.nn.functional as F
 
     from ..engine import _kernels as K
-    from ..engine._threads import get_num_threads, set_num_threads
+    from ..engine._threads import get_num_threads, num_threads, set_num_threads
 
     if layer not in LAYERS:
         raise ValueError(f"unknown layer {layer!r}; known: {', '.join(LAYERS)}")
@@ -211,6 +211,14 @@ def bench_layer(
             y = run_binary()
             return np.ascontiguousarray(y.transpose(0, 3, 1, 2)) if y.ndim == 4 else y
 
+        if threads > 1:  # the same call on one kernel thread, in the same run: the scaling
+
+            def run_binary_1t() -> Any:
+                with num_threads(1):
+                    return run_binary()
+
+            extra["binary_1t"] = run_binary_1t
+
         with torch.inference_mode():
             ms = _interleaved_ms(
                 {
@@ -270,6 +278,14 @@ def bench_layer(
         "gmacs_int8": macs / ms["int8"] / 1e6,
         "binary_exact": bool(binary_check),
         "int8_engine": qengine,
+        **(
+            {  # one kernel thread against `threads`, timed in the same run
+                "binary_1_thread_ms": ms["binary_1t"],
+                "thread_scaling": ms["binary_1t"] / ms["binary"],
+            }
+            if "binary_1t" in ms
+            else {}
+        ),
     }
 
 

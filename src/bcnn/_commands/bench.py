@@ -23,7 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "model", nargs="?", help="a registered model name (random weights), checkpoint or .bcnn"
     )
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="threads for both engines (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads for both engines (default 1); with --layer and T > 1 the packed layer is "
+        "also timed on one thread in the same run (thread_scaling)",
+    )
     p.add_argument(
         "--concurrency",
         type=int,
