@@ -327,14 +327,21 @@ x = K.pack_sign(rng.standard_normal((8, 14, 14, 64)).astype(np.float32))
 with num_threads(2):
     got = K.bconv2d(x, w, 1, 1)
 assert np.array_equal(got, K.bconv2d(x, w, 1, 1))
-(cres,) = C._conv_parallel.overloads.values()
-print(len(cres.metadata["parfor_diagnostics"].initial_parfors))
+from bcnn.engine._kernels import _stem as S
+ps = K.prepare_stem_weights(K.pack_weights(rng.standard_normal((64, 24, 5, 5), np.float32)), 3, 8)
+img = rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)  # 5x5 RGB: the general stem
+with num_threads(2):
+    got = K.stem_conv(img, ps, 1, 2)
+assert np.array_equal(got, K.stem_conv(img, ps, 1, 2))
+for f in (C._conv_parallel, S._stem_parallel):
+    (cres,) = f.overloads.values()
+    print(len(cres.metadata["parfor_diagnostics"].initial_parfors))
 """
 
 
 @pytest.mark.slow
 def test_the_parallel_conv_schedules_only_its_prange(tmp_path: Any) -> None:
-    """The parallel conv's region holds one parfor, its prange over chunks. An array
+    """The parallel conv's (and stem's) region holds one parfor, its prange over chunks. An array
     expression beside it (np.zeros of the padded input once was) becomes a parfor of its own,
     and under the conv's parallel chunk size of 1 every element a scheduled chunk: 2 threads
     then ran 0.5-0.75x one thread (measured on Zen 3). Compiled afresh (an empty cache)."""
@@ -350,4 +357,4 @@ def test_the_parallel_conv_schedules_only_its_prange(tmp_path: Any) -> None:
     r = subprocess.run([sys.executable, "-c", _ONE_PARFOR], env=env, capture_output=True,
                        text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["1"]
+    assert r.stdout.split() == ["1", "1"]
