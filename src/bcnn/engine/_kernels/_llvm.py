@@ -67,7 +67,7 @@ def _epi_args_ok(kind, nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs
 
 def _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, ctl):  # type: ignore[no-untyped-def]
     """Emit the epilogue of rows of 32 outputs: rows = [(d, out_off, res_off)], d four
-    <8 x i64> dot products.
+    <8 x i64> (or <8 x i32>) dot products.
 
     kind ``int``: out[out_off + l] = int32(d); otherwise y = float32(d) * scale[o] + bias[o]
     (IEEE multiply then add), or with the i64 control word ``ctl`` (:func:`._conv._ctl`):
@@ -86,10 +86,15 @@ def _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, ctl):
         p = builder.gep(base, [builder.add(off, ir.Constant(i64, j * _VL))])
         return builder.bitcast(p, vt.as_pointer())
 
+    def i32s(d):  # type: ignore[no-untyped-def]
+        """A part as <_VL x i32>: |d| < 2^31, so i64 parts are truncated (i32 ones, which the
+        lut stem computes directly, are taken as they are)."""
+        return d if d.type == v32 else builder.trunc(d, v32)
+
     if kind == "int":
         for d, out_off, _ in rows:
             for j in range(_NV):
-                builder.store(builder.trunc(d[j], v32), at(out_p, out_off, j, v32), align=4)
+                builder.store(i32s(d[j]), at(out_p, out_off, j, v32), align=4)
         return
     names = ["scale", "bias"] + (["g", "s", "z"] if "rp" in kind else [])
     ch = {
@@ -105,7 +110,7 @@ def _emit_epilogue(context, builder, kind, rows, out_p, o0, vec_ps, res_p, ctl):
         for d, out_off, res_off in rows:
             for j in range(_NV):
                 # |d| < 2^31: via int32, whose conversion AVX2 has (an i64 one is scalarized)
-                x = builder.sitofp(builder.trunc(d[j], v32), vf)
+                x = builder.sitofp(i32s(d[j]), vf)
                 if pre is not None:
                     x = builder.fmul(x, pre[j])
                 sc, bi = ch["scale"][j], ch["bias"][j]

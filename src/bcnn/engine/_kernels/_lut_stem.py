@@ -96,28 +96,34 @@ def _make_mk_stem(kind: str | None):  # type: ignore[no-untyped-def]
                     for r in range(MR)]  # fmt: skip
 
         sums = counted_loop(builder, c(0), g_, 1, [ir.Constant(v16, None)] * MR, plane, "lsg")
-        v64 = ir.VectorType(i64, 32)
-        wide = [builder.zext(sums[r], v64) for r in range(MR)]  # (MR) <32 x i64>
         if kind is None:
+            v64 = ir.VectorType(i64, 32)
             accp, acc_off = data(9), idx(10)
             for r in range(MR):
                 ptr = builder.gep(accp, [builder.add(acc_off, c(r * LANES))])
-                builder.store(wide[r], builder.bitcast(ptr, v64.as_pointer()), align=8)
+                builder.store(builder.zext(sums[r], v64), builder.bitcast(ptr, v64.as_pointer()),
+                              align=8)  # fmt: skip
             return context.get_dummy_value()
+        # the epilogue's dot products nbits - 2*S in int32 (exact: S and nbits, the planes'
+        # place-weighted bit count, are below 2^15): half the vectors of int64, and no
+        # int64 -> int32 narrowing before the float conversion
         k = 9
+        v32x = ir.VectorType(i32, 32)
         nb_v = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(v64, ir.Undefined), idx(k), ir.Constant(i32, 0)),
-            ir.Constant(v64, ir.Undefined),
+            builder.insert_element(
+                ir.Constant(v32x, ir.Undefined), builder.trunc(idx(k), i32), ir.Constant(i32, 0)
+            ),
+            ir.Constant(v32x, ir.Undefined),
             splat_mask,
         )
         out_p = data(k + 1, i32 if kind == "int" else ir.FloatType())
         oo_p, o0 = data(k + 2), idx(k + 3)
         vec_ps = tuple(data(k + 4 + q, ir.FloatType()) for q in range(5))
         res_p, ro_p, ctl = data(k + 9, ir.FloatType()), data(k + 10), idx(k + 11)
-        two = ir.Constant(v64, [2] * 32)
+        one = ir.Constant(v32x, [1] * 32)
         out_rows = []
         for r in range(MR):
-            d = builder.sub(nb_v, builder.mul(two, wide[r]))
+            d = builder.sub(nb_v, builder.shl(builder.zext(sums[r], v32x), one))
             parts = [
                 builder.shuffle_vector(
                     d, d, ir.Constant(ir.VectorType(i32, _VL), list(range(j * _VL, (j + 1) * _VL)))
