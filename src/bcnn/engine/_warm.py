@@ -26,11 +26,14 @@ def compile_package() -> bool:
     return bool(compileall.compile_dir(Path(__file__).resolve().parents[1], quiet=1))
 
 
-def warm(batches: tuple[int, ...] = (1,)) -> list[str]:
+def warm(batches: tuple[int, ...] = (1,), threads: int = 2) -> list[str]:
     """Run every shipped ``.bcnn`` once per batch size on zero images (an any-precision one at
-    each uniform precision); returns their names."""
+    each uniform precision), and once at batch 8 on ``threads`` kernel threads (the parallel
+    kernels, which would otherwise compile on the first multi-threaded call: about 26 s on a
+    2-core Zen 3); returns their names."""
     from . import load
     from ._fastplan import _FastPlan
+    from ._threads import max_threads, num_threads
 
     names = []
     for path in sorted(PRETRAINED_DIR.glob("*.bcnn")):
@@ -47,6 +50,9 @@ def warm(batches: tuple[int, ...] = (1,)) -> list[str]:
             plan = _FastPlan(model, x.shape)
             plan.use_runner()  # the compiled runner (calls from several threads)
             plan(x)
+        if threads > 1 and max_threads() > 1:  # large enough for the layers to split
+            with num_threads(threads):
+                model(np.zeros((8, model.in_channels, h, w), np.uint8))
         names.append(path.stem)
     return names
 
