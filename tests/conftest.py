@@ -21,15 +21,18 @@ def has_avx2() -> bool:
 
 @pytest.fixture(
     params=[
-        "active",
+        "words",
         pytest.param("lut", marks=pytest.mark.skipif(not has_avx2(), reason="no AVX2")),
     ]
 )
 def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a conv / dense test twice: on the active kernel path's weights, and on the lut
-    path's nibbles (``BCNN_KERNEL_PATH=lut`` for the prepare_* calls; any AVX2 target runs
-    those kernels)."""
-    if request.param == "lut":
+    """Run a conv / dense test twice: on uint64 words (``BCNN_KERNEL_PATH=generic`` for the
+    prepare_* calls: the popcount kernels, VPOPCNTQ where the target has it, LLVM's sequence
+    elsewhere, an AVX2-only host included) and on the lut path's nibbles
+    (``BCNN_KERNEL_PATH=lut``; any AVX2 target runs those kernels)."""
+    if request.param == "words":
+        monkeypatch.setenv("BCNN_KERNEL_PATH", "generic")
+    else:
         monkeypatch.setenv("BCNN_KERNEL_PATH", "lut")
         # nibbles at every size here (whatever the short-reduction rule)
         monkeypatch.setattr("bcnn.engine._kernels._weights._LUT_MIN_WORDS", 0)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from bcnn.engine import _kernels as K
 from bcnn.engine import _reference as R
-from bcnn.engine import get_num_threads, kernel_path, num_threads, set_num_threads
+from bcnn.engine import get_num_threads, num_threads, set_num_threads
 
 CHANNELS = [1, 63, 64, 65, 130]
 
@@ -484,7 +484,7 @@ def test_prepared_layout_of_each_path(layout: str) -> None:
     w = K.pack_weights(_rand(rng, 70, 65, 3, 3))
     pw = K.prepare_conv_weights(w, 65)
     words = K.prepare_conv_weights(w, 65, path="generic").blocks  # (3, 18, 32) uint64
-    if layout == "lut" or kernel_path() == "lut":  # (active on an AVX2-only host: lut)
+    if layout == "lut":
         assert pw.blocks.dtype == np.uint8 and pw.blocks.shape == (3, 16 * 18, 32)
         for q in (0, 5, 15):
             want = (words >> np.uint64(4 * q)) & np.uint64(15)
