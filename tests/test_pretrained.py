@@ -85,8 +85,10 @@ def test_running_a_pretrained_packed_model_does_not_import_torch() -> None:
         "from bcnn.engine._kernels import _bound, _conv, _stem; "
         "m = load('bcnn_cifar10'); y = m(np.zeros((1, 3, 32, 32), np.uint8)); "
         "print(y.shape, 'torch' in sys.modules); "
-        "print([len(f.signatures) for f in (_conv._conv_serial, _stem._stem_fast_serial, "
-        "_bound._conv_serial_pack, _bound._stem_fast_pack)])"
+        "n = lambda *fs: sum(len(f.signatures) for f in fs); "
+        "print([n(_conv._conv_serial), n(_stem._stem_fast_serial), "
+        "n(_bound._conv_serial_pack_lut, _bound._conv_serial_pack_pop), "
+        "n(_bound._stem_fast_pack_lut, _bound._stem_fast_pack_pop)])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     first, compiled = out.stdout.strip().splitlines()

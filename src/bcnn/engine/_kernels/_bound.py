@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .. import _threads
 from ._conv import (
@@ -24,20 +25,22 @@ from ._conv import (
     _MODE_AFFINE_FMA,
     _MODE_PRESCALE_FMA,
     _U00,
-    _conv_range,
+    _conv_range_pop,
     _out_hw,
     _pad_bits,
     _prescaled,
     _run_conv,
 )
 from ._llvm import MR
+from ._lut_conv import _conv_range_lut
+from ._lut_stem import _stem_fast_range_lut
 from ._packing import _pack_rows_padded
 from ._pool import _avgpool2
 from ._stem import (
     _fast_blocks,
     _fast_stem,
     _run_stem,
-    _stem_fast_range,
+    _stem_fast_range_pop,
     _stem_patches,
     _stem_planes,
 )
@@ -50,24 +53,70 @@ Record = tuple[str, tuple[object, ...]]
 _NO_PACK: tuple[np.ndarray, np.ndarray, int] = (_F0, np.zeros((0, 0, 0, 0), np.uint64), 0)
 
 
+_CONV_PACK_DOC = """The serial conv (as :func:`_conv._conv_serial`), then (``do_pack``) the signs of its
+float output ``out4`` (the same array as ``out_f``) packed into the interior of ``pk_out`` (one
+call: the binarize that follows a block). One entry per weight layout, chosen in Python
+(:func:`_conv_serial_pack_for`), each calling its path's tiles inline: numba optimises and
+emits a callee's code again in every caller it compiles, and types an overload's
+implementation by compiling it, so each dispatch or wrapper level adds start-up time
+(docs/kernels.md, Start-up)."""
+
+
 @njit(nogil=True, cache=True, boundscheck=False)
-def _conv_serial_pack(  # type: ignore[no-untyped-def]
+def _conv_serial_pack_lut(  # type: ignore[no-untyped-def]
     ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
-    """The serial conv (as :func:`_conv_serial`), then (``do_pack``) the signs of its float
-    output ``out4`` (the same array as ``out_f``) packed into the interior of ``pk_out``
-    (one call: the binarize that follows a block). It calls the tiles itself, not
-    :func:`_conv_serial`: numba optimises and emits a callee's code again in every caller it
-    compiles, so each wrapper level adds start-up time (docs/kernels.md, Start-up)."""
     xp = _pad_bits(x, pad)
-    _conv_range(
+    _conv_range_lut(
         0, ntiles, 0, blocks.shape[0], xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
         out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     )  # fmt: skip
     if do_pack:
         _pack_rows_padded(out4, pk_bias, pk_out, pk_pad)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _conv_serial_pack_pop(  # type: ignore[no-untyped-def]
+    ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+    out4, pk_bias, pk_out, pk_pad, do_pack,
+):  # fmt: skip
+    xp = _pad_bits(x, pad)
+    _conv_range_pop(
+        0, ntiles, 0, blocks.shape[0], xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
+        out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+    )  # fmt: skip
+    if do_pack:
+        _pack_rows_padded(out4, pk_bias, pk_out, pk_pad)
+
+
+_conv_serial_pack_lut.__doc__ = _conv_serial_pack_pop.__doc__ = _CONV_PACK_DOC
+
+
+def _conv_serial_pack_for(blocks: np.ndarray):  # type: ignore[no-untyped-def]
+    """The bound conv entry for prepared weights ``blocks``: nibbles (uint8) or words."""
+    return _conv_serial_pack_lut if blocks.dtype == np.uint8 else _conv_serial_pack_pop
+
+
+def _conv_serial_pack(  # type: ignore[no-untyped-def]
+    ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+    out4, pk_bias, pk_out, pk_pad, do_pack,
+):  # fmt: skip
+    """Compiled code only (the plan runner): the entry of ``blocks``' layout."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_conv_serial_pack, jit_options={"nogil": True})
+def _conv_serial_pack_typed(  # type: ignore[no-untyped-def]
+    ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+    out4, pk_bias, pk_out, pk_pad, do_pack,
+):  # fmt: skip
+    lut = blocks.dtype == types.uint8
+    return (_conv_serial_pack_lut if lut else _conv_serial_pack_pop).py_func
 
 
 def _check_pack(
@@ -140,6 +189,7 @@ def bind_conv_affine(
     get_threads = _threads.get_num_threads
     pk = pack if pack is not None else _NO_PACK
     do_pack = pack is not None
+    conv_pack = _conv_serial_pack_for(blocks)
 
     def run(x: np.ndarray, residual: np.ndarray | None, out: np.ndarray) -> np.ndarray:
         if get_threads() != 1:
@@ -151,7 +201,7 @@ def bind_conv_affine(
             if pack is not None:
                 _pack_rows_padded(out, pack[0], pack[1], pack[2])
             return out
-        _conv_serial_pack(
+        conv_pack(
             ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
             _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp,
             _F00 if residual is None else residual.reshape(m, cr), residual is not None,
@@ -172,25 +222,72 @@ def bind_conv_affine(
     return run
 
 
+_STEM_PACK_DOC = """The first layer's fast path with its workspaces: ``cp`` uint8 (G*N*(H + 2*pad)*(W +
+2*pad),), flat planes with a zero border (their interior is rewritten), ``patch`` uint64 (G, N*Ho*Wo);
+then (``do_pack``) the signs of its float output ``out4`` (the same array as ``out_f``)
+packed into the interior of ``pk_out``. One entry per weight layout, each calling its
+steps and its path's tiles inline (see :data:`_CONV_PACK_DOC`)."""
+
+
 @njit(nogil=True, cache=True, boundscheck=False)
-def _stem_fast_pack(  # type: ignore[no-untyped-def]
+def _stem_fast_pack_lut(  # type: ignore[no-untyped-def]
     x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
-    """The first layer's fast path with its workspaces: ``cp`` uint8 (G, N, H + 2*pad,
-    W + 2*pad) with a zero border (its interior is rewritten), ``patch`` uint64 (G, N*Ho*Wo);
-    then (``do_pack``) the signs of its float output ``out4`` (the same array as ``out_f``)
-    packed into the interior of ``pk_out``. Its steps are called here, not through a wrapper
-    (each wrapper level is compiled again: see :func:`_conv_serial_pack`)."""
+    n_, _, h, w = x.shape
     _stem_planes(x, bit, pad, cp)
-    _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch)
-    _stem_fast_range(
+    _stem_patches(cp, n_, h + 2 * pad, w + 2 * pad, cg, kh, kw, stride, ho, wo, patch)
+    _stem_fast_range_lut(
         0, -(-(x.shape[0] * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i,
         out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
     )  # fmt: skip
     if do_pack:
         _pack_rows_padded(out4, pk_bias, pk_out, pk_pad)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _stem_fast_pack_pop(  # type: ignore[no-untyped-def]
+    x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
+    out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
+    out4, pk_bias, pk_out, pk_pad, do_pack,
+):  # fmt: skip
+    n_, _, h, w = x.shape
+    _stem_planes(x, bit, pad, cp)
+    _stem_patches(cp, n_, h + 2 * pad, w + 2 * pad, cg, kh, kw, stride, ho, wo, patch)
+    _stem_fast_range_pop(
+        0, -(-(x.shape[0] * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i,
+        out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
+    )  # fmt: skip
+    if do_pack:
+        _pack_rows_padded(out4, pk_bias, pk_out, pk_pad)
+
+
+_stem_fast_pack_lut.__doc__ = _stem_fast_pack_pop.__doc__ = _STEM_PACK_DOC
+
+
+def _stem_fast_pack_for(blocks: np.ndarray):  # type: ignore[no-untyped-def]
+    """The bound stem entry for the fast stem's weights ``blocks``: nibbles (uint8) or words."""
+    return _stem_fast_pack_lut if blocks.dtype == np.uint8 else _stem_fast_pack_pop
+
+
+def _stem_fast_pack(  # type: ignore[no-untyped-def]
+    x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
+    out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
+    out4, pk_bias, pk_out, pk_pad, do_pack,
+):  # fmt: skip
+    """Compiled code only (the plan runner): the entry of ``blocks``' layout."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_stem_fast_pack, jit_options={"nogil": True})
+def _stem_fast_pack_typed(  # type: ignore[no-untyped-def]
+    x, bit, cg, kh, kw, stride, pad, ho, wo, blocks, shifts, const, o_, mode,
+    out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
+    out4, pk_bias, pk_out, pk_pad, do_pack,
+):  # fmt: skip
+    lut = blocks.dtype == types.uint8
+    return (_stem_fast_pack_lut if lut else _stem_fast_pack_pop).py_func
 
 
 def bind_stem_affine(
@@ -239,11 +336,12 @@ def bind_stem_affine(
         )
     stride, padding = int(stride), int(padding)
     g_ = w.plane_bits.shape[0]
-    cp = np.zeros((g_, n, h + 2 * padding, wd + 2 * padding), np.uint8)
+    cp = np.zeros(g_ * n * (h + 2 * padding) * (wd + 2 * padding), np.uint8)  # flat planes
     patch = np.empty((g_, n * ho * wo), np.uint64)
     cg = w.image_channels * w.group_planes
     fast = _fast_stem(w)
     fblocks = _fast_blocks(w)  # nibbles on the lut path
+    stem_pack = _stem_fast_pack_for(fblocks)
     get_threads = _threads.get_num_threads
     pk = pack if pack is not None else _NO_PACK
 
@@ -253,7 +351,7 @@ def bind_stem_affine(
             if pack is not None:
                 _pack_rows_padded(y, pack[0], pack[1], pack[2])
             return y
-        _stem_fast_pack(
+        stem_pack(
             x, w.plane_bits, cg, w.kh, w.kw, stride, padding, ho, wo, fblocks, w.shifts,
             w.const, o, mode, _I00, out.reshape(n * ho * wo, o), sc, bi, rp[0], rp[1], rp[2],
             has_rp, cp, patch, out, pk[0], pk[1], pk[2], pack is not None,

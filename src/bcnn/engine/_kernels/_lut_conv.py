@@ -68,94 +68,107 @@ def lut_blocks(words: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nib.transpose(0, 2, 1))
 
 
-def _make_mk_lut(nbl: int, pair: bool = False, mrl: int = MRL):  # type: ignore[no-untyped-def]
-    """The micro-kernel for ``nbl`` blocks and ``mrl`` rows (``acc`` uint16):
-    ``acc[acc_off + j*jstride + r*32 + l] += sum over words w < nw, nibbles q < 16 of
-    T[(xp[roffs[r0 + r] + add + w] >> 4q) & 15][blocks[boff + j*bstride + ((k0 + w)*16 + q)*32
-    + l]]`` for r < mrl, j < nbl, l < 32 (nw <= _RUN).
+def _emit_mk_lut(nbl: int, pair: bool = False, mrl: int = MRL):  # type: ignore[no-untyped-def]
+    """Codegen of the micro-kernel for ``nbl`` blocks and ``mrl`` rows (``acc`` uint16), on
+    the arguments ``(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off,
+    jstride)``: ``acc[acc_off + j*jstride + r*32 + l] += sum over words w < nw, nibbles q < 16
+    of T[(xp[roffs[r0 + r] + add + w] >> 4q) & 15][blocks[boff + j*bstride + ((k0 + w)*16 + q)
+    *32 + l]]`` for r < mrl, j < nbl, l < 32 (nw <= _RUN).
     ``pair``: xp holds plane-pair bytes (:func:`pair_bytes`, 16 per word) and the table is
     ``T2[xp8[(roffs[r0 + r] + add + w)*16 + q]]`` (:data:`PAIR_TABLES`, nw <= _RUN_PAIR)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        i8, i16, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(64)
+        v8, v16 = ir.VectorType(i8, 32), ir.VectorType(i16, 32)
+        data, idx = _arg_readers(context, builder, signature, args)
+        xpp = data(0, i8 if pair else i64)
+        rop, blp, tabp, accp = data(1), data(6, i8), data(9, i8), data(10, i16)
+        r0_, add_, k0_, nw_, boff_, bstride_, acc_off_, jstride_ = (
+            idx(k) for k in (2, 3, 4, 5, 7, 8, 11, 12)
+        )
+        shuf = pshufb(builder, 32)
+        c = lambda v: ir.Constant(i64, v)  # noqa: E731
+        rows = [
+            builder.add(builder.load(builder.gep(rop, [builder.add(r0_, c(r))])), add_)
+            for r in range(mrl)
+        ]  # each row's first word
+        blk = [
+            builder.gep(blp, [builder.add(boff_, builder.mul(bstride_, c(j)))]) for j in range(nbl)
+        ]
+
+        def table(words, r, q):  # type: ignore[no-untyped-def]
+            """Row r's table for nibble q: a pointer to its 32 bytes."""
+            if pair:  # the byte is the index: two planes' nibbles
+                b = builder.load(builder.gep(xpp, [builder.add(words[r], c(q))]))
+                v = builder.zext(b, i64)
+            else:
+                v = builder.and_(builder.lshr(words[r], c(4 * q)), c(15))
+            tp = builder.gep(tabp, [builder.shl(v, c(5))])
+            return builder.load(builder.bitcast(tp, v8.as_pointer()), align=1)
+
+        def body(w, accs):  # type: ignore[no-untyped-def]
+            if pair:  # each row's first byte of word w
+                words = [builder.mul(builder.add(rows[r], w), c(16)) for r in range(mrl)]
+            else:
+                words = [
+                    builder.load(builder.gep(xpp, [builder.add(rows[r], w)])) for r in range(mrl)
+                ]
+            kq = builder.mul(builder.add(k0_, w), c(16 * 32))  # the word's first nibble
+            accs = list(accs)
+            for q in range(16):
+                off = builder.add(kq, c(32 * q))
+                wv = [
+                    builder.load(
+                        builder.bitcast(builder.gep(blk[j], [off]), v8.as_pointer()), align=1
+                    )
+                    for j in range(nbl)
+                ]
+                for r in range(mrl):
+                    tv = table(words, r, q)
+                    for j in range(nbl):
+                        i = r * nbl + j
+                        accs[i] = builder.add(accs[i], builder.call(shuf, [tv, wv[j]]))
+            return accs
+
+        zero = ir.Constant(v8, None)
+        finals = counted_loop(builder, c(0), nw_, 1, [zero] * (mrl * nbl), body, "lutc")
+        for r in range(mrl):
+            for j in range(nbl):
+                at = builder.add(acc_off_, builder.add(builder.mul(jstride_, c(j)), c(32 * r)))
+                ptr = builder.bitcast(builder.gep(accp, [at]), v16.as_pointer())
+                old = builder.load(ptr, align=2)
+                new = builder.add(old, builder.zext(finals[r * nbl + j], v16))
+                builder.store(new, ptr, align=2)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _mk_lut_sig(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
+    """The micro-kernels' typing: (pair, argument types) or None."""
+    ints = (r0, add, k0, nw, boff, bstride, acc_off, jstride)
+    pair = isinstance(xp, types.Array) and xp.dtype == types.uint8
+    xdt = types.uint8 if pair else types.uint64
+    arrays = [(xp, xdt), (roffs, types.int64), (blocks, types.uint8)]
+    if not _args_ok([*arrays, (tab, types.uint8), (acc, types.uint16)], ints):
+        return None
+    return pair, (xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride)
+
+
+def _make_mk_lut(nbl: int, pair: bool = False, mrl: int = MRL):  # type: ignore[no-untyped-def]
+    """One micro-kernel (:func:`_emit_mk_lut`) as an intrinsic of its 13 arguments (the
+    micro-kernel benchmark's; the conv calls :func:`_mk_lut`)."""
+    emit = _emit_mk_lut(nbl, pair, mrl)
 
     @intrinsic
     def mk(
         typingctx, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride
     ):  # type: ignore[no-untyped-def]
-        ints = (r0, add, k0, nw, boff, bstride, acc_off, jstride)
-        xdt = types.uint8 if pair else types.uint64
-        arrays = [(xp, xdt), (roffs, types.int64), (blocks, types.uint8)]
-        if not _args_ok([*arrays, (tab, types.uint8), (acc, types.uint16)], ints):
+        typed = _mk_lut_sig(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc,
+                            acc_off, jstride)  # fmt: skip
+        if typed is None or typed[0] != pair:
             return None
-        sig = types.void(
-            xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride
-        )
-
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            i8, i16, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(64)
-            v8, v16 = ir.VectorType(i8, 32), ir.VectorType(i16, 32)
-            data, idx = _arg_readers(context, builder, signature, args)
-            xpp = data(0, i8 if pair else i64)
-            rop, blp, tabp, accp = data(1), data(6, i8), data(9, i8), data(10, i16)
-            r0_, add_, k0_, nw_, boff_, bstride_, acc_off_, jstride_ = (
-                idx(k) for k in (2, 3, 4, 5, 7, 8, 11, 12)
-            )
-            shuf = pshufb(builder, 32)
-            c = lambda v: ir.Constant(i64, v)  # noqa: E731
-            rows = [
-                builder.add(builder.load(builder.gep(rop, [builder.add(r0_, c(r))])), add_)
-                for r in range(mrl)
-            ]  # each row's first word
-            blk = [
-                builder.gep(blp, [builder.add(boff_, builder.mul(bstride_, c(j)))])
-                for j in range(nbl)
-            ]
-
-            def table(words, r, q):  # type: ignore[no-untyped-def]
-                """Row r's table for nibble q: a pointer to its 32 bytes."""
-                if pair:  # the byte is the index: two planes' nibbles
-                    b = builder.load(builder.gep(xpp, [builder.add(words[r], c(q))]))
-                    v = builder.zext(b, i64)
-                else:
-                    v = builder.and_(builder.lshr(words[r], c(4 * q)), c(15))
-                tp = builder.gep(tabp, [builder.shl(v, c(5))])
-                return builder.load(builder.bitcast(tp, v8.as_pointer()), align=1)
-
-            def body(w, accs):  # type: ignore[no-untyped-def]
-                if pair:  # each row's first byte of word w
-                    words = [builder.mul(builder.add(rows[r], w), c(16)) for r in range(mrl)]
-                else:
-                    words = [
-                        builder.load(builder.gep(xpp, [builder.add(rows[r], w)]))
-                        for r in range(mrl)
-                    ]
-                kq = builder.mul(builder.add(k0_, w), c(16 * 32))  # the word's first nibble
-                accs = list(accs)
-                for q in range(16):
-                    off = builder.add(kq, c(32 * q))
-                    wv = [
-                        builder.load(
-                            builder.bitcast(builder.gep(blk[j], [off]), v8.as_pointer()), align=1
-                        )
-                        for j in range(nbl)
-                    ]
-                    for r in range(mrl):
-                        tv = table(words, r, q)
-                        for j in range(nbl):
-                            i = r * nbl + j
-                            accs[i] = builder.add(accs[i], builder.call(shuf, [tv, wv[j]]))
-                return accs
-
-            zero = ir.Constant(v8, None)
-            finals = counted_loop(builder, c(0), nw_, 1, [zero] * (mrl * nbl), body, "lutc")
-            for r in range(mrl):
-                for j in range(nbl):
-                    at = builder.add(acc_off_, builder.add(builder.mul(jstride_, c(j)), c(32 * r)))
-                    ptr = builder.bitcast(builder.gep(accp, [at]), v16.as_pointer())
-                    old = builder.load(ptr, align=2)
-                    new = builder.add(old, builder.zext(finals[r * nbl + j], v16))
-                    builder.store(new, ptr, align=2)
-            return context.get_dummy_value()
-
-        return sig, codegen
+        return types.void(*typed[1]), emit
 
     return mk
 
@@ -165,58 +178,57 @@ def _rows(nbl):  # type: ignore[no-untyped-def]
     return MRL_NARROW if nbl <= 2 else MRL
 
 
-_mk_lut1, _mk_lut2, _mk_lut3, _mk_lut4 = (_make_mk_lut(n, False, _rows(n)) for n in (1, 2, 3, 4))
-_mk_pair1, _mk_pair2, _mk_pair3, _mk_pair4 = (_make_mk_lut(n, True, _rows(n)) for n in (1, 2, 3, 4))
 _rows_jit = njit(inline="always", nogil=True, cache=True)(_rows)
-assert NBL == 4  # one intrinsic per group size 1..NBL
+_EMIT = {pair: [_emit_mk_lut(n, pair, _rows(n)) for n in range(1, NBL + 1)] for pair in (0, 1)}
 
 
-def _mk_lut(nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
-    """One micro-tile of ``nbl`` blocks; single planes (uint64 xp) or plane pairs (uint8)."""
-    raise NotImplementedError  # compiled code only: see the overload below
+@intrinsic
+def _mk_lut(  # type: ignore[no-untyped-def]
+    typingctx, nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride
+):  # fmt: skip
+    """One micro-tile of ``nbl`` (1..NBL, at run time) blocks of ``_rows(nbl)`` rows: single
+    planes (uint64 xp, :data:`TABLES`) or plane pairs (uint8 xp, :data:`PAIR_TABLES`), chosen
+    by xp's type. One intrinsic, a switch on ``nbl`` over the :func:`_emit_mk_lut` bodies: no
+    numba-level dispatch for the compiler to type (and compile) on its own."""
+    typed = _mk_lut_sig(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off,
+                        jstride)  # fmt: skip
+    if typed is None or not isinstance(nbl, types.Integer):
+        return None
+    pair, rest = typed
+    emits = _EMIT[int(pair)]
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        sub = types.void(*signature.args[1:])
+        n = context.cast(builder, args[0], signature.args[0], types.int64)
+        end = builder.append_basic_block("mk.end")
+        cases = [builder.append_basic_block(f"mk.nbl{k + 1}") for k in range(NBL)]
+        sw = builder.switch(n, cases[0])  # 1 (and anything out of range: never passed)
+        for k in range(1, NBL):
+            sw.add_case(ir.Constant(ir.IntType(64), k + 1), cases[k])
+        for k in range(NBL):
+            builder.position_at_end(cases[k])
+            emits[k](context, builder, sub, args[1:])
+            builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return types.void(nbl, *rest), codegen
 
 
-@njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _mk_single(nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
-    if nbl == 4:
-        _mk_lut4(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, TABLES, acc, acc_off, jstride)
-    elif nbl == 3:
-        _mk_lut3(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, TABLES, acc, acc_off, jstride)
-    elif nbl == 2:
-        _mk_lut2(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, TABLES, acc, acc_off, jstride)
-    else:
-        _mk_lut1(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, TABLES, acc, acc_off, jstride)
-
-
-@njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _mk_pair(nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
-    t = PAIR_TABLES
-    if nbl == 4:
-        _mk_pair4(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, t, acc, acc_off, jstride)
-    elif nbl == 3:
-        _mk_pair3(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, t, acc, acc_off, jstride)
-    elif nbl == 2:
-        _mk_pair2(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, t, acc, acc_off, jstride)
-    else:
-        _mk_pair1(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, t, acc, acc_off, jstride)
-
-
-@overload(_mk_lut, inline="always", jit_options={"nogil": True})
-def _mk_lut_typed(nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
-    return (_mk_pair if xp.dtype == types.uint8 else _mk_single).py_func
+assert NBL == 4  # _conv_range_lut's groups: 1..NBL blocks
 
 
 def _geometry(xp):  # type: ignore[no-untyped-def]
-    """(bytes per packed word, words per byte-accumulation run, words per uint16 sum) of an
-    input layout."""
+    """(bytes per packed word, words per byte-accumulation run, words per uint16 sum, lookup
+    tables) of an input layout."""
     raise NotImplementedError  # compiled code only: see the overload below
 
 
 @overload(_geometry, inline="always")
 def _geometry_typed(xp):  # type: ignore[no-untyped-def]
     if xp.dtype == types.uint8:
-        return lambda xp: (16, _RUN_PAIR, _FLUSH_PAIR)
-    return lambda xp: (1, _RUN, _FLUSH)
+        return lambda xp: (16, _RUN_PAIR, _FLUSH_PAIR, PAIR_TABLES)
+    return lambda xp: (1, _RUN, _FLUSH, TABLES)
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
@@ -229,7 +241,7 @@ def _flush_rows(acc, acc64, i0, n, nbl, jstride):  # type: ignore[no-untyped-def
             acc[i] = 0
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _conv_range_lut(  # type: ignore[no-untyped-def]
     t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
@@ -240,7 +252,7 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
     ``pc0 + 2*pc1`` of the pair's two planes (pass ``nbits`` = 3 * taps*Cin: the int output is
     then ``conv(a0, w) + 2*conv(a1, w)``)."""
     n_, hp, wp, cwb = xp.shape
-    wbytes, run, flush = _geometry(xp)
+    wbytes, run, flush, tab = _geometry(xp)
     cw = cwb // wbytes  # words per pixel
     bstride = blocks.shape[1] * LANES  # bytes per block
     m_ = n_ * ho * wo
@@ -273,7 +285,7 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
                             _flush_rows(acc, acc64, p * mrl * LANES, mrl * LANES, nbl, jstride)
                             done = 0
                         _mk_lut(nbl, xp, roffs, p * mrl, seg * ss + i0, seg * sw + i0, nw,
-                                blocks, boff, bstride, acc, p * mrl * LANES, jstride)  # fmt: skip
+                                blocks, boff, bstride, tab, acc, p * mrl * LANES, jstride)  # fmt: skip
                         done += nw
             for j in range(nbl):
                 ob = g + j

@@ -193,16 +193,21 @@ def _stem_parallel(  # type: ignore[no-untyped-def]
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
 def _stem_planes(x, bit, pad, cp):  # type: ignore[no-untyped-def]
-    """Bit-planes, one byte per pixel: cp[g, n, y + pad, x + pad] = OR_c ((pixel[n, c, y, x]
+    """Bit-planes, one byte per pixel, into the flat workspace ``cp`` uint8 (G*N*Hp*Wp,)
+    (Hp, Wp = H + 2*pad, W + 2*pad): cp[g, n, y + pad, x + pad] = OR_c ((pixel[n, c, y, x]
     >> bit[g]) & 1) << c (uint8; C <= 8). The interior is overwritten, the border (the
-    one-padding) is left as the caller made it (zero). Inner loops run along rows."""
+    one-padding) is left as the caller made it (zero). Inner loops run along rows, on 1-D
+    views (no reshapes or multi-dimensional slices: numba's IR for them is long, and this
+    body is compiled into every stem entry; docs/kernels.md, Start-up)."""
     n_, c_, h, w = x.shape
     g_ = bit.shape[0]
+    hp, wp = h + 2 * pad, w + 2 * pad
     for g in range(g_):
         b = np.uint8(bit[g])
         for n in range(n_):
             for y in range(h):
-                row = cp[g, n, y + pad, pad : pad + w]
+                r0 = ((g * n_ + n) * hp + y + pad) * wp + pad
+                row = cp[r0 : r0 + w]  # 1-D views: indices the vectorizer sees as >= 0
                 src = x[n, 0, y]
                 for i in range(w):
                     row[i] = (src[i] >> b) & np.uint8(1)
@@ -214,46 +219,46 @@ def _stem_planes(x, bit, pad, cp):  # type: ignore[no-untyped-def]
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
-def _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-untyped-def]
+def _stem_patches(cp, n_, hp, wp, cg, kh, kw, stride, ho, wo, patch):  # type: ignore[no-untyped-def]
     """patch[g, m] = the dense KH*KW*cg-bit patch of group g at output pixel m (one word):
-    OR over taps of cp[g, n, oy*stride + ky, ox*stride + kx] << ((ky*KW + kx) * cg)."""
-    g_, n_, hp, wp = cp.shape
+    OR over taps of cp[g, n, oy*stride + ky, ox*stride + kx] << ((ky*KW + kx) * cg), from
+    the flat planes ``cp`` (G*N*Hp*Wp,) of :func:`_stem_planes`, on 1-D views as there."""
+    g_ = patch.shape[0]
     if stride == 1:
         # on the padded grid: position j = oy*Wp + ox' (ox' < Wp; ox' >= Wo is never read),
         # every tap is one long contiguous loop per plane
-        flat = cp.reshape(g_, n_, hp * wp)
         span = (ho - 1) * wp + wo
-        grid = np.zeros(span, np.uint64)
+        grid = np.empty(span, np.uint64)
         for g in range(g_):
             for n in range(n_):
-                src = flat[g, n]
+                src = (g * n_ + n) * hp * wp
                 for i in range(span):
                     grid[i] = 0
                 for ky in range(kh):
                     for kx in range(kw):
                         sh = np.uint64((ky * kw + kx) * cg)
-                        s1 = src[ky * wp + kx : ky * wp + kx + span]
+                        s0 = src + ky * wp + kx
+                        s1 = cp[s0 : s0 + span]
                         for i in range(span):
                             grid[i] |= np.uint64(s1[i]) << sh
+                pg = patch[g]
                 for oy in range(ho):
-                    prow = patch[g, (n * ho + oy) * wo : (n * ho + oy + 1) * wo]
-                    gr = grid[oy * wp : oy * wp + wo]
+                    p0, g0 = (n * ho + oy) * wo, oy * wp
                     for ox in range(wo):
-                        prow[ox] = gr[ox]
+                        pg[p0 + ox] = grid[g0 + ox]
         return
     for g in range(g_):
         for n in range(n_):
             for oy in range(ho):
                 base = (n * ho + oy) * wo
-                prow = patch[g, base : base + wo]
                 for ox in range(wo):
-                    prow[ox] = 0
+                    patch[g, base + ox] = 0
                 for ky in range(kh):
-                    src = cp[g, n, oy * stride + ky]
+                    row = ((g * n_ + n) * hp + oy * stride + ky) * wp
                     for kx in range(kw):
                         sh = np.uint64((ky * kw + kx) * cg)
                         for ox in range(wo):
-                            prow[ox] |= np.uint64(src[ox * stride + kx]) << sh
+                            patch[g, base + ox] |= np.uint64(cp[row + ox * stride + kx]) << sh
 
 
 def _stem_fast_range(  # type: ignore[no-untyped-def]
@@ -320,10 +325,11 @@ def _stem_fast_serial(  # type: ignore[no-untyped-def]
 ):  # fmt: skip
     n_, _, h, w = x.shape
     g_ = bit.shape[0]
-    cp = np.zeros((g_, n_, h + 2 * pad, w + 2 * pad), np.uint8)
+    hp, wp = h + 2 * pad, w + 2 * pad
+    cp = np.zeros(g_ * n_ * hp * wp, np.uint8)
     patch = np.empty((g_, n_ * ho * wo), np.uint64)
     _stem_planes(x, bit, pad, cp)
-    _stem_patches(cp, cg, kh, kw, stride, ho, wo, patch)
+    _stem_patches(cp, n_, hp, wp, cg, kh, kw, stride, ho, wo, patch)
     _stem_fast_range(
         0, -(-(n_ * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i, out_f,
         scale, bias, rp_g, rp_s, rp_z, has_rp,
