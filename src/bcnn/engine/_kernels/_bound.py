@@ -53,11 +53,11 @@ Record = tuple[str, tuple[object, ...]]
 _NO_PACK: tuple[np.ndarray, np.ndarray, int] = (_F0, np.zeros((0, 0, 0, 0), np.uint64), 0)
 
 
-_CONV_PACK_DOC = """The serial conv (as :func:`_conv._conv_serial`), then (``do_pack``) the signs of its
-float output ``out4`` (the same array as ``out_f``) packed into the interior of ``pk_out`` (one
-call: the binarize that follows a block). One entry per weight layout, chosen in Python
-(:func:`_conv_serial_pack_for`), each calling its path's tiles inline: numba optimises and
-emits a callee's code again in every caller it compiles, and types an overload's
+_CONV_PACK_DOC = """The serial conv (as :func:`_conv._conv_serial`), then (``do_pack``) the
+signs of its float output ``out4`` (the same array as ``out_f``) packed into the interior of
+``pk_out`` (one call: the binarize that follows a block). One entry per weight layout, chosen in
+Python (:func:`_conv_serial_pack_for`), each calling its path's tiles inline: numba optimises
+and emits a callee's code again in every caller it compiles, and types an overload's
 implementation by compiling it, so each dispatch or wrapper level adds start-up time
 (docs/kernels.md, Start-up)."""
 
@@ -222,11 +222,11 @@ def bind_conv_affine(
     return run
 
 
-_STEM_PACK_DOC = """The first layer's fast path with its workspaces: ``cp`` uint8 (G*N*(H + 2*pad)*(W +
-2*pad),), flat planes with a zero border (their interior is rewritten), ``patch`` uint64 (G, N*Ho*Wo);
-then (``do_pack``) the signs of its float output ``out4`` (the same array as ``out_f``)
-packed into the interior of ``pk_out``. One entry per weight layout, each calling its
-steps and its path's tiles inline (see :data:`_CONV_PACK_DOC`)."""
+_STEM_PACK_DOC = """The first layer's fast path with its workspaces: ``cp`` uint8 (G*N*(H +
+2*pad)*(W + 2*pad),), flat planes with a zero border (their interior is rewritten), ``patch``
+uint64 (G, N*Ho*Wo); then (``do_pack``) the signs of its float output ``out4`` (the same array
+as ``out_f``) packed into the interior of ``pk_out``. One entry per weight layout, each calling
+its steps and its path's tiles inline (see :data:`_CONV_PACK_DOC`)."""
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

@@ -179,7 +179,9 @@ def _rows(nbl):  # type: ignore[no-untyped-def]
 
 
 _rows_jit = njit(inline="always", nogil=True, cache=True)(_rows)
-_EMIT = {pair: [_emit_mk_lut(n, pair, _rows(n)) for n in range(1, NBL + 1)] for pair in (0, 1)}
+_EMIT = {
+    pair: [_emit_mk_lut(n, pair, _rows(n)) for n in range(1, NBL + 1)] for pair in (False, True)
+}
 
 
 @intrinsic
@@ -195,7 +197,7 @@ def _mk_lut(  # type: ignore[no-untyped-def]
     if typed is None or not isinstance(nbl, types.Integer):
         return None
     pair, rest = typed
-    emits = _EMIT[int(pair)]
+    emits = _EMIT[pair]
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         sub = types.void(*signature.args[1:])
@@ -284,8 +286,10 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
                         if done + nw > flush:
                             _flush_rows(acc, acc64, p * mrl * LANES, mrl * LANES, nbl, jstride)
                             done = 0
-                        _mk_lut(nbl, xp, roffs, p * mrl, seg * ss + i0, seg * sw + i0, nw,
-                                blocks, boff, bstride, tab, acc, p * mrl * LANES, jstride)  # fmt: skip
+                        _mk_lut(
+                            nbl, xp, roffs, p * mrl, seg * ss + i0, seg * sw + i0, nw, blocks,
+                            boff, bstride, tab, acc, p * mrl * LANES, jstride,
+                        )  # fmt: skip
                         done += nw
             for j in range(nbl):
                 ob = g + j
