@@ -68,6 +68,10 @@ class _FastPlan:
         from ._threads import get_num_threads
 
         self._threads = get_num_threads
+        if get_num_threads() == 1:  # the serial kernels the records name: an empty cache's
+            from ._precompile import precompile  # compile on two cores
+
+            precompile(self._records)
 
     def use_runner(self) -> None:
         """From now on, run the hot steps as one compiled call (:mod:`._runner`) when they all

@@ -417,7 +417,6 @@ def bind_avgpool2x2(
     out = np.empty((n, ho, wo, c), np.float32)
     pk = pack if pack is not None else _NO_PACK
     do_pack = pack is not None
-    _avgpool_pack(np.zeros((n, hh, ww, c), np.float32), out, pk[0], pk[1], pk[2], do_pack)
 
     def run(h: np.ndarray) -> np.ndarray:
         _avgpool_pack(h, out, pk[0], pk[1], pk[2], do_pack)
