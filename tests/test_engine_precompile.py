@@ -59,7 +59,8 @@ def _plan_records() -> list[Any]:
 
 
 def test_nothing_is_sent_when_switched_off_or_cached(monkeypatch: pytest.MonkeyPatch) -> None:
-    """BCNN_PRECOMPILE=0, or kernels already compiled here: no child is started."""
+    """Kernels already compiled here, BCNN_PRECOMPILE=0, an executable that is not a Python,
+    or one core: no child is started."""
 
     def no_child(*a: Any, **k: Any) -> Any:
         raise AssertionError("a child process was started")
@@ -67,8 +68,15 @@ def test_nothing_is_sent_when_switched_off_or_cached(monkeypatch: pytest.MonkeyP
     recs = _plan_records()  # built (and its kernels compiled or loaded) by this process
     monkeypatch.setattr(subprocess, "Popen", no_child)
     assert P.precompile(recs) == 0  # every kernel of the plan is in this process or cached
-    monkeypatch.setenv("BCNN_PRECOMPILE", "0")
     monkeypatch.setattr(P, "_missing", lambda d, tys: True)
+    monkeypatch.setattr(P, "_cores", lambda: 2)
+    monkeypatch.setenv("BCNN_PRECOMPILE", "0")
+    assert P.precompile(recs) == 0
+    monkeypatch.delenv("BCNN_PRECOMPILE")
+    monkeypatch.setattr(sys, "executable", "/usr/sbin/uwsgi")  # an embedding host
+    assert P.precompile(recs) == 0
+    monkeypatch.setattr(P, "_cores", lambda: 1)
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
     assert P.precompile(recs) == 0
 
 
@@ -81,7 +89,7 @@ def test_a_failing_child_leaves_the_kernels_to_this_process(
     jobs = [("conv", conv, ("i8",)), ("stem", stem, ("u8",))]
     monkeypatch.setattr(P, "kernel_calls", lambda r: jobs)
     monkeypatch.setattr(P, "_missing", lambda d, tys: True)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(P, "_cores", lambda: 2)
     monkeypatch.setattr(P, "_CHILD", "bcnn.engine._no_such_module")  # the child exits 1
     assert P.precompile(recs) == 0
     assert conv.compiled == [("i8",)] and stem.compiled == [("u8",)]
@@ -126,7 +134,7 @@ def test_an_empty_cache_compiles_a_share_in_the_child_and_loads_it(tmp_path: Pat
     first, sigs, hits = r.stdout.split("\n")[:3]
     n_child, exact = (int(v) for v in first.split())
     assert exact == 1
-    if (os.cpu_count() or 1) < 2:
+    if P._cores() < 2:
         assert n_child == 0
         return
     assert n_child >= 1

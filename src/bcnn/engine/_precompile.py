@@ -11,8 +11,10 @@ cache. Kernels, arguments and cache are the plan's own, so the code that runs is
 lazy compile's; only who compiles it changes.
 
 Nothing here is needed for correctness: if the child fails, is slow (:data:`TIMEOUT_S`) or
-cannot start, the kernels are compiled in this process on first use, as without it. Set
-``BCNN_PRECOMPILE=0`` to compile in this process only.
+cannot start, the kernels are compiled in this process on first use, as without it. No child
+is started with one core available, from an embedded or frozen interpreter (whose
+``sys.executable`` is not a Python), or with ``BCNN_PRECOMPILE=0`` (compile in this process
+only).
 
 The split keeps each kernel in one process (two processes adding signatures of one function
 to its cache index at once could lose one). Kernels go, largest first, to the side with less
@@ -101,11 +103,26 @@ def _split(jobs: list[tuple[str, Any, tuple[Any, ...]]]) -> tuple[list[Any], lis
     return mine, theirs
 
 
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _can_spawn() -> bool:
+    """Whether ``sys.executable -m ...`` starts this Python: not an embedding host (a
+    server binary) or a frozen application, whose executable would take other arguments."""
+    exe = os.path.basename(sys.executable or "").lower()
+    return exe.startswith(("python", "pypy")) and not getattr(sys, "frozen", False)
+
+
 def precompile(records: Sequence[tuple[str, tuple[Any, ...]] | None]) -> int:
     """Compile the kernels of ``records`` that are not compiled or cached yet, a share in a
     child process (see the module's doc). Returns how many kernel signatures the child
     compiled (0: none was sent, or it failed and they compile here on first use)."""
-    if os.environ.get("BCNN_PRECOMPILE", "1") == "0" or (os.cpu_count() or 1) < 2:
+    if os.environ.get("BCNN_PRECOMPILE", "1") == "0" or _cores() < 2 or not _can_spawn():
         return 0
     jobs = [j for j in kernel_calls(records) if _missing(j[1], j[2])]
     if len(jobs) < 2:
