@@ -406,6 +406,9 @@ def test_prescaled_fma_epilogue(
     )  # fmt: skip
     out = np.empty_like(want)
     assert np.array_equal(run(xp, res, out), want)
+    x2 = rng.integers(0, 2**63, xp.shape, dtype=np.uint64)  # the padded workspace is reused
+    want2 = K.bconv2d_affine(x2, pw, alpha, beta, prescale=pre, **kw)
+    assert np.array_equal(run(x2, res, out), want2) and not np.array_equal(want2, want)
     with pytest.raises(ValueError, match="prescale needs fma=True"):
         K.bconv2d_affine(xp, pw, alpha, beta, prescale=pre)
     with pytest.raises(ValueError, match="prescale must have shape"):

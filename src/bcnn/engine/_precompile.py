@@ -34,7 +34,7 @@ from typing import Any
 __all__ = ["TIMEOUT_S", "kernel_calls", "precompile"]
 
 TIMEOUT_S = 300.0  # the child's share is compiled here after this (it is killed)
-_COST = {"conv": 6.5, "stem": 5.0, "pool": 1.2, "head": 0.8, "pack": 0.3}
+_COST = {"conv": 5.2, "stem": 5.0, "pool": 1.2, "head": 0.8, "pack": 0.3}
 _CHILD_START_S = 0.8
 _CHILD = "bcnn.engine._precompile"  # python -m this
 
@@ -60,7 +60,7 @@ def kernel_calls(
         if group == "stem":
             d, tys = _stem_fast_pack_for(args[8]), (types.Array(types.uint8, 4, "C"), *tys)
         elif group == "conv":
-            d = _conv_serial_pack_for(args[2])
+            d = _conv_serial_pack_for(args[3])
         elif group == "pool":
             d = _avgpool_pack
         elif group == "pack":

@@ -27,7 +27,6 @@ from ._conv import (
     _U00,
     _conv_range_pop,
     _out_hw,
-    _pad_bits,
     _prescaled,
     _run_conv,
 )
@@ -51,9 +50,25 @@ from ._weights import PreparedStem, PreparedWeights, _vec, _words
 Record = tuple[str, tuple[object, ...]]
 # the pack arguments when a kernel packs nothing (never read)
 _NO_PACK: tuple[np.ndarray, np.ndarray, int] = (_F0, np.zeros((0, 0, 0, 0), np.uint64), 0)
+_NO_PAD = np.zeros((0, 0, 0, 0), np.uint64)  # the conv's padded workspace when it pads nothing
 
 
-_CONV_PACK_DOC = """The serial conv (as :func:`_conv._conv_serial`), then (``do_pack``) the
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _fill_padded(x, xp, pad):  # type: ignore[no-untyped-def]
+    """xp[:, pad:pad + H, pad:pad + W] = x; the border of xp is left as the caller made it
+    (zero: the one-padding of packed bits). No allocation, reshape or slice: the bound conv
+    compiles faster without :func:`_conv._pad_bits`' (docs/kernels.md, Start-up)."""
+    n_, h, w, cw = x.shape
+    for n in range(n_):
+        for y in range(h):
+            for i in range(w):
+                for c in range(cw):
+                    xp[n, y + pad, i + pad, c] = x[n, y, i, c]
+
+
+_CONV_PACK_DOC = """The serial conv (as :func:`_conv._conv_serial`; with ``pad`` > 0 the input
+is copied into the interior of the caller's zero-bordered workspace ``xpad``, uint64
+(N, H + 2*pad, W + 2*pad, Cw), instead of a new padded array), then (``do_pack``) the
 signs of its float output ``out4`` (the same array as ``out_f``) packed into the interior of
 ``pk_out`` (one call: the binarize that follows a block). One entry per weight layout, chosen in
 Python (:func:`_conv_serial_pack_for`), each calling its path's tiles inline: numba optimises
@@ -64,11 +79,15 @@ implementation by compiling it, so each dispatch or wrapper level adds start-up 
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def _conv_serial_pack_lut(  # type: ignore[no-untyped-def]
-    ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    ntiles, x, xpad, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
-    xp = _pad_bits(x, pad)
+    if pad > 0:
+        _fill_padded(x, xpad, pad)
+        xp = xpad
+    else:
+        xp = x
     _conv_range_lut(
         0, ntiles, 0, blocks.shape[0], xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
         out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
@@ -79,11 +98,15 @@ def _conv_serial_pack_lut(  # type: ignore[no-untyped-def]
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def _conv_serial_pack_pop(  # type: ignore[no-untyped-def]
-    ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    ntiles, x, xpad, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
-    xp = _pad_bits(x, pad)
+    if pad > 0:
+        _fill_padded(x, xpad, pad)
+        xp = xpad
+    else:
+        xp = x
     _conv_range_pop(
         0, ntiles, 0, blocks.shape[0], xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
         out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
@@ -101,7 +124,7 @@ def _conv_serial_pack_for(blocks: np.ndarray):  # type: ignore[no-untyped-def]
 
 
 def _conv_serial_pack(  # type: ignore[no-untyped-def]
-    ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    ntiles, x, xpad, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
@@ -111,7 +134,7 @@ def _conv_serial_pack(  # type: ignore[no-untyped-def]
 
 @overload(_conv_serial_pack, jit_options={"nogil": True})
 def _conv_serial_pack_typed(  # type: ignore[no-untyped-def]
-    ntiles, x, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
+    ntiles, x, xpad, blocks, o_, nbits, kh, kw, stride, pad, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
@@ -190,6 +213,12 @@ def bind_conv_affine(
     pk = pack if pack is not None else _NO_PACK
     do_pack = pack is not None
     conv_pack = _conv_serial_pack_for(blocks)
+    # the padded input's workspace (its border stays zero), or a stand-in never read
+    xpad = (
+        np.zeros((n, h + 2 * padding, wd + 2 * padding, x_shape[3]), np.uint64)
+        if padding > 0
+        else _NO_PAD
+    )
 
     def run(x: np.ndarray, residual: np.ndarray | None, out: np.ndarray) -> np.ndarray:
         if get_threads() != 1:
@@ -202,7 +231,7 @@ def bind_conv_affine(
                 _pack_rows_padded(out, pack[0], pack[1], pack[2])
             return out
         conv_pack(
-            ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
+            ntiles, x, xpad, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
             _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp,
             _F00 if residual is None else residual.reshape(m, cr), residual is not None,
             _F0, _B0, out, pk[0], pk[1], pk[2], do_pack,
@@ -213,7 +242,7 @@ def bind_conv_affine(
         """The serial call ``run`` makes on these arrays, for the plan runner."""
         res = _F00 if residual is None else residual.reshape(m, cr)
         return "conv", (
-            ntiles, x, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
+            ntiles, x, xpad, blocks, o, nbits, kh, kw, stride, padding, ho, wo, mode,
             _I00, out.reshape(m, o), _U00, sc, bi, g, s, z, has_rp, res, residual is not None,
             _F0, _B0, out, pk[0], pk[1], pk[2], do_pack,
         )  # fmt: skip
