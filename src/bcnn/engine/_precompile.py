@@ -28,6 +28,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,8 @@ TIMEOUT_S = 300.0  # the child's share is compiled here after this (it is killed
 _COST = {"conv": 5.2, "stem": 5.0, "pool": 1.2, "head": 0.8, "pack": 0.3}
 _CHILD_START_S = 0.8
 _CHILD = "bcnn.engine._precompile"  # python -m this
+_lock = threading.Lock()  # one precompile at a time: plans built by several threads at once
+# find the first one's kernels compiled when they get the lock, and start no child of their own
 
 
 def kernel_calls(
@@ -124,6 +127,11 @@ def precompile(records: Sequence[tuple[str, tuple[Any, ...]] | None]) -> int:
     compiled (0: none was sent, or it failed and they compile here on first use)."""
     if os.environ.get("BCNN_PRECOMPILE", "1") == "0" or _cores() < 2 or not _can_spawn():
         return 0
+    with _lock:
+        return _precompile(records)
+
+
+def _precompile(records: Sequence[tuple[str, tuple[Any, ...]] | None]) -> int:
     jobs = [j for j in kernel_calls(records) if _missing(j[1], j[2])]
     if len(jobs) < 2:
         return 0
@@ -144,19 +152,22 @@ def precompile(records: Sequence[tuple[str, tuple[Any, ...]] | None]) -> int:
             stderr=subprocess.DEVNULL,
             env=env,
         )
+    except OSError:
+        return 0
+    ok = False
+    try:
         assert child.stdin is not None
         child.stdin.write(payload)
         child.stdin.close()
-    except OSError:
-        return 0
-    for _, d, tys in mine:
-        d.compile(tys)
-    try:
+        for _, d, tys in mine:
+            d.compile(tys)
         ok = child.wait(timeout=TIMEOUT_S) == 0
-    except subprocess.TimeoutExpired:
-        child.kill()
+    except (OSError, subprocess.TimeoutExpired):  # a child that died early, or hangs
+        pass
+    finally:  # never leave it running (also when a compile here raised)
+        if child.poll() is None:
+            child.kill()
         child.wait()
-        ok = False
     for _, d, tys in theirs:
         d.compile(tys)  # a cache load when the child succeeded, else the compile itself
     return len(theirs) if ok else 0
