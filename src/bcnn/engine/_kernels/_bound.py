@@ -66,6 +66,15 @@ def _fill_padded(x, xp, pad):  # type: ignore[no-untyped-def]
                     xp[n, y + pad, i + pad, c] = x[n, y, i, c]
 
 
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _padded_input(x, xpad, pad):  # type: ignore[no-untyped-def]
+    """The conv's input with its one-padding: ``x`` itself at pad 0, else ``xpad`` filled."""
+    if pad > 0:
+        _fill_padded(x, xpad, pad)
+        return xpad
+    return x
+
+
 _CONV_PACK_DOC = """The serial conv (as :func:`_conv._conv_serial`; with ``pad`` > 0 the input
 is copied into the interior of the caller's zero-bordered workspace ``xpad``, uint64
 (N, H + 2*pad, W + 2*pad, Cw), instead of a new padded array), then (``do_pack``) the
@@ -83,11 +92,7 @@ def _conv_serial_pack_lut(  # type: ignore[no-untyped-def]
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
-    if pad > 0:
-        _fill_padded(x, xpad, pad)
-        xp = xpad
-    else:
-        xp = x
+    xp = _padded_input(x, xpad, pad)
     _conv_range_lut(
         0, ntiles, 0, blocks.shape[0], xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
         out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
@@ -102,11 +107,7 @@ def _conv_serial_pack_pop(  # type: ignore[no-untyped-def]
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
-    if pad > 0:
-        _fill_padded(x, xpad, pad)
-        xp = xpad
-    else:
-        xp = x
+    xp = _padded_input(x, xpad, pad)
     _conv_range_pop(
         0, ntiles, 0, blocks.shape[0], xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
         out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
