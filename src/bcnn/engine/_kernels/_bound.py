@@ -25,7 +25,7 @@ from ._conv import (
     _MODE_AFFINE_FMA,
     _MODE_PRESCALE_FMA,
     _U00,
-    _conv_range_pop,
+    _conv_range,
     _out_hw,
     _prescaled,
     _run_conv,
@@ -39,7 +39,7 @@ from ._stem import (
     _fast_blocks,
     _fast_stem,
     _run_stem,
-    _stem_fast_range_pop,
+    _stem_fast_range,
     _stem_patches,
     _stem_planes,
 )
@@ -80,10 +80,11 @@ is copied into the interior of the caller's zero-bordered workspace ``xpad``, ui
 (N, H + 2*pad, W + 2*pad, Cw), instead of a new padded array), then (``do_pack``) the
 signs of its float output ``out4`` (the same array as ``out_f``) packed into the interior of
 ``pk_out`` (one call: the binarize that follows a block). One entry per weight layout, chosen in
-Python (:func:`_conv_serial_pack_for`), each calling its path's tiles inline: numba optimises
+Python (:func:`_conv_serial_pack_for`). The lut entry calls its tiles inline: numba optimises
 and emits a callee's code again in every caller it compiles, and types an overload's
 implementation by compiling it, so each dispatch or wrapper level adds start-up time
-(docs/kernels.md, Start-up)."""
+(docs/kernels.md, Start-up). The popcount entry keeps the tiles' overload, which runs faster
+there."""
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -108,7 +109,9 @@ def _conv_serial_pack_pop(  # type: ignore[no-untyped-def]
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
     xp = _padded_input(x, xpad, pad)
-    _conv_range_pop(
+    # the popcount tiles through their overload (compiled on their own, linked in): inlined
+    # here they ran 3-10% slower (paired bursts, generic path on Zen 3; docs/kernels.md)
+    _conv_range(
         0, ntiles, 0, blocks.shape[0], xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
         out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
     )  # fmt: skip
@@ -256,7 +259,7 @@ _STEM_PACK_DOC = """The first layer's fast path with its workspaces: ``cp`` uint
 2*pad)*(W + 2*pad),), flat planes with a zero border (their interior is rewritten), ``patch``
 uint64 (G, N*Ho*Wo); then (``do_pack``) the signs of its float output ``out4`` (the same array
 as ``out_f``) packed into the interior of ``pk_out``. One entry per weight layout, each calling
-its steps and its path's tiles inline (see :data:`_CONV_PACK_DOC`)."""
+its steps inline, and its path's tiles as in :data:`_CONV_PACK_DOC`."""
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -285,7 +288,8 @@ def _stem_fast_pack_pop(  # type: ignore[no-untyped-def]
     n_, _, h, w = x.shape
     _stem_planes(x, bit, pad, cp)
     _stem_patches(cp, n_, h + 2 * pad, w + 2 * pad, cg, kh, kw, stride, ho, wo, patch)
-    _stem_fast_range_pop(
+    # through the overload, as _conv_serial_pack_pop's tiles
+    _stem_fast_range(
         0, -(-(x.shape[0] * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i,
         out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
     )  # fmt: skip

@@ -43,7 +43,7 @@ from ._weights import (
 # ------------------------------------------------------------------------ conv / GEMM kernels
 
 
-@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False)
 def _conv_range_pop(  # type: ignore[no-untyped-def]
     t0, t1, ob0, ob1, xp, blocks, o_, nbits, kh, kw, stride, ho, wo, mode,
     out_i, out_f, out_b, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,

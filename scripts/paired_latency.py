@@ -1,0 +1,123 @@
+"""Batch-1 latency of a packed model under two source trees, in paired bursts: is a change
+faster or slower?
+
+    python scripts/paired_latency.py OLD_SRC NEW_SRC [--model bcnn_cifar10] [--rounds 100]
+
+OLD_SRC / NEW_SRC are ``src`` folders (e.g. a ``git worktree`` of the commit before, and
+``src`` of this checkout). Each runs in its own long-lived worker process (``PYTHONPATH`` set
+to it, its own numba cache), which loads the model, warms up, and then times bursts of
+``--calls`` calls when asked. The bursts alternate old, new, old, new, ..., and the figure is
+the median of the per-round ratios new/old. A shared VM whose speed drifts within seconds (the
+2-core machines of docs/kernels.md) moves both sides of a round alike, where separate runs of
+a benchmark can differ by 20-60% from drift alone. Even so, on that VM whole runs of
+100-150 rounds gave paired medians from 0.99 to 1.18 for one pair of trees: repeat the run and
+report every median. Workers inherit the environment, so
+``BCNN_KERNEL_PATH=generic`` (etc.) applies to both. Prints one line (``--json``: a file too).
+Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_WORKER = """
+import sys, time, numpy as np
+from bcnn.engine import load
+m = load(sys.argv[1])
+s = int(sys.argv[2])
+x = np.random.default_rng(0).integers(0, 256, (1, m.in_channels, s, s), np.uint8)
+for _ in range(100):
+    m(x)
+print("ready", flush=True)
+for line in sys.stdin:
+    n = int(line)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        m(x)
+    print((time.perf_counter() - t0) / n * 1e3, flush=True)
+"""
+
+
+def _start(src: Path, model: str, size: int, cache: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(src), "NUMBA_CACHE_DIR": cache}
+    p = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, model, str(size)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tempfile.gettempdir(),  # not a folder whose bcnn/ would shadow the source tree
+    )
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != "ready":
+        raise SystemExit(f"error: the worker for {src} did not start (see its output above)")
+    return p
+
+
+def _burst(p: subprocess.Popen[str], calls: int) -> float:
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write(f"{calls}\n")
+    p.stdin.flush()
+    return float(p.stdout.readline())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("old", type=Path, help="the src folder of the baseline")
+    ap.add_argument("new", type=Path, help="the src folder of the change")
+    ap.add_argument("--model", default="bcnn_cifar10", help="a .bcnn file or pretrained name")
+    ap.add_argument("--size", type=int, default=32, help="image side (batch 1)")
+    ap.add_argument("--rounds", type=int, default=100, help="paired bursts")
+    ap.add_argument("--calls", type=int, default=100, help="calls per burst")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    for src in (args.old, args.new):
+        if not (src / "bcnn" / "__init__.py").is_file():
+            print(f"error: {src} is not a src folder holding bcnn/", file=sys.stderr)
+            return 2
+    if min(args.rounds, args.calls, args.size) < 1:
+        print("error: --rounds, --calls and --size must be >= 1", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as c_old, tempfile.TemporaryDirectory() as c_new:
+        old = _start(args.old, args.model, args.size, c_old)
+        new = _start(args.new, args.model, args.size, c_new)
+        t_old, t_new = [], []
+        for _ in range(args.rounds):
+            t_old.append(_burst(old, args.calls))
+            t_new.append(_burst(new, args.calls))
+        for p in (old, new):
+            assert p.stdin is not None
+            p.stdin.close()
+            p.wait()
+    ratios = sorted(b / a for a, b in zip(t_old, t_new, strict=True))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    row = {
+        "model": args.model,
+        "size": args.size,
+        "kernel_path_env": os.environ.get("BCNN_KERNEL_PATH", ""),
+        "rounds": args.rounds,
+        "calls": args.calls,
+        "old_ms_median": round(statistics.median(t_old), 4),
+        "new_ms_median": round(statistics.median(t_new), 4),
+        "new_over_old_paired_median": round(statistics.median(ratios), 4),
+        "new_over_old_p25_p75": [round(q[0], 4), round(q[2], 4)],
+    }
+    print(
+        f"old {row['old_ms_median']} ms, new {row['new_ms_median']} ms (medians); "
+        f"paired new/old {row['new_over_old_paired_median']} "
+        f"[p25 {row['new_over_old_p25_p75'][0]}, p75 {row['new_over_old_p25_p75'][1]}]"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(row, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
