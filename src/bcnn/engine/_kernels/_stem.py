@@ -248,17 +248,20 @@ def _stem_patches(cp, n_, hp, wp, cg, kh, kw, stride, ho, wo, patch):  # type: i
                         pg[p0 + ox] = grid[g0 + ox]
         return
     for g in range(g_):
+        pg = patch[g]
         for n in range(n_):
             for oy in range(ho):
                 base = (n * ho + oy) * wo
+                prow = pg[base : base + wo]
                 for ox in range(wo):
-                    patch[g, base + ox] = 0
+                    prow[ox] = 0
                 for ky in range(kh):
-                    row = ((g * n_ + n) * hp + oy * stride + ky) * wp
+                    r0 = ((g * n_ + n) * hp + oy * stride + ky) * wp
+                    src = cp[r0 : r0 + wp]
                     for kx in range(kw):
                         sh = np.uint64((ky * kw + kx) * cg)
                         for ox in range(wo):
-                            patch[g, base + ox] |= np.uint64(cp[row + ox * stride + kx]) << sh
+                            prow[ox] |= np.uint64(src[ox * stride + kx]) << sh
 
 
 def _stem_fast_range(  # type: ignore[no-untyped-def]
