@@ -39,9 +39,8 @@ from ._stem import (
     _fast_blocks,
     _fast_stem,
     _run_stem,
+    _stem_bits,
     _stem_fast_range,
-    _stem_patches,
-    _stem_planes,
 )
 from ._weights import PreparedStem, PreparedWeights, _vec, _words
 
@@ -268,9 +267,7 @@ def _stem_fast_pack_lut(  # type: ignore[no-untyped-def]
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
-    n_, _, h, w = x.shape
-    _stem_planes(x, bit, pad, cp)
-    _stem_patches(cp, n_, h + 2 * pad, w + 2 * pad, cg, kh, kw, stride, ho, wo, patch)
+    _stem_bits(x, bit, pad, cg, kh, kw, stride, ho, wo, cp, patch)
     _stem_fast_range_lut(
         0, -(-(x.shape[0] * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i,
         out_f, scale, bias, rp_g, rp_s, rp_z, has_rp,
@@ -285,9 +282,7 @@ def _stem_fast_pack_pop(  # type: ignore[no-untyped-def]
     out_i, out_f, scale, bias, rp_g, rp_s, rp_z, has_rp, cp, patch,
     out4, pk_bias, pk_out, pk_pad, do_pack,
 ):  # fmt: skip
-    n_, _, h, w = x.shape
-    _stem_planes(x, bit, pad, cp)
-    _stem_patches(cp, n_, h + 2 * pad, w + 2 * pad, cg, kh, kw, stride, ho, wo, patch)
+    _stem_bits(x, bit, pad, cg, kh, kw, stride, ho, wo, cp, patch)
     # through the overload, as _conv_serial_pack_pop's tiles
     _stem_fast_range(
         0, -(-(x.shape[0] * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i,

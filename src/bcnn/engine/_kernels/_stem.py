@@ -264,6 +264,15 @@ def _stem_patches(cp, n_, hp, wp, cg, kh, kw, stride, ho, wo, patch):  # type: i
                             prow[ox] |= np.uint64(src[ox * stride + kx]) << sh
 
 
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _stem_bits(x, bit, pad, cg, kh, kw, stride, ho, wo, cp, patch):  # type: ignore[no-untyped-def]
+    """The fast stem's inputs: bit-planes of ``x`` into ``cp`` (:func:`_stem_planes`), then
+    one-word group patches into ``patch`` (:func:`_stem_patches`)."""
+    n_, _, h, w = x.shape
+    _stem_planes(x, bit, pad, cp)
+    _stem_patches(cp, n_, h + 2 * pad, w + 2 * pad, cg, kh, kw, stride, ho, wo, patch)
+
+
 def _stem_fast_range(  # type: ignore[no-untyped-def]
     t0, t1, patch, blocks, shifts, const, o_, mode, out_i, out_f, scale, bias, rp_g, rp_s,
     rp_z, has_rp,
@@ -331,8 +340,7 @@ def _stem_fast_serial(  # type: ignore[no-untyped-def]
     hp, wp = h + 2 * pad, w + 2 * pad
     cp = np.zeros(g_ * n_ * hp * wp, np.uint8)
     patch = np.empty((g_, n_ * ho * wo), np.uint64)
-    _stem_planes(x, bit, pad, cp)
-    _stem_patches(cp, n_, hp, wp, cg, kh, kw, stride, ho, wo, patch)
+    _stem_bits(x, bit, pad, cg, kh, kw, stride, ho, wo, cp, patch)
     _stem_fast_range(
         0, -(-(n_ * ho * wo) // MR), patch, blocks, shifts, const, o_, mode, out_i, out_f,
         scale, bias, rp_g, rp_s, rp_z, has_rp,
