@@ -2,6 +2,7 @@
 faster or slower?
 
     python scripts/paired_latency.py OLD_SRC NEW_SRC [--model bcnn_cifar10] [--rounds 100]
+    python scripts/paired_latency.py OLD_SRC NEW_SRC --conv 256 --size 14  # one conv3x3 layer
 
 OLD_SRC / NEW_SRC are ``src`` folders (e.g. a ``git worktree`` of the commit before, and
 ``src`` of this checkout). Each runs in its own long-lived worker process (``PYTHONPATH`` set
@@ -13,7 +14,9 @@ a benchmark can differ by 20-60% from drift alone. Even so, on that VM whole run
 100-150 rounds gave paired medians from 0.99 to 1.18 for one pair of trees: repeat the run and
 report every median. Workers inherit the environment, so
 ``BCNN_KERNEL_PATH=generic`` (etc.) applies to both. Prints one line (``--json``: a file too).
-Run it on a quiet machine.
+Run it on a quiet machine. ``--conv C`` times one packed 3x3 conv layer instead (C in and out
+channels, padding 1, ``--size`` square input, batch 1, the affine epilogue into a preallocated
+output: ``bconv2d_affine``, as the bound layers of a fast plan run it; one kernel thread).
 """
 
 from __future__ import annotations
@@ -45,10 +48,37 @@ for line in sys.stdin:
 """
 
 
-def _start(src: Path, model: str, size: int, cache: str) -> subprocess.Popen[str]:
+_CONV_WORKER = """
+import sys, time, numpy as np
+from bcnn.engine import _kernels as K, set_num_threads
+set_num_threads(1)
+c, s = int(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+pw = K.prepare_conv_weights(K.pack_weights(rng.standard_normal((c, c, 3, 3)).astype(np.float32)), c)
+xp = K.pack_sign(rng.standard_normal((1, s, s, c)).astype(np.float32))
+scale = rng.random(c).astype(np.float32)
+bias = rng.standard_normal(c).astype(np.float32)
+out = np.empty((1, s, s, c), np.float32)
+def m(x):
+    K.bconv2d_affine(x, pw, scale, bias, padding=1, out=out)
+x = xp
+for _ in range(100):
+    m(x)
+print("ready", flush=True)
+for line in sys.stdin:
+    n = int(line)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        m(x)
+    print((time.perf_counter() - t0) / n * 1e3, flush=True)
+"""
+
+
+def _start(src: Path, model: str, size: int, cache: str, conv: int) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(src), "NUMBA_CACHE_DIR": cache}
+    code, what = (_CONV_WORKER, str(conv)) if conv else (_WORKER, model)
     p = subprocess.Popen(
-        [sys.executable, "-c", _WORKER, model, str(size)],
+        [sys.executable, "-c", code, what, str(size)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -73,6 +103,8 @@ def main() -> int:
     ap.add_argument("old", type=Path, help="the src folder of the baseline")
     ap.add_argument("new", type=Path, help="the src folder of the change")
     ap.add_argument("--model", default="bcnn_cifar10", help="a .bcnn file or pretrained name")
+    ap.add_argument("--conv", type=int, default=0, metavar="C",
+                    help="time one 3x3 conv layer of C channels instead of a model")  # fmt: skip
     ap.add_argument("--size", type=int, default=32, help="image side (batch 1)")
     ap.add_argument("--rounds", type=int, default=100, help="paired bursts")
     ap.add_argument("--calls", type=int, default=100, help="calls per burst")
@@ -82,12 +114,12 @@ def main() -> int:
         if not (src / "bcnn" / "__init__.py").is_file():
             print(f"error: {src} is not a src folder holding bcnn/", file=sys.stderr)
             return 2
-    if min(args.rounds, args.calls, args.size) < 1:
-        print("error: --rounds, --calls and --size must be >= 1", file=sys.stderr)
+    if min(args.rounds, args.calls, args.size) < 1 or args.conv < 0:
+        print("error: --rounds, --calls and --size must be >= 1, --conv >= 0", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as c_old, tempfile.TemporaryDirectory() as c_new:
-        old = _start(args.old, args.model, args.size, c_old)
-        new = _start(args.new, args.model, args.size, c_new)
+        old = _start(args.old, args.model, args.size, c_old, args.conv)
+        new = _start(args.new, args.model, args.size, c_new, args.conv)
         t_old, t_new = [], []
         for _ in range(args.rounds):
             t_old.append(_burst(old, args.calls))
@@ -99,7 +131,7 @@ def main() -> int:
     ratios = sorted(b / a for a, b in zip(t_old, t_new, strict=True))
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     row = {
-        "model": args.model,
+        "model": f"conv3x3 {args.conv} ch" if args.conv else args.model,
         "size": args.size,
         "kernel_path_env": os.environ.get("BCNN_KERNEL_PATH", ""),
         "rounds": args.rounds,

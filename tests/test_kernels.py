@@ -230,20 +230,34 @@ def test_bconv2d_pairs_extremes_and_bad_input(cin: int) -> None:
 def test_lut_long_reductions_do_not_wrap(pairs: bool) -> None:
     """The lut tiles sum byte runs into uint16 and add those into int64 before they could
     wrap: a 1x1 conv over more bits than 65535 / (max per bit) with every bit opposite to the
-    weight reaches sums past 2**16 (single planes: 1030 words; pairs, 3 per bit: 350 words)."""
+    weight reaches sums past 2**16 (single planes: 1030 words; pairs, 3 per bit: 350 words).
+    33 output channels: a full block of 32 (the vector epilogue, which adds the uint16 and
+    int64 parts) and one more (the scalar one), in the int, affine and threshold modes."""
     kw = 350 if pairs else 1030
     cin = 64 * kw - 7  # a partial last word
     ones = np.full((1, 1, 1, kw), np.uint64(2**64 - 1))
     ones[..., -1] &= np.uint64((1 << (cin % 64)) - 1)
     zero = np.zeros_like(ones)
-    w = K.prepare_conv_weights(np.concatenate([zero, ones]), cin, path="lut")
+    cout = 33
+    w = K.prepare_conv_weights(
+        np.concatenate([ones if o % 3 else zero for o in range(cout)]), cin, path="lut"
+    )
+    sign = np.where(np.arange(cout) % 3, 1, -1)
     if pairs:
         got = K.bconv2d_pairs(K.pair_bytes(np.concatenate([ones, ones]), 1), w)
-        want = np.array([-3 * cin, 3 * cin], np.int64)  # 3 * cin > 65535
-    else:
-        got = K.bconv2d(ones, w)
-        want = np.array([-cin, cin], np.int64)  # cin > 65535
-    assert np.array_equal(got.reshape(2), want)
+        want = 3 * cin * sign  # 3 * cin > 65535
+        assert np.array_equal(got.reshape(cout), want)
+        return
+    want = cin * sign  # cin > 65535
+    assert np.array_equal(K.bconv2d(ones, w).reshape(cout), want)
+    scale = np.linspace(0.5, 2.0, cout).astype(np.float32)
+    bias = np.linspace(-3.0, 3.0, cout).astype(np.float32)
+    got_f = K.bconv2d_affine(ones, w, scale, bias)
+    assert np.array_equal(got_f.reshape(cout), want.astype(np.float32) * scale + bias)
+    thr = (want + np.where(np.arange(cout) % 2, 0.5, -0.5)).astype(np.float32)
+    flip = np.arange(cout) % 4 == 0
+    bits = K.unpack_bits(K.bconv2d_threshold(ones, w, thr, flip), cout).reshape(cout)
+    assert np.array_equal(bits, np.where(np.where(flip, want > thr, want < thr), -1, 1))
 
 
 @pytest.mark.usefixtures("layout")
@@ -478,6 +492,23 @@ def test_blinear_and_bgemm(k: int, n: int, o: int) -> None:
     aff = K.blinear_affine(xp, pw, scale, bias)
     assert np.array_equal(aff, R.blinear_affine(xp, wp, k, scale, bias))
     assert np.array_equal(aff, _affine_torch(want, scale, bias))
+
+
+@pytest.mark.parametrize("o,cin,k", [(70, 65, 3), (256, 256, 3), (64, 64, 3), (10, 130, 1)])
+def test_prepared_weights_are_cache_line_aligned(layout: str, o: int, cin: int, k: int) -> None:
+    """Every prepared block starts at a multiple of 64 bytes, so no 32- or 64-byte vector load
+    of it straddles two cache lines (numpy alone aligns these arrays to 16 bytes: 16, 32 or
+    48 mod 64 for most of these shapes); the stem's words and nibbles too."""
+    rng = np.random.default_rng(o + cin)
+    for _ in range(3):  # several allocations: not one lucky address
+        pw = K.prepare_conv_weights(K.pack_weights(_rand(rng, o, cin, k, k)), cin)
+        assert pw.blocks.ctypes.data % 64 == 0 and pw.blocks.flags.c_contiguous
+        dw = K.prepare_dense_weights(K.pack_weights(_rand(rng, o, cin)), cin)
+        assert dw.blocks.ctypes.data % 64 == 0
+    stem = K.prepare_stem_weights(K.pack_weights(_rand(rng, 64, 24, 3, 3)), 3, 8)
+    assert stem.blocks.ctypes.data % 64 == 0
+    if stem.nibbles is not None and stem.nibbles.size:
+        assert stem.nibbles.ctypes.data % 64 == 0
 
 
 def test_prepared_layout_of_each_path(layout: str) -> None:

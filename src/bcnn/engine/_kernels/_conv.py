@@ -112,8 +112,9 @@ def _conv_range_pop(  # type: ignore[no-untyped-def]
                 for u in range(u0, nmt):
                     _mk(xp, roffs[u], sw, ss, kh, blocks, boff, noshift, acc, (u - u0) * MR * LANES)
                 _epilogue(
-                    acc, mrows - u0 * MR, mt0 + u0 * MR, o0, lmax, nbits, mode, out_i, out_f,
-                    out_b, ob, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+                    acc, acc, False, mrows - u0 * MR, mt0 + u0 * MR, o0, lmax, nbits, mode,
+                    out_i, out_f, out_b, ob, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res,
+                    thr, flip,
                 )  # fmt: skip
 
 

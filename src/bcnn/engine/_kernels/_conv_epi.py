@@ -65,14 +65,25 @@ def _affine_rp(x, o, scale, bias, rp_g, rp_s, rp_z, has_rp, fma):  # type: ignor
     return y
 
 
+@njit(inline="always", nogil=True, cache=True, boundscheck=False)
+def _sum_at(acc, acc_hi, hi, i):  # type: ignore[no-untyped-def]
+    """Sum i of a tile: acc[i] (int64, or a lookup-table tile's uint16), plus acc_hi[i] (int64)
+    when ``hi`` (a reduction too long for uint16 sums)."""
+    v = np.int64(acc[i])
+    if hi:
+        v += acc_hi[i]
+    return v
+
+
 @njit(nogil=True, cache=True, boundscheck=False)
 def _epilogue(  # type: ignore[no-untyped-def]
-    acc, rows, m0, o0, lmax, nbits, mode, out_i, out_f, out_b, ob,
+    acc, acc_hi, hi, rows, m0, o0, lmax, nbits, mode, out_i, out_f, out_b, ob,
     scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
 ):  # fmt: skip
-    """acc rows 0..rows-1 (LANES popcounts each) -> outputs m0.., channels o0..o0+lmax-1.
-    Full rows of 32 channels go through the vector intrinsics; a partial last block of
-    channels through the scalar loops (same arithmetic)."""
+    """Sums rows 0..rows-1 (LANES each: acc, plus acc_hi when ``hi``, :func:`_sum_at`) ->
+    outputs m0.., channels o0..o0+lmax-1. Full rows of 32 channels go through the vector
+    intrinsics; a partial last block of channels through the scalar loops (same
+    arithmetic)."""
     cr = res.shape[1]
     o_ = out_i.shape[1] if mode == 0 else out_f.shape[1]
     fma = _ctl(mode, o_)
@@ -82,32 +93,32 @@ def _epilogue(  # type: ignore[no-untyped-def]
         base = r * LANES
         if mode == 0:
             if full:
-                _epi_int(acc, base, nbits, out_i, m * o_ + o0, scale, bias, rp_g, rp_s, rp_z,
-                         res, 0, o0, fma)  # fmt: skip
+                _epi_int(acc, acc_hi, hi, base, nbits, out_i, m * o_ + o0, scale, bias, rp_g,
+                         rp_s, rp_z, res, 0, o0, fma)  # fmt: skip
             else:
                 for l in range(lmax):
-                    out_i[m, o0 + l] = nbits - 2 * acc[base + l]
+                    out_i[m, o0 + l] = nbits - 2 * _sum_at(acc, acc_hi, hi, base + l)
         elif mode != 2:
             # a full block reads res[m, o % cr] contiguously unless it wraps (cr % 32 != 0)
             if full and (not has_res or cr == o_ or cr % LANES == 0):
                 oo = m * o_ + o0
                 ro = m * cr + o0 % cr
                 if not has_rp and not has_res:
-                    _epi_affine(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                                res, 0, o0, fma)  # fmt: skip
+                    _epi_affine(acc, acc_hi, hi, base, nbits, out_f, oo, scale, bias, rp_g,
+                                rp_s, rp_z, res, 0, o0, fma)  # fmt: skip
                 elif not has_res:
-                    _epi_rp(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                            res, 0, o0, fma)  # fmt: skip
+                    _epi_rp(acc, acc_hi, hi, base, nbits, out_f, oo, scale, bias, rp_g, rp_s,
+                            rp_z, res, 0, o0, fma)  # fmt: skip
                 elif not has_rp:
-                    _epi_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                             res, ro, o0, fma)  # fmt: skip
+                    _epi_res(acc, acc_hi, hi, base, nbits, out_f, oo, scale, bias, rp_g, rp_s,
+                             rp_z, res, ro, o0, fma)  # fmt: skip
                 else:
-                    _epi_rp_res(acc, base, nbits, out_f, oo, scale, bias, rp_g, rp_s, rp_z,
-                                res, ro, o0, fma)  # fmt: skip
+                    _epi_rp_res(acc, acc_hi, hi, base, nbits, out_f, oo, scale, bias, rp_g,
+                                rp_s, rp_z, res, ro, o0, fma)  # fmt: skip
             else:
                 for l in range(lmax):
                     o = o0 + l
-                    x = np.float32(nbits - 2 * acc[base + l])
+                    x = np.float32(nbits - 2 * _sum_at(acc, acc_hi, hi, base + l))
                     y = _affine_rp(x, o, scale, bias, rp_g, rp_s, rp_z, has_rp, fma)
                     if has_res:
                         y = res[m, o % cr] + y
@@ -116,7 +127,7 @@ def _epilogue(  # type: ignore[no-untyped-def]
             word = np.uint64(0)
             for l in range(lmax):
                 o = o0 + l
-                v = np.float32(nbits - 2 * acc[base + l])
+                v = np.float32(nbits - 2 * _sum_at(acc, acc_hi, hi, base + l))
                 bit = (v > thr[o]) if flip[o] else (v < thr[o])
                 word |= np.uint64(bit) << np.uint64(l)
             out_b[m, ob] = np.uint32(word)

@@ -1,15 +1,16 @@
 """IR building blocks shared by the hand-built micro-kernels (``_llvm``, ``_lut``,
-``_lut_gemv``): a counted loop with loop-carried values, and the byte-shuffle intrinsic of the
-lookup-table family."""
+``_lut_gemv``): a counted loop with loop-carried values, the byte-shuffle intrinsic of the
+lookup-table family, and aligned byte constants (its tables)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from llvmlite import ir
 from numba.core import cgutils
 
-__all__ = ["counted_loop", "pshufb"]
+__all__ = ["aligned_bytes", "counted_loop", "pshufb"]
 
 
 def counted_loop(
@@ -62,3 +63,21 @@ def pshufb(builder: ir.IRBuilder, nbytes: int) -> ir.Function:
     name = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}[nbytes]
     v8 = ir.VectorType(ir.IntType(8), nbytes)
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8]), name)
+
+
+def aligned_bytes(builder: ir.IRBuilder, name: str, data: np.ndarray, align: int = 64) -> ir.Value:
+    """An i8 pointer to ``data``'s bytes as an internal constant of the current module, aligned
+    to ``align`` bytes (one per module and name). numba's own constant arrays are aligned to
+    their element (1 byte for uint8), so 32-byte table loads from them can straddle cache
+    lines, each such load costing two; these cannot."""
+    module = builder.module
+    gv = module.globals.get(name)
+    if gv is None:
+        raw = bytearray(np.ascontiguousarray(data).tobytes())
+        ty = ir.ArrayType(ir.IntType(8), len(raw))
+        gv = ir.GlobalVariable(module, ty, name)
+        gv.initializer = ir.Constant(ty, raw)
+        gv.global_constant = True
+        gv.linkage = "internal"
+        gv.align = align
+    return builder.bitcast(gv, ir.IntType(8).as_pointer())

@@ -300,17 +300,23 @@ def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
     """Build an intrinsic storing one full row of 32 accumulators through an epilogue
     (:func:`_emit_epilogue`), with explicit 8-lane vectors (numba's loop vectorizer leaves
     these loops scalar):
-    ``_epi_<kind>(acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0,
-    fma)``
-    with d = nbits - 2*acc[acc_off + l]. Unused arrays may be empty; the caller guarantees
-    in-bounds offsets.
+    ``_epi_<kind>(acc, acc_hi, hi, acc_off, nbits, out, out_off, scale, bias, g, s, z, res,
+    res_off, o0, fma)``
+    with d = nbits - 2*(acc[acc_off + l] + (acc_hi[acc_off + l] if hi else 0)): ``acc`` int64
+    sums, or the lookup-table tiles' uint16 ones read as they are (no widening copy), with
+    ``acc_hi`` the int64 part of a reduction too long for uint16 (read only when ``hi``).
+    Every d is computed in int32 (|d| < 2^31). Unused arrays may be empty; the caller
+    guarantees in-bounds offsets.
     """
 
     def typer(
-        typingctx, acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0, fma
-    ):  # type: ignore[no-untyped-def]
+        typingctx, acc, acc_hi, hi, acc_off, nbits, out, out_off, scale, bias, g, s, z, res,
+        res_off, o0, fma,
+    ):  # type: ignore[no-untyped-def]  # fmt: skip
         if not (
-            _is_c_array(acc, types.int64)
+            (_is_c_array(acc, types.int64) or _is_c_array(acc, types.uint16))
+            and _is_c_array(acc_hi, types.int64)
+            and isinstance(hi, types.Boolean)
             and _is_c_array(out, types.int32 if kind == "int" else types.float32)
             and all(_is_c_array(t, types.float32) for t in (scale, bias, g, s, z, res))
             and all(isinstance(t, types.Integer) for t in (acc_off, nbits, out_off, res_off, o0))
@@ -318,44 +324,60 @@ def _make_row_epilogue(kind: str):  # type: ignore[no-untyped-def]
         ):
             return None
         sig = types.void(
-            acc, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off, o0, fma
-        )
+            acc, acc_hi, hi, acc_off, nbits, out, out_off, scale, bias, g, s, z, res, res_off,
+            o0, fma,
+        )  # fmt: skip
         return sig, codegen
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        i64, f32 = ir.IntType(64), ir.FloatType()
-        v64 = ir.VectorType(i64, _VL)
+        i16, i32, i64, f32 = ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+        v32 = ir.VectorType(i32, _VL)
 
         ptr, idx = _arg_readers(context, builder, signature, args)
+        narrow = signature.args[0].dtype == types.uint16
+        elt = i16 if narrow else i64
+        acc_p, hi_p, acc_off = ptr(0, elt), ptr(1, i64), idx(3)
+        nbits = builder.trunc(idx(4), i32)
 
-        acc_p, acc_off, nbits = ptr(0, i64), idx(1), idx(2)
+        def part(p, e, j):  # type: ignore[no-untyped-def]
+            q = builder.gep(p, [builder.add(acc_off, ir.Constant(i64, j * _VL))])
+            vt = ir.VectorType(e, _VL)
+            a = builder.load(builder.bitcast(q, vt.as_pointer()), align=e.width // 8)
+            return builder.zext(a, v32) if e.width < 32 else builder.trunc(a, v32)
+
+        lo = [part(acc_p, elt, j) for j in range(_NV)]
+        entry = builder.block
+        with builder.if_then(context.cast(builder, args[2], signature.args[2], types.boolean)):
+            with_hi = [builder.add(a, part(hi_p, i64, j)) for j, a in enumerate(lo)]
+            hi_block = builder.block
+        sums = []
+        for a, b in zip(lo, with_hi):
+            ph = builder.phi(v32)
+            ph.add_incoming(a, entry)
+            ph.add_incoming(b, hi_block)
+            sums.append(ph)
         nb_v = builder.insert_element(
-            ir.Constant(v64, ir.Undefined), nbits, ir.Constant(ir.IntType(32), 0)
+            ir.Constant(v32, ir.Undefined), nbits, ir.Constant(ir.IntType(32), 0)
         )
         nb_v = builder.shuffle_vector(
             nb_v,
-            ir.Constant(v64, ir.Undefined),
+            ir.Constant(v32, ir.Undefined),
             ir.Constant(ir.VectorType(ir.IntType(32), _VL), None),
         )
-        two = ir.Constant(v64, [2] * _VL)
-        d = []
-        for j in range(_NV):
-            p = builder.gep(acc_p, [builder.add(acc_off, ir.Constant(i64, j * _VL))])
-            a = builder.load(builder.bitcast(p, v64.as_pointer()), align=8)
-            d.append(builder.sub(nb_v, builder.mul(two, a)))
-        out_p = ptr(3, ir.IntType(32) if kind == "int" else f32)
-        vec_ps = tuple(ptr(5 + q, f32) for q in range(5))
-        ctl = idx(13)
+        two = ir.Constant(v32, [2] * _VL)
+        d = [builder.sub(nb_v, builder.mul(two, a)) for a in sums]
+        out_p = ptr(5, ir.IntType(32) if kind == "int" else f32)
+        vec_ps = tuple(ptr(7 + q, f32) for q in range(5))
         _emit_epilogue(
             context,
             builder,
             kind,
-            [(d, idx(4), idx(11))],
+            [(d, idx(6), idx(13))],
             out_p,
-            idx(12),
+            idx(14),
             vec_ps,
-            ptr(10, f32),
-            ctl,
+            ptr(12, f32),
+            idx(15),
         )
         return context.get_dummy_value()
 

@@ -13,8 +13,9 @@ Here the table is the method (see docs/kernels.md, "the lut path"):
   shared by the :data:`NBL` channel blocks of a tile;
 * byte accumulators take at most :data:`_RUN` words (16 nibbles each, 4 per nibble: <= 192)
   before they are widened into the tile's uint16 sums (two 256-bit adds per 32 channels, half
-  the memory traffic of int32), which are added into int64 once per tile, or sooner for
-  reductions longer than :func:`_geometry`'s limit (uint16 never wraps).
+  the memory traffic of int32), which the epilogue reads as they are; a reduction longer
+  than :func:`_geometry`'s limit adds them into int64 sums on the way (uint16 never wraps),
+  and the epilogue adds the two.
 
 :func:`_conv_range_lut` has the signature and the outputs of ``_conv._conv_range_pop``
 (macro tiles of MB*MR pixels, the same row offsets into the padded input, the same epilogue),
@@ -32,7 +33,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from ._conv_epi import _epilogue, _tile_rows
-from ._ir import counted_loop, pshufb
+from ._ir import aligned_bytes, counted_loop, pshufb
 from ._llvm import _MB, LANES, MR, _arg_readers, _args_ok
 
 __all__ = ["NBL", "PAIR_TABLES", "lut_blocks", "pair_bytes"]
@@ -70,7 +71,7 @@ def lut_blocks(words: np.ndarray) -> np.ndarray:
 
 def _emit_mk_lut(nbl: int, pair: bool = False, mrl: int = MRL):  # type: ignore[no-untyped-def]
     """Codegen of the micro-kernel for ``nbl`` blocks and ``mrl`` rows (``acc`` uint16), on
-    the arguments ``(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off,
+    the arguments ``(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off,
     jstride)``: ``acc[acc_off + j*jstride + r*32 + l] += sum over words w < nw, nibbles q < 16
     of T[(xp[roffs[r0 + r] + add + w] >> 4q) & 15][blocks[boff + j*bstride + ((k0 + w)*16 + q)
     *32 + l]]`` for r < mrl, j < nbl, l < 32 (nw <= _RUN).
@@ -82,9 +83,13 @@ def _emit_mk_lut(nbl: int, pair: bool = False, mrl: int = MRL):  # type: ignore[
         v8, v16 = ir.VectorType(i8, 32), ir.VectorType(i16, 32)
         data, idx = _arg_readers(context, builder, signature, args)
         xpp = data(0, i8 if pair else i64)
-        rop, blp, tabp, accp = data(1), data(6, i8), data(9, i8), data(10, i16)
+        rop, blp, accp = data(1), data(6, i8), data(9, i16)
+        tabp = aligned_bytes(  # 64-byte aligned: no 32-byte table load straddles a cache line
+            builder, "bcnn.lut.pair_tables" if pair else "bcnn.lut.tables",
+            PAIR_TABLES if pair else TABLES,
+        )  # fmt: skip
         r0_, add_, k0_, nw_, boff_, bstride_, acc_off_, jstride_ = (
-            idx(k) for k in (2, 3, 4, 5, 7, 8, 11, 12)
+            idx(k) for k in (2, 3, 4, 5, 7, 8, 10, 11)
         )
         shuf = pshufb(builder, 32)
         c = lambda v: ir.Constant(i64, v)  # noqa: E731
@@ -144,28 +149,26 @@ def _emit_mk_lut(nbl: int, pair: bool = False, mrl: int = MRL):  # type: ignore[
     return codegen
 
 
-def _mk_lut_sig(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
+def _mk_lut_sig(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
     """The micro-kernels' typing: (pair, argument types) or None."""
     ints = (r0, add, k0, nw, boff, bstride, acc_off, jstride)
     pair = isinstance(xp, types.Array) and xp.dtype == types.uint8
     xdt = types.uint8 if pair else types.uint64
     arrays = [(xp, xdt), (roffs, types.int64), (blocks, types.uint8)]
-    if not _args_ok([*arrays, (tab, types.uint8), (acc, types.uint16)], ints):
+    if not _args_ok([*arrays, (acc, types.uint16)], ints):
         return None
-    return pair, (xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride)
+    return pair, (xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride)
 
 
 def _make_mk_lut(nbl: int, pair: bool = False, mrl: int = MRL):  # type: ignore[no-untyped-def]
-    """One micro-kernel (:func:`_emit_mk_lut`) as an intrinsic of its 13 arguments (the
+    """One micro-kernel (:func:`_emit_mk_lut`) as an intrinsic of its 12 arguments (the
     micro-kernel benchmark's; the conv calls :func:`_mk_lut`)."""
     emit = _emit_mk_lut(nbl, pair, mrl)
 
     @intrinsic
-    def mk(
-        typingctx, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride
-    ):  # type: ignore[no-untyped-def]
-        typed = _mk_lut_sig(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc,
-                            acc_off, jstride)  # fmt: skip
+    def mk(typingctx, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride):  # type: ignore[no-untyped-def]
+        typed = _mk_lut_sig(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off,
+                            jstride)  # fmt: skip
         if typed is None or typed[0] != pair:
             return None
         return types.void(*typed[1]), emit
@@ -186,13 +189,13 @@ _EMIT = {
 
 @intrinsic
 def _mk_lut(  # type: ignore[no-untyped-def]
-    typingctx, nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off, jstride
+    typingctx, nbl, xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off, jstride
 ):  # fmt: skip
     """One micro-tile of ``nbl`` (1..NBL, at run time) blocks of ``_rows(nbl)`` rows: single
     planes (uint64 xp, :data:`TABLES`) or plane pairs (uint8 xp, :data:`PAIR_TABLES`), chosen
     by xp's type. One intrinsic, a switch on ``nbl`` over the :func:`_emit_mk_lut` bodies: no
     numba-level dispatch for the compiler to type (and compile) on its own."""
-    typed = _mk_lut_sig(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, tab, acc, acc_off,
+    typed = _mk_lut_sig(xp, roffs, r0, add, k0, nw, blocks, boff, bstride, acc, acc_off,
                         jstride)  # fmt: skip
     if typed is None or not isinstance(nbl, types.Integer):
         return None
@@ -221,16 +224,16 @@ assert NBL == 4  # _conv_range_lut's groups: 1..NBL blocks
 
 
 def _geometry(xp):  # type: ignore[no-untyped-def]
-    """(bytes per packed word, words per byte-accumulation run, words per uint16 sum, lookup
-    tables) of an input layout."""
+    """(bytes per packed word, words per byte-accumulation run, words per uint16 sum) of an
+    input layout (its lookup tables are the micro-kernel's own constants)."""
     raise NotImplementedError  # compiled code only: see the overload below
 
 
 @overload(_geometry, inline="always")
 def _geometry_typed(xp):  # type: ignore[no-untyped-def]
     if xp.dtype == types.uint8:
-        return lambda xp: (16, _RUN_PAIR, _FLUSH_PAIR, PAIR_TABLES)
-    return lambda xp: (1, _RUN, _FLUSH, TABLES)
+        return lambda xp: (16, _RUN_PAIR, _FLUSH_PAIR)
+    return lambda xp: (1, _RUN, _FLUSH)
 
 
 @njit(inline="always", nogil=True, cache=True, boundscheck=False)
@@ -254,17 +257,17 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
     ``pc0 + 2*pc1`` of the pair's two planes (pass ``nbits`` = 3 * taps*Cin: the int output is
     then ``conv(a0, w) + 2*conv(a1, w)``)."""
     n_, hp, wp, cwb = xp.shape
-    wbytes, run, flush, tab = _geometry(xp)
+    wbytes, run, flush = _geometry(xp)
     cw = cwb // wbytes  # words per pixel
     bstride = blocks.shape[1] * LANES  # bytes per block
     m_ = n_ * ho * wo
     roffs = np.empty(_ROWS, np.int64)
     jstride = _ROWS * LANES
-    acc = np.empty(NBL * jstride, np.uint16)  # byte runs widened: (NBL, rows, 32)
-    acc64 = np.empty(NBL * jstride, np.int64)  # the tile's sums
     sw = kw * cw
     ss = wp * cw
     long = kh * sw > flush  # a row's reduction overflows uint16: add into int64 on the way
+    acc = np.empty(NBL * jstride, np.uint16)  # byte runs widened: (NBL, rows, 32)
+    acc64 = np.empty(NBL * jstride if long else 0, np.int64)  # the long reductions' int64 part
     for t in range(t0, t1):
         mt0 = t * _MB * MR
         mrows = min(_MB * MR, m_ - mt0)
@@ -288,23 +291,17 @@ def _conv_range_lut(  # type: ignore[no-untyped-def]
                             done = 0
                         _mk_lut(
                             nbl, xp, roffs, p * mrl, seg * ss + i0, seg * sw + i0, nw, blocks,
-                            boff, bstride, tab, acc, p * mrl * LANES, jstride,
+                            boff, bstride, acc, p * mrl * LANES, jstride,
                         )  # fmt: skip
                         done += nw
             for j in range(nbl):
                 ob = g + j
                 o0 = ob * LANES
-                a64 = acc64[j * jstride : (j + 1) * jstride]
-                a16 = acc[j * jstride : (j + 1) * jstride]
-                if long:
-                    for i in range(mrows * LANES):
-                        a64[i] += a16[i]
-                else:
-                    for i in range(mrows * LANES):
-                        a64[i] = a16[i]
                 _epilogue(
-                    a64, mrows, mt0, o0, min(LANES, o_ - o0), nbits, mode, out_i, out_f,
-                    out_b, ob, scale, bias, rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
+                    acc[j * jstride : (j + 1) * jstride],
+                    acc64[j * jstride : (j + 1) * jstride], long, mrows, mt0, o0,
+                    min(LANES, o_ - o0), nbits, mode, out_i, out_f, out_b, ob, scale, bias,
+                    rp_g, rp_s, rp_z, has_rp, res, has_res, thr, flip,
                 )  # fmt: skip
 
 

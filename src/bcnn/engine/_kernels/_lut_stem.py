@@ -26,7 +26,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ._conv_epi import _ctl, _stem_tile, _store_tile
-from ._ir import counted_loop, pshufb
+from ._ir import aligned_bytes, counted_loop, pshufb
 from ._llvm import _NV, _VL, LANES, MR, _arg_readers, _args_ok, _emit_epilogue, _epi_args_ok
 from ._lut_conv import TABLES, lut_blocks
 
@@ -46,7 +46,7 @@ def stem_nibbles(blocks: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _make_mk_stem(kind: str | None):  # type: ignore[no-untyped-def]
-    """``mk(patch, roffs, m_, g_, nq, nib, boff, shifts, tab, ...)``: rows r < MR (plane g's
+    """``mk(patch, roffs, m_, g_, nq, nib, boff, shifts, ...)``: rows r < MR (plane g's
     patch word ``patch[g*m_ + roffs[r]]``), the 32 channels at byte ``boff`` of ``nib`` (nq
     nibbles per plane, a multiple of _QSTEP); ``S[r, l] = sum_g popcount(patch word XOR
     weights) << shifts[g]``. kind None: then ``(acc, acc_off)``, acc[acc_off + 32 r + l] = S
@@ -57,7 +57,8 @@ def _make_mk_stem(kind: str | None):  # type: ignore[no-untyped-def]
         i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
         v8, v16 = ir.VectorType(i8, 32), ir.VectorType(i16, 32)
         data, idx = _arg_readers(context, builder, signature, args)
-        pp, rop, nbp, shp, tabp = data(0), data(1), data(5, i8), data(7), data(8, i8)
+        pp, rop, nbp, shp = data(0), data(1), data(5, i8), data(7)
+        tabp = aligned_bytes(builder, "bcnn.lut.tables", TABLES)  # no load straddles a line
         m_, g_, nq, boff = idx(2), idx(3), idx(4), idx(6)
         c = lambda v: ir.Constant(i64, v)  # noqa: E731
         shuf = pshufb(builder, 32)
@@ -98,7 +99,7 @@ def _make_mk_stem(kind: str | None):  # type: ignore[no-untyped-def]
         sums = counted_loop(builder, c(0), g_, 1, [ir.Constant(v16, None)] * MR, plane, "lsg")
         if kind is None:
             v64 = ir.VectorType(i64, 32)
-            accp, acc_off = data(9), idx(10)
+            accp, acc_off = data(8), idx(9)
             for r in range(MR):
                 ptr = builder.gep(accp, [builder.add(acc_off, c(r * LANES))])
                 builder.store(builder.zext(sums[r], v64), builder.bitcast(ptr, v64.as_pointer()),
@@ -107,7 +108,7 @@ def _make_mk_stem(kind: str | None):  # type: ignore[no-untyped-def]
         # the epilogue's dot products nbits - 2*S in int32 (exact: S and nbits, the planes'
         # place-weighted bit count, are below 2^15): half the vectors of int64, and no
         # int64 -> int32 narrowing before the float conversion
-        k = 9
+        k = 8
         v32x = ir.VectorType(i32, 32)
         nb_v = builder.shuffle_vector(
             builder.insert_element(
@@ -136,17 +137,17 @@ def _make_mk_stem(kind: str | None):  # type: ignore[no-untyped-def]
         _emit_epilogue(context, builder, kind, out_rows, out_p, o0, vec_ps, res_p, ctl)
         return context.get_dummy_value()
 
-    base_ok = lambda patch, roffs, m_, g_, nq, nib, boff, shifts, tab: _args_ok(  # noqa: E731
+    base_ok = lambda patch, roffs, m_, g_, nq, nib, boff, shifts: _args_ok(  # noqa: E731
         [(patch, types.uint64), (roffs, types.int64), (nib, types.uint8),
-         (shifts, types.int64), (tab, types.uint8)],
+         (shifts, types.int64)],
         (m_, g_, nq, boff),
     )  # fmt: skip
 
     if kind is None:
 
         @intrinsic
-        def mk(typingctx, patch, roffs, m_, g_, nq, nib, boff, shifts, tab, acc, acc_off):  # type: ignore[no-untyped-def]
-            base = (patch, roffs, m_, g_, nq, nib, boff, shifts, tab)
+        def mk(typingctx, patch, roffs, m_, g_, nq, nib, boff, shifts, acc, acc_off):  # type: ignore[no-untyped-def]
+            base = (patch, roffs, m_, g_, nq, nib, boff, shifts)
             if not (base_ok(*base) and _args_ok([(acc, types.int64)], (acc_off,))):
                 return None
             return types.void(*base, acc, acc_off), codegen
@@ -155,10 +156,10 @@ def _make_mk_stem(kind: str | None):  # type: ignore[no-untyped-def]
 
     @intrinsic
     def mkf(  # type: ignore[no-untyped-def]
-        typingctx, patch, roffs, m_, g_, nq, nib, boff, shifts, tab,
+        typingctx, patch, roffs, m_, g_, nq, nib, boff, shifts,
         nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma,
     ):  # fmt: skip
-        base = (patch, roffs, m_, g_, nq, nib, boff, shifts, tab)
+        base = (patch, roffs, m_, g_, nq, nib, boff, shifts)
         epi = (nbits, out, ooffs, o0, scale, bias, g, s, z, res, resoffs, fma)
         if not (base_ok(*base) and _epi_args_ok(kind, *epi)):
             return None
@@ -187,7 +188,6 @@ def _stem_fast_range_lut(  # type: ignore[no-untyped-def]
     ooffs = np.empty(MR, np.int64)
     acc = np.empty(MR * LANES, np.int64)
     fma = _ctl(mode, o_)
-    tab = TABLES
     for t in range(t0, t1):
         m0, rows = _stem_tile(t, m_, o_, roffs, ooffs)
         for ob in range(nob):
@@ -195,7 +195,7 @@ def _stem_fast_range_lut(  # type: ignore[no-untyped-def]
             lmax = min(LANES, o_ - o0)
             boff = ob * bstride
             if rows == MR and lmax == LANES:
-                a = (patch, roffs, m_, g_, nq, nib, boff, shifts, tab, const)
+                a = (patch, roffs, m_, g_, nq, nib, boff, shifts, const)
                 e = (ooffs, o0, scale, bias, rp_g, rp_s, rp_z, scale, ooffs, fma)
                 if mode == 0:
                     _mks_int(*a, out_i, *e)
@@ -204,6 +204,6 @@ def _stem_fast_range_lut(  # type: ignore[no-untyped-def]
                 else:
                     _mks_rp(*a, out_f, *e)
                 continue
-            _mks_acc(patch, roffs, m_, g_, nq, nib, boff, shifts, tab, acc, 0)
+            _mks_acc(patch, roffs, m_, g_, nq, nib, boff, shifts, acc, 0)
             _store_tile(acc, rows, m0, o0, lmax, mode, const, out_i, out_f, scale, bias,
                         rp_g, rp_s, rp_z, has_rp, fma)  # fmt: skip

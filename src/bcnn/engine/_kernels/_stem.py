@@ -33,6 +33,7 @@ from ._weights import (
     _unpack_bool_rows,
     _vec,
     _words,
+    aligned,
 )
 
 # ------------------------------------------------------------------------------- first layer
@@ -417,7 +418,7 @@ def prepare_stem_weights(
     bits_g = [8 - p + q for q in range(p)] if encoding == "bitplane" else []
     on_lut = _layout_path(path) == "lut"
     prepared = PreparedStem(
-        _blocks_from_rows(rows),
+        aligned(_blocks_from_rows(rows)),
         lut,
         np.ascontiguousarray(lutc, dtype=np.uint64),
         np.asarray(bits_g, np.int64),
@@ -432,7 +433,7 @@ def prepare_stem_weights(
         kw,
     )
     if on_lut and _fast_stem(prepared):  # the lut path's fast stem looks up nibbles
-        prepared = prepared._replace(nibbles=stem_nibbles(prepared.blocks, kg))
+        prepared = prepared._replace(nibbles=aligned(stem_nibbles(prepared.blocks, kg)))
     return prepared
 
 

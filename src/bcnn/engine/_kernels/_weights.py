@@ -118,6 +118,19 @@ def pack_weights(w: object) -> np.ndarray:
     raise ValueError(f"weights must be (O, Cin, KH, KW) or (O, K), got shape {a.shape}")
 
 
+def aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
+    """A C-contiguous copy of ``a`` whose data starts at a multiple of ``align`` bytes (a view
+    into a slightly larger byte buffer). numpy aligns large arrays to 16 bytes only, so a
+    prepared weight block's 32-byte (AVX2) or 64-byte (AVX-512) vector loads could straddle
+    two cache lines, each such load costing two: 4-5% of the lut conv3x3 on a Zen 3."""
+    a = np.ascontiguousarray(a)
+    buf = np.empty(a.nbytes + align, np.uint8)
+    start = -buf.ctypes.data % align
+    out = buf[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def _blocks_from_rows(rows: np.ndarray) -> np.ndarray:
     """uint64 (O, Wk) -> (ceil(O/32), Wk, 32), zero-padded channels."""
     o, wk = rows.shape
@@ -152,12 +165,13 @@ def _layout_path(path: str | None, nwords: int = _LUT_MIN_WORDS) -> str:
 
 
 def _kernel_blocks(words: np.ndarray, path: str | None) -> np.ndarray:
-    """Prepared words in the layout of ``path`` (:func:`_layout_path`): nibbles on lut."""
+    """Prepared words in the layout of ``path`` (:func:`_layout_path`): nibbles on lut; 64-byte
+    aligned (:func:`aligned`)."""
     if _layout_path(path, words.shape[1]) != "lut":
-        return words
+        return aligned(words)
     from ._lut_conv import lut_blocks
 
-    return lut_blocks(words)
+    return aligned(lut_blocks(words))
 
 
 def _check_tail_zero(w: np.ndarray, n: int, name: str) -> None:
