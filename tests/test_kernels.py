@@ -101,12 +101,15 @@ def test_pack_sign_matches_reference(c: int, rows: int, seed: int, with_bias: bo
     assert np.array_equal(K.unpack_bits(got, c), torch.where(xt >= 0, 1, -1).numpy())
 
 
-@pytest.mark.parametrize("c", [1, 65, 130])
-def test_pack_sign_channels_first(c: int) -> None:
+@pytest.mark.parametrize("c", [1, 31, 32, 33, 63, 64, 65, 130])
+@pytest.mark.parametrize("h,w", [(5, 3), (9, 9), (14, 14)])
+def test_pack_sign_channels_first(c: int, h: int, w: int) -> None:
+    """NCHW input: 15 pixels (the scalar loop only), 81 (a 64-pixel block, a 16-pixel block
+    and one more) and 196; channel counts around the vector kernels' 32-channel halves."""
     rng = np.random.default_rng(c)
-    x, b = _rand(rng, 2, c, 5, 3), _rand(rng, c)
+    x, b = _rand(rng, 2, c, h, w), _rand(rng, c)
     got = K.pack_sign(x, b, channels_first=True)
-    assert got.shape == (2, 5, 3, K._words(c))
+    assert got.shape == (2, h, w, K._words(c))
     assert np.array_equal(got, K.pack_sign(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), b))
     assert np.array_equal(got, R.pack_sign(x, b, channels_first=True))
 

@@ -488,8 +488,9 @@ def _make_pack_nchw(nvec: int):  # type: ignore[no-untyped-def]
         return types.void(x, x_off, pstride, c0, nc, bias, out, o_off, ostride), codegen
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        i64, f32 = ir.IntType(64), ir.FloatType()
+        i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
         vf = ir.VectorType(f32, 16)
+        v32 = ir.VectorType(i32, 16)
         v64 = ir.VectorType(i64, 16)
 
         ptr, idx = _arg_readers(context, builder, signature, args)
@@ -497,43 +498,43 @@ def _make_pack_nchw(nvec: int):  # type: ignore[no-untyped-def]
         xp, bp, op = ptr(0, f32), ptr(5, f32), ptr(6, i64)
         x_off, pstride, c0, nc, o_off, ostride = idx(1), idx(2), idx(3), idx(4), idx(7), idx(8)
         zero_f = ir.Constant(vf, [0.0] * 16)
-        zero_v = ir.Constant(v64, None)
-        entry = builder.block
-        loop = builder.append_basic_block("pk.loop")
-        done = builder.append_basic_block("pk.done")
-        builder.cbranch(builder.icmp_signed(">", nc, ir.Constant(i64, 0)), loop, done)
-        builder.position_at_end(loop)
-        c = builder.phi(i64)
-        c.add_incoming(ir.Constant(i64, 0), entry)
-        accs = []
-        for _ in range(nvec):
-            a = builder.phi(v64)
-            a.add_incoming(zero_v, entry)
-            accs.append(a)
-        ch = builder.add(c0, c)
-        base = builder.gep(xp, [builder.add(x_off, builder.mul(ch, pstride))])
-        b = _splat(builder, builder.load(builder.gep(bp, [ch])), 16)
-        bit = _splat(builder, builder.shl(ir.Constant(i64, 1), c), 16)
-        new = []
+        zero_32 = ir.Constant(v32, None)
+        c32 = ir.Constant(i64, 32)
+
+        def half(lo, hi):  # type: ignore[no-untyped-def]
+            """Channels lo..hi-1 (hi - lo <= 32) as bits c - lo of int32 lanes: a compare's
+            lane mask is already 32 bits wide, so each channel costs a load, an add, a
+            compare, an and and an or per 8 pixels (int64 lanes took twice the vectors)."""
+
+            def body(c, accs):  # type: ignore[no-untyped-def]
+                ch = builder.add(c0, c)
+                base = builder.gep(xp, [builder.add(x_off, builder.mul(ch, pstride))])
+                b = _splat(builder, builder.load(builder.gep(bp, [ch])), 16)
+                sh = builder.trunc(builder.sub(c, lo), i32)
+                bit = _splat(builder, builder.shl(ir.Constant(i32, 1), sh), 16)
+                out = []
+                for q in range(nvec):
+                    p = builder.bitcast(
+                        builder.gep(base, [ir.Constant(i64, 16 * q)]), vf.as_pointer()
+                    )
+                    neg = builder.fcmp_ordered(
+                        "<", builder.fadd(builder.load(p, align=4), b), zero_f
+                    )
+                    out.append(builder.or_(accs[q], builder.select(neg, bit, zero_32)))
+                return out
+
+            return counted_loop(builder, lo, hi, 1, [zero_32] * nvec, body, "pk")
+
+        low = half(ir.Constant(i64, 0), builder.select(builder.icmp_signed("<", nc, c32), nc, c32))
+        high = half(c32, nc)  # runs no iteration when nc <= 32
         for q in range(nvec):
-            p = builder.bitcast(builder.gep(base, [ir.Constant(i64, 16 * q)]), vf.as_pointer())
-            neg = builder.fcmp_ordered("<", builder.fadd(builder.load(p, align=4), b), zero_f)
-            new.append(builder.or_(accs[q], builder.select(neg, bit, zero_v)))
-        c1 = builder.add(c, ir.Constant(i64, 1))
-        c.add_incoming(c1, loop)
-        for a, n in zip(accs, new):
-            a.add_incoming(n, loop)
-        builder.cbranch(builder.icmp_signed("<", c1, nc), loop, done)
-        builder.position_at_end(done)
-        for q in range(nvec):
-            res = builder.phi(v64)
-            res.add_incoming(zero_v, entry)
-            res.add_incoming(new[q], loop)
-            new[q] = res
-        for q in range(nvec):
+            word = builder.or_(
+                builder.zext(low[q], v64),
+                builder.shl(builder.zext(high[q], v64), ir.Constant(v64, [32] * 16)),
+            )
             for i in range(16):
                 o = builder.add(o_off, builder.mul(ostride, ir.Constant(i64, 16 * q + i)))
-                val = builder.extract_element(new[q], ir.Constant(ir.IntType(32), i))
+                val = builder.extract_element(word, ir.Constant(ir.IntType(32), i))
                 builder.store(val, builder.gep(op, [o]))
         return context.get_dummy_value()
 
