@@ -30,38 +30,30 @@ import sys
 import tempfile
 from pathlib import Path
 
-_WORKER = """
+# the worker's setup builds ``m`` (one call) and ``x``; the shared loop warms up, then times
+# bursts of calls as the parent asks
+_MODEL_SETUP = """
 import sys, time, numpy as np
 from bcnn.engine import load
 m = load(sys.argv[1])
 s = int(sys.argv[2])
 x = np.random.default_rng(0).integers(0, 256, (1, m.in_channels, s, s), np.uint8)
-for _ in range(100):
-    m(x)
-print("ready", flush=True)
-for line in sys.stdin:
-    n = int(line)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        m(x)
-    print((time.perf_counter() - t0) / n * 1e3, flush=True)
 """
-
-
-_CONV_WORKER = """
+_CONV_SETUP = """
 import sys, time, numpy as np
 from bcnn.engine import _kernels as K, set_num_threads
 set_num_threads(1)
 c, s = int(sys.argv[1]), int(sys.argv[2])
 rng = np.random.default_rng(0)
 pw = K.prepare_conv_weights(K.pack_weights(rng.standard_normal((c, c, 3, 3)).astype(np.float32)), c)
-xp = K.pack_sign(rng.standard_normal((1, s, s, c)).astype(np.float32))
+x = K.pack_sign(rng.standard_normal((1, s, s, c)).astype(np.float32))
 scale = rng.random(c).astype(np.float32)
 bias = rng.standard_normal(c).astype(np.float32)
 out = np.empty((1, s, s, c), np.float32)
 def m(x):
     K.bconv2d_affine(x, pw, scale, bias, padding=1, out=out)
-x = xp
+"""
+_LOOP = """
 for _ in range(100):
     m(x)
 print("ready", flush=True)
@@ -76,7 +68,8 @@ for line in sys.stdin:
 
 def _start(src: Path, model: str, size: int, cache: str, conv: int) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(src), "NUMBA_CACHE_DIR": cache}
-    code, what = (_CONV_WORKER, str(conv)) if conv else (_WORKER, model)
+    code, what = (_CONV_SETUP, str(conv)) if conv else (_MODEL_SETUP, model)
+    code += _LOOP
     p = subprocess.Popen(
         [sys.executable, "-c", code, what, str(size)],
         stdin=subprocess.PIPE,
