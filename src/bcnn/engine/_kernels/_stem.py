@@ -25,6 +25,7 @@ from ._llvm import LANES, MR, _mk_shift, _mkf_shift_affine, _mkf_shift_int, _mkf
 from ._lut_stem import _stem_fast_range_lut, stem_nibbles
 from ._weights import (
     PreparedStem,
+    _aligned,
     _blocks_from_rows,
     _check_packed,
     _check_tail_zero,
@@ -33,7 +34,6 @@ from ._weights import (
     _unpack_bool_rows,
     _vec,
     _words,
-    aligned,
 )
 
 # ------------------------------------------------------------------------------- first layer
@@ -418,7 +418,7 @@ def prepare_stem_weights(
     bits_g = [8 - p + q for q in range(p)] if encoding == "bitplane" else []
     on_lut = _layout_path(path) == "lut"
     prepared = PreparedStem(
-        aligned(_blocks_from_rows(rows)),
+        _aligned(_blocks_from_rows(rows)),
         lut,
         np.ascontiguousarray(lutc, dtype=np.uint64),
         np.asarray(bits_g, np.int64),
@@ -433,7 +433,7 @@ def prepare_stem_weights(
         kw,
     )
     if on_lut and _fast_stem(prepared):  # the lut path's fast stem looks up nibbles
-        prepared = prepared._replace(nibbles=aligned(stem_nibbles(prepared.blocks, kg)))
+        prepared = prepared._replace(nibbles=_aligned(stem_nibbles(prepared.blocks, kg)))
     return prepared
 
 

@@ -118,7 +118,7 @@ def pack_weights(w: object) -> np.ndarray:
     raise ValueError(f"weights must be (O, Cin, KH, KW) or (O, K), got shape {a.shape}")
 
 
-def aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
+def _aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
     """A C-contiguous copy of ``a`` whose data starts at a multiple of ``align`` bytes (a view
     into a slightly larger byte buffer). numpy aligns large arrays to 16 bytes only, so a
     prepared weight block's 32-byte (AVX2) or 64-byte (AVX-512) vector loads could straddle
@@ -166,12 +166,12 @@ def _layout_path(path: str | None, nwords: int = _LUT_MIN_WORDS) -> str:
 
 def _kernel_blocks(words: np.ndarray, path: str | None) -> np.ndarray:
     """Prepared words in the layout of ``path`` (:func:`_layout_path`): nibbles on lut; 64-byte
-    aligned (:func:`aligned`)."""
+    aligned (:func:`_aligned`)."""
     if _layout_path(path, words.shape[1]) != "lut":
-        return aligned(words)
+        return _aligned(words)
     from ._lut_conv import lut_blocks
 
-    return aligned(lut_blocks(words))
+    return _aligned(lut_blocks(words))
 
 
 def _check_tail_zero(w: np.ndarray, n: int, name: str) -> None:
