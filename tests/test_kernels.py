@@ -112,6 +112,12 @@ def test_pack_sign_channels_first(c: int, h: int, w: int) -> None:
     assert got.shape == (2, h, w, K._words(c))
     assert np.array_equal(got, K.pack_sign(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), b))
     assert np.array_equal(got, R.pack_sign(x, b, channels_first=True))
+    # without a bias: the inline-checked common case, the same bits as the checked path
+    xz = x.copy()
+    xz.flat[::5] = -0.0  # sign(-0) = +1
+    fast = K.pack_sign(xz, channels_first=True)
+    assert np.array_equal(fast, K.pack_sign(xz, np.zeros(c, np.float32), channels_first=True))
+    assert np.array_equal(fast, R.pack_sign(xz, None, channels_first=True))
 
 
 def test_pack_threshold_semantics() -> None:
@@ -323,6 +329,51 @@ def test_bconv2d_affine_epilogues(cout: int, use_rp: bool, res_kind: str | None)
     assert got.dtype == np.float32 and got.shape == (n, size, size, cout)
     assert np.array_equal(got, want_ref)
     assert np.array_equal(got, want_torch)
+
+
+@pytest.mark.usefixtures("layout")
+def test_plain_bconv2d_affine_runs_after_inline_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain call (packed x, float32 vectors, int stride and padding, one kernel thread)
+    skips _run_conv's checked path and gives the same bits; any other argument goes through
+    the checked path, which raises the one-line errors."""
+    from bcnn.engine._kernels import _conv
+
+    checked = _conv._run_conv
+
+    def not_here(*a: object, **k: object) -> np.ndarray:
+        raise RuntimeError("took the checked path")
+
+    rng = np.random.default_rng(5)
+    for cin, cout, n, size, stride, fma in [
+        (1, 33, 1, 5, 1, False), (63, 64, 7, 5, 2, True), (65, 1, 1, 14, 1, False),
+        (130, 65, 7, 1, 1, True),
+    ]:  # fmt: skip
+        x, w = _rand(rng, n, size, size, cin), _rand(rng, cout, cin, 3, 3)
+        xp, wp = K.pack_sign(x), K.pack_weights(w)
+        pw = K.prepare_conv_weights(wp, cin)
+        scale, bias = _rand(rng, cout), _rand(rng, cout)
+        mode = _conv._MODE_AFFINE_FMA if fma else _conv._MODE_AFFINE
+        want = checked(xp, pw, stride, 1, mode, scale=scale, bias=bias)
+        ref = R.bconv2d_affine(xp, wp, cin, scale, bias, stride, 1, fma=fma)
+        with monkeypatch.context() as m:
+            m.setattr(_conv, "_run_conv", not_here)
+            got = K.bconv2d_affine(xp, pw, scale, bias, stride=stride, padding=1, fma=fma)
+            assert np.array_equal(got, want) and np.array_equal(got, ref)
+            for bad in (
+                {"scale": scale[::-1][::-1].astype(np.float64)},  # converted by the checks
+                {"bias": bias.tolist()},  # converted by the checks
+                {"stride": np.int64(stride)},
+                {"padding": 3},  # an error
+                {"x": xp[..., :0]},  # an error
+            ):
+                kw = {"x": xp, "scale": scale, "bias": bias, "stride": stride, "padding": 1}
+                kw |= bad
+                with pytest.raises(RuntimeError, match="checked path"):
+                    K.bconv2d_affine(kw.pop("x"), pw, kw.pop("scale"), kw.pop("bias"), **kw)
+    with pytest.raises(ValueError, match="padding 3 must be smaller"):
+        K.bconv2d_affine(xp, pw, scale, bias, padding=3)
+    with pytest.raises(ValueError, match="words per pixel"):
+        K.bconv2d_affine(xp[..., :0], pw, scale, bias, padding=1)
 
 
 @pytest.mark.usefixtures("layout")

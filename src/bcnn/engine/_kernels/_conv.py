@@ -412,6 +412,10 @@ def bconv2d_affine(
     scale, then its batch norm).
     """
     mode, sc = _MODE_AFFINE_FMA if fma else _MODE_AFFINE, scale
+    if rprelu is None and residual is None and out is None and prescale is None:
+        y = _affine_fast(x, w, scale, bias, stride, padding, mode)
+        if y is not None:
+            return y
     if prescale is not None:
         if not fma:
             raise ValueError("prescale needs fma=True")
@@ -428,6 +432,68 @@ def bconv2d_affine(
         residual=residual,
         out=out,
     )
+
+
+_F32, _U64, _U8 = np.dtype(np.float32), np.dtype(np.uint64), np.dtype(np.uint8)
+
+
+def _affine_fast(
+    x: object, w: object, scale: object, bias: object, stride: object, padding: object, mode: int
+) -> np.ndarray | None:
+    """:func:`bconv2d_affine`'s common case on one kernel thread, checked inline: the same
+    conditions as :func:`_run_conv`'s checks in a few bytecodes, so that a call from cold
+    caches (after other work: every call of a layer in a Python loop) costs little beyond the
+    kernel. Returns None, having run nothing, whenever any argument is not the plain case
+    (then :func:`_run_conv` checks it again and raises the one-line error, or runs it)."""
+    if not (
+        type(x) is np.ndarray
+        and type(w) is PreparedWeights
+        and type(scale) is np.ndarray
+        and type(bias) is np.ndarray
+        and type(stride) is int
+        and type(padding) is int
+        and x.ndim == 4
+        and x.dtype == _U64
+        and x.flags.c_contiguous
+        and scale.dtype == _F32
+        and bias.dtype == _F32
+        and scale.flags.c_contiguous
+        and bias.flags.c_contiguous
+    ):
+        return None
+    blocks, o, cin, kh, kw = w.blocks, w.out_channels, w.in_channels, w.kh, w.kw
+    n, h, wd, cw = x.shape
+    per = 1 if blocks.dtype == _U64 else 16 if blocks.dtype == _U8 else 0
+    if (
+        not per
+        or cw != (cin + 63) >> 6
+        or not blocks.flags.c_contiguous
+        or blocks.shape != ((o + LANES - 1) // LANES, per * kh * kw * cw, LANES)
+        or scale.shape != (o,)
+        or bias.shape != (o,)
+        or stride < 1
+        or padding < 0
+        or (padding > 0 and padding >= max(kh, kw))
+    ):
+        return None
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (wd + 2 * padding - kw) // stride + 1
+    if n < 1 or h < 1 or wd < 1 or ho < 1 or wo < 1:
+        return None
+    m = n * ho * wo
+    ntiles = -(-m // (MR * _MB))
+    if (
+        _threads.get_num_threads() > 1
+        and ntiles * _MB * blocks.shape[0] * (blocks.shape[1] // per) >= _PARALLEL_MIN_WORK
+    ):
+        return None  # the parallel launch
+    result = np.empty((n, ho, wo, o), np.float32)
+    _conv_serial(
+        ntiles, x, blocks, o, kh * kw * cin, kh, kw, stride, padding, ho, wo, mode,
+        _I00, result.reshape(m, o), _U00, scale, bias, _F0, _F0, _F0, False, _F00, False,
+        _F0, _B0,
+    )  # fmt: skip
+    return result
 
 
 def _prescaled(scale: object, prescale: object, o: int) -> np.ndarray:

@@ -112,6 +112,20 @@ def _as_f32(x: object, name: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+_F32 = np.dtype(np.float32)
+_ZEROS: dict[int, np.ndarray] = {}
+
+
+def _zeros(c: int) -> np.ndarray:
+    """A float32 (c,) zero bias, kept per channel count (read by the packers, never written)."""
+    z = _ZEROS.get(c)
+    if z is None:
+        z = np.zeros(c, np.float32)
+        if len(_ZEROS) < 64:
+            _ZEROS[c] = z
+    return z
+
+
 def pack_sign(x: object, bias: object = None, *, channels_first: bool = False) -> np.ndarray:
     """Signs of ``x + bias`` packed along the last axis: bit = (x + bias[c]) < 0 in float32.
 
@@ -120,6 +134,21 @@ def pack_sign(x: object, bias: object = None, *, channels_first: bool = False) -
     ``channels_first=True``: x is (N, C, H, W) (e.g. NCHW float input) and the result is the
     channels-last (N, H, W, ceil(C/64)).
     """
+    if (
+        channels_first
+        and bias is None
+        and type(x) is np.ndarray
+        and x.dtype == _F32
+        and x.ndim == 4
+        and x.flags.c_contiguous
+        and x.shape[1] >= 1
+    ):  # the common case (a layer's float NCHW input), checked in few bytecodes
+        n, c, h, w = x.shape
+        cw = (c + 63) >> 6
+        out = np.empty((n, h * w, cw), np.uint64)
+        if out.size:
+            _pack_nchw(x.reshape(n, c, h * w), _zeros(c), out)
+        return out.reshape(n, h, w, cw)
     a = _as_f32(x, "x")
     if channels_first:
         if a.ndim != 4:
@@ -131,7 +160,7 @@ def pack_sign(x: object, bias: object = None, *, channels_first: bool = False) -
         c = a.shape[-1]
     if c < 1:
         raise ValueError("x has no channels")
-    b = np.zeros(c, np.float32) if bias is None else _vec(bias, c, "bias")
+    b = _zeros(c) if bias is None else _vec(bias, c, "bias")
     if channels_first:
         out = np.empty((n, h * w, _words(c)), np.uint64)
         if out.size:
