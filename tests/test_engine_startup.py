@@ -70,3 +70,44 @@ def test_warm_step_byte_compiles_the_package() -> None:
     pyc.unlink(missing_ok=True)  # (recompiled from source on the next import if need be)
     assert compile_package()
     assert pyc.is_file()
+
+
+_LIGHT_RUN = """
+import json, sys, numba, numpy as np
+import bcnn.engine._precompile as P
+from bcnn.engine import load, set_num_threads
+{setup}
+m = load("bcnn_cifar10")
+x = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+y = m(x)  # one thread: the plan's serial kernels, from the cache
+registries = "numba.np.arraymath" in sys.modules
+set_num_threads(2)
+y2 = m(x)  # the parallel kernels: numba's registries load now, and whatever it must compile
+s = numba.njit(lambda a: a.sum() * 2)(np.arange(4.0))  # a compile in the same process
+print(json.dumps({{"registries": registries, "y": y.tolist(), "y2": y2.tolist(), "s": s}}))
+"""
+
+
+def test_cached_kernels_load_without_numbas_registries() -> None:
+    """A warm start loads the plan's cached kernels with numba's runtime initialised but
+    without its registries of built-in implementations (~0.3 s); the logits are the usual
+    ones, and parallel kernels and new compiles in the same process still work. Control:
+    with the light load switched off, the registries load."""
+    import numba
+
+    from bcnn.engine import PackedModel, load
+    from bcnn.engine._precompile import _LIGHT_NUMBA
+
+    if not numba.__version__.startswith(_LIGHT_NUMBA):
+        pytest.skip(f"numba {numba.__version__}: cached kernels load numba's way")
+    _py(_LIGHT_RUN.format(setup=""))  # the cache holds every kernel after this run
+    light = json.loads(_py(_LIGHT_RUN.format(setup="")))
+    control = json.loads(_py(_LIGHT_RUN.format(setup="P._LIGHT_NUMBA = ()")))
+    x = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    p = load("bcnn_cifar10")
+    want = PackedModel(p.graph, p.tensors, backend="reference")(x)
+    assert not light["registries"] and control["registries"]
+    for run in (light, control):
+        assert np.array_equal(np.array(run["y"], np.float32), want)
+        assert np.array_equal(np.array(run["y2"], np.float32), want)
+        assert run["s"] == 12.0

@@ -217,9 +217,7 @@ class PackedModel:
         shape = (key[0], key[1], key[2], key[3])
         if self.backend == "numba":
             from ._fastplan import _FastPlan
-            from ._numba_start import start_numba
 
-            start_numba()  # numba's registries without SciPy's BLAS probe (first call only)
             return _FastPlan(self, shape)
         return _Plan(self, shape)
 

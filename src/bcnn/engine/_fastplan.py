@@ -68,10 +68,14 @@ class _FastPlan:
         from ._threads import get_num_threads
 
         self._threads = get_num_threads
-        if get_num_threads() == 1:  # the serial kernels the records name: an empty cache's
-            from ._precompile import precompile  # compile on two cores
+        if get_num_threads() == 1:  # the serial kernels the records name: loaded from the
+            from ._precompile import precompile  # cache, or compiled on two cores
 
             precompile(self._records)
+        else:
+            from ._numba_start import start_numba
+
+            start_numba()  # numba's registries without SciPy's BLAS probe (once)
 
     def use_runner(self) -> None:
         """From now on, run the hot steps as one compiled call (:mod:`._runner`) when they all

@@ -9,7 +9,9 @@ probes for a BLAS by importing ``scipy.linalg.cython_blas``, which imports the w
 numba uses its plain loops for those two functions in this process. Nothing else changes:
 ``np.dot`` and ``np.linalg`` in numba code import SciPy when they are compiled, and the
 hiding ends before this function returns (``import scipy.linalg`` works as usual). When
-SciPy's linear algebra is already imported, nothing is hidden.
+SciPy's linear algebra is already imported, nothing is hidden. A single-threaded plan whose
+kernels are all in numba's cache does not load the registries at all
+(:func:`bcnn.engine._precompile._load_cached`); this runs when something must compile.
 
 Caveat: while the registries load (once per process, a fraction of a second), another thread
 importing ``scipy.linalg.cython_blas`` for the first time would see an ``ImportError``.

@@ -10,6 +10,9 @@ same cache, while this process compiles the rest. It then loads the child's shar
 cache. Kernels, arguments and cache are the plan's own, so the code that runs is the same as a
 lazy compile's; only who compiles it changes.
 
+When the cache holds every kernel, they are loaded without numba's registries of built-in
+implementations (:func:`_load_cached`: a third of a warm start).
+
 Nothing here is needed for correctness: if the child fails, is slow (:data:`TIMEOUT_S`) or
 cannot start, the kernels are compiled in this process on first use, as without it. No child
 is started with one core available, from an embedded or frozen interpreter (whose
@@ -122,17 +125,65 @@ def _can_spawn() -> bool:
 
 
 def precompile(records: Sequence[tuple[str, tuple[Any, ...]] | None]) -> int:
-    """Compile the kernels of ``records`` that are not compiled or cached yet, a share in a
-    child process (see the module's doc). Returns how many kernel signatures the child
-    compiled (0: none was sent, or it failed and they compile here on first use)."""
-    if os.environ.get("BCNN_PRECOMPILE", "1") == "0" or _cores() < 2 or not _can_spawn():
-        return 0
+    """Get the kernels of ``records`` ready: when numba's cache holds them all, load them
+    (:func:`_load_cached`); else load numba's registries (:func:`start_numba`) and compile
+    the missing ones, a share in a child process (see the module's doc). Returns how many
+    kernel signatures the child compiled (0: none was sent, or it failed and they compile
+    here on first use)."""
+    from ._numba_start import start_numba
+
     with _lock:
-        return _precompile(records)
+        calls = kernel_calls(records)
+        jobs = [j for j in calls if _missing(j[1], j[2])]
+        if not jobs:
+            _load_cached(calls)
+            return 0
+        start_numba()  # something compiles: numba's registries, without SciPy's BLAS probe
+        if os.environ.get("BCNN_PRECOMPILE", "1") == "0" or _cores() < 2 or not _can_spawn():
+            return 0
+        return _precompile(jobs)
 
 
-def _precompile(records: Sequence[tuple[str, tuple[Any, ...]] | None]) -> int:
-    jobs = [j for j in kernel_calls(records) if _missing(j[1], j[2])]
+# numba versions whose cache loads were checked to need only the runtime (NRT), not the
+# registries: the light load is used with these only (any other: numba's own load)
+_LIGHT_NUMBA = ("0.68.",)
+
+
+def _load_cached(calls: Sequence[tuple[str, Any, tuple[Any, ...]]]) -> None:
+    """Load cached kernels without numba's registries. numba refreshes its CPU target before
+    every cache load: it imports and installs every built-in implementation (about 0.3 s of
+    a 1 s warm start), which compiling needs and loading machine code does not. Of that
+    refresh, loading needs the runtime (NRT: allocation, reference counts) initialised, and
+    that is all this load does before reading the cache. Any signature the cache does not
+    hold after all compiles as usual (numba's compiler refreshes the registries itself)."""
+    import numba
+
+    if not numba.__version__.startswith(_LIGHT_NUMBA):
+        return  # the kernels load on first use, numba's way
+    from numba.core.runtime import rtsys
+
+    for _, d, tys in calls:
+        if tys in d.overloads:
+            continue
+        cache = d._cache
+        if not (
+            hasattr(cache, "_load_overload") and hasattr(cache, "_guard_against_spurious_io_errors")
+        ):
+            continue
+
+        def light(sig: Any, target_context: Any, cache: Any = cache) -> Any:
+            rtsys.initialize(target_context)  # once per process
+            with cache._guard_against_spurious_io_errors():
+                return cache._load_overload(sig, target_context)
+
+        cache.load_overload = light  # this dispatcher's cache, for this one load
+        try:
+            d.compile(tys)
+        finally:
+            del cache.load_overload
+
+
+def _precompile(jobs: list[tuple[str, Any, tuple[Any, ...]]]) -> int:
     if len(jobs) < 2:
         return 0
     mine, theirs = _split(jobs)
