@@ -81,10 +81,12 @@ m = load("bcnn_cifar10")
 x = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
 y = m(x)  # one thread: the plan's serial kernels, from the cache
 registries = "numba.np.arraymath" in sys.modules
+blas = "scipy.linalg" in sys.modules
 set_num_threads(2)
 y2 = m(x)  # the parallel kernels: numba's registries load now, and whatever it must compile
 s = numba.njit(lambda a: a.sum() * 2)(np.arange(4.0))  # a compile in the same process
-print(json.dumps({{"registries": registries, "y": y.tolist(), "y2": y2.tolist(), "s": s}}))
+print(json.dumps({{"registries": registries, "blas": blas, "y": y.tolist(), "y2": y2.tolist(),
+                  "s": s}}))
 """
 
 
@@ -92,7 +94,8 @@ def test_cached_kernels_load_without_numbas_registries() -> None:
     """A warm start loads the plan's cached kernels with numba's runtime initialised but
     without its registries of built-in implementations (~0.3 s); the logits are the usual
     ones, and parallel kernels and new compiles in the same process still work. Control:
-    with the light load switched off, the registries load."""
+    with the light load switched off (another numba), the registries load, still without
+    SciPy's BLAS probe."""
     import numba
 
     from bcnn.engine import PackedModel, load
@@ -107,6 +110,7 @@ def test_cached_kernels_load_without_numbas_registries() -> None:
     p = load("bcnn_cifar10")
     want = PackedModel(p.graph, p.tensors, backend="reference")(x)
     assert not light["registries"] and control["registries"]
+    assert not light["blas"] and not control["blas"]
     for run in (light, control):
         assert np.array_equal(np.array(run["y"], np.float32), want)
         assert np.array_equal(np.array(run["y2"], np.float32), want)

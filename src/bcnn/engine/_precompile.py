@@ -135,11 +135,12 @@ def precompile(records: Sequence[tuple[str, tuple[Any, ...]] | None]) -> int:
     with _lock:
         calls = kernel_calls(records)
         jobs = [j for j in calls if _missing(j[1], j[2])]
-        if not jobs:
-            _load_cached(calls)
+        if not jobs and _load_cached(calls):
             return 0
-        start_numba()  # something compiles: numba's registries, without SciPy's BLAS probe
-        if os.environ.get("BCNN_PRECOMPILE", "1") == "0" or _cores() < 2 or not _can_spawn():
+        start_numba()  # the registries, to compile or to load numba's way (no BLAS probe)
+        if not jobs or os.environ.get("BCNN_PRECOMPILE", "1") == "0":
+            return 0
+        if _cores() < 2 or not _can_spawn():
             return 0
         return _precompile(jobs)
 
@@ -149,27 +150,29 @@ def precompile(records: Sequence[tuple[str, tuple[Any, ...]] | None]) -> int:
 _LIGHT_NUMBA = ("0.68.",)
 
 
-def _load_cached(calls: Sequence[tuple[str, Any, tuple[Any, ...]]]) -> None:
+def _load_cached(calls: Sequence[tuple[str, Any, tuple[Any, ...]]]) -> bool:
     """Load cached kernels without numba's registries. numba refreshes its CPU target before
     every cache load: it imports and installs every built-in implementation (about 0.3 s of
     a 1 s warm start), which compiling needs and loading machine code does not. Of that
     refresh, loading needs the runtime (NRT: allocation, reference counts) initialised, and
     that is all this load does before reading the cache. Any signature the cache does not
-    hold after all compiles as usual (numba's compiler refreshes the registries itself)."""
+    hold after all compiles as usual (numba's compiler refreshes the registries itself).
+    Returns False, having loaded nothing, with another numba or a dispatcher without a file
+    cache: its kernels then load on first use, numba's way."""
     import numba
 
-    if not numba.__version__.startswith(_LIGHT_NUMBA):
-        return  # the kernels load on first use, numba's way
+    if not numba.__version__.startswith(_LIGHT_NUMBA) or not all(
+        hasattr(d._cache, "_load_overload")
+        and hasattr(d._cache, "_guard_against_spurious_io_errors")
+        for _, d, _ in calls
+    ):
+        return False
     from numba.core.runtime import rtsys
 
     for _, d, tys in calls:
         if tys in d.overloads:
             continue
         cache = d._cache
-        if not (
-            hasattr(cache, "_load_overload") and hasattr(cache, "_guard_against_spurious_io_errors")
-        ):
-            continue
 
         def light(sig: Any, target_context: Any, cache: Any = cache) -> Any:
             rtsys.initialize(target_context)  # once per process
@@ -181,6 +184,7 @@ def _load_cached(calls: Sequence[tuple[str, Any, tuple[Any, ...]]]) -> None:
             d.compile(tys)
         finally:
             del cache.load_overload
+    return True
 
 
 def _precompile(jobs: list[tuple[str, Any, tuple[Any, ...]]]) -> int:
