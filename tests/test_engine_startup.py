@@ -1,6 +1,7 @@
-"""The packed engine's start-up trims (docs/kernels.md, Start-up): numba's registries load
-without SciPy's BLAS probe, the console script exits without the final garbage collections,
-and the warm-up step byte-compiles the package. Each runs in a fresh interpreter."""
+"""The packed engine's start-up trims (docs/kernels.md, Start-up): cached kernels load without
+numba's registries, which otherwise load without SciPy's BLAS probe, the console script exits
+without the final garbage collections, and the warm-up step byte-compiles the package. Each
+runs in a fresh interpreter."""
 
 from __future__ import annotations
 
