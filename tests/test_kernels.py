@@ -103,7 +103,7 @@ def test_pack_sign_matches_reference(c: int, rows: int, seed: int, with_bias: bo
 
 @pytest.mark.parametrize("c", [1, 31, 32, 33, 63, 64, 65, 130])
 @pytest.mark.parametrize("h,w", [(5, 3), (9, 9), (14, 14)])
-def test_pack_sign_channels_first(c: int, h: int, w: int) -> None:
+def test_pack_sign_channels_first(c: int, h: int, w: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """NCHW input: 15 pixels (the scalar loop only), 81 (a 64-pixel block, a 16-pixel block
     and one more) and 196; channel counts around the vector kernels' 32-channel halves."""
     rng = np.random.default_rng(c)
@@ -115,7 +115,15 @@ def test_pack_sign_channels_first(c: int, h: int, w: int) -> None:
     # without a bias: the inline-checked common case, the same bits as the checked path
     xz = x.copy()
     xz.flat[::5] = -0.0  # sign(-0) = +1
-    fast = K.pack_sign(xz, channels_first=True)
+    with monkeypatch.context() as m:  # the inline-checked case never reaches the checked path
+
+        def not_here(*a: object) -> None:
+            raise RuntimeError("took the checked path")
+
+        m.setattr("bcnn.engine._kernels._packing._as_f32", not_here)
+        fast = K.pack_sign(xz, channels_first=True)
+        with pytest.raises(RuntimeError, match="checked path"):  # control: a bias is not it
+            K.pack_sign(xz, np.zeros(c, np.float32), channels_first=True)
     assert np.array_equal(fast, K.pack_sign(xz, np.zeros(c, np.float32), channels_first=True))
     assert np.array_equal(fast, R.pack_sign(xz, None, channels_first=True))
 

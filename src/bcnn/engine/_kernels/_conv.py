@@ -33,6 +33,7 @@ from ._llvm import (
 from ._lut_conv import _conv_range_lut
 from ._weights import (
     PreparedWeights,
+    _blocks_ok,
     _check_packed,
     _check_prepared,
     _vec,
@@ -434,7 +435,7 @@ def bconv2d_affine(
     )
 
 
-_F32, _U64, _U8 = np.dtype(np.float32), np.dtype(np.uint64), np.dtype(np.uint8)
+_F32, _U64 = np.dtype(np.float32), np.dtype(np.uint64)
 
 
 def _affine_fast(
@@ -463,12 +464,9 @@ def _affine_fast(
         return None
     blocks, o, cin, kh, kw = w.blocks, w.out_channels, w.in_channels, w.kh, w.kw
     n, h, wd, cw = x.shape
-    per = 1 if blocks.dtype == _U64 else 16 if blocks.dtype == _U8 else 0
     if (
-        not per
-        or cw != (cin + 63) >> 6
-        or not blocks.flags.c_contiguous
-        or blocks.shape != ((o + LANES - 1) // LANES, per * kh * kw * cw, LANES)
+        cw != (cin + 63) >> 6
+        or not _blocks_ok(w)
         or scale.shape != (o,)
         or bias.shape != (o,)
         or stride < 1
@@ -482,11 +480,8 @@ def _affine_fast(
         return None
     m = n * ho * wo
     ntiles = -(-m // (MR * _MB))
-    if (
-        _threads.get_num_threads() > 1
-        and ntiles * _MB * blocks.shape[0] * (blocks.shape[1] // per) >= _PARALLEL_MIN_WORK
-    ):
-        return None  # the parallel launch
+    if _chunks(ntiles, ntiles * _MB * blocks.shape[0] * kh * kw * cw):
+        return None  # the parallel launch (as _run_conv decides it)
     result = np.empty((n, ho, wo, o), np.float32)
     _conv_serial(
         ntiles, x, blocks, o, kh * kw * cin, kh, kw, stride, padding, ho, wo, mode,

@@ -219,16 +219,28 @@ def prepare_dense_weights(
     return PreparedWeights(_kernel_blocks(_blocks_from_rows(w), path), o, in_features, 1, 1)
 
 
+_PER_WORD = {np.dtype(np.uint64): 1, np.dtype(np.uint8): 16}  # lut: a word's 16 nibbles
+
+
+def _blocks_ok(w: PreparedWeights) -> bool:
+    """Whether ``w.blocks`` is the kernels' layout for its channels and kernel size."""
+    b = w.blocks
+    per = _PER_WORD.get(b.dtype, 0)
+    return (
+        bool(per)
+        and b.flags.c_contiguous
+        and b.shape
+        == (
+            (w.out_channels + LANES - 1) // LANES,
+            per * w.kh * w.kw * ((w.in_channels + 63) >> 6),
+            LANES,
+        )
+    )
+
+
 def _check_prepared(w: object) -> PreparedWeights:
     if not isinstance(w, PreparedWeights):
         raise ValueError("weights must be PreparedWeights (see prepare_conv_weights)")
-    b = w.blocks
-    words = (w.in_channels + 63) >> 6
-    per = {np.dtype(np.uint64): 1, np.dtype(np.uint8): 16}.get(b.dtype, 0)  # lut: nibbles
-    if (
-        not per
-        or not b.flags.c_contiguous
-        or b.shape != ((w.out_channels + LANES - 1) // LANES, per * w.kh * w.kw * words, LANES)
-    ):
-        raise ValueError(f"inconsistent PreparedWeights: blocks {b.dtype} {b.shape}")
+    if not _blocks_ok(w):
+        raise ValueError(f"inconsistent PreparedWeights: blocks {w.blocks.dtype} {w.blocks.shape}")
     return w
